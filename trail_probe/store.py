@@ -1,0 +1,213 @@
+"""On-disk format of an extraction, and the reader every later stage uses.
+
+An extraction folder holds
+    manifest.json                       model id + weight hash, layer numbering, settings, counts
+    config.yaml                         the resolved recipe it was made with
+    workers/worker-<i>.json             per worker: requests expected, done, complete flag
+    shards/shard-w<i>-<seq>.safetensors fixed-size groups of finished requests
+
+A shard is one safetensors file (written to a temporary name, then renamed, so a half-written
+shard never exists under its real name) with tensors
+    prompt_states     [Lp, n, d]  mean prompt hidden state per prompt layer (layer-major, so one
+                                  layer reads as one contiguous block)
+    decode_states     [Ld, m, d]  hidden state at sampled decode positions per decode layer
+    decode_request    [m] int64   which request of the shard (0..n-1) each position belongs to
+    decode_generated  [m] int64   tokens generated so far, j >= 1 (the state is that of token j-1
+                                  fed back in, the forward pass that produces token j)
+    decode_remaining  [m] int64   tokens left until EOS: output_tokens - j
+and its per-request records (id, prompt, response, token counts, hit_cap) as JSON in the
+safetensors metadata. safetensors was chosen because it is mmap-able, safe to load (no pickle), and
+lets a reader take one layer's slice without reading the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trail_probe.errors import UserError
+
+FORMAT = "trail_probe.extraction/1"
+LAYER_NUMBERING = (
+    "TRAIL runtime numbering: layer L is the residual stream after decoder layer L (0-based), "
+    "i.e. Hugging Face hidden_states[L + 1] without the final norm"
+)
+
+
+@dataclass
+class ExtractedRequest:
+    """One finished request: its record plus its hidden states (already in storage dtype)."""
+
+    record: dict  # id, prompt, response, prompt_tokens, output_tokens, hit_cap, truncated
+    prompt_states: torch.Tensor  # [Lp, d]
+    decode_states: torch.Tensor  # [Ld, m, d]
+    decode_generated: torch.Tensor  # [m]
+
+    @property
+    def decode_remaining(self) -> torch.Tensor:
+        return self.record["output_tokens"] - self.decode_generated
+
+
+def shard_name(worker_index: int, seq: int) -> str:
+    return f"shard-w{worker_index:03d}-{seq:06d}.safetensors"
+
+
+def write_shard(path: Path, requests: list[ExtractedRequest], num_prompt_layers: int,
+                num_decode_layers: int, hidden_size: int, dtype: torch.dtype) -> None:
+    """Write finished requests as one shard, atomically."""
+    counts = [r.decode_generated.numel() for r in requests]
+    if sum(counts):
+        decode_states = torch.cat([r.decode_states for r in requests if r.decode_generated.numel()], 1)
+    else:
+        decode_states = torch.zeros(num_decode_layers, 0, hidden_size, dtype=dtype)
+    tensors = {
+        "prompt_states": torch.stack([r.prompt_states for r in requests], 1).contiguous(),
+        "decode_states": decode_states.contiguous(),
+        "decode_request": torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts, dtype=torch.long)),
+        "decode_generated": torch.cat([r.decode_generated for r in requests]).long(),
+        "decode_remaining": torch.cat([r.decode_remaining for r in requests]).long(),
+    }
+    metadata = {"format": FORMAT, "records": json.dumps([r.record for r in requests])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_shard_records(path: Path) -> list[dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["records"])
+
+
+@dataclass
+class DecodeStates:
+    """Decode-time samples of one layer, across the whole extraction."""
+
+    states: torch.Tensor  # [M, d] float32
+    request: torch.Tensor  # [M] global request index (into Extraction.records)
+    generated: torch.Tensor  # [M] tokens generated so far
+    remaining: torch.Tensor  # [M] tokens left until EOS
+
+
+class Extraction:
+    """Read-only view of a complete extraction folder (all workers' shards as one dataset)."""
+
+    def __init__(self, root: str | os.PathLike, require_complete: bool = True):
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserError(f"no extraction at '{self.root}' (manifest.json missing); run 'trail-probe extract' first")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"'{self.root}' holds format {self.manifest.get('format')!r}, not {FORMAT}; re-run extract")
+        self.shards = sorted((self.root / "shards").glob("shard-w*.safetensors"))
+        self.records: list[dict] = []
+        self._shard_offsets: list[int] = []
+        for shard in self.shards:
+            self._shard_offsets.append(len(self.records))
+            self.records.extend(read_shard_records(shard))
+        if require_complete:
+            self.check_complete()
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model["hidden_size"])
+
+    @property
+    def prompt_layers(self) -> list[int]:
+        return list(self.manifest["prompt_layers"])
+
+    @property
+    def decode_layers(self) -> list[int]:
+        return list(self.manifest["decode_layers"])
+
+    @property
+    def decode_stride(self) -> int:
+        return int(self.manifest["decode_stride"])
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.records]
+
+    @property
+    def output_tokens(self) -> torch.Tensor:
+        return torch.tensor([r["output_tokens"] for r in self.records], dtype=torch.long)
+
+    def worker_status(self) -> list[dict]:
+        out = []
+        for i in range(int(self.manifest["num_workers"])):
+            path = self.root / "workers" / f"worker-{i}.json"
+            out.append(json.loads(path.read_text()) if path.is_file() else {"worker_index": i, "complete": False})
+        return out
+
+    def check_complete(self) -> None:
+        missing = [w["worker_index"] for w in self.worker_status() if not w.get("complete")]
+        if missing:
+            raise UserError(
+                f"extraction '{self.root}' is incomplete (worker {missing[0]} has not finished); "
+                "run the same 'trail-probe extract' command again to resume it"
+            )
+        expected = sum(int(w["expected"]) for w in self.worker_status())
+        if len(self.records) != expected or len(set(self.ids)) != expected:
+            raise UserError(
+                f"extraction '{self.root}' holds {len(self.records)} records ({len(set(self.ids))} distinct) "
+                f"but its workers expected {expected}; re-run extract with --overwrite"
+            )
+
+    def check_model(self, name_or_path: str) -> None:
+        """Refuse an extraction made with another serving model than the recipe names."""
+        if self.model["name_or_path"] != name_or_path:
+            raise UserError(
+                f"extraction '{self.root}' was made with model '{self.model['name_or_path']}' but the recipe "
+                f"says '{name_or_path}'; point extract.out_dir at the right extraction or fix model.name_or_path"
+            )
+
+    def _layer_index(self, layer: int, layers: list[int], kind: str) -> int:
+        if layer not in layers:
+            raise UserError(
+                f"layer {layer} was not extracted for {kind} states (available: {_compact(layers)}); "
+                f"pick one of those or re-run extract with extract.{kind}_layers including {layer}"
+            )
+        return layers.index(layer)
+
+    # -- tensors --------------------------------------------------------------------------------
+    def prompt_states(self, layer: int) -> torch.Tensor:
+        """[N, d] float32 mean prompt hidden state of `layer`, in `records` order."""
+        li = self._layer_index(layer, self.prompt_layers, "prompt")
+        parts = []
+        for shard in self.shards:
+            with safe_open(str(shard), framework="pt") as f:
+                parts.append(f.get_slice("prompt_states")[li : li + 1][0].float())
+        return torch.cat(parts) if parts else torch.zeros(0, self.hidden_size)
+
+    def decode(self, layer: int) -> DecodeStates:
+        """Decode-step samples of `layer` across all shards, with global request indices."""
+        li = self._layer_index(layer, self.decode_layers, "decode")
+        states, request, generated, remaining = [], [], [], []
+        for shard, offset in zip(self.shards, self._shard_offsets):
+            with safe_open(str(shard), framework="pt") as f:
+                states.append(f.get_slice("decode_states")[li : li + 1][0].float())
+                request.append(f.get_tensor("decode_request") + offset)
+                generated.append(f.get_tensor("decode_generated"))
+                remaining.append(f.get_tensor("decode_remaining"))
+        if not states:
+            empty = torch.zeros(0, dtype=torch.long)
+            return DecodeStates(torch.zeros(0, self.hidden_size), empty, empty, empty)
+        return DecodeStates(torch.cat(states), torch.cat(request), torch.cat(generated), torch.cat(remaining))
+
+
+def _compact(layers: list[int]) -> str:
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))

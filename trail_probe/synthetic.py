@@ -1,0 +1,74 @@
+"""A synthetic extraction folder in which the answer length is a known function of the hidden state.
+
+Used by fast tests and benchmarks of the stages after `extract` (no model needed). In the layers
+listed as `informative`, a fixed random direction of the hidden state carries the (total or
+remaining) length, plus Gaussian noise; the other layers carry only noise. So a probe trained on an
+informative layer must beat a constant predictor, and a layer sweep must find those layers.
+
+    python -m trail_probe.synthetic data/synthetic   # writes a small one for experiments
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from trail_probe.config import atomic_write_json
+from trail_probe.store import FORMAT, LAYER_NUMBERING, ExtractedRequest, shard_name, write_shard
+
+SYNTHETIC_MODEL = "synthetic://linear-length"
+
+
+def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_size: int = 16,
+                              num_layers: int = 4, informative: tuple[int, ...] = (1, 2),
+                              decode_stride: int = 8, max_new_tokens: int = 512, noise: float = 0.05,
+                              shard_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    root = Path(root)
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(hidden_size, generator=g)
+    direction /= direction.norm()
+    layers = list(range(num_layers))
+
+    def states(length: torch.Tensor) -> torch.Tensor:
+        """[L, n, d]: length/max along `direction` in informative layers, noise everywhere."""
+        out = torch.randn(num_layers, len(length), hidden_size, generator=g) * noise
+        signal = (length.float() / max_new_tokens)[:, None] * direction * 4.0
+        for layer in informative:
+            out[layer] += signal
+        return out.to(dtype)
+
+    lengths = torch.randint(0, max_new_tokens + 1, (num_requests,), generator=g)
+    prompt_states = states(lengths)
+    requests = []
+    for i in range(num_requests):
+        n = int(lengths[i])
+        generated = torch.arange(1, n + 1, decode_stride)
+        text = f"synthetic prompt {i}"
+        record = {"id": f"syn-{i:06d}", "prompt": text, "response": "x" * n, "prompt_tokens": 8 + i % 50,
+                  "output_tokens": n, "hit_cap": n >= max_new_tokens, "truncated": False}
+        requests.append(ExtractedRequest(record, prompt_states[:, i], states(n - generated), generated))
+
+    model = {"name_or_path": SYNTHETIC_MODEL, "weights_sha256": None, "architecture": "Synthetic",
+             "num_layers": num_layers, "hidden_size": hidden_size, "max_position_embeddings": 0,
+             "dtype": "float32"}
+    manifest = {
+        "format": FORMAT, "identity": {"synthetic": True, "seed": seed}, "model": model,
+        "layer_numbering": LAYER_NUMBERING, "prompt_layers": layers, "decode_layers": layers,
+        "decode_stride": decode_stride, "storage_dtype": str(dtype).removeprefix("torch."),
+        "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
+        "prompts": {"source": "synthetic", "num_available": num_requests, "num_selected": num_requests},
+        "num_workers": 1, "config": {"synthetic": {"informative": list(informative), "noise": noise}},
+    }
+    atomic_write_json(root / "manifest.json", manifest)
+    for seq, start in enumerate(range(0, num_requests, shard_size)):
+        write_shard(root / "shards" / shard_name(0, seq), requests[start:start + shard_size],
+                    num_layers, num_layers, hidden_size, dtype)
+    atomic_write_json(root / "workers" / "worker-0.json",
+                      {"worker_index": 0, "expected": num_requests, "done": num_requests, "complete": True})
+    return root
+
+
+if __name__ == "__main__":
+    print(make_synthetic_extraction(sys.argv[1] if len(sys.argv) > 1 else "data/synthetic"))
