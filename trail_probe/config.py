@@ -22,8 +22,8 @@ import yaml
 
 from trail_probe.errors import UserError
 
-# A layer selection: "all", a range string "10-15", or an explicit list of layer indices.
-LayerSpec = Union[str, list[int]]
+# A layer selection: "all", a range string "10-15", one layer index, or a list of layer indices.
+LayerSpec = Union[str, int, list[int]]
 
 
 @dataclass
@@ -78,9 +78,10 @@ class BinsConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "decode"  # prompt | decode
+    task: str = "decode"  # prompt | decode | both
     layers: LayerSpec = "11"  # one layer, or several (a sweep), e.g. "all" or "8-15"
     multi_layer: str = "none"  # none | concat | weighted_mean: also train on the whole layer set
+    multi_layer_layers: LayerSpec = ""  # layers the multi-layer probe reads; "" = train.layers
     hidden_dim: int = 512
     epochs: int = 30
     batch_size: int = 32
@@ -97,7 +98,8 @@ class TrainConfig:
     devices: Any = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    num_threads: int | None = None
+    num_threads: int | None = None  # torch CPU threads for training; None = 1 (see trail_probe/train.py)
+    deterministic: bool = True  # Lightning Trainer(deterministic=...): same seed + data, same weights
     out_dir: str = ""  # default: checkpoints/<run_name>
 
 
@@ -107,12 +109,14 @@ class BaselineConfig:
     epochs: int = 4
     batch_size: int = 32
     lr: float = 2e-5
+    weight_decay: float = 0.01
     warmup_fraction: float = 0.0
     max_length: int = 256
     seed: int = 0
     accelerator: str = "cpu"
     devices: Any = 1
     precision: str = "32-true"
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
     out_dir: str = ""  # default: checkpoints/<run_name>/baseline
 
 
@@ -121,7 +125,9 @@ class EvalConfig:
     layer: int | None = None  # None: the best layer of the sweep, else train.layers' first
     all_layers: bool = False
     refine_interval: int = 8  # k: refine every k generated tokens (multiple of decode_stride)
+    refine_prior: str = "auto"  # prior before the first decode step: prompt_probe | none | auto (prompt probe when trained)
     curve_step: int = 32  # tokens generated between points of the MAE-vs-progress curve
+    batch_size: int = 64  # prompts per BERT forward pass
     out_dir: str = ""  # default: checkpoints/<run_name>/eval
 
 
@@ -131,6 +137,7 @@ class ExportConfig:
     layer: int | None = None
     task: str = "decode"
     include_baseline: bool = False
+    probe: str = ""  # a folder under probes/<task>/ (e.g. layer-11); default: layer-<export.layer>
 
 
 @dataclass
@@ -139,14 +146,18 @@ class SimulateConfig:
         default_factory=lambda: ["fcfs", "sjf_bert", "trail_bert", "trail", "oracle"]
     )
     rates: list[float] = field(default_factory=list)  # requests/s; empty: derived from load
-    loads: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 0.95])
-    num_requests: int = 2000
+    # fractions of FCFS's saturated throughput (all requests queued at once); > 1: a finite overload
+    loads: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 1.05])
+    burst: bool = True  # also simulate all requests arriving at once
+    num_requests: int = 2000  # sampled from the held-out requests (with replacement when more)
     preemption_c: float = 0.8
-    refine_interval: int = 8
+    refine_interval: int = 0  # refine every k tokens; 0: as the predictions file; else a multiple of it
     max_running: int = 64
-    token_budget: int = 512
+    token_budget: int = 512  # tokens per iteration (chunked prefill); >= max_running
     kv_capacity_tokens: int = 60000
-    cost_preset: str = "measured_cpu"  # measured_cpu | llama3_8b_a100
+    paused_cache: str = "keep"  # keep (until memory is short) | discard: a preempted request's KV cache
+    cost_preset: str = "measured_cpu"  # measured_cpu | llama3_8b_a100 | path/to/cost_model.json
+    predictions: str = ""  # default: <eval out_dir>/predictions.json
     seed: int = 0
     out_dir: str = ""  # default: checkpoints/<run_name>/simulate
 

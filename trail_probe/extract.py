@@ -122,57 +122,113 @@ class _Row:
     generated: list[int] = field(default_factory=list)
 
 
-class _BatchCache:
-    """A left-padded KV cache whose rows can be removed and appended between decode steps."""
+class _SlotCache:
+    """A KV cache of fixed row slots for continuous refill, without per-step copies.
 
-    def __init__(self, config):
+    Keys/values live in preallocated buffers [B, H, capacity, D]; the live window is columns
+    [start, end). A decode step writes column `end` in place (HF's DynamicCache instead
+    re-concatenates the whole cache every step). A finished row's slot is refilled in place with
+    the next prompt's prefilled KV, right-aligned at `end`, masked elsewhere. Columns no live row
+    uses drop off the left of the window by moving `start`, so the window stays as long as the
+    longest live request. Buffers are reallocated (one copy) only when the window reaches the end.
+    """
+
+    def __init__(self, config, num_slots: int, spare: int = 256):
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
-        self._new = lambda: DynamicCache(config=config)
+        class Layer(DynamicLayer):
+            def __init__(layer, owner, index):
+                super().__init__()
+                layer.owner, layer.index, layer.is_initialized = owner, index, True
+
+            def update(layer, key_states, value_states, *args, **kwargs):
+                o, n = layer.owner, key_states.shape[-2]
+                o.k[layer.index][:, :, o.end:o.end + n] = key_states
+                o.v[layer.index][:, :, o.end:o.end + n] = value_states
+                layer.keys = o.k[layer.index][:, :, o.start:o.end + n]
+                layer.values = o.v[layer.index][:, :, o.start:o.end + n]
+                return layer.keys, layer.values
+
+        self._layer_cls, self._new_cache = Layer, (lambda: DynamicCache(config=config))
+        self.num_slots, self.spare = num_slots, spare
+        self.k = self.v = None
+        self.mask = None  # [B, capacity] long: 1 where a column holds a real token of that row
+        self.start = self.end = 0
         self.cache = None
-        self.mask = None  # [B, T] 1 where a cache column holds a real token of that row
 
-    def append(self, caches: list, lengths: list[int]) -> None:
-        """Add rows whose prompts were prefilled alone (cache i holds lengths[i] tokens)."""
+    def new_prefill_cache(self):
+        return self._new_cache()
+
+    def _allocate(self, like: torch.Tensor, num_layers: int, left_room: int) -> None:
+        """(Re)allocate buffers holding the live window plus `left_room` columns before it and spare after."""
+        width = self.end - self.start
+        cap = left_room + width + self.spare
+        b, h, _, d = like.shape
+        b = self.num_slots
+        new_k = [like.new_zeros(b, h, cap, d) for _ in range(num_layers)]
+        new_v = [like.new_zeros(b, h, cap, d) for _ in range(num_layers)]
+        new_mask = torch.zeros(b, cap, dtype=torch.long, device=like.device)
+        if self.k is not None:
+            rows = self.k[0].shape[0]
+            for li in range(num_layers):
+                new_k[li][:rows, :, left_room:left_room + width] = self.k[li][:, :, self.start:self.end]
+                new_v[li][:rows, :, left_room:left_room + width] = self.v[li][:, :, self.start:self.end]
+            new_mask[:rows, left_room:left_room + width] = self.mask[:, self.start:self.end]
+        self.k, self.v, self.mask = new_k, new_v, new_mask
+        self.start, self.end = left_room, left_room + width
         if self.cache is None:
-            self.cache = caches[0]
-            self.mask = torch.ones(1, lengths[0], dtype=torch.long, device=caches[0].layers[0].keys.device)
-            caches, lengths = caches[1:], lengths[1:]
-            if not caches:
-                return
-        total = max([self.mask.shape[1]] + lengths)
-        new_masks = [torch.ones(1, n, dtype=torch.long, device=self.mask.device) for n in lengths]
-        self.mask = torch.cat([_pad_left(m, total) for m in [self.mask] + new_masks])
-        for li, layer in enumerate(self.cache.layers):
-            layer.keys = torch.cat([_pad_left(t, total) for t in [layer.keys] + [c.layers[li].keys for c in caches]])
-            layer.values = torch.cat([_pad_left(t, total) for t in [layer.values] + [c.layers[li].values for c in caches]])
+            self.cache = self._new_cache()
+            self.cache.layers = [self._layer_cls(self, li) for li in range(num_layers)]
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        for layer in self.cache.layers:
+            layer.keys = self.k[layer.index][:, :, self.start:self.end]
+            layer.values = self.v[layer.index][:, :, self.start:self.end]
+
+    def place(self, slot: int, prefill_cache) -> None:
+        """Put a prompt's prefilled KV into `slot`, right-aligned at the end of the window."""
+        keys = [layer.keys for layer in prefill_cache.layers]
+        values = [layer.values for layer in prefill_cache.layers]
+        n = keys[0].shape[-2]
+        if self.k is None or self.end - n < 0:
+            self._allocate(keys[0], len(keys), left_room=n)
+        self.start = min(self.start, self.end - n)  # columns left of start are masked for every row
+        a = self.end - n
+        for li in range(len(keys)):
+            self.k[li][slot, :, self.start:self.end] = 0  # stale values of the slot's last request
+            self.v[li][slot, :, self.start:self.end] = 0
+            self.k[li][slot, :, a:self.end] = keys[li][0]
+            self.v[li][slot, :, a:self.end] = values[li][0]
+        self.mask[slot] = 0
+        self.mask[slot, a:self.end] = 1
+        self._refresh_views()
+
+    def attention_mask(self) -> torch.Tensor:
+        """Mask for the next decode step (window plus the column being written), making room first."""
+        if self.end + 1 > self.k[0].shape[2]:
+            self._allocate(self.k[0], len(self.k), left_room=0)
+        self.mask[:, self.end] = 1
+        return self.mask[:, self.start:self.end + 1]
+
+    def advance(self) -> None:
+        """After a decode step: the written column joins the window; unused left columns leave it."""
+        self.end += 1
+        used = self.mask[:, self.start:self.end].any(0).nonzero()
+        self.start += int(used[0]) if len(used) else self.end - self.start
+        self._refresh_views()
+
+    def release(self, slot: int) -> None:
+        self.mask[slot] = 0
 
     def keep(self, rows: torch.Tensor) -> None:
+        """Drop the other slots for good (when no prompts are left to refill them)."""
+        self.num_slots = len(rows)
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
         self.mask = self.mask[rows]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[rows]
-            layer.values = layer.values[rows]
-        if self.mask.shape[0] == 0:
-            self.cache, self.mask = None, None
-            return
-        # Drop leading columns no remaining row uses, so the cache stays as short as the longest row.
-        first = int(self.mask.any(0).nonzero()[0])
-        if first:
-            self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
-
-
-def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad dim 2 (KV) or dim 1 (mask) on the left with zeros to `length`."""
-    dim = 2 if t.dim() == 4 else 1
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim)
+        self._refresh_views()
 
 
 def _choose(logits: torch.Tensor, gen, generator: torch.Generator | None) -> torch.Tensor:
@@ -225,19 +281,16 @@ def generate_with_capture(
     progress=None,
 ) -> Iterator[ExtractedRequest]:
     """Stream finished requests. `prompts` are (prompt, chat-template token ids, truncated)."""
-    if decode_stride < 1:
-        raise UserError(f"extract.decode_stride = {decode_stride} must be >= 1")
-    if gen.batch_size < 1 or gen.max_new_tokens < 1:
-        raise UserError("generation.batch_size and generation.max_new_tokens must be >= 1")
+    _validate(gen, decode_stride)
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
     eos_t = torch.tensor(sorted(eos), device=device)
     generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.do_sample else None
     pending = list(reversed(prompts))  # pop() takes them in order
-    rows: list[_Row] = []
-    batch = _BatchCache(model.config)
-    next_tokens = torch.zeros(0, dtype=torch.long, device=device)
-    positions = torch.zeros(0, dtype=torch.long, device=device)
+    slots: list[_Row | None] = [None] * gen.batch_size
+    batch = _SlotCache(model.config, gen.batch_size)
+    next_tokens = torch.zeros(gen.batch_size, dtype=torch.long, device=device)
+    positions = torch.zeros(gen.batch_size, dtype=torch.long, device=device)
 
     def finish(row: _Row, n: int, hit_cap: bool) -> ExtractedRequest:
         states = torch.stack(row.states, 1) if row.states else torch.zeros(
@@ -253,68 +306,60 @@ def generate_with_capture(
         }
         if progress is not None:
             progress.update(1)
-        return ExtractedRequest(record, row.prompt_states, states, torch.tensor(row.generated, dtype=torch.long))
+        return ExtractedRequest(record, row.prompt_states, states, torch.tensor(row.generated, dtype=torch.long),
+                                row.tokens)
 
     with LayerCapture(model, set(prompt_layers) | set(decode_layers)) as capture:
-        while pending or rows:
+        while True:
             # 1. Refill free slots: prefill each new prompt alone (no padding inside a prefill).
-            new_rows, new_caches, new_lens, new_first = [], [], [], []
-            while pending and len(rows) + len(new_rows) < gen.batch_size:
-                prompt, ids, truncated = pending.pop()
-                cache = batch._new()
-                out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache,
-                            use_cache=True, logits_to_keep=1)
-                prompt_states = torch.stack([capture.outputs[layer][0].float().mean(0) for layer in prompt_layers])
-                row = _Row(prompt, len(ids), truncated, prompt_states.to(storage_dtype).cpu())
-                first = int(_choose(out.logits[:, -1], gen, generator)[0])
-                row.tokens.append(first)
-                if first in eos:
-                    yield finish(row, 0, False)
-                elif gen.max_new_tokens == 1:
-                    yield finish(row, 1, True)
-                else:
-                    new_rows.append(row)
-                    new_caches.append(cache)
-                    new_lens.append(len(ids))
-                    new_first.append(first)
-            if new_rows:
-                batch.append(new_caches, new_lens)
-                rows += new_rows
-                next_tokens = torch.cat([next_tokens, torch.tensor(new_first, device=device)])
-                positions = torch.cat([positions, torch.tensor(new_lens, device=device)])
-            if not rows:
-                continue
+            for slot in range(len(slots)):
+                while slots[slot] is None and pending:
+                    prompt, ids, truncated = pending.pop()
+                    cache = batch.new_prefill_cache()
+                    out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache,
+                                use_cache=True, logits_to_keep=1)
+                    prompt_states = torch.stack([capture.outputs[layer][0].float().mean(0) for layer in prompt_layers])
+                    row = _Row(prompt, len(ids), truncated, prompt_states.to(storage_dtype).cpu())
+                    first = int(_choose(out.logits[:, -1], gen, generator)[0])
+                    row.tokens.append(first)
+                    if first in eos:
+                        yield finish(row, 0, False)
+                    elif gen.max_new_tokens == 1:
+                        yield finish(row, 1, True)
+                    else:
+                        batch.place(slot, cache)
+                        slots[slot] = row
+                        next_tokens[slot], positions[slot] = first, len(ids)
+            live = [i for i, row in enumerate(slots) if row is not None]
+            if not live:
+                return
+            if not pending and len(live) < len(slots):  # nothing left to refill: shrink the batch
+                keep = torch.tensor(live, dtype=torch.long, device=device)
+                batch.keep(keep)
+                slots = [slots[i] for i in live]
+                next_tokens, positions = next_tokens[keep], positions[keep]
             # 2. One decode step for the whole batch.
-            attention_mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], 1)
-            out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
+            out = model(input_ids=next_tokens[:, None], attention_mask=batch.attention_mask(),
                         position_ids=positions[:, None], past_key_values=batch.cache, use_cache=True)
-            batch.mask = attention_mask
+            batch.advance()
             chosen = _choose(out.logits[:, -1], gen, generator)
-            generated = torch.tensor([len(r.tokens) for r in rows], device=device)  # j per row
+            generated = torch.tensor([len(r.tokens) for r in slots], device=device)  # j per row
             sampled = ((generated - 1) % decode_stride == 0).nonzero().flatten().tolist()
             if sampled:
                 states = torch.stack([capture.outputs[layer][sampled, -1] for layer in decode_layers], 1)
                 states = states.to(storage_dtype).cpu()
                 for k, i in enumerate(sampled):
-                    rows[i].states.append(states[k])
-                    rows[i].generated.append(len(rows[i].tokens))
-            chosen_list = chosen.tolist()
+                    slots[i].states.append(states[k])
+                    slots[i].generated.append(len(slots[i].tokens))
             is_eos = torch.isin(chosen, eos_t).tolist()
-            keep = []
-            for i, (row, token, ended) in enumerate(zip(rows, chosen_list, is_eos)):
+            for i, (token, ended) in enumerate(zip(chosen.tolist(), is_eos)):
+                row = slots[i]
                 row.tokens.append(token)
-                if ended:
-                    yield finish(row, len(row.tokens) - 1, False)
-                elif len(row.tokens) >= gen.max_new_tokens:
-                    yield finish(row, len(row.tokens), True)
-                else:
-                    keep.append(i)
+                if ended or len(row.tokens) >= gen.max_new_tokens:
+                    yield finish(row, len(row.tokens) - 1 if ended else len(row.tokens), not ended)
+                    slots[i] = None
+                    batch.release(i)
             next_tokens, positions = chosen, positions + 1
-            if len(keep) < len(rows):
-                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                batch.keep(keep_t)
-                rows = [rows[i] for i in keep]
-                next_tokens, positions = next_tokens[keep_t], positions[keep_t]
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +396,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     num_workers = cfg.extract.num_workers if num_workers is None else num_workers
     worker_index = cfg.extract.worker_index if worker_index is None else worker_index
     out = cfg.data_dir
+    _validate(cfg.generation, cfg.extract.decode_stride)
     _check_writable(out)
     prompts, bad_rows = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.skip_bad_rows)
     selected = select_prompts(prompts, cfg.prompts.num_prompts, cfg.prompts.seed)
@@ -449,6 +495,13 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
           f"({useful_tokens / max(elapsed, 1e-9):.1f} useful tok/s)")
     return out
+
+
+def _validate(gen, decode_stride: int) -> None:
+    if decode_stride < 1:
+        raise UserError(f"extract.decode_stride = {decode_stride} must be >= 1")
+    if gen.batch_size < 1 or gen.max_new_tokens < 1:
+        raise UserError("generation.batch_size and generation.max_new_tokens must be >= 1")
 
 
 def _check_writable(out: Path) -> None:

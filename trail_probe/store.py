@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ class ExtractedRequest:
     prompt_states: torch.Tensor  # [Lp, d]
     decode_states: torch.Tensor  # [Ld, m, d]
     decode_generated: torch.Tensor  # [m]
+    token_ids: list[int] = field(default_factory=list)  # generated ids (EOS included); not stored on disk
 
     @property
     def decode_remaining(self) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""Useful generated tokens/s of `trail-probe extract` (capture on) against plain `model.generate`.
+
+    python benchmarks/extract_throughput.py                      # 64 shared prompts, batch 32, 512 tokens
+    python benchmarks/extract_throughput.py --num-prompts 128 --batch-sizes 32,64
+
+"Useful" tokens are those up to EOS (EOS not counted), summed over requests, divided by wall time.
+Plain `generate` keeps decoding finished rows until the longest answer of its batch ends, so much
+of its work is thrown away; our loop refills a finished row's slot with the next prompt at once.
+Each mode runs in its own subprocess so that its peak memory (max RSS) is its own.
+Writes benchmarks/results/extract_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "extract_throughput.json"
+
+
+def _setup(num_prompts: int):
+    from trail_probe.config import load_recipe
+    from trail_probe.extract import prepare_prompts
+    from trail_probe.models import load_causal_lm
+    from trail_probe.prompts import load_prompts
+
+    cfg = load_recipe(REPO / "recipes" / "smollm2_alpaca.yaml")
+    model, tokenizer = load_causal_lm(cfg.model)
+    prompts, _ = load_prompts(str(REPO.parent / "shared" / "data" / "alpaca_prompts.jsonl"))
+    ready, _ = prepare_prompts(prompts[:num_prompts], tokenizer, 512, 8192, "skip")
+    return cfg, model, tokenizer, ready
+
+
+def run_generate(num_prompts: int, batch_size: int) -> dict:
+    cfg, model, tokenizer, ready = _setup(num_prompts)
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    useful = computed = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(ready), batch_size):
+            chunk = [ids for _, ids, _ in ready[i:i + batch_size]]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
+            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=512, do_sample=False,
+                                 pad_token_id=pad)[:, width:]
+            computed += out.numel()
+            for row in out.tolist():
+                useful += next((k for k, t in enumerate(row) if t in eos), len(row))
+    wall = time.perf_counter() - start
+    return {"useful_tokens": useful, "computed_tokens": computed, "wall_s": wall}
+
+
+def run_extract(num_prompts: int, batch_size: int) -> dict:
+    from trail_probe.config import resolve_layers
+    from trail_probe.extract import generate_with_capture
+
+    cfg, model, tokenizer, ready = _setup(num_prompts)
+    cfg.generation.batch_size = batch_size
+    layers = resolve_layers(cfg.extract.decode_layers, 30)
+    useful = stored_positions = 0
+    start = time.perf_counter()
+    for req in generate_with_capture(model, tokenizer, ready, cfg.generation, layers, layers,
+                                     cfg.extract.decode_stride, torch.float16):
+        useful += req.record["output_tokens"]
+        stored_positions += req.decode_generated.numel()
+    wall = time.perf_counter() - start
+    return {"useful_tokens": useful, "computed_tokens": useful, "wall_s": wall,
+            "stored_decode_positions": stored_positions, "captured_layers": len(layers)}
+
+
+def child(mode: str, num_prompts: int, batch_size: int) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    result = (run_generate if mode == "generate" else run_extract)(num_prompts, batch_size)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="32", help="comma list; plain generate runs at the first")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "N", "B"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    runs = [("generate", sizes[0])] + [("extract", b) for b in sizes]
+    rows = []
+    for mode, batch in runs:
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, str(args.num_prompts), str(batch)],
+                              capture_output=True, text=True, cwd=REPO)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{mode} run failed:\n{proc.stderr[-2000:]}")
+        r = json.loads(line[len("RESULT "):])
+        r.update(mode=mode, batch_size=batch, useful_tok_s=r["useful_tokens"] / r["wall_s"])
+        rows.append(r)
+        print(f"  {mode:8s} batch {batch:3d}: {r['useful_tok_s']:6.1f} useful tok/s, {r['wall_s']:.0f}s, "
+              f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    base = rows[0]["useful_tok_s"]
+    print(f"\n{'mode':10s}{'batch':>6s}{'useful tok/s':>14s}{'x generate':>12s}{'wall s':>9s}{'useful/computed':>17s}{'peak MB':>9s}")
+    for r in rows:
+        r["speedup_vs_generate"] = r["useful_tok_s"] / base
+        print(f"{r['mode']:10s}{r['batch_size']:>6d}{r['useful_tok_s']:>14.1f}{r['speedup_vs_generate']:>12.2f}"
+              f"{r['wall_s']:>9.0f}{r['useful_tokens'] / r['computed_tokens']:>17.2f}{r['peak_rss_mb']:>9.0f}")
+    same_batch = next(r for r in rows if r["mode"] == "extract" and r["batch_size"] == sizes[0])
+    result = {
+        "benchmark": "extract_throughput",
+        "command": "python benchmarks/extract_throughput.py " + " ".join(sys.argv[1:]),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+        "num_prompts": args.num_prompts, "max_new_tokens": 512, "greedy": True,
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "runs": rows,
+        "target": "extract >= 2x the useful tokens/s of plain generate at the same batch size",
+        "target_met": same_batch["speedup_vs_generate"] >= 2.0,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {RESULTS.relative_to(REPO)}; target (>= 2x at batch {sizes[0]}) met: {result['target_met']}")
+
+
+if __name__ == "__main__":
+    main()

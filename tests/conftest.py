@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random decoder models built from configs (no download), prompt files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRAIL_PROBE_QUIET", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_PROMPTS = REPO.parent / "shared" / "data" / "alpaca_prompts.jsonl"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _byte_tokenizer(chat: bool):
+    """A byte-level tokenizer built in memory: 256 byte tokens + specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<eos>", "<|user|>", "<|assistant|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<eos>", "<|user|>", "<|assistant|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, eos_bias: float = 4.0) -> Path:
+    """Save a tiny random causal LM + tokenizer to `folder`. `eos_bias` makes EOS likely enough
+    that greedy answers end at varied lengths instead of all running to the cap."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = _byte_tokenizer(chat=arch == "llama")
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=512,
+                            eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False)
+        model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[eos] = torch.randn(head.shape[1]) * eos_bias / head.shape[1] ** 0.5
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    # random GPT-2s end every prompt at the same length, so no EOS bias: answers run to the cap
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", eos_bias=0.0)
+
+
+def write_prompts(path: Path, n: int = 10, rows: list | None = None) -> Path:
+    rows = rows if rows is not None else [
+        {"id": f"p{i}", "prompt": f"Tell me fact number {i} about {'cats' if i % 2 else 'the sea'}."} for i in range(n)
+    ]
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    return write_prompts(tmp_path / "prompts.jsonl")

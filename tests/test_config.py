@@ -1,0 +1,71 @@
+"""Recipes load and validate; overrides are typed; mistakes give one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trail_probe.config import load_recipe, resolve_layers
+from trail_probe.errors import UserError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = load_recipe(recipe)
+    assert cfg.run_name and cfg.generation.max_new_tokens == 512
+    assert cfg.bins.num_bins == 10 and cfg.bins.max_len == 512
+    assert cfg.train.epochs == 30 and cfg.train.batch_size == 32 and cfg.train.lr == 0.01
+    assert cfg.train.train_fraction == 0.75
+    num_layers = 30 if "smollm2" in recipe.name else 32
+    for spec in (cfg.extract.prompt_layers, cfg.extract.decode_layers, cfg.train.layers):
+        assert resolve_layers(spec, num_layers)
+    # the recipe's first line comment shows how to run it
+    assert recipe.read_text().startswith("#") and "trail-probe" in recipe.read_text().split("\n\n")[0]
+
+
+def test_recipes_cover_the_embedded_and_the_paper_setup():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2_alpaca.yaml", "llama3_8b_alpaca.yaml"} <= names
+    paper = load_recipe(Path(RECIPES[0]).parent / "llama3_8b_alpaca.yaml")
+    assert paper.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert paper.model.dtype == "bfloat16" and paper.model.device == "cuda"
+    assert paper.prompts.source == "tatsu-lab/alpaca"
+
+
+def test_overrides_are_parsed_and_typed():
+    cfg = load_recipe(None, ["train.epochs=5", "train.lr=1e-3", "extract.decode_layers=[3, 4]",
+                             "prompts.num_prompts=null", "train.loggers=[csv, tensorboard]"])
+    assert cfg.train.epochs == 5 and cfg.train.lr == 1e-3
+    assert cfg.extract.decode_layers == [3, 4] and cfg.prompts.num_prompts is None
+    assert cfg.train.loggers == ["csv", "tensorboard"]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epoch=5", "unknown config key 'train.epoch'"),
+    ("train.epochs=five", "'train.epochs' = 'five' is not a int"),
+    ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
+    ("train.epochs", "not of the form key=value"),
+])
+def test_bad_overrides_are_refused(override, match):
+    with pytest.raises(UserError, match=match):
+        load_recipe(None, [override])
+
+
+@pytest.mark.parametrize("spec, expected", [("all", [0, 1, 2, 3]), ("1-2", [1, 2]), ("3,1", [1, 3]),
+                                            (2, [2]), ([0, 3], [0, 3])])
+def test_layer_specs(spec, expected):
+    assert resolve_layers(spec, 4) == expected
+
+
+@pytest.mark.parametrize("spec", ["4", "-1", "x", "2-9", []])
+def test_bad_layer_specs(spec):
+    with pytest.raises(UserError):
+        resolve_layers(spec, 4)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(UserError, match="not found"):
+        load_recipe("recipes/nope.yaml")

@@ -1,0 +1,221 @@
+"""`trail-probe extract` on tiny random models: capture correctness, resume, workers, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trail_probe import extract as extract_mod
+from trail_probe.cli import main
+from trail_probe.config import load_recipe
+from trail_probe.extract import generate_with_capture, prepare_prompts, run_extract
+from trail_probe.models import load_causal_lm
+from trail_probe.prompts import Prompt
+from trail_probe.store import Extraction
+
+from conftest import write_prompts
+
+
+def _cfg(model_dir, prompts, out, *extra):
+    return load_recipe(None, [
+        f"model.name_or_path={model_dir}", f"prompts.source={prompts}", f"extract.out_dir={out}",
+        "generation.max_new_tokens=24", "generation.batch_size=3", "extract.decode_stride=2",
+        "extract.shard_size=2", *extra,
+    ])
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_captured_states_equal_teacher_forced_pass(arch, request):
+    """What we store is what one forward pass over prompt+response computes, for the same tokens,
+    and the greedy tokens are those of HF generate, although rows leave and join the batch."""
+    model_dir = request.getfixturevalue(arch)
+    cfg = _cfg(model_dir, "unused.jsonl", "unused", "generation.max_new_tokens=30")
+    model, tokenizer = load_causal_lm(cfg.model)
+    prompts = [Prompt(f"p{i}", "Say something " + "long " * (i * 3) + f"number {i}.") for i in range(7)]
+    ready, _ = prepare_prompts(prompts, tokenizer, 30, 512, "skip")
+    layers = [0, 1, 2]
+    requests = list(generate_with_capture(model, tokenizer, ready, cfg.generation, layers, layers, 1, torch.float32))
+    assert sorted(r.record["id"] for r in requests) == [p.id for p in prompts]
+    ids_of = {p.id: ids for p, ids, _ in ready}
+    # HF applies the final norm to the last hidden_states entry; TRAIL's layer L is pre-norm.
+    owner, attr = (model.get_decoder(), "norm") if arch == "tiny_llama" else (model.transformer, "ln_f")
+    final_norm = getattr(owner, attr)
+    with torch.no_grad():
+        for req in requests:
+            ids, n = ids_of[req.record["id"]], req.record["output_tokens"]
+            reference = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
+            assert req.token_ids == reference[: len(req.token_ids)]
+            full = torch.tensor([ids + req.token_ids[:n]])
+            setattr(owner, attr, torch.nn.Identity())
+            try:
+                hidden = model(full, output_hidden_states=True).hidden_states
+            finally:
+                setattr(owner, attr, final_norm)
+            for li, layer in enumerate(layers):
+                ref = hidden[layer + 1][0]
+                torch.testing.assert_close(req.prompt_states[li], ref[: len(ids)].mean(0), atol=1e-4, rtol=1e-4)
+                positions = len(ids) + req.decode_generated - 1  # token j-1 fed in produces token j
+                torch.testing.assert_close(req.decode_states[li], ref[positions], atol=1e-4, rtol=1e-4)
+            assert (req.decode_remaining == n - req.decode_generated).all()
+    lengths = [r.record["output_tokens"] for r in requests]
+    if arch == "tiny_llama":
+        assert len(set(lengths)) > 1, "rows must leave the batch at different times for this test to bite"
+
+
+def test_extract_end_to_end_and_manifest(tiny_llama, prompts_file, tmp_path, capsys):
+    out = tmp_path / "ex"
+    code = main(["extract", "recipes/smollm2_alpaca.yaml", f"model.name_or_path={tiny_llama}",
+                 f"prompts.source={prompts_file}", f"extract.out_dir={out}", "extract.prompt_layers=all",
+                 "extract.decode_layers=1-2", "extract.decode_stride=4", "generation.max_new_tokens=24",
+                 "generation.batch_size=4", "extract.shard_size=3"])
+    assert code == 0
+    assert "expected disk" in capsys.readouterr().out
+    ex = Extraction(out)
+    assert len(ex.records) == 10 and len(set(ex.ids)) == 10
+    assert ex.prompt_layers == [0, 1, 2] and ex.decode_layers == [1, 2]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("model", "layer_numbering", "generation", "prompts", "storage_dtype", "config"):
+        assert key in manifest
+    assert manifest["model"]["weights_sha256"] and manifest["model"]["num_layers"] == 3
+    assert (out / "config.yaml").is_file()
+    dec = ex.decode(2)
+    assert dec.states.shape == (len(dec.request), 64) and torch.isfinite(dec.states).all()
+    assert ((dec.generated - 1) % 4 == 0).all()
+    assert (dec.remaining == ex.output_tokens[dec.request] - dec.generated).all()
+    assert ex.prompt_states(0).shape == (10, 64)
+    for r in ex.records:
+        assert r["output_tokens"] <= 24 and r["hit_cap"] == (r["output_tokens"] == 24)
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_llama, prompts_file, tmp_path, monkeypatch):
+    reference = Extraction(run_extract(_cfg(tiny_llama, prompts_file, tmp_path / "ref"), show_progress=False))
+    out = tmp_path / "ex"
+    real = extract_mod.generate_with_capture
+
+    def dies_after_five(*args, **kwargs):
+        for i, req in enumerate(real(*args, **kwargs)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield req
+
+    monkeypatch.setattr(extract_mod, "generate_with_capture", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(_cfg(tiny_llama, prompts_file, out), show_progress=False)
+    partial = Extraction(out, require_complete=False)
+    assert len(partial.records) == 5  # finished requests were flushed on the way out
+    with pytest.raises(Exception, match="incomplete"):
+        Extraction(out)
+    (out / "shards" / ".shard-w000-000099.safetensors.tmp-1").write_bytes(b"half a shard")
+    monkeypatch.setattr(extract_mod, "generate_with_capture", real)
+    run_extract(_cfg(tiny_llama, prompts_file, out), show_progress=False)
+    ex = Extraction(out)
+    assert sorted(ex.ids) == sorted(reference.ids)
+    assert not list((out / "shards").glob(".*tmp*"))
+    ours = {r["id"]: r["output_tokens"] for r in ex.records}
+    assert ours == {r["id"]: r["output_tokens"] for r in reference.records}
+
+
+def test_workers_take_disjoint_slices_and_read_back_as_one(tiny_llama, prompts_file, tmp_path):
+    out = tmp_path / "ex"
+    cfg = _cfg(tiny_llama, prompts_file, out)
+    run_extract(cfg, num_workers=2, worker_index=1, show_progress=False)
+    with pytest.raises(Exception, match="incomplete"):
+        Extraction(out)
+    run_extract(cfg, num_workers=2, worker_index=0, show_progress=False)
+    ex = Extraction(out)
+    assert sorted(ex.ids) == sorted(f"p{i}" for i in range(10))
+    by_worker = [json.loads((out / "workers" / f"worker-{i}.json").read_text())["expected"] for i in range(2)]
+    assert by_worker == [5, 5]
+
+
+def _run_cli(capsys, *args):
+    code = main(["extract", "recipes/smollm2_alpaca.yaml", *args])
+    # HF's weight-loading progress bar also writes to stderr; the error is our own line(s)
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trail-probe")]
+    return code, "\n".join(ours)
+
+
+@pytest.mark.parametrize("rows, match", [
+    (['{"id": "a", "prompt": "fine"}', '{"id": "b", "prompt": '], "line 2 is not valid JSON"),
+    (['{"id": "a", "prompt": "fine"}', '{"id": "b", "prompt": "  "}'], "line 2 has an empty prompt"),
+    (['{"id": "a", "text": "no prompt key"}'], "neither 'prompt' nor 'instruction'"),
+])
+def test_bad_prompt_rows_are_named(rows, match, tiny_llama, tmp_path, capsys):
+    bad = write_prompts(tmp_path / "bad.jsonl", rows=rows)
+    code, err = _run_cli(capsys, f"model.name_or_path={tiny_llama}", f"prompts.source={bad}",
+                         f"extract.out_dir={tmp_path / 'o'}")
+    assert code == 2 and match in err and "skip_bad_rows" in err and len(err.splitlines()) == 1
+
+
+def test_skip_bad_rows_counts_them(tiny_llama, tmp_path):
+    bad = write_prompts(tmp_path / "bad.jsonl", rows=[
+        '{"id": "a", "prompt": "fine"}', "{oops", '{"id": "c", "prompt": ""}', '{"instruction": "Hi", "input": "x"}'])
+    out = run_extract(_cfg(tiny_llama, bad, tmp_path / "o", "prompts.skip_bad_rows=true"), show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompts"]["bad_rows_skipped"] == 2 and len(Extraction(out).records) == 2
+
+
+def test_too_long_prompts_are_skipped_or_truncated(tiny_llama, tmp_path):
+    rows = [{"id": "short", "prompt": "hi"}, {"id": "long", "prompt": "word " * 200}]
+    prompts = write_prompts(tmp_path / "p.jsonl", rows=rows)
+    # the tiny model has a 512-token context; 200 words are ~1000 byte tokens
+    out = run_extract(_cfg(tiny_llama, prompts, tmp_path / "skip"), show_progress=False)
+    status = json.loads((out / "workers" / "worker-0.json").read_text())
+    assert status["skipped_too_long"] == 1 and Extraction(out).ids == ["short"]
+    out = run_extract(_cfg(tiny_llama, prompts, tmp_path / "trunc", "prompts.too_long=truncate"), show_progress=False)
+    ex = Extraction(out)
+    long = next(r for r in ex.records if r["id"] == "long")
+    assert long["truncated"] and long["prompt_tokens"] + 24 <= 512
+
+
+@pytest.mark.parametrize("override, match", [
+    ("prompts.source=/nonexistent/prompts.jsonl", "not found"),
+    ("extract.decode_layers=7", "layer 7 is outside the model"),
+    ("model.name_or_path=/nonexistent/model", "cannot find model"),
+    ("extract.out_dir=/proc/version/sub", "not writable"),
+    ("extract.decode_stride=0", "decode_stride"),
+])
+def test_bad_inputs_give_one_line_errors(override, match, tiny_llama, prompts_file, tmp_path, capsys):
+    args = [f"model.name_or_path={tiny_llama}", f"prompts.source={prompts_file}",
+            f"extract.out_dir={tmp_path / 'o'}", "generation.max_new_tokens=4", override]
+    code, err = _run_cli(capsys, *args)
+    assert code == 2 and match in err and len(err.splitlines()) == 1, err
+
+
+def test_not_a_causal_lm_is_refused(tmp_path, prompts_file, capsys):
+    from transformers import T5Config
+
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50).save_pretrained(tmp_path / "t5")
+    code, err = _run_cli(capsys, f"model.name_or_path={tmp_path / 't5'}", f"prompts.source={prompts_file}",
+                         f"extract.out_dir={tmp_path / 'o'}")
+    assert code == 2 and "decoder-only" in err
+
+
+def test_incompatible_folder_is_refused_unless_overwrite(tiny_llama, prompts_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = [f"model.name_or_path={tiny_llama}", f"prompts.source={prompts_file}", f"extract.out_dir={out}",
+            "generation.max_new_tokens=8", "prompts.num_prompts=3"]
+    assert _run_cli(capsys, *base)[0] == 0
+    before = sorted(p.name for p in (out / "shards").iterdir())
+    code, err = _run_cli(capsys, *base[:-1], "prompts.num_prompts=4")
+    assert code == 2 and "different config" in err and "num_prompts" in err
+    assert sorted(p.name for p in (out / "shards").iterdir()) == before  # nothing lost
+    assert main(["extract", "recipes/smollm2_alpaca.yaml", *base[:-1], "prompts.num_prompts=4", "--overwrite"]) == 0
+    assert len(Extraction(out).records) == 4
+
+
+@pytest.mark.slow
+def test_real_smollm2_on_shared_prompts(tmp_path):
+    from conftest import SHARED_PROMPTS
+
+    out = run_extract(load_recipe("recipes/smollm2_alpaca.yaml", [
+        f"prompts.source={SHARED_PROMPTS}", "prompts.num_prompts=4", "generation.max_new_tokens=48",
+        f"extract.out_dir={tmp_path / 'real'}", "extract.decode_layers=10-12"]), show_progress=False)
+    ex = Extraction(out)
+    assert len(ex.records) == 4 and ex.hidden_size == 576 and ex.model["num_layers"] == 30
+    assert all(r["output_tokens"] > 0 and r["response"].strip() for r in ex.records)
+    assert torch.isfinite(ex.prompt_states(29)).all() and torch.isfinite(ex.decode(11).states).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["weights_sha256"] and manifest["prompts"]["num_selected"] == 4
