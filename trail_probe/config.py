@@ -126,6 +126,9 @@ class EvalConfig:
     all_layers: bool = False
     refine_interval: int = 8  # k: refine every k generated tokens (multiple of decode_stride)
     refine_prior: str = "auto"  # prior before the first decode step: prompt_probe | none | auto (prompt probe when trained)
+    # per-step factor of the Bayes update: posterior (TRAIL: the probe's output as is) |
+    # prior_corrected (divided by the training labels' bin frequencies, see refine.step_likelihood)
+    refine_likelihood: str = "posterior"
     curve_step: int = 32  # tokens generated between points of the MAE-vs-progress curve
     batch_size: int = 64  # prompts per BERT forward pass
     out_dir: str = ""  # default: checkpoints/<run_name>/eval
@@ -208,6 +211,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

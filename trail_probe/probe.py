@@ -22,3 +22,30 @@ class LengthProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over length bins for embeddings `x` of shape [..., input_dim]."""
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class MultiLayerProbe(LengthProbe):
+    """The same probe fed several layers' states `[..., num_layers, layer_dim]` at once.
+
+    `concat` joins the layers into one num_layers*layer_dim vector (Piotrowski et al. 2025 read
+    layers 8-15 together); `weighted_mean` mixes them with learned softmax weights (`layer_logits`,
+    starting uniform) so the input stays layer_dim wide. Beyond the paper; TRAIL's runtime reads one.
+    """
+
+    def __init__(self, num_layers: int, layer_dim: int, mode: str, hidden_dim: int = 512, num_labels: int = 10):
+        if mode not in ("concat", "weighted_mean"):
+            raise ValueError(f"multi-layer mode must be 'concat' or 'weighted_mean', not {mode!r}")
+        super().__init__(layer_dim * num_layers if mode == "concat" else layer_dim, hidden_dim, num_labels)
+        self.num_layers = num_layers
+        self.layer_dim = layer_dim
+        self.mode = mode
+        if mode == "weighted_mean":
+            self.layer_logits = nn.Parameter(torch.zeros(num_layers))
+
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "concat":
+            return x.flatten(-2)
+        return torch.einsum("...ld,l->...d", x, torch.softmax(self.layer_logits, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.combine(x))

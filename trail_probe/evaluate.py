@@ -1,0 +1,609 @@
+"""`trail-probe eval`: does the probe beat BERT, and by how much? Scored on the held-out requests.
+
+    trail-probe eval recipes/smollm2_alpaca.yaml
+    trail-probe eval recipes/smollm2_alpaca.yaml eval.all_layers=true eval.refine_interval=16
+
+Every method is scored on the same held-out requests (the val side of `<checkpoint_dir>/split.json`):
+  (a) bert          the fine-tuned encoder on the prompt text (total length; skipped with a note
+                    when no baseline was trained)
+  (b) prompt_probe  the probe on the layer's mean prompt state (total length)
+  (c) per_step      the decode probe at every stored decode step, each on its own (remaining length)
+  (d) refined       the decode probe refined by Bayes over the steps (TRAIL_NOTES section 2, via
+                    trail_probe.refine): refined every k = eval.refine_interval tokens, starting from
+                    the prompt probe's distribution (eval.refine_prior), and counted down by one per
+                    token in between, as TRAIL's runtime does.
+An estimate is the expectation over bin midpoints, clamped to [0, max_new_tokens - generated]. MAE
+is in tokens, averaged over requests for total length and over stored decode steps for remaining
+length; accuracy is the most likely bin against the true bin (for (d) between refinements: the
+posterior moved forward by T^tokens). (a) and (b) are also scored on the decode steps, counted
+down by the tokens generated, as a scheduler without refinement would use them.
+
+The layer is eval.layer, else the decode sweep's best layer (`sweep/layer_sweep.json`), else the
+first of train.layers; eval.all_layers=true scores every layer with trained probes as well.
+Outputs in `<checkpoint_dir>/eval/`: report.md and report.json (every number, the resolved config,
+hashes of the extraction manifest, split, probe and baseline weights, the command), predictions.json
+(the chosen layer's estimates per held-out request, replayed by `trail-probe simulate`), and the
+pictures mae_by_layer.png (paper Figure 3), mae_vs_generated.png and bin_heatmap.png (Figure 5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trail_probe.baseline import baseline_dir, load_baseline, predict_probs
+from trail_probe.bins import Bins
+from trail_probe.config import (
+    RecipeConfig,
+    atomic_write_json,
+    atomic_write_text,
+    config_to_dict,
+    format_config,
+    resolve_layers,
+    save_config,
+)
+from trail_probe.errors import UserError
+from trail_probe.metrics import confusion, count_down, estimate, mae, summary
+from trail_probe.models import file_sha256
+from trail_probe.refine import TransitionPowers, refine_sequence, step_likelihood
+from trail_probe.split import load_or_make_split, manifest_sha256, split_path
+from trail_probe.store import Extraction
+from trail_probe.train import load_probe
+
+HELP = "score BERT, the prompt probe and the decode probe (per step and refined) on the held-out requests"
+EXAMPLES = """examples:
+  trail-probe eval recipes/smollm2_alpaca.yaml
+  trail-probe eval recipes/smollm2_alpaca.yaml eval.layer=11 eval.refine_interval=1     # refine every token (needs decode_stride 1)
+  trail-probe eval recipes/smollm2_alpaca.yaml eval.all_layers=true                     # MAE by layer, paper Figure 3
+"""
+METHODS = ("bert", "prompt_probe", "per_step", "refined")
+LABELS = {"bert": "(a) BERT on the prompt text", "prompt_probe": "(b) probe on the mean prompt state",
+          "per_step": "(c) decode probe, each step alone", "refined": "(d) decode probe, refined"}
+
+
+def run(cfg: RecipeConfig, args) -> None:
+    report = evaluate(cfg)
+    out = Path(report["out_dir"])
+    for line in _headline_lines(report):
+        print(f"eval: {line}")
+    print(f"eval: report in {out / 'report.md'}")
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    """The held-out requests, in the order of split.json's val_ids."""
+
+    rows: torch.Tensor  # [n] index into Extraction.records
+    ids: list[str]
+    output_tokens: torch.Tensor  # [n]
+
+
+def held_out_requests(split: dict, extraction: Extraction, where: Path) -> HeldOut:
+    """The val side of a split, refused when it is empty, overlaps training or names unknown requests."""
+    val, train = list(split["val_ids"]), set(split["train_ids"])
+    if not val:
+        raise UserError(f"the held-out side of '{where}' is empty, so there is nothing to score; delete it and "
+                        "run 'trail-probe train' again with train.train_fraction below 1")
+    overlap = [i for i in val if i in train]
+    if overlap:
+        raise UserError(f"'{where}' puts {len(overlap)} requests (e.g. '{overlap[0]}') in both training and held-out, "
+                        "which would inflate every score; delete it and run 'trail-probe train' again")
+    position = {rid: i for i, rid in enumerate(extraction.ids)}
+    missing = [i for i in val if i not in position]
+    if missing:
+        raise UserError(f"'{where}' holds request '{missing[0]}' (and {len(missing) - 1} more) that extraction "
+                        f"'{extraction.root}' does not; evaluate with the extraction the split was made from")
+    rows = torch.tensor([position[i] for i in val])
+    return HeldOut(rows, val, extraction.output_tokens[rows])
+
+
+def _check_artifact(meta: dict, what: str, extraction: Extraction, manifest_sha: str, split_sha: str, bins: Bins) -> None:
+    """Refuse a probe or baseline made from another model, extraction, split or bins than this run's."""
+    model, ours = meta.get("model") or {}, extraction.model
+    if (model.get("name_or_path"), model.get("weights_sha256")) != (ours["name_or_path"], ours["weights_sha256"]):
+        raise UserError(f"{what} was trained for model '{model.get('name_or_path')}' but extraction '{extraction.root}' "
+                        f"comes from '{ours['name_or_path']}' (or other weights); evaluate the matching run or retrain it")
+    if meta["extraction"]["manifest_sha256"] != manifest_sha:
+        raise UserError(f"{what} was trained on another extraction ('{meta['extraction']['path']}') than "
+                        f"'{extraction.root}'; point extract.out_dir at that one or retrain it on this one")
+    if meta["split"]["sha256"] != split_sha:
+        raise UserError(f"{what} was trained on another split than the current '{meta['split']['path']}'; "
+                        "retrain it so that the held-out requests were never seen in training")
+    bins.check_matches(meta["bins"], what)
+
+
+def choose_layer(cfg: RecipeConfig, extraction: Extraction) -> tuple[int, str]:
+    """(layer, where the choice came from): eval.layer, else the decode sweep's best, else train.layers[0]."""
+    if cfg.eval.layer is not None:
+        return cfg.eval.layer, "eval.layer"
+    sweep = cfg.checkpoint_dir / "sweep" / "layer_sweep.json"
+    if sweep.is_file():
+        best = json.loads(sweep.read_text()).get("best_layer", {}).get("decode")
+        if best is not None:
+            return int(best), f"best decode layer of {sweep}"
+    first = resolve_layers(cfg.train.layers, int(extraction.model["num_layers"]), "train.layers")[0]
+    return first, "first of train.layers"
+
+
+def probe_folder(cfg: RecipeConfig, task: str, layer: int) -> Path:
+    return cfg.checkpoint_dir / "probes" / task / f"layer-{layer}"
+
+
+def trained_layers(cfg: RecipeConfig) -> list[int]:
+    """Layers with a trained single-layer probe of either task."""
+    layers = set()
+    for task in ("prompt", "decode"):
+        for meta in (cfg.checkpoint_dir / "probes" / task).glob("layer-*/probe.json"):
+            layers.add(int(meta.parent.name.removeprefix("layer-")))
+    return sorted(layers)
+
+
+# -- predictions ----------------------------------------------------------------------------------
+@torch.no_grad()
+def probe_probs(probe: torch.nn.Module, states: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    return torch.cat([torch.softmax(probe(states[i:i + batch]).float(), -1) for i in range(0, len(states), batch)]
+                     or [torch.zeros(0, probe.num_labels)])
+
+
+@dataclass
+class DecodeResult:
+    """One layer's decode probe on the held-out decode steps, sorted by (request, generated)."""
+
+    request: torch.Tensor  # [M] index into HeldOut
+    generated: torch.Tensor  # [M] tokens generated so far (j)
+    remaining: torch.Tensor  # [M] true tokens still to come
+    step_probs: torch.Tensor  # [M, K] the probe on this step alone
+    step_est: torch.Tensor  # [M]
+    refined_probs: torch.Tensor  # [M, K] latest posterior, moved forward by T^(tokens since it)
+    refined_est: torch.Tensor  # [M] latest refined estimate, counted down since
+    is_refinement: torch.Tensor  # [M] bool: a refinement happens at this step
+
+
+def refine_decode(step_probs: torch.Tensor, request: torch.Tensor, generated: torch.Tensor,
+                  remaining: torch.Tensor, bins: Bins, max_new_tokens: int, interval: int,
+                  prior: torch.Tensor | None = None, label_prior: torch.Tensor | None = None) -> DecodeResult:
+    """Per-step and refined predictions of every decode step. Refinements happen at j = 1, 1+k,
+    1+2k, ... (stored steps are j = 1, 1+stride, ...; k is a multiple of the stride); `prior` [n, K]
+    is each request's distribution at j = 0 (the prompt probe), or None to start from the first step."""
+    if len(generated):
+        order = torch.argsort(request * (int(generated.max()) + 1) + generated)
+        request, generated, remaining, step_probs = request[order], generated[order], remaining[order], step_probs[order]
+    caps = (max_new_tokens - generated).double()
+    is_refinement = (generated - 1) % interval == 0
+    powers = TransitionPowers(bins.num_bins, bins.width)
+    refined_probs = torch.empty_like(step_probs, dtype=torch.float64)
+    refined_est = torch.empty(len(generated), dtype=torch.float64)
+    counts = torch.bincount(request)
+    starts = torch.cumsum(counts, 0) - counts
+    for r in torch.nonzero(counts).flatten().tolist():
+        rows = torch.arange(int(starts[r]), int(starts[r] + counts[r]))
+        points = rows[is_refinement[rows]]
+        if len(points) == 0 or points[0] != rows[0]:
+            raise ValueError(f"request {r}: decode steps do not start at j = 1; the extraction is malformed")
+        post = refine_sequence(step_likelihood(step_probs[points], label_prior), generated[points], powers,
+                               initial=None if prior is None else prior[r], initial_generated=0)
+        at_point = estimate(post, bins, caps[points])
+        latest = torch.searchsorted(generated[points], generated[rows], right=True) - 1
+        since = generated[rows] - generated[points][latest]
+        refined_est[rows] = count_down(at_point[latest], since, caps[rows])
+        refined_probs[rows] = powers.advance(post[latest], since)
+    step_est = estimate(step_probs, bins, caps)
+    return DecodeResult(request, generated, remaining, step_probs, step_est, refined_probs, refined_est, is_refinement)
+
+
+def progress_curve(output_tokens: torch.Tensor, max_new_tokens: int, step: int, totals: dict[str, torch.Tensor],
+                   decode: DecodeResult | None) -> dict:
+    """MAE of the remaining-length estimate after t = 0, step, 2*step, ... generated tokens, over the
+    requests still generating at t (all of them at t = 0). Total-length estimates (`totals`: method ->
+    [n]) are counted down by t; the decode probe's, per step and refined, are those of the latest
+    refinement at or before t, counted down since. Those do not exist before the first decode step,
+    so they are None at t = 0 (where the refined method's prior is the prompt probe itself)."""
+    longest = int(output_tokens.max()) if len(output_tokens) else 0
+    points = list(range(0, max(longest, 1), step))
+    curve = {"tokens": points, "requests": [], **{m: [] for m in list(totals) + ["per_step", "refined"]}}
+    if decode is not None:
+        refine_rows = torch.nonzero(decode.is_refinement).flatten()
+    for t in points:
+        active = (output_tokens > t) if t else torch.ones_like(output_tokens, dtype=torch.bool)
+        truth = (output_tokens - t)[active]
+        curve["requests"].append(int(active.sum()))
+        for method, total in totals.items():
+            curve[method].append(mae(count_down(total[active], t, max_new_tokens - t), truth))
+        if decode is None or t == 0:
+            curve["per_step"].append(None)
+            curve["refined"].append(None)
+            continue
+        usable = refine_rows[decode.generated[refine_rows] <= t]
+        latest = torch.full((len(output_tokens),), -1, dtype=torch.long)
+        latest.scatter_reduce_(0, decode.request[usable], usable, "amax")
+        rows = latest[active]
+        has = rows >= 0  # always true for a well-formed extraction (step j = 1 exists for every answer)
+        since = t - decode.generated[rows[has]]
+        for method, est in (("per_step", decode.step_est), ("refined", decode.refined_est)):
+            curve[method].append(mae(count_down(est[rows[has]], since, max_new_tokens - t), truth[has]))
+    return curve
+
+
+# -- the whole evaluation -------------------------------------------------------------------------
+def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
+    """Score every method, write report.{md,json}, predictions.json and the pictures; return the report."""
+    started = time.time()
+    e = cfg.eval
+    if e.refine_likelihood not in ("posterior", "prior_corrected"):
+        raise UserError(f"eval.refine_likelihood = {e.refine_likelihood!r} must be posterior or prior_corrected")
+    if e.refine_prior not in ("auto", "prompt_probe", "none"):
+        raise UserError(f"eval.refine_prior = {e.refine_prior!r} must be auto, prompt_probe or none")
+    if e.curve_step < 1:
+        raise UserError(f"eval.curve_step = {e.curve_step} must be a positive number of tokens, e.g. 32")
+    extraction = Extraction(cfg.data_dir)
+    extraction.check_model(cfg.model.name_or_path)
+    stride = extraction.decode_stride
+    if e.refine_interval < 1 or e.refine_interval % stride:
+        raise UserError(f"eval.refine_interval = {e.refine_interval} must be a multiple of the extraction's decode_stride "
+                        f"{stride} (decode states exist only every {stride} tokens); use {stride}, {2 * stride}, ...")
+    split_file = split_path(cfg)
+    if not split_file.is_file():
+        raise UserError(f"no split in '{split_file}', so no probe was trained for this run; run 'trail-probe train' first")
+    split = load_or_make_split(cfg, extraction)
+    held = held_out_requests(split, extraction, split_file)
+    bins = Bins.from_config(cfg.bins)
+    max_new = int(extraction.manifest["generation"]["max_new_tokens"])
+    manifest_sha, split_sha = manifest_sha256(extraction), file_sha256(split_file)
+    layer, layer_source = choose_layer(cfg, extraction)
+    if not any((probe_folder(cfg, task, layer) / "probe.json").is_file() for task in ("prompt", "decode")):
+        raise UserError(f"no trained probe for layer {layer} in '{cfg.checkpoint_dir / 'probes'}' (layer chosen by "
+                        f"{layer_source}); train it ('trail-probe train ... train.layers={layer}') or set eval.layer")
+    layers = sorted(set(trained_layers(cfg)) | {layer}) if e.all_layers else [layer]
+    notes: list[str] = []
+    hashes = {"extraction_manifest": manifest_sha, "split": split_sha, "probes": {}, "baseline_weights": None}
+
+    bert_probs, bert_meta = _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes)
+    totals = {}
+    if bert_probs is not None:
+        totals["bert"] = estimate(bert_probs, bins, max_new)
+
+    results, details = {}, {}
+    for L in layers:
+        results[L], details[L] = _evaluate_layer(cfg, L, extraction, held, bins, max_new, manifest_sha, split_sha,
+                                                 bert_probs, hashes, notes)
+        print(f"eval: layer {L}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in _layer_maes(results[L]).items()), flush=True)
+    chosen = details[layer]
+    if chosen["prompt_probs"] is not None:
+        totals["prompt_probe"] = estimate(chosen["prompt_probs"], bins, max_new)
+    curve = progress_curve(held.output_tokens, max_new, e.curve_step, totals, chosen["decode"])
+
+    out = Path(e.out_dir) if e.out_dir else cfg.checkpoint_dir / "eval"
+    report = {
+        "format": "trail_probe.eval/1",
+        "command": " ".join(shlex.quote(a) for a in ([Path(sys.argv[0]).name] + sys.argv[1:] if command is None else command)),
+        "out_dir": str(out),
+        "layer": layer, "layer_source": layer_source, "layers": layers,
+        "refine_interval": e.refine_interval, "decode_stride": stride, "max_new_tokens": max_new,
+        "bins": bins.to_dict(),
+        "held_out": {"requests": len(held.ids), "decode_steps": _count(chosen["decode"])},
+        "methods": results[layer],
+        "headline": _headline(results[layer]),
+        "by_layer": {str(L): results[L] for L in layers},
+        "curve": curve,
+        "confusion": _confusions(held, bins, bert_probs, chosen),
+        "baseline": None if bert_meta is None else {k: bert_meta[k] for k in ("base_model", "metrics", "max_length")},
+        "hashes": hashes,
+        "extraction": {"path": str(extraction.root), "model": extraction.model, "layer_numbering": extraction.manifest.get("layer_numbering")},
+        "split": {"path": str(split_file), "train": len(split["train_ids"]), "held_out": len(split["val_ids"])},
+        "notes": notes,
+        "config": config_to_dict(cfg),
+        "elapsed_s": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _plots(out, report, results, held, bins, bert_probs, chosen)
+    report["elapsed_s"] = round(time.time() - started, 2)
+    atomic_write_json(out / "predictions.json", _predictions(held, extraction, bins, e.refine_interval, max_new,
+                                                               layer, totals, chosen["decode"]))
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", _markdown(report, cfg))
+    save_config(cfg, out)
+    return report
+
+
+def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes):
+    """(probs [n, K], baseline.json) of the baseline on the held-out prompts, or (None, None) with a note."""
+    folder = baseline_dir(cfg)
+    if not (folder / "baseline.json").is_file():
+        notes.append(f"BERT baseline skipped: no trained baseline in '{folder}' (run 'trail-probe train-baseline').")
+        return None, None
+    meta = json.loads((folder / "baseline.json").read_text())
+    _check_artifact(meta, f"baseline '{folder}'", extraction, manifest_sha, split_sha, bins)
+    model, tokenizer, _ = load_baseline(folder)
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    hashes["baseline_weights"] = {w.name: file_sha256(w) for w in weights}
+    texts = [extraction.records[i]["prompt"] for i in held.rows.tolist()]
+    return predict_probs(model, tokenizer, texts, meta["max_length"], cfg.eval.batch_size), meta
+
+
+def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, hashes):
+    folder = probe_folder(cfg, task, layer)
+    if not (folder / "probe.json").is_file():
+        return None
+    probe, meta = load_probe(folder)
+    what = f"probe '{folder}'"
+    if meta["task"] != task or meta["layers"] != [layer] or meta["multi_layer"] != "none":
+        raise UserError(f"{what} says it is a {meta['task']} probe of layers {meta['layers']}; retrain it")
+    _check_artifact(meta, what, extraction, manifest_sha, split_sha, bins)
+    hashes["probes"][str(folder / "probe.safetensors")] = file_sha256(folder / "probe.safetensors")
+    return probe
+
+
+def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, split_sha, bert_probs, hashes, notes):
+    """(metrics of every method at `layer`, the raw predictions used for curves and pictures)."""
+    prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes)
+    decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes)
+    truth = held.output_tokens
+    metrics = {m: None for m in METHODS}
+    prompt_probs = decode = None
+    totals = {}
+    if bert_probs is not None:
+        totals["bert"] = bert_probs
+    if prompt_probe is not None:
+        prompt_probs = probe_probs(prompt_probe, extraction.prompt_states(layer)[held.rows])
+        totals["prompt_probe"] = prompt_probs
+    if cfg.eval.refine_prior == "prompt_probe" and prompt_probs is None and decode_probe is not None:
+        raise UserError(f"eval.refine_prior=prompt_probe but layer {layer} has no trained prompt probe; train it "
+                        "(train.task=both) or set eval.refine_prior=auto or none")
+    if decode_probe is not None:
+        ds = extraction.decode(layer)
+        local = torch.full((len(extraction.records),), -1, dtype=torch.long)
+        local[held.rows] = torch.arange(len(held.rows))
+        keep = local[ds.request] >= 0
+        prior = prompt_probs if cfg.eval.refine_prior != "none" else None
+        label_prior = None
+        if cfg.eval.refine_likelihood == "prior_corrected":  # bin frequencies the probe was trained on
+            label_prior = torch.bincount(bins.label(ds.remaining[~keep]), minlength=bins.num_bins).double()
+            label_prior /= label_prior.sum()
+        decode = refine_decode(probe_probs(decode_probe, ds.states[keep]), local[ds.request[keep]],
+                               ds.generated[keep], ds.remaining[keep], bins, max_new, cfg.eval.refine_interval, prior,
+                               label_prior)
+        metrics["per_step"] = {"remaining": summary(decode.step_est, decode.remaining, decode.step_probs, bins)}
+        metrics["refined"] = {"remaining": summary(decode.refined_est, decode.remaining, decode.refined_probs, bins),
+                              "prior": "prompt_probe" if prior is not None else "none",
+                              "likelihood": cfg.eval.refine_likelihood}
+    else:
+        notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")
+    for method, probs in totals.items():
+        est = estimate(probs, bins, max_new)
+        metrics[method] = {"total": summary(est, truth, probs, bins)}
+        if decode is not None:  # the same estimate as a scheduler would use it during decoding
+            counted = count_down(est[decode.request], decode.generated, max_new - decode.generated)
+            metrics[method]["remaining"] = summary(counted, decode.remaining)
+    return metrics, {"prompt_probs": prompt_probs, "decode": decode}
+
+
+def _count(decode: DecodeResult | None) -> int:
+    return 0 if decode is None else len(decode.generated)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b and not math.isnan(a) and not math.isnan(b) else None
+
+
+def _get(metrics: dict, method: str, target: str, key: str = "mae") -> float | None:
+    entry = (metrics.get(method) or {}).get(target)
+    return None if entry is None else entry.get(key)
+
+
+def _headline(m: dict) -> dict:
+    refined = _get(m, "refined", "remaining")
+    return {
+        # The paper's 2.66x: BERT against refined embedding predictions. Same decode steps, BERT counted down.
+        "bert_over_refined_decode": _ratio(_get(m, "bert", "remaining"), refined),
+        # As the two validation MAEs are usually quoted side by side (the release's 46.1 vs 33.9):
+        # BERT's total-length MAE against the refined remaining-length MAE.
+        "bert_total_over_refined_decode": _ratio(_get(m, "bert", "total"), refined),
+        # At step 0 both read only the prompt: text (BERT) against the model's own prompt state.
+        "bert_over_prompt_probe_step0": _ratio(_get(m, "bert", "total"), _get(m, "prompt_probe", "total")),
+        "per_step_over_refined_decode": _ratio(_get(m, "per_step", "remaining"), refined),
+    }
+
+
+def _layer_maes(m: dict) -> dict:
+    return {"prompt_probe": _get(m, "prompt_probe", "total"), "per_step": _get(m, "per_step", "remaining"),
+            "refined": _get(m, "refined", "remaining")}
+
+
+def _confusions(held, bins, bert_probs, chosen) -> dict:
+    """Row = true bin, column = most likely bin; total length for BERT and the prompt probe, remaining for refined."""
+    out = {}
+    if bert_probs is not None:
+        out["bert"] = confusion(bert_probs, held.output_tokens, bins).tolist()
+    if chosen["prompt_probs"] is not None:
+        out["prompt_probe"] = confusion(chosen["prompt_probs"], held.output_tokens, bins).tolist()
+    if chosen["decode"] is not None:
+        d = chosen["decode"]
+        out["refined"] = confusion(d.refined_probs, d.remaining, bins).tolist()
+    return out
+
+
+def _predictions(held, extraction, bins, interval, max_new, layer, totals, decode) -> dict:
+    """Contract 4: per held-out request, the estimates a scheduler would have had (refined and per-step
+    at each refinement point j = 1, 1+k, ...; the simulator counts down in between)."""
+    points: dict[int, list] = {i: [] for i in range(len(held.ids))}
+    if decode is not None:
+        for row in torch.nonzero(decode.is_refinement).flatten().tolist():
+            points[int(decode.request[row])].append(
+                (int(decode.generated[row]), float(decode.refined_est[row]), float(decode.step_est[row])))
+    requests = []
+    for i, row in enumerate(held.rows.tolist()):
+        record = extraction.records[row]
+        requests.append({
+            "id": record["id"], "prompt_tokens": record["prompt_tokens"], "output_tokens": record["output_tokens"],
+            "hit_cap": record["hit_cap"],
+            "bert_estimate": round(float(totals["bert"][i]), 3) if "bert" in totals else None,
+            "prompt_probe_estimate": round(float(totals["prompt_probe"][i]), 3) if "prompt_probe" in totals else None,
+            "refined": [[j, round(r, 3)] for j, r, _ in points[i]],
+            "per_step": [[j, round(p, 3)] for j, _, p in points[i]],
+        })
+    return {"bins": bins.to_dict(), "refine_interval": interval, "max_new_tokens": max_new, "layer": layer,
+            "requests": requests}
+
+
+# -- pictures -------------------------------------------------------------------------------------
+COLORS = {"bert": "tab:gray", "prompt_probe": "tab:blue", "per_step": "tab:orange", "refined": "tab:green"}
+
+
+def _plots(out: Path, report: dict, results: dict, held, bins, bert_probs, chosen) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    layers = sorted(results)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, target in (("prompt_probe", "total"), ("per_step", "remaining"), ("refined", "remaining")):
+        ys = [_get(results[L], method, target) for L in layers]
+        if any(y is not None for y in ys):
+            ax.plot(layers, [math.nan if y is None else y for y in ys], "o-", color=COLORS[method],
+                    label=f"{LABELS[method]} ({target})")
+    bert = results[report["layer"]]["bert"]
+    if bert:
+        ax.axhline(bert["total"]["mae"], color=COLORS["bert"], label=f"{LABELS['bert']} (total)")
+        if "remaining" in bert:
+            ax.axhline(bert["remaining"]["mae"], color=COLORS["bert"], linestyle="--",
+                       label="(a) BERT counted down (remaining)")
+    ax.set(xlabel="layer (residual after decoder layer L)", ylabel="MAE (tokens)",
+           title=f"MAE by layer, {report['held_out']['requests']} held-out requests")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    _save(fig, out / "mae_by_layer.png")
+
+    curve = report["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in METHODS:
+        ys = curve.get(method)
+        if ys and any(y is not None for y in ys):
+            ax.plot(curve["tokens"], [math.nan if y is None else y for y in ys], "o--" if method == "per_step" else "o-",
+                    markersize=3, color=COLORS[method], label=LABELS[method])
+    ax.set(xlabel="tokens generated so far", ylabel="MAE of remaining length (tokens)",
+           title=f"Layer {report['layer']}, refined every {report['refine_interval']} tokens")
+    ax.legend(fontsize=7)
+    _save(fig, out / "mae_vs_generated.png")
+
+    panels = [(m, report["confusion"][m]) for m in ("bert", "prompt_probe", "refined") if m in report["confusion"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (method, counts) in zip(axes[0], panels):
+        c = torch.tensor(counts, dtype=torch.float64)
+        share = c / c.sum(1, keepdim=True).clamp_min(1)
+        ax.imshow(share.numpy(), origin="lower", cmap="viridis", vmin=0, vmax=1)
+        for i in range(bins.num_bins):
+            for j in range(bins.num_bins):
+                if c[i, j]:
+                    ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if share[i, j] < 0.6 else "black")
+        target = "remaining" if method == "refined" else "total"
+        ax.set(title=f"{LABELS[method]}\n({target} length)", xlabel="predicted bin", ylabel="true bin",
+               xticks=range(bins.num_bins), yticks=range(bins.num_bins))
+        ax.title.set_fontsize(8)
+    _save(fig, out / "bin_heatmap.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# -- the Markdown report --------------------------------------------------------------------------
+def _fmt(x, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _headline_lines(report: dict) -> list[str]:
+    h, m = report["headline"], report["methods"]
+    lines = []
+    if h["bert_over_refined_decode"] is not None:
+        lines.append(f"BERT MAE / refined-probe MAE over decode steps: {h['bert_over_refined_decode']:.2f}x "
+                     f"({_fmt(_get(m, 'bert', 'remaining'))} vs {_fmt(_get(m, 'refined', 'remaining'))} tokens; "
+                     "the paper reports 2.66x)")
+    if h["bert_over_prompt_probe_step0"] is not None:
+        lines.append(f"BERT MAE / prompt-probe MAE at step 0: {h['bert_over_prompt_probe_step0']:.2f}x "
+                     f"({_fmt(_get(m, 'bert', 'total'))} vs {_fmt(_get(m, 'prompt_probe', 'total'))} tokens)")
+    if not lines:
+        lines.append("no ratio against BERT: " + (report["notes"][0] if report["notes"] else "nothing to compare"))
+    return lines
+
+
+def _markdown(r: dict, cfg: RecipeConfig) -> str:
+    m, h = r["methods"], r["headline"]
+    lines = [
+        f"# trail-probe eval: layer {r['layer']} against BERT",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Held-out requests: {r['held_out']['requests']} (decode steps: {r['held_out']['decode_steps']}, stored every "
+        f"{r['decode_stride']} tokens). Layer {r['layer']} ({r['layer_source']}). Refinement every "
+        f"{r['refine_interval']} tokens, prior: {(m.get('refined') or {}).get('prior', '–')}, per-step likelihood: "
+        f"{(m.get('refined') or {}).get('likelihood', '–')}. "
+        f"Bins: {r['bins']['num_bins']} over [0, {r['bins']['max_len']}]; max_new_tokens {r['max_new_tokens']}.",
+        "",
+        "## Headline",
+        "",
+        *[f"- {line}" for line in _headline_lines(r)],
+        f"- BERT total-length MAE / refined remaining-length MAE (how validation MAEs are usually quoted side by "
+        f"side): {_fmt(h['bert_total_over_refined_decode'], 2)}x",
+        f"- per-step MAE / refined MAE over decode steps (what refinement adds): {_fmt(h['per_step_over_refined_decode'], 2)}x",
+        "",
+        "## Methods at the chosen layer",
+        "",
+        "| method | total length: MAE | acc | remaining over decode steps: MAE | acc |",
+        "|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        lines.append(f"| {LABELS[method]} | {_fmt(_get(m, method, 'total'))} | {_fmt(_get(m, method, 'total', 'acc'), 3)} "
+                     f"| {_fmt(_get(m, method, 'remaining'))} | {_fmt(_get(m, method, 'remaining', 'acc'), 3)} |")
+    lines += ["", "MAE in tokens. BERT and the prompt probe are scored on the decode steps as well, their estimate "
+              "counted down by the tokens generated (no accuracy there: no distribution is re-predicted).", ""]
+    if len(r["layers"]) > 1:
+        lines += ["## MAE by layer", "", "![MAE by layer](mae_by_layer.png)", "",
+                  "| layer | (b) prompt probe (total) | (c) per step (remaining) | (d) refined (remaining) |",
+                  "|---|---|---|---|"]
+        for L in r["layers"]:
+            maes = _layer_maes(r["by_layer"][str(L)])
+            lines.append(f"| {L} | {_fmt(maes['prompt_probe'])} | {_fmt(maes['per_step'])} | {_fmt(maes['refined'])} |")
+        lines.append("")
+    else:
+        lines += ["![MAE by layer](mae_by_layer.png)", ""]
+    c = r["curve"]
+    lines += ["## MAE against tokens generated", "", "![MAE vs tokens generated](mae_vs_generated.png)", "",
+              "Requests still generating at t; BERT and the prompt probe counted down by t; the decode probe's "
+              "estimates from the latest refinement at or before t, counted down since (none at t = 0, where the "
+              "refined method's prior is the prompt probe).", "",
+              "| tokens generated | requests | " + " | ".join(LABELS[x] for x in METHODS) + " |",
+              "|---|---|" + "---|" * len(METHODS)]
+    for i, t in enumerate(c["tokens"]):
+        cells = [_fmt(c[x][i]) if x in c else "–" for x in METHODS]
+        lines.append(f"| {t} | {c['requests'][i]} | " + " | ".join(cells) + " |")
+    lines += ["", "## True against predicted bin", "", "![bin heatmap](bin_heatmap.png)", "",
+              "Rows: true bin; columns: most likely predicted bin; shares per row (counts in report.json).", ""]
+    if r["notes"]:
+        lines += ["## Notes", "", *[f"- {n}" for n in r["notes"]], ""]
+    lines += ["## Provenance", "", f"- extraction `{r['extraction']['path']}`, model `{r['extraction']['model']['name_or_path']}`, "
+              f"manifest sha256 `{r['hashes']['extraction_manifest']}`",
+              f"- split `{r['split']['path']}` ({r['split']['train']} train / {r['split']['held_out']} held out), "
+              f"sha256 `{r['hashes']['split']}`"]
+    lines += [f"- probe `{path}` sha256 `{sha}`" for path, sha in r["hashes"]["probes"].items()]
+    if r["hashes"]["baseline_weights"]:
+        lines += [f"- baseline ({r['baseline']['base_model']}) `{name}` sha256 `{sha}`"
+                  for name, sha in r["hashes"]["baseline_weights"].items()]
+    lines += [f"- finished in {r['elapsed_s']} s", "", "## Resolved config", "", "```yaml", format_config(cfg), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""Ship a trained probe to a serving scheduler (`trail-probe export`).
+
+    trail-probe export recipes/smollm2_alpaca.yaml
+    trail-probe export recipes/smollm2_alpaca.yaml export.layer=11 export.include_baseline=true
+
+Reads the probe `trail-probe train` wrote (`<checkpoint_dir>/probes/<task>/layer-<L>/`: the best
+epoch's `probe.safetensors` + `probe.json`) and writes `<checkpoint_dir>/predictor/` (or
+export.out_dir) in the layout TRAIL's public runtime loads:
+
+    config.json         hidden_size, hidden_dim, num_labels, max_len, probe_layer_idx, dtype
+    model.safetensors   fc1.weight, fc1.bias, fc2.weight, fc2.bias (float32)
+    trail_probe.json    serving model id + weight hash, bin edges, metrics, layer numbering, the
+                        extraction/split/config hashes it was trained on, and the source probe
+    recipe.yaml         the resolved recipe of this export
+    bert/               with export.include_baseline=true: the BERT baseline (save_pretrained dir)
+
+Load it with `trail_probe.runtime.LengthPredictor.from_pretrained(dir)` and, for the prompt-text
+estimate, `BertLengthPredictor.from_pretrained(dir / "bert")`: no Lightning, no pickle. The
+folder is built under a temporary name, loaded back as a check, then renamed into place, so a
+reader never sees half an export. The layer is export.layer, else the sweep's best layer for the
+task, else the first of train.layers; export.probe names a probe folder directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trail_probe import __version__
+from trail_probe.bins import Bins
+from trail_probe.config import RecipeConfig, atomic_write_json, resolve_layers, save_config
+from trail_probe.errors import UserError
+from trail_probe.models import file_sha256
+from trail_probe.runtime import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    PROBE_KEYS,
+    LengthPredictor,
+    check_probe_weights,
+)
+from trail_probe.store import LAYER_NUMBERING
+
+HELP = "Write the trained probe (and optionally the BERT baseline) as a predictor a serving scheduler loads."
+EXAMPLES = """examples:
+  trail-probe export recipes/smollm2_alpaca.yaml
+  trail-probe export recipes/smollm2_alpaca.yaml export.layer=11 export.task=decode
+  trail-probe export recipes/smollm2_alpaca.yaml export.include_baseline=true export.out_dir=dist/predictor
+then, in the server:
+  from trail_probe.runtime import LengthPredictor
+  predictor = LengthPredictor.from_pretrained("checkpoints/smollm2_alpaca/predictor", num_layers=30)"""
+
+FORMAT = "trail_probe.predictor/1"
+TASKS = ("prompt", "decode")
+
+
+def run(cfg: RecipeConfig, args) -> None:
+    out = export_predictor(cfg)
+    meta = json.loads((out / METADATA_FILE).read_text())
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in meta["metrics"].items() if isinstance(v, (int, float)))
+    print(f"exported the {meta['task']} probe of layer {meta['probe_layer_idx']} to {out} "
+          f"({size / 1e6:.2f} MB{'; with bert/' if meta['bert'] else ''}); {metrics}")
+
+
+def export_predictor(cfg: RecipeConfig) -> Path:
+    """Write the predictor directory for `cfg` and return its path."""
+    task = cfg.export.task
+    if task not in TASKS:
+        raise UserError(f"export.task = {task!r} must be one of {', '.join(TASKS)}")
+    if cfg.export.probe:
+        name = cfg.export.probe
+    else:
+        name = f"layer-{cfg.export.layer if cfg.export.layer is not None else default_layer(cfg, task)}"
+    probe_dir = cfg.checkpoint_dir / "probes" / task / name
+    if not (probe_dir / "probe.json").is_file():
+        found = sorted(p.name for p in (cfg.checkpoint_dir / "probes" / task).glob("*") if (p / "probe.json").is_file())
+        raise UserError(
+            f"no trained {task} probe at '{probe_dir}' (found: {', '.join(found) or 'none'}); "
+            "run 'trail-probe train' for that layer or set export.layer"
+        )
+    state, meta = read_probe(probe_dir)
+    layer = meta["layers"][0]
+    bins = Bins(int(meta["bins"]["num_bins"]), int(meta["bins"]["max_len"]))
+    Bins.from_config(cfg.bins).check_matches(meta["bins"], f"probe '{probe_dir}'")
+    baseline_dir = None
+    if cfg.export.include_baseline:
+        baseline_dir = Path(cfg.baseline.out_dir or cfg.checkpoint_dir / "baseline")
+        check_baseline(baseline_dir, bins)
+
+    out = Path(cfg.export.out_dir or cfg.checkpoint_dir / "predictor")
+    if out.exists() and not (out / METADATA_FILE).is_file() and any(out.iterdir()):
+        raise UserError(f"'{out}' exists and is not a predictor export; choose another export.out_dir or remove it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = tmp / "model.safetensors"
+        save_file({k: state[k].float().contiguous() for k in PROBE_KEYS}, str(weights), metadata={"format": "pt"})
+        atomic_write_json(tmp / CONFIG_FILE, {
+            "hidden_size": int(meta["input_dim"]),
+            "hidden_dim": int(meta["hidden_dim"]),
+            "num_labels": bins.num_bins,
+            "max_len": bins.max_len,
+            "probe_layer_idx": layer,
+            "dtype": "float32",
+        })
+        if baseline_dir is not None:
+            (tmp / "bert").mkdir()
+            # Only the save_pretrained files; training logs and Lightning checkpoints stay behind.
+            for f in sorted(baseline_dir.iterdir()):
+                if f.is_file() and f.suffix != ".ckpt":
+                    shutil.copy2(f, tmp / "bert" / f.name)
+        atomic_write_json(tmp / METADATA_FILE, {
+            "format": FORMAT,
+            "trail_probe_version": __version__,
+            "task": task,
+            "probe_layer_idx": layer,
+            "layer_numbering": meta.get("layer_numbering") or LAYER_NUMBERING,
+            "serving_model": meta["model"],
+            "bins": bins.to_dict(),
+            "weights_sha256": file_sha256(weights),
+            "metrics": meta.get("metrics", {}),
+            "training": {k: meta.get(k) for k in ("extraction", "split", "config_sha256")},
+            "source": {"probe_dir": str(probe_dir), "probe_sha256": file_sha256(probe_dir / "probe.safetensors")},
+            "bert": None if baseline_dir is None else {"dir": "bert", "source": str(baseline_dir),
+                                                       "metrics": _baseline_metrics(baseline_dir)},
+        })
+        save_config(cfg, tmp, "recipe.yaml")
+        LengthPredictor.from_pretrained(tmp, device="cpu", num_layers=meta["model"].get("num_layers"))
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_layer(cfg: RecipeConfig, task: str) -> int:
+    """The sweep's best layer for `task` when a sweep ran, else the first of train.layers."""
+    sweep = cfg.checkpoint_dir / "sweep" / "layer_sweep.json"
+    if sweep.is_file():
+        data = json.loads(sweep.read_text())
+        best, entry = data.get("best_layer"), data.get(task)
+        best = best.get(task) if isinstance(best, dict) else entry.get("best_layer") if isinstance(entry, dict) else None
+        if isinstance(best, int):
+            return best
+    # Only the first layer is needed, and it does not depend on the model's depth ("all" -> 0).
+    return resolve_layers(cfg.train.layers, num_layers=1 << 30, what="train.layers")[0]
+
+
+def read_probe(folder: Path) -> tuple[dict, dict]:
+    """(state dict, probe.json) of a single-layer probe folder (contract 1), checked."""
+    meta = json.loads((folder / "probe.json").read_text())
+    if meta.get("multi_layer", "none") != "none" or len(meta.get("layers", [])) != 1:
+        raise UserError(f"'{folder}' is a multi-layer probe ({meta.get('multi_layer')} of layers {meta.get('layers')}) but TRAIL's format holds one layer's probe; export a single-layer probe with export.layer=L")
+    try:
+        state = load_file(folder / "probe.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read '{folder / 'probe.safetensors'}' ({str(e)[:100]}); train the probe again") from None
+    where = str(folder / "probe.safetensors")
+    check_probe_weights(state, int(meta["input_dim"]), int(meta["hidden_dim"]), int(meta["num_labels"]), where)
+    model = meta.get("model", {})
+    layer = meta["layers"][0]
+    if model.get("num_layers") is not None and layer >= model["num_layers"]:
+        raise UserError(f"'{folder}' claims layer {layer} of a {model['num_layers']}-layer model; its probe.json is inconsistent, retrain it")
+    if model.get("hidden_size") is not None and model["hidden_size"] != meta["input_dim"]:
+        raise UserError(f"'{folder}' has input_dim {meta['input_dim']} but its model's hidden size is {model['hidden_size']}; TRAIL's format needs one layer's raw hidden state")
+    return state, meta
+
+
+def check_baseline(folder: Path, bins: Bins) -> None:
+    """Refuse a missing baseline or one over other bins than the probe's."""
+    config = folder / CONFIG_FILE
+    if not config.is_file() or not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise UserError(f"no BERT baseline in '{folder}' (needs config.json and model weights); run 'trail-probe train-baseline' or set export.include_baseline=false")
+    data = json.loads(config.read_text())
+    if not isinstance(data.get("max_len"), int):
+        raise UserError(f"the BERT baseline in '{folder}' has no integer max_len in its config.json; retrain it with 'trail-probe train-baseline'")
+    num_labels = len(data.get("id2label") or {}) or data.get("num_labels", 2)  # HF stores the labels, not their count
+    bins.check_matches({"num_bins": num_labels, "max_len": data["max_len"]}, f"the BERT baseline in '{folder}'")
+
+
+def _baseline_metrics(folder: Path) -> dict:
+    record = folder / "baseline.json"
+    return json.loads(record.read_text()).get("metrics", {}) if record.is_file() else {}
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move `new` to `out`; a previous export there is swapped out and deleted afterwards."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)

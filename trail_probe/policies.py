@@ -1,0 +1,154 @@
+"""Scheduling policies for an LLM server: FCFS, SJF, and TRAIL's SPRPT with limited preemption.
+
+Pure Python (no torch, no numpy), so a real engine can use the same code as the simulator:
+
+    policy = make_policy("trail", preemption_c=0.8)
+    waiting = RequestQueue(policy)            # push() each arriving request
+    started, preempted = schedule(policy, waiting, running, max_running=64,
+                                  free_tokens=kv_free, footprint=lambda r: r.prompt_tokens + r.generated)
+
+A request is any object with the attributes of `SchedRequest`; the engine keeps
+`generated` and `remaining_estimate` current before calling `schedule`.
+
+Policies (TRAIL notes, section 4):
+- `fcfs`: first come, first served, never preempts (vLLM's and SGLang's default).
+- `sjf_bert`: shortest job first on the initial (BERT) estimate, never preempts.
+- `trail_bert`: SPRPT with limited preemption, ranked by BERT's estimate counted down per token.
+- `trail`: the same, ranked by the probe's refined estimate (TRAIL).
+- `oracle`: the same, ranked by the exact remaining length (the paper's TRAIL+).
+`name@C` sets that policy's preemption limit C (e.g. `trail@1.0` is plain SPRPT); otherwise the
+SPRPT policies use the configured C and FCFS / SJF never preempt.
+
+Limited preemption: a running request may be preempted only while generated <= C * (its initial
+predicted length, at least 1 token); past that it runs to completion because its KV cache is large.
+C = 0 turns preemption off (as in the public TRAIL runtime), C = 1 is plain SPRPT.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from trail_probe.errors import UserError
+
+
+class SchedRequest(Protocol):
+    rid: int  # unique; the last tie-breaker
+    arrival: float
+    generated: int  # output tokens produced so far
+    initial_estimate: float  # the length predicted when the request arrived
+    remaining_estimate: float  # the current prediction of tokens still to generate
+
+
+# name -> (what ranks requests, which prediction feeds it, whether it may preempt)
+POLICIES: dict[str, tuple[str, str, bool]] = {
+    "fcfs": ("arrival", "none", False),
+    "sjf_bert": ("initial", "bert", False),
+    "trail_bert": ("remaining", "bert", True),
+    "trail": ("remaining", "refined", True),
+    "oracle": ("remaining", "exact", True),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    order: str  # arrival | initial | remaining
+    predictor: str  # none | bert | refined | exact: where the engine takes the estimates from
+    preemption_c: float  # 0: never preempt
+
+    def key(self, req: SchedRequest) -> tuple:
+        """Sort key, smallest first; ties go to the earlier arrival, then the smaller id."""
+        if self.order == "arrival":
+            return (req.arrival, req.rid)
+        if self.order == "initial":
+            return (req.initial_estimate, req.arrival, req.rid)
+        return (req.remaining_estimate, req.arrival, req.rid)
+
+    def can_preempt(self, req: SchedRequest) -> bool:
+        return self.preemption_c > 0 and req.generated <= self.preemption_c * max(req.initial_estimate, 1.0)
+
+
+def make_policy(spec: str, preemption_c: float = 0.8) -> Policy:
+    """`fcfs`, `sjf_bert`, `trail_bert`, `trail`, `oracle`, optionally `name@C`."""
+    name, _, c_text = spec.partition("@")
+    if name not in POLICIES:
+        raise UserError(f"unknown scheduling policy '{spec}'; choose from {', '.join(POLICIES)} (optionally name@C)")
+    order, predictor, preempts = POLICIES[name]
+    if c_text:
+        try:
+            c = float(c_text)
+        except ValueError:
+            raise UserError(f"policy '{spec}': '{c_text}' is not a number; write e.g. trail@0.8") from None
+    else:
+        c = preemption_c if preempts else 0.0
+    if not 0.0 <= c <= 1.0:
+        raise UserError(f"preemption limit C = {c} (policy '{spec}') must be in [0, 1]: 0 never preempts, 1 is plain SPRPT")
+    return Policy(spec, order, predictor, c)
+
+
+class RequestQueue:
+    """Waiting requests in a policy's order (a heap). Keys are taken when a request is pushed, so
+    push a request again if its estimate changes while it waits."""
+
+    def __init__(self, policy: Policy):
+        self._key = policy.key
+        self._heap: list[tuple[tuple, SchedRequest]] = []
+
+    def push(self, req: SchedRequest) -> None:
+        heapq.heappush(self._heap, (self._key(req), req))  # keys end with the unique rid: never compares requests
+
+    def peek(self) -> SchedRequest:
+        return self._heap[0][1]
+
+    def peek_key(self) -> tuple:
+        return self._heap[0][0]
+
+    def pop(self) -> SchedRequest:
+        return heapq.heappop(self._heap)[1]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+def schedule(policy: Policy, waiting: RequestQueue, running: list, max_running: int,
+             free_tokens: float = float("inf"),
+             footprint: Callable[[SchedRequest], float] = lambda req: 0) -> tuple[list, list]:
+    """One scheduling step, in place: start waiting requests in priority order while a slot and
+    `free_tokens` of KV memory are available, preempting worse-ranked preemptible running requests
+    when the best waiting request does not fit. Stops at the first waiting request that cannot be
+    placed (no skipping ahead, as vLLM does), so a long request is not starved by shorter ones that
+    happen to fit. Started requests move to `running`, preempted ones to `waiting`.
+    `footprint(req)`: KV tokens a request holds while running (and frees when preempted).
+    Returns (started, preempted)."""
+    started, preempted = [], []
+    while waiting:
+        need = footprint(waiting.peek())
+        if len(running) < max_running and need <= free_tokens:
+            req = waiting.pop()
+            running.append(req)
+            started.append(req)
+            free_tokens -= need
+            continue
+        if policy.preemption_c <= 0:
+            break
+        # Preempt the worst-ranked preemptible requests that rank below the top waiting one, but
+        # only if enough of them make room for it: a preemption that admits nothing only costs.
+        top_key = waiting.peek_key()
+        worst_first = [(policy.key(r), r) for r in running if policy.can_preempt(r)]
+        worst_first.sort(key=lambda kr: kr[0], reverse=True)
+        victims, slots, free = [], max_running - len(running), free_tokens
+        for k, req in worst_first:
+            if k <= top_key or (slots >= 1 and need <= free):
+                break
+            victims.append(req)
+            slots, free = slots + 1, free + footprint(req)
+        if not (slots >= 1 and need <= free):
+            break
+        for req in victims:
+            running.remove(req)
+            waiting.push(req)
+            preempted.append(req)
+        free_tokens = free
+    return started, preempted

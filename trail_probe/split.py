@@ -1,0 +1,81 @@
+"""The train / held-out split of requests, shared by `train`, `train-baseline` and `eval`.
+
+    from trail_probe.split import load_or_make_split
+    split = load_or_make_split(cfg, Extraction(cfg.data_dir))   # dict, also in <checkpoint_dir>/split.json
+    split["train_ids"], split["val_ids"]
+
+Each request goes to a side by a hash of (seed, id), not by its position in the list, so the same id
+always lands on the same side: re-ordering or growing the extraction never moves a held-out prompt
+into training. The split is written once to `<checkpoint_dir>/split.json` and reused by every
+method, so all of them are scored on the same held-out prompts. A split.json made from another
+extraction, or with another fraction or seed, is refused rather than silently replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from trail_probe.config import atomic_write_json
+from trail_probe.errors import UserError
+from trail_probe.models import file_sha256
+
+SPLIT_FILE = "split.json"
+
+
+def _unit_interval(seed: int, request_id: str) -> float:
+    """A uniform number in [0, 1) that depends only on the seed and the id."""
+    digest = hashlib.sha256(f"{seed}:{request_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def make_split(ids: list[str], train_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train_ids, val_ids) in the order of `ids`; an id is in train when its hash is < train_fraction."""
+    if not 0.0 < train_fraction < 1.0:
+        raise UserError(f"train.train_fraction = {train_fraction} must be strictly between 0 and 1, e.g. 0.75")
+    train, val = [], []
+    for request_id in ids:
+        (train if _unit_interval(seed, request_id) < train_fraction else val).append(request_id)
+    for side, members in (("training", train), ("held-out", val)):
+        if not members:
+            raise UserError(
+                f"the {side} side of the split has no requests ({len(ids)} requests, train_fraction "
+                f"{train_fraction}); extract more prompts or change train.train_fraction"
+            )
+    return train, val
+
+
+def manifest_sha256(extraction) -> str:
+    """Identity of an extraction: the hash of its manifest.json (model, layers, settings)."""
+    return file_sha256(Path(extraction.root) / "manifest.json")
+
+
+def split_path(cfg) -> Path:
+    return Path(cfg.checkpoint_dir) / SPLIT_FILE
+
+
+def load_or_make_split(cfg, extraction) -> dict:
+    """The split.json of this run: read (and checked) if present, else made from the extraction's ids."""
+    path = split_path(cfg)
+    seed, fraction = cfg.train.split_seed, cfg.train.train_fraction
+    manifest = manifest_sha256(extraction)
+    if path.is_file():
+        split = json.loads(path.read_text())
+        if split.get("extraction_manifest_sha256") != manifest:
+            raise UserError(
+                f"'{path}' was made from another extraction than '{extraction.root}'; point train.out_dir "
+                "at a new folder for this extraction, or delete the old split.json (and its probes)"
+            )
+        if split.get("seed") != seed or split.get("train_fraction") != fraction:
+            raise UserError(
+                f"'{path}' was made with train_fraction={split.get('train_fraction')} and "
+                f"split_seed={split.get('seed')}, but the config says {fraction} and {seed}; use those "
+                "values, or another train.out_dir"
+            )
+        return split
+    train_ids, val_ids = make_split(extraction.ids, fraction, seed)
+    split = {"seed": seed, "train_fraction": fraction, "extraction_manifest_sha256": manifest,
+             "train_ids": train_ids, "val_ids": val_ids}
+    atomic_write_json(path, split)
+    return split
