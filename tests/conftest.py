@@ -78,6 +78,25 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", eos_bias=0.0)
 
 
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "synthetic", "prompt"] + [str(d) for d in range(10)] + \
+    [f"##{d}" for d in range(10)]
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT encoder (no classification head, like MiniLM) and its WordPiece
+    tokenizer over a 27-word vocabulary, saved as a local model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(BERT_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
 def write_prompts(path: Path, n: int = 10, rows: list | None = None) -> Path:
     rows = rows if rows is not None else [
         {"id": f"p{i}", "prompt": f"Tell me fact number {i} about {'cats' if i % 2 else 'the sea'}."} for i in range(n)

@@ -14,24 +14,7 @@ from trail_probe.split import load_or_make_split
 from trail_probe.store import Extraction
 from trail_probe.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "synthetic", "prompt"] + [str(d) for d in range(10)] + \
-    [f"##{d}" for d in range(10)]
-
-
-def make_tiny_bert(folder):
-    """A 2-layer, 32-wide BERT encoder (no classification head, like MiniLM) and its WordPiece
-    tokenizer over a 27-word vocabulary, saved as a local model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    return folder
-
+from conftest import make_tiny_bert
 
 def tiny_recipe(tmp_path, *overrides):
     """A recipe over a 60-request synthetic extraction, with the tiny BERT as baseline.model."""

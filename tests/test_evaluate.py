@@ -238,7 +238,7 @@ def test_uninformative_decode_probe_leaves_the_counted_down_prior(tmp_path):
 
 
 def test_report_holds_every_method_with_the_baseline_and_all_layers(tmp_path):
-    from test_baseline import make_tiny_bert
+    from conftest import make_tiny_bert
 
     from trail_probe.baseline import train_baseline
     from trail_probe.evaluate import METHODS, evaluate

@@ -242,3 +242,14 @@ def test_wandb_logger_stays_offline_without_project_and_key(extraction_dir, tmp_
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     train(config(extraction_dir, tmp_path, "train.epochs=1", "train.loggers=[wandb]"))
     assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+
+
+def test_last_checkpoint_is_the_latest_epoch_not_the_best(extraction_dir, tmp_path):
+    """--resume continues from last.ckpt, so it must hold the final epoch even when val MAE peaked
+    earlier (on a noise layer it does); Lightning's save_last=True alone would copy the best."""
+    (meta,) = train(config(extraction_dir, tmp_path, "train.layers=0", "train.epochs=6"))
+    folder = tmp_path / "probes" / "decode" / "layer-0"
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    best = torch.load(folder / "best.ckpt", weights_only=False)
+    assert last["epoch"] >= 5 and last["epoch"] >= best["epoch"]
+    assert best["epoch"] == meta["metrics"]["best_epoch"]

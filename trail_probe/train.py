@@ -258,7 +258,11 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     train_loader = make_loader(data.train, t.batch_size, t.seed, True, data.train_groups, t.decode_samples_per_request)
     val_loader = make_loader(data.val, t.batch_size, t.seed, False)
     checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/mae", mode="min", save_top_k=1,
-                                 save_last=True, enable_version_counter=False)
+                                 enable_version_counter=False)
+    # Lightning's save_last=True copies "last" only when a best checkpoint is saved, so last.ckpt would
+    # be the best epoch, not the latest; an unmonitored checkpoint rewritten every epoch is the latest.
+    latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                             enable_version_counter=False)
     loggers = [] if fast_dev_run else _loggers(cfg, spec)
     # Trainer(deterministic=True) switches torch to deterministic algorithms for the whole process;
     # switch back afterwards so later stages in the same process (eval on CUDA) are not refused ops.
@@ -267,7 +271,7 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     trainer = L.Trainer(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         deterministic=t.deterministic, logger=loggers or False, fast_dev_run=fast_dev_run,
-        callbacks=[*([] if fast_dev_run else [checkpoint]), TQDMProgressBar(refresh_rate=10),
+        callbacks=[*([] if fast_dev_run else [checkpoint, latest]), TQDMProgressBar(refresh_rate=10),
                    *([LearningRateMonitor("epoch")] if loggers else []), *callbacks],
         num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
         default_root_dir=folder)
