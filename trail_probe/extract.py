@@ -15,6 +15,7 @@ a resumable extraction folder that `trail_probe.store.Extraction` reads back.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import time
@@ -286,6 +287,8 @@ def generate_with_capture(
     eos = eos_token_ids(model, tokenizer)
     eos_t = torch.tensor(sorted(eos), device=device)
     generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.do_sample else None
+    # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name goes in 5.40)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     pending = list(reversed(prompts))  # pop() takes them in order
     slots: list[_Row | None] = [None] * gen.batch_size
     batch = _SlotCache(model.config, gen.batch_size)
@@ -316,7 +319,7 @@ def generate_with_capture(
                 while slots[slot] is None and pending:
                     prompt, ids, truncated = pending.pop()
                     cache = batch.new_prefill_cache()
-                    out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache,
+                    out = model(input_ids=torch.tensor([ids], device=device), **{cache_kw: cache},
                                 use_cache=True, logits_to_keep=1)
                     prompt_states = torch.stack([capture.outputs[layer][0].float().mean(0) for layer in prompt_layers])
                     row = _Row(prompt, len(ids), truncated, prompt_states.to(storage_dtype).cpu())
@@ -340,7 +343,7 @@ def generate_with_capture(
                 next_tokens, positions = next_tokens[keep], positions[keep]
             # 2. One decode step for the whole batch.
             out = model(input_ids=next_tokens[:, None], attention_mask=batch.attention_mask(),
-                        position_ids=positions[:, None], past_key_values=batch.cache, use_cache=True)
+                        position_ids=positions[:, None], **{cache_kw: batch.cache}, use_cache=True)
             batch.advance()
             chosen = _choose(out.logits[:, -1], gen, generator)
             generated = torch.tensor([len(r.tokens) for r in slots], device=device)  # j per row
