@@ -10,14 +10,10 @@ from trail_probe.cli import main
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
 from trail_probe.policies import make_policy
+from trail_probe.cost_model import COST_PRESETS, CostModel, fit_cost_model, iteration_features, load_cost_model
 from trail_probe.simulate import (
-    COST_PRESETS,
-    CostModel,
     Engine,
     Workload,
-    fit_cost_model,
-    iteration_features,
-    load_cost_model,
     load_predictions,
     run_simulate,
     sample_workload,
