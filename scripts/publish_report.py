@@ -84,6 +84,9 @@ def main(recipe: str) -> None:
     best = sweep.get("best_layer", {})
     training_curves(ckpt, [(task, f"layer-{layer}") for task, layer in best.items()], out)
     timings = json.loads((ckpt / "pipeline_timings.json").read_text()) if (ckpt / "pipeline_timings.json").is_file() else {}
+    previous = out / "run_summary.json"
+    if not timings and previous.is_file():  # stages run by hand: keep the times recorded for them
+        timings = json.loads(previous.read_text()).get("stage_seconds", {})
     for status in ex.worker_status():
         timings.setdefault("extract", {"seconds": status.get("seconds_this_run")})
     summary = {"run_name": cfg.run_name, "output_lengths": lengths, "best_layer": best, "stage_seconds": timings}

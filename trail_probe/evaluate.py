@@ -29,7 +29,6 @@ pictures mae_by_layer.png (paper Figure 3), mae_vs_generated.png and bin_heatmap
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 import time
@@ -45,11 +44,19 @@ from trail_probe.config import (
     atomic_write_json,
     atomic_write_text,
     config_to_dict,
-    format_config,
     resolve_layers,
     save_config,
 )
 from trail_probe.errors import UserError
+from trail_probe.eval_report import (
+    METHODS,
+    fmt,
+    headline_lines,
+    headline_ratios,
+    layer_maes,
+    render_markdown,
+    write_figures,
+)
 from trail_probe.metrics import confusion, count_down, estimate, mae, summary
 from trail_probe.models import file_sha256
 from trail_probe.refine import TransitionPowers, refine_sequence, step_likelihood
@@ -63,15 +70,12 @@ EXAMPLES = """examples:
   trail-probe eval recipes/smollm2_alpaca.yaml eval.layer=11 eval.refine_interval=1     # refine every token (needs decode_stride 1)
   trail-probe eval recipes/smollm2_alpaca.yaml eval.all_layers=true                     # MAE by layer, paper Figure 3
 """
-METHODS = ("bert", "prompt_probe", "per_step", "refined")
-LABELS = {"bert": "(a) BERT on the prompt text", "prompt_probe": "(b) probe on the mean prompt state",
-          "per_step": "(c) decode probe, each step alone", "refined": "(d) decode probe, refined"}
 
 
 def run(cfg: RecipeConfig, args) -> None:
     report = evaluate(cfg)
     out = Path(report["out_dir"])
-    for line in _headline_lines(report):
+    for line in headline_lines(report):
         print(f"eval: {line}")
     print(f"eval: report in {out / 'report.md'}")
 
@@ -274,7 +278,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     for L in layers:
         results[L], details[L] = _evaluate_layer(cfg, L, extraction, held, bins, max_new, manifest_sha, split_sha,
                                                  bert_probs, hashes, notes)
-        print(f"eval: layer {L}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in _layer_maes(results[L]).items()), flush=True)
+        print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
     chosen = details[layer]
     if chosen["prompt_probs"] is not None:
         totals["prompt_probe"] = estimate(chosen["prompt_probs"], bins, max_new)
@@ -290,7 +294,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
         "bins": bins.to_dict(),
         "held_out": {"requests": len(held.ids), "decode_steps": _count(chosen["decode"])},
         "methods": results[layer],
-        "headline": _headline(results[layer]),
+        "headline": headline_ratios(results[layer]),
         "by_layer": {str(L): results[L] for L in layers},
         "curve": curve,
         "confusion": _confusions(held, bins, bert_probs, chosen),
@@ -303,12 +307,12 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
         "elapsed_s": None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _plots(out, report, results, held, bins, bert_probs, chosen)
+    write_figures(out, report, results, held, bins, bert_probs, chosen)
     report["elapsed_s"] = round(time.time() - started, 2)
     atomic_write_json(out / "predictions.json", _predictions(held, extraction, bins, e.refine_interval, max_new,
                                                                layer, totals, chosen["decode"]))
     atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", _markdown(report, cfg))
+    atomic_write_text(out / "report.md", render_markdown(report, cfg))
     save_config(cfg, out)
     return report
 
@@ -389,34 +393,6 @@ def _count(decode: DecodeResult | None) -> int:
     return 0 if decode is None else len(decode.generated)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b and not math.isnan(a) and not math.isnan(b) else None
-
-
-def _get(metrics: dict, method: str, target: str, key: str = "mae") -> float | None:
-    entry = (metrics.get(method) or {}).get(target)
-    return None if entry is None else entry.get(key)
-
-
-def _headline(m: dict) -> dict:
-    refined = _get(m, "refined", "remaining")
-    return {
-        # The paper's 2.66x: BERT against refined embedding predictions. Same decode steps, BERT counted down.
-        "bert_over_refined_decode": _ratio(_get(m, "bert", "remaining"), refined),
-        # As the two validation MAEs are usually quoted side by side (the release's 46.1 vs 33.9):
-        # BERT's total-length MAE against the refined remaining-length MAE.
-        "bert_total_over_refined_decode": _ratio(_get(m, "bert", "total"), refined),
-        # At step 0 both read only the prompt: text (BERT) against the model's own prompt state.
-        "bert_over_prompt_probe_step0": _ratio(_get(m, "bert", "total"), _get(m, "prompt_probe", "total")),
-        "per_step_over_refined_decode": _ratio(_get(m, "per_step", "remaining"), refined),
-    }
-
-
-def _layer_maes(m: dict) -> dict:
-    return {"prompt_probe": _get(m, "prompt_probe", "total"), "per_step": _get(m, "per_step", "remaining"),
-            "refined": _get(m, "refined", "remaining")}
-
-
 def _confusions(held, bins, bert_probs, chosen) -> dict:
     """Row = true bin, column = most likely bin; total length for BERT and the prompt probe, remaining for refined."""
     out = {}
@@ -454,156 +430,3 @@ def _predictions(held, extraction, bins, interval, max_new, layer, totals, decod
 
 
 # -- pictures -------------------------------------------------------------------------------------
-COLORS = {"bert": "tab:gray", "prompt_probe": "tab:blue", "per_step": "tab:orange", "refined": "tab:green"}
-
-
-def _plots(out: Path, report: dict, results: dict, held, bins, bert_probs, chosen) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    layers = sorted(results)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, target in (("prompt_probe", "total"), ("per_step", "remaining"), ("refined", "remaining")):
-        ys = [_get(results[L], method, target) for L in layers]
-        if any(y is not None for y in ys):
-            ax.plot(layers, [math.nan if y is None else y for y in ys], "o-", color=COLORS[method],
-                    label=f"{LABELS[method]} ({target})")
-    bert = results[report["layer"]]["bert"]
-    if bert:
-        ax.axhline(bert["total"]["mae"], color=COLORS["bert"], label=f"{LABELS['bert']} (total)")
-        if "remaining" in bert:
-            ax.axhline(bert["remaining"]["mae"], color=COLORS["bert"], linestyle="--",
-                       label="(a) BERT counted down (remaining)")
-    ax.set(xlabel="layer (residual after decoder layer L)", ylabel="MAE (tokens)",
-           title=f"MAE by layer, {report['held_out']['requests']} held-out requests")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    _save(fig, out / "mae_by_layer.png")
-
-    curve = report["curve"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method in METHODS:
-        ys = curve.get(method)
-        if ys and any(y is not None for y in ys):
-            ax.plot(curve["tokens"], [math.nan if y is None else y for y in ys], "o--" if method == "per_step" else "o-",
-                    markersize=3, color=COLORS[method], label=LABELS[method])
-    ax.set(xlabel="tokens generated so far", ylabel="MAE of remaining length (tokens)",
-           title=f"Layer {report['layer']}, refined every {report['refine_interval']} tokens")
-    ax.legend(fontsize=7)
-    _save(fig, out / "mae_vs_generated.png")
-
-    panels = [(m, report["confusion"][m]) for m in ("bert", "prompt_probe", "refined") if m in report["confusion"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
-    for ax, (method, counts) in zip(axes[0], panels):
-        c = torch.tensor(counts, dtype=torch.float64)
-        share = c / c.sum(1, keepdim=True).clamp_min(1)
-        ax.imshow(share.numpy(), origin="lower", cmap="viridis", vmin=0, vmax=1)
-        for i in range(bins.num_bins):
-            for j in range(bins.num_bins):
-                if c[i, j]:
-                    ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if share[i, j] < 0.6 else "black")
-        target = "remaining" if method == "refined" else "total"
-        ax.set(title=f"{LABELS[method]}\n({target} length)", xlabel="predicted bin", ylabel="true bin",
-               xticks=range(bins.num_bins), yticks=range(bins.num_bins))
-        ax.title.set_fontsize(8)
-    _save(fig, out / "bin_heatmap.png")
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-# -- the Markdown report --------------------------------------------------------------------------
-def _fmt(x, digits: int = 1) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _headline_lines(report: dict) -> list[str]:
-    h, m = report["headline"], report["methods"]
-    lines = []
-    if h["bert_over_refined_decode"] is not None:
-        lines.append(f"BERT MAE / refined-probe MAE over decode steps: {h['bert_over_refined_decode']:.2f}x "
-                     f"({_fmt(_get(m, 'bert', 'remaining'))} vs {_fmt(_get(m, 'refined', 'remaining'))} tokens; "
-                     "the paper reports 2.66x)")
-    if h["bert_over_prompt_probe_step0"] is not None:
-        lines.append(f"BERT MAE / prompt-probe MAE at step 0: {h['bert_over_prompt_probe_step0']:.2f}x "
-                     f"({_fmt(_get(m, 'bert', 'total'))} vs {_fmt(_get(m, 'prompt_probe', 'total'))} tokens)")
-    if not lines:
-        lines.append("no ratio against BERT: " + (report["notes"][0] if report["notes"] else "nothing to compare"))
-    return lines
-
-
-def _markdown(r: dict, cfg: RecipeConfig) -> str:
-    m, h = r["methods"], r["headline"]
-    lines = [
-        f"# trail-probe eval: layer {r['layer']} against BERT",
-        "",
-        f"Command: `{r['command']}`",
-        "",
-        f"Held-out requests: {r['held_out']['requests']} (decode steps: {r['held_out']['decode_steps']}, stored every "
-        f"{r['decode_stride']} tokens). Layer {r['layer']} ({r['layer_source']}). Refinement every "
-        f"{r['refine_interval']} tokens, prior: {(m.get('refined') or {}).get('prior', '–')}, per-step likelihood: "
-        f"{(m.get('refined') or {}).get('likelihood', '–')}. "
-        f"Bins: {r['bins']['num_bins']} over [0, {r['bins']['max_len']}]; max_new_tokens {r['max_new_tokens']}.",
-        "",
-        "## Headline",
-        "",
-        *[f"- {line}" for line in _headline_lines(r)],
-        f"- BERT total-length MAE / refined remaining-length MAE (how validation MAEs are usually quoted side by "
-        f"side): {_fmt(h['bert_total_over_refined_decode'], 2)}x",
-        f"- per-step MAE / refined MAE over decode steps (what refinement adds): {_fmt(h['per_step_over_refined_decode'], 2)}x",
-        "",
-        "## Methods at the chosen layer",
-        "",
-        "| method | total length: MAE | acc | remaining over decode steps: MAE | acc |",
-        "|---|---|---|---|---|",
-    ]
-    for method in METHODS:
-        lines.append(f"| {LABELS[method]} | {_fmt(_get(m, method, 'total'))} | {_fmt(_get(m, method, 'total', 'acc'), 3)} "
-                     f"| {_fmt(_get(m, method, 'remaining'))} | {_fmt(_get(m, method, 'remaining', 'acc'), 3)} |")
-    lines += ["", "MAE in tokens. BERT and the prompt probe are scored on the decode steps as well, their estimate "
-              "counted down by the tokens generated (no accuracy there: no distribution is re-predicted).", ""]
-    if len(r["layers"]) > 1:
-        lines += ["## MAE by layer", "", "![MAE by layer](mae_by_layer.png)", "",
-                  "| layer | (b) prompt probe (total) | (c) per step (remaining) | (d) refined (remaining) |",
-                  "|---|---|---|---|"]
-        for L in r["layers"]:
-            maes = _layer_maes(r["by_layer"][str(L)])
-            lines.append(f"| {L} | {_fmt(maes['prompt_probe'])} | {_fmt(maes['per_step'])} | {_fmt(maes['refined'])} |")
-        lines.append("")
-    else:
-        lines += ["![MAE by layer](mae_by_layer.png)", ""]
-    c = r["curve"]
-    lines += ["## MAE against tokens generated", "", "![MAE vs tokens generated](mae_vs_generated.png)", "",
-              "Requests still generating at t; BERT and the prompt probe counted down by t; the decode probe's "
-              "estimates from the latest refinement at or before t, counted down since (none at t = 0, where the "
-              "refined method's prior is the prompt probe).", "",
-              "| tokens generated | requests | " + " | ".join(LABELS[x] for x in METHODS) + " |",
-              "|---|---|" + "---|" * len(METHODS)]
-    for i, t in enumerate(c["tokens"]):
-        cells = [_fmt(c[x][i]) if x in c else "–" for x in METHODS]
-        lines.append(f"| {t} | {c['requests'][i]} | " + " | ".join(cells) + " |")
-    lines += ["", "## True against predicted bin", "", "![bin heatmap](bin_heatmap.png)", "",
-              "Rows: true bin; columns: most likely predicted bin; shares per row (counts in report.json).", ""]
-    if r["notes"]:
-        lines += ["## Notes", "", *[f"- {n}" for n in r["notes"]], ""]
-    lines += ["## Provenance", "", f"- extraction `{r['extraction']['path']}`, model `{r['extraction']['model']['name_or_path']}`, "
-              f"manifest sha256 `{r['hashes']['extraction_manifest']}`",
-              f"- split `{r['split']['path']}` ({r['split']['train']} train / {r['split']['held_out']} held out), "
-              f"sha256 `{r['hashes']['split']}`"]
-    lines += [f"- probe `{path}` sha256 `{sha}`" for path, sha in r["hashes"]["probes"].items()]
-    if r["hashes"]["baseline_weights"]:
-        lines += [f"- baseline ({r['baseline']['base_model']}) `{name}` sha256 `{sha}`"
-                  for name, sha in r["hashes"]["baseline_weights"].items()]
-    lines += [f"- finished in {r['elapsed_s']} s", "", "## Resolved config", "", "```yaml", format_config(cfg), "```", ""]
-    return "\n".join(lines)
