@@ -23,29 +23,42 @@ def transition_matrix(num_bins: int, bin_width: float, dtype=torch.float64) -> t
 
 
 class TransitionPowers:
-    """Caches T^k for the step counts k that occur (a handful: the refinement interval and a few others)."""
+    """Caches T^k for the step counts k that occur (a handful: the refinement interval and a few
+    others), on each device and dtype they are used with."""
 
     def __init__(self, num_bins: int, bin_width: float):
         self.t = transition_matrix(num_bins, bin_width)
         self._cache: dict[int, torch.Tensor] = {0: torch.eye(num_bins, dtype=torch.float64)}
+        self._moved: dict[tuple, torch.Tensor] = {}
 
-    def power(self, k: int) -> torch.Tensor:
+    def power(self, k: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """T^k in float64 on the CPU, or on the device and in the dtype of `like`."""
         if k < 0:
             raise ValueError(f"cannot advance by {k} < 0 tokens")
         if k not in self._cache:
             self._cache[k] = torch.linalg.matrix_power(self.t, k)
-        return self._cache[k]
+        if like is None:
+            return self._cache[k]
+        key = (k, like.device, like.dtype)
+        if key not in self._moved:
+            self._moved[key] = self._cache[k].to(like)
+        return self._moved[key]
 
     def advance(self, q: torch.Tensor, steps: torch.Tensor | list[int] | int) -> torch.Tensor:
-        """q [B, K] advanced by `steps` tokens (one count per row, or one for all)."""
+        """q [B, K] advanced by `steps` tokens (one count per row, or one for all): one matmul when
+        every row has the same k (refining every k steps), else one batched matmul."""
         if isinstance(steps, int):
-            return q @ self.power(steps).to(q.dtype)
-        steps = torch.as_tensor(steps).tolist()
-        out = torch.empty_like(q)
-        for k in set(steps):
-            rows = [i for i, s in enumerate(steps) if s == k]
-            out[rows] = q[rows] @ self.power(int(k)).to(q.dtype)
-        return out
+            return q @ self.power(steps, q)
+        steps = torch.as_tensor(steps, device=q.device)
+        if steps.numel() == 0:
+            return q.clone()
+        lo, hi = torch.aminmax(steps)
+        if lo == hi:
+            return q @ self.power(int(lo), q)
+        ks = torch.unique(steps).tolist()
+        mats = torch.stack([self.power(k, q) for k in ks])
+        which = torch.searchsorted(torch.tensor(ks, device=q.device), steps)
+        return torch.bmm(q.unsqueeze(1), mats[which]).squeeze(1)
 
 
 def bayes_update(prior: torch.Tensor, likelihood: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -287,7 +287,6 @@ class LengthTracker:
         self.max_new_tokens = max_new_tokens
         self.device = predictor.device
         self._powers = TransitionPowers(predictor.bins.num_bins, predictor.bins.width)
-        self._powers_here: dict[int, torch.Tensor] = {}  # T^k on this device
         self._midpoints = predictor.bins.midpoints.to(self.device, torch.float64)
         self._slot: dict[Hashable, int] = {}
         self._free: list[int] = []
@@ -391,7 +390,7 @@ class LengthTracker:
         if (steps < 0).any():
             raise UserError("generated went down for a request since its last refinement; pass tokens generated so far")
         likelihood = self.predictor.probs(hidden_states).double()
-        prior = self._advance(self._post[slots], steps)
+        prior = self._powers.advance(self._post[slots], steps)
         # A request with no prediction has a zero prior, which bayes_update replaces by the likelihood.
         post = bayes_update(prior, likelihood)
         self._post[slots] = post
@@ -400,22 +399,6 @@ class LengthTracker:
         if first.any():  # the first prediction of a request that joined without one
             self._initial[slots[first]] = post[first] @ self._midpoints + gen[first]
             self._has[slots] = True
-
-    def _advance(self, q: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """q @ T^k row by row; one matmul when all requests share k (refining every k steps), else
-        one batched matmul over the gathered powers."""
-        lo, hi = torch.aminmax(steps)
-        if lo == hi:
-            return q @ self._power(int(lo))
-        ks = torch.unique(steps).tolist()
-        mats = torch.stack([self._power(k) for k in ks])
-        which = torch.searchsorted(torch.tensor(ks, device=self.device), steps)
-        return torch.bmm(q.unsqueeze(1), mats[which]).squeeze(1)
-
-    def _power(self, k: int) -> torch.Tensor:
-        if k not in self._powers_here:
-            self._powers_here[k] = self._powers.power(k).to(self.device)
-        return self._powers_here[k]
 
     def estimates(self, ids: Sequence[Hashable], generated: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Remaining tokens [B] (float64, on the predictor's device). With `generated` (tokens so far),
