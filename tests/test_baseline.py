@@ -84,6 +84,8 @@ def test_refuses_to_replace_a_trained_baseline_without_overwrite(tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         train_baseline(cfg, show_progress=False)
     first = (tmp_path / "ckpt" / "baseline" / "baseline.json").stat().st_mtime_ns
+    train_baseline(cfg, resume=True, show_progress=False)  # kept as it is, not trained again
+    assert (tmp_path / "ckpt" / "baseline" / "baseline.json").stat().st_mtime_ns == first
     train_baseline(cfg, overwrite=True, show_progress=False)
     assert (tmp_path / "ckpt" / "baseline" / "baseline.json").stat().st_mtime_ns != first
 

@@ -54,10 +54,12 @@ BEST_FILE = "best_epoch.json"  # inside the partial run's best/ folder: what tha
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="train again although a baseline (or an interrupted run) exists")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep a finished baseline instead of refusing (an interrupted run continues either way)")
 
 
 def run(cfg: RecipeConfig, args: argparse.Namespace) -> None:
-    out = train_baseline(cfg, overwrite=args.overwrite)
+    out = train_baseline(cfg, overwrite=args.overwrite, resume=args.resume)
     meta = json.loads((out / "baseline.json").read_text())
     m = meta["metrics"]
     print(f"train-baseline: best epoch {m['best_epoch']}: val MAE {m['val/mae']:.1f} tokens, "
@@ -232,8 +234,10 @@ def _callbacks(work: Path, tokenizer, bins: Bins) -> list:
     return [KeepBest(), last]
 
 
-def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Fine-tune the baseline on the split of `cfg`'s extraction; return the finished folder."""
+def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bool = True,
+                   resume: bool = False) -> Path:
+    """Fine-tune the baseline on the split of `cfg`'s extraction; return the finished folder
+    (with `resume`, an already finished one as it is)."""
     import lightning as L
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -241,7 +245,11 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
     out = baseline_dir(cfg)
     work = out.with_name(out.name + ".partial")
     if (out / "baseline.json").is_file() and not overwrite:
-        raise UserError(f"a trained baseline already exists in '{out}'; pass --overwrite to train it again")
+        if resume:
+            print(f"train-baseline: keeping the trained baseline in {out}")
+            return out
+        raise UserError(f"a trained baseline already exists in '{out}'; pass --overwrite to train it again "
+                        "or --resume to keep it")
     if overwrite:
         shutil.rmtree(work, ignore_errors=True)
     if bcfg.num_threads:

@@ -30,7 +30,7 @@ EXAMPLES = """examples:
 STAGES = [
     ("extract", "trail_probe.extract", {}),
     ("train", "trail_probe.train", {"resume": True}),
-    ("train-baseline", "trail_probe.baseline", {}),  # continues an interrupted run by itself
+    ("train-baseline", "trail_probe.baseline", {"resume": True}),
     ("eval", "trail_probe.evaluate", {}),
     ("export", "trail_probe.export", {}),
     ("simulate", "trail_probe.simulate", {}),
@@ -64,9 +64,6 @@ def run(cfg: RecipeConfig, args) -> None:
             continue
         print(f"\n===== pipeline: {name} =====", flush=True)
         module = importlib.import_module(module_name)
-        if name == "train-baseline" and (module.baseline_dir(cfg) / "baseline.json").is_file():
-            print(f"pipeline: keeping the trained baseline in {module.baseline_dir(cfg)}")
-            continue
         start = time.time()
         module.run(cfg, _stage_args(module, flags))
         timings[name] = {"seconds": round(time.time() - start, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
