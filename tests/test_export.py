@@ -68,6 +68,7 @@ def test_export_then_load_predicts_bit_identically(tmp_path):
     assert meta["metrics"]["val/mae"] == 33.9
     assert meta["training"]["split"]["sha256"] == "ef" * 32 and meta["training"]["config_sha256"] == "12" * 32
     assert meta["source"]["probe_dir"].endswith("probes/decode/layer-3") and meta["bert"] is None
+    assert meta["label_prior"] is None  # no extraction here: nothing to count the training labels from
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp folders left
 
     first_hash = meta["weights_sha256"]

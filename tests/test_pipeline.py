@@ -25,6 +25,8 @@ def test_pipeline_end_to_end_then_resumes(tiny_llama, prompts_file, tmp_path, ca
     assert set(timings) == {"extract", "train", "train-baseline", "eval", "export", "simulate"}
     predictor = json.loads((ckpt / "predictor" / "config.json").read_text())
     assert predictor["hidden_size"] == 64 and predictor["probe_layer_idx"] in (0, 1, 2)
+    prior = json.loads((ckpt / "predictor" / "trail_probe.json").read_text())["label_prior"]
+    assert len(prior) == predictor["num_labels"] and abs(sum(prior) - 1) < 1e-9 and min(prior) >= 0
     report = json.loads((ckpt / "eval" / "report.json").read_text())
     assert report["methods"]["bert"] is not None and report["methods"]["refined"] is not None
     assert (ckpt / "simulate" / "results.json").is_file()

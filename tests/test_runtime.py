@@ -217,6 +217,31 @@ def test_estimates_count_down_and_are_clamped(predictor):
     assert tracker.initial_estimates(["c"]).item() == pytest.approx((post[1] @ mids).item() + 16)
 
 
+def test_prior_corrected_refinement_divides_out_the_label_prior(tmp_path, predictor):
+    """likelihood='prior_corrected': each refinement multiplies p(bin | h) / prior(bin), as eval does."""
+    with pytest.raises(UserError, match="lacks"):
+        LengthTracker(predictor, likelihood="prior_corrected")  # a TRAIL directory has no label prior
+    with pytest.raises(UserError, match="not one of posterior"):
+        LengthTracker(predictor, likelihood="bayes")
+    folder = write_trail_dir(tmp_path / "q", trail_weights())
+    prior = torch.linspace(1, 3, K, dtype=torch.float64)
+    (folder / "trail_probe.json").write_text(json.dumps({"label_prior": prior.tolist()}))
+    with_prior = LengthPredictor.from_pretrained(folder)
+    assert torch.allclose(with_prior.label_prior, prior / prior.sum())
+    plain, corrected = LengthTracker(with_prior), LengthTracker(with_prior, likelihood="prior_corrected")
+    x = torch.randn(3, D)
+    for tracker in (plain, corrected):
+        tracker.add(["a", "b", "c"])
+        tracker.observe(["a", "b", "c"], x, generated=1)
+    p = with_prior.probs(x).double()
+    assert torch.allclose(plain.posteriors(["a", "b", "c"]), p / p.sum(-1, keepdim=True))
+    lik = p / (prior / prior.sum())
+    assert torch.allclose(corrected.posteriors(["a", "b", "c"]), lik / lik.sum(-1, keepdim=True))
+    (folder / "trail_probe.json").write_text(json.dumps({"label_prior": [1.0, -1.0]}))
+    with pytest.raises(UserError, match="label_prior"):
+        LengthPredictor.from_pretrained(folder).label_prior
+
+
 def test_tracker_refuses_bad_calls(predictor):
     tracker = LengthTracker(predictor)
     tracker.add([1, 2], prompt_embeddings=torch.randn(2, D))

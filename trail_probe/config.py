@@ -166,6 +166,30 @@ class SimulateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`trail-probe serve-bench`: the real engine (transformers continuous batching) under load."""
+
+    policies: list[str] = field(default_factory=lambda: ["fifo", "trail"])  # fifo | trail | trail_bert | sjf_bert
+    num_requests: int = 200  # held-out prompts, sampled without replacement (the same ones for every policy)
+    rate: float = 0.5  # Poisson arrivals, requests/s; serve-bench reports how busy FIFO was at it
+    max_batch: int = 8  # requests per forward pass (the engine's max_requests_per_batch)
+    max_batch_tokens: int = 256  # tokens per forward pass (chunked prefill)
+    page_size: int = 32  # KV cache page (block) size in tokens
+    num_blocks: int = 2048  # KV cache pages
+    initial: str = "bert"  # bert | prompt_probe | none: where a request's first estimate comes from
+    predictor: str = ""  # default: <checkpoint_dir>/predictor (the decode probe, trail-probe export)
+    prompt_predictor: str = ""  # an exported prompt probe, for initial=prompt_probe
+    bert: str = ""  # default: the baseline folder (trail-probe train-baseline)
+    refine_interval: int = 8
+    # posterior: TRAIL's rule; prior_corrected: divide out the training bin frequencies (eval's option)
+    refine_likelihood: str = "posterior"
+    preemption_c: float = 0.8
+    threads: int = 2  # torch threads for the engine
+    seed: int = 0
+    out_dir: str = ""  # default: checkpoints/<run_name>/serve
+
+
+@dataclass
 class RecipeConfig:
     run_name: str = "smollm2_alpaca"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,6 +202,7 @@ class RecipeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     # Default output folders, derived from run_name so one override moves a whole run.
     @property

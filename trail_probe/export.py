@@ -28,6 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -129,6 +130,7 @@ def export_predictor(cfg: RecipeConfig) -> Path:
             "source": {"probe_dir": str(probe_dir), "probe_sha256": file_sha256(probe_dir / "probe.safetensors")},
             "bert": None if baseline_dir is None else {"dir": "bert", "source": str(baseline_dir),
                                                        "metrics": _baseline_metrics(baseline_dir)},
+            "label_prior": label_prior(cfg, meta, bins) if task == "decode" else None,
         })
         save_config(cfg, tmp, "recipe.yaml")
         LengthPredictor.from_pretrained(tmp, device="cpu", num_layers=meta["model"].get("num_layers"))
@@ -136,6 +138,26 @@ def export_predictor(cfg: RecipeConfig) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def label_prior(cfg: RecipeConfig, meta: dict, bins: Bins) -> list[float] | None:
+    """Bin frequencies of the remaining lengths the decode probe was trained on (the training side
+    of the split), which the runtime divides out of each refinement (`refine.step_likelihood`,
+    `LengthTracker(likelihood="prior_corrected")`). None when the extraction is not on this machine."""
+    from trail_probe.split import split_path
+    from trail_probe.store import Extraction
+
+    path = split_path(cfg)
+    if not (Path(cfg.data_dir) / "manifest.json").is_file() or not path.is_file():
+        print(f"# no extraction at '{cfg.data_dir}' (or no split): the export carries no label prior, so the "
+              "runtime can only use TRAIL's refinement rule")
+        return None
+    extraction = Extraction(cfg.data_dir)
+    train_ids = set(json.loads(path.read_text())["train_ids"])
+    ds = extraction.decode(meta["layers"][0])
+    is_train = torch.tensor([r["id"] in train_ids for r in extraction.records])[ds.request]
+    counts = torch.bincount(bins.label(ds.remaining[is_train]), minlength=bins.num_bins).double()
+    return (counts / counts.sum()).tolist()
 
 
 def default_layer(cfg: RecipeConfig, task: str) -> int:

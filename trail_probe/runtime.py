@@ -41,7 +41,7 @@ from trail_probe.errors import UserError
 from trail_probe.extract import LayerCapture
 from trail_probe.models import DTYPES, decoder_layers, file_sha256
 from trail_probe.probe import LengthProbe
-from trail_probe.refine import TransitionPowers, bayes_update
+from trail_probe.refine import TransitionPowers, bayes_update, step_likelihood
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.pt")  # in order of preference
@@ -149,6 +149,17 @@ class LengthPredictor:
     @property
     def hidden_size(self) -> int:
         return self.probe.input_dim
+
+    @property
+    def label_prior(self) -> torch.Tensor | None:
+        """Bin frequencies of the training labels (our exports of decode probes), else None."""
+        prior = self.metadata.get("label_prior")
+        if prior is None:
+            return None
+        t = torch.tensor(prior, dtype=torch.float64)
+        if t.shape != (self.bins.num_bins,) or (t < 0).any() or t.sum() <= 0:
+            raise UserError(f"the predictor's label_prior has {tuple(t.shape)} entries or negative values, for {self.bins.num_bins} bins; export it again")
+        return t / t.sum()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -277,10 +288,20 @@ class LengthTracker:
 
     def __init__(self, predictor: LengthPredictor, max_new_tokens: int = 512,
                  prompt_predictor: LengthPredictor | None = None,
-                 text_predictor: BertLengthPredictor | None = None, capacity: int = 64):
+                 text_predictor: BertLengthPredictor | None = None, capacity: int = 64,
+                 likelihood: str = "posterior"):
         for other, what in ((prompt_predictor, "prompt predictor"), (text_predictor, "text predictor")):
             if other is not None:
                 predictor.bins.check_matches(other.bins.to_dict(), f"the {what}")
+        if likelihood not in ("posterior", "prior_corrected"):
+            raise UserError(f"likelihood '{likelihood}' is not one of posterior (TRAIL's rule), prior_corrected")
+        self._label_prior = None
+        if likelihood == "prior_corrected":
+            if predictor.label_prior is None:
+                raise UserError("likelihood='prior_corrected' needs the training bin frequencies, which this predictor lacks; "
+                                "export it again with the extraction present, or use likelihood='posterior'")
+            self._label_prior = predictor.label_prior.to(predictor.device)
+        self.likelihood = likelihood
         self.predictor = predictor
         self.prompt_predictor = prompt_predictor or predictor
         self.text_predictor = text_predictor
@@ -389,7 +410,7 @@ class LengthTracker:
         steps = gen - self._refined_at[slots]
         if (steps < 0).any():
             raise UserError("generated went down for a request since its last refinement; pass tokens generated so far")
-        likelihood = self.predictor.probs(hidden_states).double()
+        likelihood = step_likelihood(self.predictor.probs(hidden_states).double(), self._label_prior)
         prior = self._powers.advance(self._post[slots], steps)
         # A request with no prediction has a zero prior, which bayes_update replaces by the likelihood.
         post = bayes_update(prior, likelihood)

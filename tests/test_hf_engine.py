@@ -1,0 +1,202 @@
+"""TRAIL inside transformers' continuous-batching engine, on a tiny random Llama (CPU, seconds)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from test_runtime import trail_weights, write_trail_dir
+from trail_probe.errors import UserError
+from trail_probe.extract import encode_prompt
+from trail_probe.hf_engine import ServeEngine, TrailRuntime, check_transformers, serve
+from trail_probe.runtime import LengthPredictor
+
+BUDGET = 96  # max new tokens
+LAYER = 1
+TEXTS = [f"Tell me fact number {i} about {'cats' if i % 2 else 'the sea'}." for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def make_predictor(folder, favour_bin: int | None = None) -> LengthPredictor:
+    """A probe over the tiny Llama's layer 1 (d = 64); `favour_bin` makes it predict that bin always."""
+    w = trail_weights(d=64)
+    if favour_bin is not None:
+        w["fc2.weight"].zero_()
+        w["fc2.bias"].zero_()
+        w["fc2.bias"][favour_bin] = 30.0
+    return LengthPredictor.from_pretrained(write_trail_dir(folder, w, hidden_size=64, probe_layer_idx=LAYER,
+                                                           max_len=BUDGET, device="cpu"))
+
+
+class StubBert:
+    """Stands in for the BERT predictor: a fixed bin per prompt text (bin 0 unless told)."""
+
+    def __init__(self, bins, bin_of: dict[str, int]):
+        self.bins, self.bin_of = bins, bin_of
+
+    def probs(self, texts):
+        out = torch.full((len(texts), self.bins.num_bins), 1e-6)
+        for i, t in enumerate(texts):
+            out[i, self.bin_of.get(t, 0)] = 1.0
+        return out
+
+
+def runtime(predictor, policy="trail", bin_of=None, c=0.8, k=8):
+    return TrailRuntime(policy, predictor=predictor, text_predictor=StubBert(predictor.bins, bin_of or {}),
+                        initial="bert", max_new_tokens=BUDGET, refine_interval=k, preemption_c=c)
+
+
+def engine(llm, policy, rt=None, max_batch=3):
+    model, tok = llm
+    return ServeEngine(model, policy, runtime=rt, max_batch=max_batch, max_new_tokens=BUDGET,
+                       eos_token_id=tok.eos_token_id, page_size=16, num_blocks=512, max_batch_tokens=64)
+
+
+def requests(tok, texts=TEXTS):
+    return [(f"r{i}", encode_prompt(tok, t), t) for i, t in enumerate(texts)]
+
+
+@pytest.fixture(scope="module")
+def fifo_run(llm):
+    with engine(llm, "fifo") as eng:
+        results, _ = serve(eng, requests(llm[1]), [0.0] * len(TEXTS))
+        steps = list(eng.scheduler.steps)
+    return {r.request_id: r for r in results}, steps
+
+
+def test_fifo_scheduler_logs_every_step(fifo_run):
+    results, steps = fifo_run
+    assert len(results) == len(TEXTS)
+    lengths = [len(r.tokens) for r in results.values()]
+    assert min(lengths) < BUDGET // 2 and max(lengths) == BUDGET  # varied answers, some hit the cap
+    # one token per request per step once prefilled: steps >= the longest answer, batches <= 3
+    assert len(steps) >= max(lengths) and max(s.requests for s in steps) == 3
+    assert all(r.arrival <= r.first_token <= r.finish for r in results.values())
+
+
+def test_trail_gives_every_request_the_same_tokens_as_fifo(llm, fifo_run, tmp_path):
+    # BERT says the first half is long; the second half, predicted short, arrives while the first
+    # half runs and preempts it; the probe then calls everything long, so requests are paused and
+    # resumed back and forth: the cache of a paused request must come back intact.
+    rt = runtime(make_predictor(tmp_path / "p", favour_bin=9), bin_of={t: (9 if i < 6 else 0) for i, t in enumerate(TEXTS)})
+    with engine(llm, "trail", rt) as eng:
+        results, _ = serve(eng, requests(llm[1]), [0.0] * 6 + [0.3] * 6)
+    fifo, _ = fifo_run
+    assert {r.request_id: r.tokens for r in results} == {k: r.tokens for k, r in fifo.items()}
+    assert rt.refinements > 0 and rt.preemptions > 0 and rt.paused_past_limit == 0
+    assert len(rt.tracker) == 0  # every finished request left the tracker
+
+
+def test_refinement_reads_each_requests_own_state_from_the_packed_batch(llm, tmp_path):
+    """The states the tracker is given equal a teacher-forced forward pass of that request alone."""
+    model, tok = llm
+    predictor = make_predictor(tmp_path / "p")
+    rt = runtime(predictor, k=4)
+    seen = []
+    observe = rt.tracker.observe
+
+    def spy(ids, states, generated):
+        seen.extend(zip(ids, states.clone(), list(generated)))
+        return observe(ids, states, generated)
+
+    rt.tracker.observe = spy
+    reqs = requests(tok, TEXTS[:5])
+    with engine(llm, "trail", rt) as eng:
+        results, _ = serve(eng, reqs, [0.0, 0.0, 0.01, 0.02, 0.02])
+    tokens = {r.request_id: r.tokens for r in results}
+    prompts = {rid: ids for rid, ids, _ in reqs}
+    assert {g for _, _, g in seen} >= {1, 5, 9}
+    assert all((g - 1) % 4 == 0 for _, _, g in seen)
+    for rid, state, g in seen[::3]:
+        ids = torch.tensor([prompts[rid] + tokens[rid][:g]])
+        with torch.no_grad():
+            ref = model(ids, output_hidden_states=True).hidden_states[LAYER + 1][0, -1]
+        assert torch.allclose(state, ref, atol=1e-4), (rid, g)
+
+
+def _two_requests(llm, fifo_run, policy, rt, bins: tuple[int, int]):
+    """A long answer arrives first; once it has produced a few tokens a short one arrives. One
+    request per batch, so the second waits unless the first is paused."""
+    model, tok = llm
+    fifo, _ = fifo_run
+    long_id = max(fifo, key=lambda k: len(fifo[k].tokens))
+    short_id = min(fifo, key=lambda k: len(fifo[k].tokens))
+    text = {f"r{i}": t for i, t in enumerate(TEXTS)}
+    if rt is not None:
+        rt.text_predictor.bin_of.update({text[long_id]: bins[0], text[short_id]: bins[1]})
+    with engine(llm, policy, rt, max_batch=1) as eng:
+        eng.submit(long_id, encode_prompt(tok, text[long_id]), text[long_id])
+        deadline = time.time() + 30
+        while (eng.scheduler is None or len(eng.scheduler.steps) < 5) and time.time() < deadline:
+            time.sleep(0.001)
+        eng.submit(short_id, encode_prompt(tok, text[short_id]), text[short_id])
+        done = {}
+        while len(done) < 2:
+            r = eng.result(timeout=1.0)
+            if r is not None:
+                done[r.request_id] = r
+    assert done[long_id].tokens == fifo[long_id].tokens and done[short_id].tokens == fifo[short_id].tokens
+    return done[long_id], done[short_id]
+
+
+def test_a_short_request_arriving_after_a_long_one_finishes_first(llm, fifo_run, tmp_path):
+    long_r, short_r = _two_requests(llm, fifo_run, "fifo", None, (0, 0))
+    assert short_r.finish > long_r.finish  # FIFO: the short one waits for the whole long answer
+    rt = runtime(make_predictor(tmp_path / "p", favour_bin=9), policy="trail_bert")
+    long_r, short_r = _two_requests(llm, fifo_run, "trail_bert", rt, (9, 0))
+    assert short_r.finish < long_r.finish and rt.preemptions >= 1 and rt.paused_past_limit == 0
+
+
+def test_a_request_past_its_preemption_limit_is_never_paused(llm, fifo_run, tmp_path):
+    # BERT says the first request is short (bin 0: ~5 tokens, so C * 5 = 4 tokens), the probe then
+    # says it is long; the short second request ranks better but the first is past its limit.
+    rt = runtime(make_predictor(tmp_path / "p", favour_bin=9), policy="trail")
+    long_r, short_r = _two_requests(llm, fifo_run, "trail", rt, (0, 0))
+    assert short_r.first_token > long_r.finish
+    assert rt.preemptions == 0 and rt.paused_past_limit == 0
+    assert rt.trace[long_r.request_id][0][1] > 50  # the probe did rank it long
+
+
+def test_bad_setups_fail_in_one_line(llm, tmp_path, monkeypatch):
+    predictor = make_predictor(tmp_path / "p")
+    with pytest.raises(UserError, match="needs a TrailRuntime"):
+        engine(llm, "trail")
+    with pytest.raises(UserError, match="not one of fifo, trail"):
+        engine(llm, "lifo")
+    with pytest.raises(UserError, match="text_predictor"):
+        TrailRuntime("trail", predictor=predictor, initial="bert")
+    with pytest.raises(UserError, match="ranks by the initial estimate alone"):
+        TrailRuntime("sjf_bert", predictor=predictor, initial="none")
+    with pytest.raises(UserError, match="engine's own scheduler"):
+        TrailRuntime("fcfs", predictor=predictor, initial="none")
+    wide = LengthPredictor.from_pretrained(write_trail_dir(tmp_path / "w", trail_weights(d=64), hidden_size=64,
+                                                           probe_layer_idx=7, max_len=BUDGET, device="cpu"))
+    with pytest.raises(UserError, match="layers 0..2"):
+        with engine(llm, "trail", TrailRuntime("trail", predictor=wide, initial="none")):
+            pass
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.30.0")
+    with pytest.raises(UserError, match=r"pip install 'transformers>=5.24,<5.25'"):
+        check_transformers()
+
+
+def test_serve_replays_arrival_times(llm):
+    model, tok = llm
+    reqs = requests(tok, TEXTS[:3])
+    with engine(llm, "fifo") as eng:
+        results, t0 = serve(eng, reqs, [0.0, 0.2, 0.4])
+    arrivals = sorted(r.arrival - t0 for r in results)
+    assert arrivals[0] < 0.1 and 0.19 < arrivals[1] < 0.35 and 0.39 < arrivals[2] < 0.6
+    with pytest.raises(UserError, match="3 requests but 2 arrival times"):
+        serve(eng, reqs, [0.0, 0.1])
