@@ -36,6 +36,24 @@ Both schedulers log every step (start time, requests, query tokens, KV context; 
 in the probe and in scheduling) so serve-bench can report busy time, fit the cost model of this
 engine and measure the probe's overhead.
 
+Where the public interface stops (and the smallest upstream change that would remove the workaround):
+- the engine builds the scheduler from (cache, safety_margin, max_requests_per_batch) alone, so the
+  predictors reach it through a factory registered in the global `SCHEDULER_MAPPING` under a name of
+  its own (upstream: accept a scheduler instance or scheduler kwargs in the config);
+- there is no callback after a forward pass, so hidden states come from a forward hook and are
+  matched to requests by the order of the batch `schedule_batch` returned, which is the order
+  `prepare_batch_tensors` packs them in (upstream: pass the processed batch and its
+  `cumulative_seqlens_q` to a scheduler hook);
+- a request carries token ids only, so prompt texts for BERT travel beside it by request id
+  (`TrailRuntime.prompt_texts`; upstream: free-form request metadata);
+- pausing is leaving a request out of the batch; when the cache runs short the engine offloads the
+  last starved candidates (our worst-ranked running requests), never a paused one (upstream: let the
+  scheduler name offload victims);
+- the batch is built with the base class's `_process_candidates` / `_cleanup_waiting_queue`, as the
+  built-in schedulers do; they are private, hence the pinned version range;
+- with prefix sharing (the engine's default) a prompt whose prefix is cached is only partly
+  prefilled, so `initial="prompt_probe"` averages the new tokens only; BERT's estimate is unaffected.
+
 Supported transformers: `SUPPORTED_TRANSFORMERS` (the continuous-batching internals change
 between releases); other versions are refused with one line. Async batching (CUDA only) is turned
 off: it schedules batch N+1 before batch N's tokens are known, which the refinement needs.
