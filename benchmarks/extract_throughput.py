@@ -29,9 +29,9 @@ RESULTS = REPO / "benchmarks" / "results" / "extract_throughput.json"
 
 def _setup(num_prompts: int):
     from trail_probe.config import load_recipe
-    from trail_probe.extract import prepare_prompts
-    from trail_probe.models import load_causal_lm
-    from trail_probe.prompts import load_prompts
+    from trail_probe.offline.generation import prepare_prompts
+    from trail_probe.offline.prompts import load_prompts
+    from trail_probe.runtime.models import load_causal_lm
 
     cfg = load_recipe(REPO / "recipes" / "smollm2_alpaca.yaml")
     model, tokenizer = load_causal_lm(cfg.model)
@@ -65,7 +65,7 @@ def run_generate(num_prompts: int, batch_size: int) -> dict:
 
 def run_extract(num_prompts: int, batch_size: int) -> dict:
     from trail_probe.config import resolve_layers
-    from trail_probe.extract import generate_with_capture
+    from trail_probe.offline.generation import generate_with_capture
 
     cfg, model, tokenizer, ready = _setup(num_prompts)
     cfg.generation.batch_size = batch_size

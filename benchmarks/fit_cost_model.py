@@ -7,8 +7,9 @@ Times single forward passes of the serving model (the recipe's SmolLM2-135M-Inst
 prefills of a few prompt lengths, a prefill chunk after a cached context, and decode steps at a few
 batch sizes and context lengths (random KV caches, so no long prefill is needed to set them up).
 Each timing becomes the simulator's iteration features (tokens, decode_context, prefill_pairs) and
-`trail_probe.cost_model.fit_cost_model` fits t = a + b*tokens + c*decode_context + d*prefill_pairs.
-Prints measured against fitted times and writes benchmarks/results/cost_model_cpu.json, which
+`trail_probe.serving.cost_model.fit_cost_model` fits t = a + b*tokens + c*decode_context + d*prefill_pairs.
+Prints measured against fitted times and writes benchmarks/results/cost_model_cpu.json; copy its
+coefficients into trail_probe/serving/cost_model.py (MEASURED_CPU), which
 `simulate.cost_preset=measured_cpu` loads. Timings taken while other work shares the CPU (e.g. an
 extraction) are slower than an idle machine: re-run the fit on an idle machine before quoting it.
 """
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from trail_probe.config import ModelConfig, atomic_write_json
-from trail_probe.models import load_causal_lm
-from trail_probe.cost_model import fit_cost_model, iteration_features
+from trail_probe.atomic import atomic_write_json
+from trail_probe.config import ModelConfig
+from trail_probe.runtime.models import load_causal_lm
+from trail_probe.serving.cost_model import fit_cost_model, iteration_features
 
 OUT = Path(__file__).resolve().parent / "results" / "cost_model_cpu.json"
 PREFILL_LENGTHS = [16, 64, 160, 320]

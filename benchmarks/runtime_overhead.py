@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from trail_probe.bins import Bins
-from trail_probe.config import ModelConfig, atomic_write_json
-from trail_probe.models import DTYPES, load_causal_lm
-from trail_probe.probe import LengthProbe
+from trail_probe.atomic import atomic_write_json
+from trail_probe.config import ModelConfig
 from trail_probe.runtime import LengthPredictor, LengthTracker
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.models import DTYPES, load_causal_lm
+from trail_probe.runtime.probe import LengthProbe
 
 RESULTS = Path(__file__).parent / "results" / "runtime_overhead.json"
 HIDDEN_SIZES = (576, 4096)

@@ -6,7 +6,7 @@
 
 The data is synthetic but has the real shape, and goes through the real path: the split, the
 in-memory batch feed, `ProbeModule` and Lightning's Trainer (progress bar, CSV logger, best/last
-checkpoints, probe export), via `trail_probe.train.fit_probe`. Prints a table and writes
+checkpoints, probe export), via `trail_probe.stages.train.fit_probe`. Prints a table and writes
 benchmarks/results/train_speed.json. The 1-minute load average before each run is recorded; with
 another job on the machine ("background_load": true) wall times are pessimistic, and the process's
 CPU seconds ("process_cpu_s") are the better guide to what a quiet machine does.
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from trail_probe.bins import Bins
 from trail_probe.config import load_recipe
-from trail_probe.lightning_module import TensorRows
-from trail_probe.split import make_split
-from trail_probe.train import ProbeData, ProbeSpec, fit_probe
+from trail_probe.offline.probe_module import TensorRows
+from trail_probe.offline.split import make_split
+from trail_probe.runtime.bins import Bins
+from trail_probe.stages.train import ProbeData, ProbeSpec, fit_probe
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
@@ -40,7 +40,7 @@ def synthetic_decode_data(num_requests: int, per_request: int, dim: int, train_f
     request = torch.arange(num_requests).repeat_interleave(per_request)
     remaining = torch.randint(0, 512, (len(request),), generator=g)
     direction = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
-    # noise 0.1 per dimension, as trail_probe.synthetic: learnable, so val MAE shows the run is sane
+    # noise 0.1 per dimension, as trail_probe.offline.synthetic: learnable, so val MAE shows the run is sane
     x = torch.randn(len(request), dim, generator=g) * 0.1 + (remaining.float() / 512)[:, None] * direction * 4
     bins = Bins()
     rows = (x, bins.label(remaining), remaining.float(), torch.full((len(request),), 512.0))

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trail_probe.config import load_recipe  # noqa: E402
-from trail_probe.store import Extraction  # noqa: E402
+from trail_probe.offline.store import Extraction  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,9 @@ def training_curves(ckpt: Path, probes: list[tuple[str, str]], out: Path) -> Non
 
 def main(recipe: str) -> None:
     cfg = load_recipe(recipe)
-    ckpt, out = cfg.checkpoint_dir, REPO / "reports" / cfg.run_name
+    ckpt, out = cfg.paths.checkpoints, REPO / "reports" / cfg.run_name
     out.mkdir(parents=True, exist_ok=True)
-    ex = Extraction(cfg.data_dir)
+    ex = Extraction(cfg.paths.data)
     lengths = length_distribution(ex, out)
     for src in sorted((ckpt / "eval").glob("*")):
         if src.suffix in (".md", ".json", ".png") and src.name != "predictions.json":

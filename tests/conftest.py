@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 os.environ.setdefault("TRAIL_PROBE_QUIET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -82,7 +83,7 @@ BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "synthetic", "prompt
     [f"##{d}" for d in range(10)]
 
 
-def make_tiny_bert(folder: Path) -> Path:
+def make_tiny_bert_encoder(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT encoder (no classification head, like MiniLM) and its WordPiece
     tokenizer over a 27-word vocabulary, saved as a local model folder."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -108,3 +109,51 @@ def write_prompts(path: Path, n: int = 10, rows: list | None = None) -> Path:
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     return write_prompts(tmp_path / "prompts.jsonl")
+
+
+# ------------------------------------------------------------------------------------------
+# Predictor directories as TRAIL's runtime loads them, written from scratch
+# ------------------------------------------------------------------------------------------
+D, HIDDEN, K, MAX_LEN = 12, 16, 10, 512
+
+
+def trail_weights(d=D, hidden=HIDDEN, k=K, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"fc1.weight": torch.randn(hidden, d, generator=g), "fc1.bias": torch.randn(hidden, generator=g),
+            "fc2.weight": torch.randn(k, hidden, generator=g), "fc2.bias": torch.randn(k, generator=g)}
+
+
+def write_trail_dir(folder, weights, weights_file="model.safetensors", sequential=False, **config_changes):
+    """A predictor directory laid out as TRAIL_NOTES section 5 describes, written from scratch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"hidden_size": D, "hidden_dim": HIDDEN, "num_labels": K, "max_len": MAX_LEN,
+              "probe_layer_idx": 3, "dtype": "float32", "device": "cuda"}
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    if sequential:
+        weights = {k.replace("fc1.", "0.").replace("fc2.", "2."): v for k, v in weights.items()}
+    if weights_file == "model.safetensors":
+        save_file(weights, str(folder / weights_file))
+    else:
+        torch.save(weights, folder / weights_file)
+    return folder
+
+
+PREDICTOR_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "write", "a", "poem", "about", "the", "sea", "list", "three"]
+
+
+def make_tiny_bert_predictor(folder, num_labels=K, max_len=MAX_LEN, with_tokenizer=True):
+    """A trained-baseline-like BERT directory (classification head, max_len, baseline.json), random weights."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(PREDICTOR_WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+    config.max_len = max_len
+    config.bin_edges = torch.linspace(0, max_len, num_labels + 1).tolist()
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(PREDICTOR_WORDS)})
+    if with_tokenizer:
+        tokenizer.save_pretrained(folder)
+    (folder / "baseline.json").write_text(json.dumps({"max_length": 32, "metrics": {"val/mae": 46.1}}))
+    return tokenizer

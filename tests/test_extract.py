@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import write_prompts
 
-from trail_probe import extract as extract_mod
 from trail_probe.cli import main
 from trail_probe.config import load_recipe
-from trail_probe.extract import generate_with_capture, prepare_prompts, run_extract
-from trail_probe.models import load_causal_lm
-from trail_probe.prompts import Prompt
-from trail_probe.store import Extraction
-
-from conftest import write_prompts
+from trail_probe.offline.generation import generate_with_capture, prepare_prompts
+from trail_probe.offline.prompts import Prompt
+from trail_probe.offline.store import Extraction
+from trail_probe.runtime.models import load_causal_lm
+from trail_probe.stages import extract as extract_mod
+from trail_probe.stages.extract import run_extract
 
 
 def _cfg(model_dir, prompts, out, *extra):

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 
-from trail_probe.cli import main
+from conftest import make_tiny_bert_encoder
 
-from conftest import make_tiny_bert
+from trail_probe.cli import main
 
 
 def test_pipeline_end_to_end_then_resumes(tiny_llama, prompts_file, tmp_path, capsys):
-    bert = make_tiny_bert(tmp_path / "bert")
+    bert = make_tiny_bert_encoder(tmp_path / "bert")
     ckpt = tmp_path / "ckpt"
     args = ["pipeline", "recipes/smollm2_alpaca.yaml", f"model.name_or_path={tiny_llama}",
             f"prompts.source={prompts_file}", f"extract.out_dir={tmp_path / 'data'}", f"train.out_dir={ckpt}",
             "generation.max_new_tokens=24", "generation.batch_size=4", "extract.decode_stride=2",
             "train.epochs=2", "train.layers=all", "train.multi_layer=none", "train.train_fraction=0.6",
             f"baseline.model={bert}", "baseline.epochs=1", "baseline.max_length=16",
-            "eval.refine_interval=2", "simulate.num_requests=40", "simulate.loads=[0.8]",
+            "refine.interval=2", "simulate.num_requests=40", "simulate.loads=[0.8]",
             "simulate.burst=false", "simulate.max_running=4", "simulate.token_budget=64",
             "simulate.kv_capacity_tokens=4000"]
     assert main(args) == 0, capsys.readouterr().err

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from trail_probe.errors import UserError
-from trail_probe.policies import POLICIES, RequestQueue, make_policy, schedule
+from trail_probe.serving.policies import POLICIES, RequestQueue, make_policy, schedule
 
 
 @dataclass(eq=False)

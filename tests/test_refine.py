@@ -1,4 +1,4 @@
-"""trail_probe.refine against a direct, loop-by-loop implementation of TRAIL_NOTES section 2.
+"""trail_probe.runtime.refine against a direct, loop-by-loop implementation of TRAIL_NOTES section 2.
 
 The reference below uses plain Python lists and moves the prior one token at a time, so it shares
 no code (and no matrix powers) with the module under test.
@@ -10,8 +10,13 @@ import random
 import pytest
 import torch
 
-from trail_probe.bins import Bins
-from trail_probe.refine import TransitionPowers, bayes_update, refine_sequence, transition_matrix
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.refine import (
+    TransitionPowers,
+    bayes_update,
+    refine_sequence,
+    transition_matrix,
+)
 
 
 def reference_step(q: list[float], w: float) -> list[float]:
@@ -145,7 +150,7 @@ def test_uninformative_predictor_keeps_the_counted_down_prior():
 def test_prior_corrected_likelihood_removes_the_label_prior():
     """A probe that outputs exactly the training label frequencies carries no evidence: with the
     prior divided out, refinement keeps the (moved) initial prior; TRAIL's raw update does not."""
-    from trail_probe.refine import step_likelihood
+    from trail_probe.runtime.refine import step_likelihood
 
     label_prior = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
     powers = TransitionPowers(5, 10.0)

@@ -11,35 +11,25 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    HIDDEN,
+    MAX_LEN,
+    D,
+    K,
+    make_tiny_bert_predictor,
+    trail_weights,
+    write_trail_dir,
+)
 from safetensors.torch import save_file
 
 from trail_probe.errors import UserError
-from trail_probe.refine import TransitionPowers, refine_sequence
-from trail_probe.runtime import BertLengthPredictor, LengthPredictor, LengthTracker, capture_layer
-
-D, HIDDEN, K, MAX_LEN = 12, 16, 10, 512
-
-
-def trail_weights(d=D, hidden=HIDDEN, k=K, seed=0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"fc1.weight": torch.randn(hidden, d, generator=g), "fc1.bias": torch.randn(hidden, generator=g),
-            "fc2.weight": torch.randn(k, hidden, generator=g), "fc2.bias": torch.randn(k, generator=g)}
-
-
-def write_trail_dir(folder, weights, weights_file="model.safetensors", sequential=False, **config_changes):
-    """A predictor directory laid out as TRAIL_NOTES section 5 describes, written from scratch."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"hidden_size": D, "hidden_dim": HIDDEN, "num_labels": K, "max_len": MAX_LEN,
-              "probe_layer_idx": 3, "dtype": "float32", "device": "cuda"}
-    config.update(config_changes)
-    (folder / "config.json").write_text(json.dumps(config))
-    if sequential:
-        weights = {k.replace("fc1.", "0.").replace("fc2.", "2."): v for k, v in weights.items()}
-    if weights_file == "model.safetensors":
-        save_file(weights, str(folder / weights_file))
-    else:
-        torch.save(weights, folder / weights_file)
-    return folder
+from trail_probe.runtime import (
+    BertLengthPredictor,
+    LengthPredictor,
+    LengthTracker,
+    capture_layer,
+)
+from trail_probe.runtime.refine import TransitionPowers, refine_sequence
 
 
 def hand_written_estimate(x: torch.Tensor, w: dict, max_len: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,29 +262,10 @@ def test_tracker_refuses_bad_calls(predictor):
 # ------------------------------------------------------------------------------------------
 # BERT predictor (a tiny random one built here, no download)
 # ------------------------------------------------------------------------------------------
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "write", "a", "poem", "about", "the", "sea", "list", "three"]
-
-
-def make_tiny_bert(folder, num_labels=K, max_len=MAX_LEN, with_tokenizer=True):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
-    config.max_len = max_len
-    config.bin_edges = torch.linspace(0, max_len, num_labels + 1).tolist()
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
-    if with_tokenizer:
-        tokenizer.save_pretrained(folder)
-    (folder / "baseline.json").write_text(json.dumps({"max_length": 32, "metrics": {"val/mae": 46.1}}))
-    return tokenizer
-
-
 def test_bert_predictor_gives_the_initial_estimate(tmp_path, predictor):
     from transformers import AutoModelForSequenceClassification
 
-    make_tiny_bert(tmp_path / "bert")
+    make_tiny_bert_predictor(tmp_path / "bert")
     bert = BertLengthPredictor.from_pretrained(tmp_path / "bert")
     texts = ["write a poem about the sea", "list three"]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert").eval()
@@ -311,11 +282,11 @@ def test_bert_predictor_gives_the_initial_estimate(tmp_path, predictor):
 def test_bert_predictor_bad_directories(tmp_path, predictor):
     with pytest.raises(UserError, match="has no config.json"):
         BertLengthPredictor.from_pretrained(tmp_path)
-    tokenizer = make_tiny_bert(tmp_path / "bare", with_tokenizer=False)  # TRAIL's release ships none
+    tokenizer = make_tiny_bert_predictor(tmp_path / "bare", with_tokenizer=False)  # TRAIL's release ships none
     with pytest.raises(UserError, match="no tokenizer found"):
         BertLengthPredictor.from_pretrained(tmp_path / "bare")
     assert BertLengthPredictor.from_pretrained(tmp_path / "bare", tokenizer=tokenizer).bins.num_bins == K
-    make_tiny_bert(tmp_path / "other", num_labels=8)
+    make_tiny_bert_predictor(tmp_path / "other", num_labels=8)
     with pytest.raises(UserError, match="8 bins over"):
         LengthTracker(predictor, text_predictor=BertLengthPredictor.from_pretrained(tmp_path / "other"))
 
@@ -396,6 +367,6 @@ def test_hook_drives_the_tracker_during_generate(tiny_llama, tmp_path):
 
 def test_runtime_imports_neither_lightning_nor_transformers():
     code = ("import sys, trail_probe.runtime; "
-            "print(sorted(m for m in ('lightning', 'transformers', 'trail_probe.train') if m in sys.modules))")
+            "print(sorted(m for m in ('lightning', 'transformers', 'trail_probe.stages.train') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import (
+    make_tiny_bert_predictor,
+    trail_weights,
+    write_prompts,
+    write_trail_dir,
+)
 
-from conftest import write_prompts
-from test_runtime import make_tiny_bert, trail_weights, write_trail_dir
-from trail_probe import serve_bench
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
+from trail_probe.stages import serve_bench
 
 MAX_NEW = 48
 
@@ -21,7 +25,7 @@ def recipe(tmp_path, tiny_llama):
         {"id": f"p{i}", "prompt": f"Write {i} words about {'cats' if i % 3 else 'the sea'}."} for i in range(40)])
     predictor = write_trail_dir(tmp_path / "predictor", trail_weights(d=64), hidden_size=64, probe_layer_idx=1,
                                 max_len=MAX_NEW, device="cpu")
-    make_tiny_bert(tmp_path / "bert", max_len=MAX_NEW)
+    make_tiny_bert_predictor(tmp_path / "bert", max_len=MAX_NEW)
 
     def make(*overrides):
         return load_recipe(None, [
@@ -37,7 +41,7 @@ def recipe(tmp_path, tiny_llama):
 def test_serve_bench_runs_both_policies_reports_and_resumes(recipe, monkeypatch):
     cfg = recipe()
     report = serve_bench.run_serve_bench(cfg, verbose=False)
-    out = serve_bench.out_dir(cfg)
+    out = cfg.paths.serve
     for name in ("fifo.json", "trail.json", "summary.json", "report.md", "serve_bench.png", "config.yaml"):
         assert (out / name).is_file(), name
     fifo, trail = (json.loads((out / f"{p}.json").read_text()) for p in ("fifo", "trail"))

@@ -7,9 +7,9 @@ import pytest
 
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
-from trail_probe.split import load_or_make_split, make_split, split_path
-from trail_probe.store import Extraction
-from trail_probe.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
+from trail_probe.offline.split import load_or_make_split, make_split
+from trail_probe.offline.store import Extraction
+from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
 
 IDS = [f"req-{i}" for i in range(1000)]
 
@@ -56,13 +56,13 @@ def _cfg(tmp_path, *overrides):
 def test_split_json_is_written_then_reused(tmp_path, extraction):
     cfg = _cfg(tmp_path)
     split = load_or_make_split(cfg, extraction)
-    on_disk = json.loads(split_path(cfg).read_text())
+    on_disk = json.loads(cfg.paths.split.read_text())
     assert on_disk == split
     assert set(split) == {"seed", "train_fraction", "extraction_manifest_sha256", "train_ids", "val_ids"}
     assert sorted(split["train_ids"] + split["val_ids"]) == sorted(extraction.ids)
     # A hand-edited split.json is what the next run uses: proof that it is read, not remade.
     on_disk["val_ids"], on_disk["train_ids"] = on_disk["val_ids"][:1], on_disk["train_ids"] + on_disk["val_ids"][1:]
-    split_path(cfg).write_text(json.dumps(on_disk))
+    cfg.paths.split.write_text(json.dumps(on_disk))
     assert load_or_make_split(cfg, extraction)["val_ids"] == on_disk["val_ids"]
 
 

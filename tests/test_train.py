@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trail_probe.bins import Bins
 from trail_probe.cli import main
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
-from trail_probe.lightning_module import EpochRows, TensorBatches, sample_per_group
-from trail_probe.split import load_or_make_split
-from trail_probe.store import Extraction
-from trail_probe.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
-from trail_probe.train import ProbeSpec, load_data, load_probe, train
+from trail_probe.offline.artifacts import load_probe
+from trail_probe.offline.probe_module import EpochRows, TensorBatches, sample_per_group
+from trail_probe.offline.split import load_or_make_split
+from trail_probe.offline.store import Extraction
+from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
+from trail_probe.runtime.bins import Bins
+from trail_probe.stages.train import ProbeSpec, load_data, train
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_alpaca.yaml")
 

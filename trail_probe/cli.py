@@ -3,7 +3,7 @@
     trail-probe extract recipes/smollm2_alpaca.yaml prompts.num_prompts=64
     trail-probe train recipes/smollm2_alpaca.yaml train.layers=all
 
-Each subcommand lives in its own module, which defines:
+Each subcommand lives in its own module of `trail_probe.stages` (the table is `stages.COMMANDS`), which defines:
     HELP: str                      one line for the command list
     EXAMPLES: str                  shown in the subcommand's --help epilog
     add_arguments(parser)          optional: extra flags (--resume, --overwrite, ...)
@@ -22,26 +22,11 @@ import sys
 
 from trail_probe.config import format_config, load_recipe
 from trail_probe.errors import UserError
-
-# subcommand -> module; order is the pipeline's order.
-COMMANDS: dict[str, str] = {
-    "extract": "trail_probe.extract",
-    "train": "trail_probe.train",
-    "train-baseline": "trail_probe.baseline",
-    "eval": "trail_probe.evaluate",
-    "export": "trail_probe.export",
-    "simulate": "trail_probe.simulate",
-    "serve-bench": "trail_probe.serve_bench",
-    "pipeline": "trail_probe.pipeline",
-}
+from trail_probe.stages import COMMANDS
 
 
 def _available_commands() -> dict[str, str]:
-    return {
-        name: module
-        for name, module in COMMANDS.items()
-        if importlib.util.find_spec(module) is not None
-    }
+    return {name: module for name, (module, _, _) in COMMANDS.items() if importlib.util.find_spec(module) is not None}
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

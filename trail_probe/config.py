@@ -3,8 +3,11 @@
     cfg = load_recipe("recipes/smollm2_alpaca.yaml", ["train.epochs=5", "extract.decode_stride=4"])
 
 Every stage reads its own section (`cfg.extract`, `cfg.train`, ...) plus the shared ones
-(`cfg.model`, `cfg.prompts`, `cfg.bins`). Unknown keys and wrongly typed values are refused with a
-one-line `UserError`. `save_config` writes the resolved config next to a stage's outputs.
+(`cfg.model`, `cfg.prompts`, `cfg.bins`, `cfg.refine`). Unknown keys, wrongly typed values and
+choices outside their `trail_probe.choices` options are refused with a one-line `UserError`.
+Where every stage reads and writes is declared once, on `cfg.paths` (derived from `run_name` and
+the sections' `out_dir` overrides). `save_config` writes the resolved config next to a stage's
+outputs (written with `trail_probe.atomic`, the one way files are written).
 """
 
 from __future__ import annotations
@@ -16,11 +19,24 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
+from trail_probe.atomic import atomic_write_text
+from trail_probe.choices import (
+    InitialSource,
+    Likelihood,
+    Logger,
+    MultiLayer,
+    PausedCache,
+    RefinePrior,
+    Task,
+    TaskSelection,
+    TooLong,
+)
 from trail_probe.errors import UserError
+from trail_probe.paths import RunPaths
 
 # A layer selection: "all", a range string "10-15", one layer index, or a list of layer indices.
 LayerSpec = Union[str, int, list[int]]
@@ -45,7 +61,7 @@ class PromptsConfig:
     num_prompts: int | None = None  # None: all
     seed: int = 0  # which prompts are selected when num_prompts < all
     skip_bad_rows: bool = False  # malformed / empty rows: error (False) or skip and count (True)
-    too_long: str = "skip"  # prompt + max_new_tokens over the context: skip | truncate
+    too_long: TooLong = "skip"  # prompt + max_new_tokens over the context
 
 
 @dataclass
@@ -78,9 +94,9 @@ class BinsConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "decode"  # prompt | decode | both
+    task: TaskSelection = "decode"
     layers: LayerSpec = "11"  # one layer, or several (a sweep), e.g. "all" or "8-15"
-    multi_layer: str = "none"  # none | concat | weighted_mean: also train on the whole layer set
+    multi_layer: MultiLayer = "none"  # also train one probe on the whole layer set
     multi_layer_layers: LayerSpec = ""  # layers the multi-layer probe reads; "" = train.layers
     hidden_dim: int = 512
     epochs: int = 30
@@ -92,13 +108,13 @@ class TrainConfig:
     split_seed: int = 0
     decode_samples_per_request: int = 16
     seed: int = 0
-    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard | wandb
+    loggers: list[Logger] = field(default_factory=lambda: ["csv"])
     wandb_project: str | None = None
     accelerator: str = "cpu"
     devices: Any = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    num_threads: int | None = None  # torch CPU threads for training; None = 1 (see trail_probe/train.py)
+    num_threads: int | None = None  # torch CPU threads for training; None = 1 (see trail_probe/stages/train.py)
     deterministic: bool = True  # Lightning Trainer(deterministic=...): same seed + data, same weights
     out_dir: str = ""  # default: checkpoints/<run_name>
 
@@ -121,14 +137,27 @@ class BaselineConfig:
 
 
 @dataclass
+class RefineConfig:
+    """How estimates are refined while a request decodes and how a scheduler uses them: one section
+    for eval, simulate and serve-bench."""
+
+    interval: int = 8  # k: refine at generated = 1, 1+k, ... (eval: a multiple of extract.decode_stride)
+    likelihood: Likelihood = "posterior"  # TRAIL's rule, or prior_corrected (refine.step_likelihood)
+    prior: RefinePrior = "auto"  # eval: before the first decode step (auto: the prompt probe when trained)
+    preemption_c: float = 0.8  # limited preemption: preemptible while generated <= C * initial estimate
+
+    def __post_init__(self) -> None:
+        from trail_probe.runtime.estimates import check_interval
+        from trail_probe.serving.policies import check_preemption_c
+
+        check_interval(self.interval)
+        check_preemption_c(self.preemption_c, "refine.preemption_c")
+
+
+@dataclass
 class EvalConfig:
     layer: int | None = None  # None: the best layer of the sweep, else train.layers' first
     all_layers: bool = False
-    refine_interval: int = 8  # k: refine every k generated tokens (multiple of decode_stride)
-    refine_prior: str = "auto"  # prior before the first decode step: prompt_probe | none | auto (prompt probe when trained)
-    # per-step factor of the Bayes update: posterior (TRAIL: the probe's output as is) |
-    # prior_corrected (divided by the training labels' bin frequencies, see refine.step_likelihood)
-    refine_likelihood: str = "posterior"
     curve_step: int = 32  # tokens generated between points of the MAE-vs-progress curve
     batch_size: int = 64  # prompts per BERT forward pass
     out_dir: str = ""  # default: checkpoints/<run_name>/eval
@@ -138,7 +167,7 @@ class EvalConfig:
 class ExportConfig:
     out_dir: str = ""  # default: checkpoints/<run_name>/predictor
     layer: int | None = None
-    task: str = "decode"
+    task: Task = "decode"
     include_baseline: bool = False
     probe: str = ""  # a folder under probes/<task>/ (e.g. layer-11); default: layer-<export.layer>
 
@@ -153,12 +182,10 @@ class SimulateConfig:
     loads: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 1.05])
     burst: bool = True  # also simulate all requests arriving at once
     num_requests: int = 2000  # sampled from the held-out requests (with replacement when more)
-    preemption_c: float = 0.8
-    refine_interval: int = 0  # refine every k tokens; 0: as the predictions file; else a multiple of it
     max_running: int = 64
     token_budget: int = 512  # tokens per iteration (chunked prefill); >= max_running
     kv_capacity_tokens: int = 60000
-    paused_cache: str = "keep"  # keep (until memory is short) | discard: a preempted request's KV cache
+    paused_cache: PausedCache = "keep"  # a preempted request's KV cache: kept until memory is short, or dropped
     cost_preset: str = "measured_cpu"  # measured_cpu | llama3_8b_a100 | path/to/cost_model.json
     predictions: str = ""  # default: <eval out_dir>/predictions.json
     seed: int = 0
@@ -176,14 +203,10 @@ class ServeConfig:
     max_batch_tokens: int = 256  # tokens per forward pass (chunked prefill)
     page_size: int = 32  # KV cache page (block) size in tokens
     num_blocks: int = 2048  # KV cache pages
-    initial: str = "bert"  # bert | prompt_probe | none: where a request's first estimate comes from
+    initial: InitialSource = "bert"  # where a request's first estimate comes from
     predictor: str = ""  # default: <checkpoint_dir>/predictor (the decode probe, trail-probe export)
     prompt_predictor: str = ""  # an exported prompt probe, for initial=prompt_probe
     bert: str = ""  # default: the baseline folder (trail-probe train-baseline)
-    refine_interval: int = 8
-    # posterior: TRAIL's rule; prior_corrected: divide out the training bin frequencies (eval's option)
-    refine_likelihood: str = "posterior"
-    preemption_c: float = 0.8
     threads: int = 2  # torch threads for the engine
     seed: int = 0
     out_dir: str = ""  # default: checkpoints/<run_name>/serve
@@ -203,15 +226,12 @@ class RecipeConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-
-    # Default output folders, derived from run_name so one override moves a whole run.
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.extract.out_dir or f"data/{self.run_name}")
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.train.out_dir or f"checkpoints/{self.run_name}")
+    def paths(self) -> RunPaths:
+        """Where every stage reads and writes (`trail_probe.paths.RunPaths`)."""
+        return RunPaths.of(self)
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -219,6 +239,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value in options:
+            return value
+        raise UserError(f"config key '{key}' = {value!r} must be one of {', '.join(map(str, options))}; "
+                        "fix the recipe or override")
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
@@ -249,6 +275,15 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     raise UserError(f"config key '{key}' = {value!r} is not a {_type_name(tp)}; fix the recipe or override")
 
 
+# Keys of earlier versions, so a saved recipe or a habit fails with the new name instead of a list.
+MOVED = {
+    "eval.refine_interval": "refine.interval", "eval.refine_likelihood": "refine.likelihood",
+    "eval.refine_prior": "refine.prior", "serve.refine_interval": "refine.interval",
+    "serve.refine_likelihood": "refine.likelihood", "serve.preemption_c": "refine.preemption_c",
+    "simulate.refine_interval": "refine.interval", "simulate.preemption_c": "refine.preemption_c",
+}
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -260,8 +295,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
+        key = f"{prefix}{unknown[0]}"
+        if key in MOVED:
+            raise UserError(f"config key '{key}' is now '{MOVED[key]}' (one refine section for eval, simulate and "
+                            "serve-bench); rename it in the recipe or override")
         raise UserError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+            f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -270,7 +309,10 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, tp, prefix + name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as e:  # a section's own check (__post_init__) names its keys itself
+        raise UserError(str(e)) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -316,21 +358,15 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_sha256(cfg: Any) -> str:
+    """Identity of a resolved config (written into probes and the sweep)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
+
+
 def format_config(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see either the old or the complete new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def save_config(cfg: Any, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:

@@ -44,6 +44,11 @@ class Bins:
         idx = torch.floor(lengths.double() / self.width).long()
         return idx.clamp(0, self.num_bins - 1)
 
+    def frequencies(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Share of `lengths` in each bin [K] (float64): the label prior of a training set."""
+        counts = torch.bincount(self.label(lengths), minlength=self.num_bins).double()
+        return counts / counts.sum()
+
     def expectation(self, probs: torch.Tensor) -> torch.Tensor:
         """Expected length sum_i p_i * m_i over the last dimension."""
         return probs @ self.midpoints.to(device=probs.device, dtype=probs.dtype)

@@ -83,9 +83,14 @@ def make_policy(spec: str, preemption_c: float = 0.8) -> Policy:
             raise UserError(f"policy '{spec}': '{c_text}' is not a number; write e.g. trail@0.8") from None
     else:
         c = preemption_c if preempts else 0.0
-    if not 0.0 <= c <= 1.0:
-        raise UserError(f"preemption limit C = {c} (policy '{spec}') must be in [0, 1]: 0 never preempts, 1 is plain SPRPT")
+    check_preemption_c(c, f"preemption limit C (policy '{spec}')")
     return Policy(spec, order, predictor, c)
+
+
+def check_preemption_c(c: float, what: str = "preemption_c") -> float:
+    if not 0.0 <= c <= 1.0:
+        raise UserError(f"{what} = {c} must be in [0, 1]: 0 never preempts, 1 is plain SPRPT")
+    return c
 
 
 class RequestQueue:

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trail_probe.atomic import atomic_path
 from trail_probe.errors import UserError
 
 FORMAT = "trail_probe.extraction/1"
@@ -75,10 +76,8 @@ def write_shard(path: Path, requests: list[ExtractedRequest], num_prompt_layers:
         "decode_remaining": torch.cat([r.decode_remaining for r in requests]).long(),
     }
     metadata = {"format": FORMAT, "records": json.dumps([r.record for r in requests])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def read_shard_records(path: Path) -> list[dict]:
@@ -191,6 +190,17 @@ class Extraction:
             with safe_open(str(shard), framework="pt") as f:
                 parts.append(f.get_slice("prompt_states")[li : li + 1][0].float())
         return torch.cat(parts) if parts else torch.zeros(0, self.hidden_size)
+
+    def decode_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global request index, remaining tokens) of every decode sample, without reading states."""
+        request, remaining = [], []
+        for shard, offset in zip(self.shards, self._shard_offsets):
+            with safe_open(str(shard), framework="pt") as f:
+                request.append(f.get_tensor("decode_request") + offset)
+                remaining.append(f.get_tensor("decode_remaining"))
+        if not request:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat(request), torch.cat(remaining)
 
     def decode(self, layer: int) -> DecodeStates:
         """Decode-step samples of `layer` across all shards, with global request indices."""

@@ -24,27 +24,27 @@ task, else the first of train.layers; export.probe names a probe folder directly
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trail_probe import __version__
-from trail_probe.bins import Bins
-from trail_probe.config import RecipeConfig, atomic_write_json, resolve_layers, save_config
+from trail_probe.atomic import atomic_dir, atomic_write_json
+from trail_probe.config import RecipeConfig, save_config
 from trail_probe.errors import UserError
-from trail_probe.models import file_sha256
-from trail_probe.runtime import (
+from trail_probe.offline.artifacts import best_layer, label_prior, probe_name
+from trail_probe.offline.store import LAYER_NUMBERING, Extraction
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.models import file_sha256
+from trail_probe.runtime.predictor import (
     CONFIG_FILE,
     METADATA_FILE,
     PROBE_KEYS,
     LengthPredictor,
     check_probe_weights,
 )
-from trail_probe.store import LAYER_NUMBERING
 
 HELP = "Write the trained probe (and optionally the BERT baseline) as a predictor a serving scheduler loads."
 EXAMPLES = """examples:
@@ -56,7 +56,6 @@ then, in the server:
   predictor = LengthPredictor.from_pretrained("checkpoints/smollm2_alpaca/predictor", num_layers=30)"""
 
 FORMAT = "trail_probe.predictor/1"
-TASKS = ("prompt", "decode")
 
 
 def run(cfg: RecipeConfig, args) -> None:
@@ -70,16 +69,14 @@ def run(cfg: RecipeConfig, args) -> None:
 
 def export_predictor(cfg: RecipeConfig) -> Path:
     """Write the predictor directory for `cfg` and return its path."""
-    task = cfg.export.task
-    if task not in TASKS:
-        raise UserError(f"export.task = {task!r} must be one of {', '.join(TASKS)}")
+    task = cfg.export.task  # a Task: the config loader checked it
     if cfg.export.probe:
         name = cfg.export.probe
     else:
-        name = f"layer-{cfg.export.layer if cfg.export.layer is not None else default_layer(cfg, task)}"
-    probe_dir = cfg.checkpoint_dir / "probes" / task / name
+        name = probe_name((cfg.export.layer if cfg.export.layer is not None else best_layer(cfg, task)[0],))
+    probe_dir = cfg.paths.probe(task, name)
     if not (probe_dir / "probe.json").is_file():
-        found = sorted(p.name for p in (cfg.checkpoint_dir / "probes" / task).glob("*") if (p / "probe.json").is_file())
+        found = sorted(p.name for p in (cfg.paths.probes / task).glob("*") if (p / "probe.json").is_file())
         raise UserError(
             f"no trained {task} probe at '{probe_dir}' (found: {', '.join(found) or 'none'}); "
             "run 'trail-probe train' for that layer or set export.layer"
@@ -90,16 +87,13 @@ def export_predictor(cfg: RecipeConfig) -> Path:
     Bins.from_config(cfg.bins).check_matches(meta["bins"], f"probe '{probe_dir}'")
     baseline_dir = None
     if cfg.export.include_baseline:
-        baseline_dir = Path(cfg.baseline.out_dir or cfg.checkpoint_dir / "baseline")
+        baseline_dir = cfg.paths.baseline
         check_baseline(baseline_dir, bins)
 
-    out = Path(cfg.export.out_dir or cfg.checkpoint_dir / "predictor")
+    out = cfg.paths.predictor
     if out.exists() and not (out / METADATA_FILE).is_file() and any(out.iterdir()):
         raise UserError(f"'{out}' exists and is not a predictor export; choose another export.out_dir or remove it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         weights = tmp / "model.safetensors"
         save_file({k: state[k].float().contiguous() for k in PROBE_KEYS}, str(weights), metadata={"format": "pt"})
         atomic_write_json(tmp / CONFIG_FILE, {
@@ -130,47 +124,22 @@ def export_predictor(cfg: RecipeConfig) -> Path:
             "source": {"probe_dir": str(probe_dir), "probe_sha256": file_sha256(probe_dir / "probe.safetensors")},
             "bert": None if baseline_dir is None else {"dir": "bert", "source": str(baseline_dir),
                                                        "metrics": _baseline_metrics(baseline_dir)},
-            "label_prior": label_prior(cfg, meta, bins) if task == "decode" else None,
+            "label_prior": _label_prior(cfg, bins) if task == "decode" else None,
         })
         save_config(cfg, tmp, "recipe.yaml")
         LengthPredictor.from_pretrained(tmp, device="cpu", num_layers=meta["model"].get("num_layers"))
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def label_prior(cfg: RecipeConfig, meta: dict, bins: Bins) -> list[float] | None:
-    """Bin frequencies of the remaining lengths the decode probe was trained on (the training side
-    of the split), which the runtime divides out of each refinement (`refine.step_likelihood`,
-    `LengthTracker(likelihood="prior_corrected")`). None when the extraction is not on this machine."""
-    from trail_probe.split import split_path
-    from trail_probe.store import Extraction
-
-    path = split_path(cfg)
-    if not (Path(cfg.data_dir) / "manifest.json").is_file() or not path.is_file():
-        print(f"# no extraction at '{cfg.data_dir}' (or no split): the export carries no label prior, so the "
-              "runtime can only use TRAIL's refinement rule")
+def _label_prior(cfg: RecipeConfig, bins: Bins) -> list[float] | None:
+    """The training bin frequencies the runtime divides out of each refinement
+    (`LengthTracker(likelihood="prior_corrected")`); None when the extraction is not on this machine."""
+    if not (cfg.paths.data / "manifest.json").is_file() or not cfg.paths.split.is_file():
+        print(f"# no extraction at '{cfg.paths.data}' (or no split): the export carries no label prior, so the "
+              "runtime can only use TRAIL's own refinement rule (likelihood='posterior')")
         return None
-    extraction = Extraction(cfg.data_dir)
-    train_ids = set(json.loads(path.read_text())["train_ids"])
-    ds = extraction.decode(meta["layers"][0])
-    is_train = torch.tensor([r["id"] in train_ids for r in extraction.records])[ds.request]
-    counts = torch.bincount(bins.label(ds.remaining[is_train]), minlength=bins.num_bins).double()
-    return (counts / counts.sum()).tolist()
-
-
-def default_layer(cfg: RecipeConfig, task: str) -> int:
-    """The sweep's best layer for `task` when a sweep ran, else the first of train.layers."""
-    sweep = cfg.checkpoint_dir / "sweep" / "layer_sweep.json"
-    if sweep.is_file():
-        data = json.loads(sweep.read_text())
-        best, entry = data.get("best_layer"), data.get(task)
-        best = best.get(task) if isinstance(best, dict) else entry.get("best_layer") if isinstance(entry, dict) else None
-        if isinstance(best, int):
-            return best
-    # Only the first layer is needed, and it does not depend on the model's depth ("all" -> 0).
-    return resolve_layers(cfg.train.layers, num_layers=1 << 30, what="train.layers")[0]
+    split = json.loads(cfg.paths.split.read_text())
+    return label_prior(Extraction(cfg.paths.data), split, bins).tolist()
 
 
 def read_probe(folder: Path) -> tuple[dict, dict]:
@@ -208,12 +177,3 @@ def check_baseline(folder: Path, bins: Bins) -> None:
 def _baseline_metrics(folder: Path) -> dict:
     record = folder / "baseline.json"
     return json.loads(record.read_text()).get("metrics", {}) if record.is_file() else {}
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; a previous export there is swapped out and deleted afterwards."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,14 +1,8 @@
-"""What the probe buys a server: simulate continuous batching under each policy (`trail-probe simulate`).
+"""An iteration-level simulator of a continuous-batching LLM server, for any scheduling policy.
 
-    trail-probe simulate recipes/smollm2_alpaca.yaml
-    trail-probe simulate recipes/smollm2_alpaca.yaml simulate.cost_preset=llama3_8b_a100
-    trail-probe simulate recipes/smollm2_alpaca.yaml simulate.loads=[0.8,0.9] simulate.policies=[fcfs,trail,oracle]
-
-Requests replay the held-out split of a real run: prompt lengths, true output lengths, BERT's
-estimate and the probe's refined estimates come from `<checkpoint_dir>/eval/predictions.json`
-(written by `trail-probe eval`), so the prediction errors are the real ones. Requests arrive as a
-Poisson process at each rate (or, by default, at rates that put FCFS at `simulate.loads` of its
-saturated throughput) and all at once ("burst", the paper's Figure 8).
+    from trail_probe.serving.simulator import Engine, simulate, summarize, poisson_arrivals
+    result = simulate(workload.with_arrivals(poisson_arrivals(len(workload), 2.0, seed=0)),
+                      make_policy("trail"), Engine(max_running=64), load_cost_model("measured_cpu"))
 
 The engine is iteration-level continuous batching in the style of vLLM with chunked prefill:
 - at most `max_running` requests hold a slot; each iteration processes one decode token for every
@@ -21,70 +15,37 @@ The engine is iteration-level continuous batching in the style of vLLM with chun
   policy keeps its cache while memory allows (`paused_cache=keep`, the default: paused caches are
   the first to go on overflow, as in the paper, and the public TRAIL runtime keeps them in SGLang's
   radix cache), or loses it at once (`paused_cache=discard`: every preemption is a recompute).
-- the time of one iteration is a linear cost model (`CostModel`):
+- the time of one iteration is a linear cost model (`trail_probe.serving.cost_model.CostModel`):
       t = a + b * tokens + c * decode_context + d * prefill_pairs
-  tokens: tokens processed (decode + prefill); decode_context: KV entries the decode tokens attend
-  to (memory-bound: each is read once); prefill_pairs: (query, key) pairs of prefill attention
-  (compute-bound). Presets: `llama3_8b_a100` (derived below from published figures) and
-  `measured_cpu` (fitted from SmolLM2 timings by benchmarks/fit_cost_model.py).
 
 Estimates: `trail` ranks a request by BERT's estimate until its first token (nothing else exists
 before the prefill), then by the refined probe estimate of the latest refinement (j = 1, 1+k, ...),
-counted down by one per generated token in between; `trail_bert` counts BERT's estimate down;
-`oracle` knows the remaining length. An estimate a request outlives stays at 1 token. The
-limited-preemption threshold uses the initial (BERT) estimate, as the public TRAIL runtime does.
+counted down by one per generated token in between (`trail_probe.runtime.estimates.count_down`, the
+rule the engines use); `trail_bert` counts BERT's estimate down; `oracle` knows the remaining length.
+The limited-preemption threshold uses the initial (BERT) estimate, as the public TRAIL runtime does.
 An answer of 0 tokens (immediate EOS) is simulated as 1: the step that produces EOS still runs.
 
-Load: `simulate.loads` are fractions of FCFS's saturated throughput, measured by simulating FCFS
-with every request queued at time 0 (completions per second between the 10th and 90th percentile
-completion). Requests wait in the queue only once all `max_running` slots are taken, so the
-policies differ only where slots run full; each point reports `slot_utilisation` (mean running /
-max_running) to show how often that is.
-
-Speed: between two events (an arrival that could change the running set, a completion, a refinement
-of a preemptible request while others wait, a KV overflow) all running requests just decode, so the
-simulator advances such stretches as one block in closed form.
-
-Python API: `load_predictions`, `sample_workload`, `simulate(workload, policy, engine, cost)`,
-`summarize`, `fit_cost_model`, `run_simulate(cfg)`.
+Scheduling decisions are `trail_probe.serving.policies.schedule`, the same code the serving engines
+run. Speed: between two events (an arrival that could change the running set, a completion, a
+refinement of a preemptible request while others wait, a KV overflow) all running requests just
+decode, so the simulator advances such stretches as one block in closed form.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from trail_probe.config import RecipeConfig, atomic_write_json, config_to_dict, save_config
+from trail_probe.choices import PausedCache, check_choice
 from trail_probe.errors import UserError
-from trail_probe.cost_model import CostModel, load_cost_model
-from trail_probe.policies import Policy, RequestQueue, make_policy, schedule
+from trail_probe.runtime.estimates import count_down
+from trail_probe.serving.cost_model import CostModel
+from trail_probe.serving.policies import Policy, RequestQueue, make_policy, schedule
 
-HELP = "Simulate a continuous-batching server: FCFS vs SJF vs TRAIL (SPRPT with limited preemption) vs oracle."
-EXAMPLES = """examples:
-  trail-probe simulate recipes/smollm2_alpaca.yaml
-  trail-probe simulate recipes/smollm2_alpaca.yaml simulate.cost_preset=llama3_8b_a100
-  trail-probe simulate recipes/smollm2_alpaca.yaml simulate.rates=[2,4,6] simulate.burst=false
-  trail-probe simulate recipes/smollm2_alpaca.yaml simulate.policies=[fcfs,trail,trail@1.0,oracle]
-  trail-probe simulate recipes/smollm2_alpaca.yaml simulate.predictions=other/eval/predictions.json
-Reads <checkpoint_dir>/eval/predictions.json (run 'trail-probe eval' first); writes
-<checkpoint_dir>/simulate/results.json, latency_vs_rate.png and ttft_vs_rate.png."""
-
-ESTIMATE_FLOOR = 1.0  # tokens: a request that outlives its estimate still has a little left
 WATERMARK = 0.01  # fraction of the KV cache kept free when admitting (vLLM's default)
-ABLATION = [  # (policy, what it adds), the paper's ablation order
-    ("fcfs", "baseline"),
-    ("sjf_bert", "ordering (SJF on BERT)"),
-    ("trail_bert", "+ limited preemption (BERT, counted down)"),
-    ("trail", "+ refinement (probe)"),
-    ("oracle", "exact lengths (TRAIL+)"),
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,61 +73,6 @@ class Workload:
     def with_arrivals(self, arrival: np.ndarray) -> "Workload":
         return Workload(np.asarray(arrival, dtype=float), self.prompt_tokens, self.output_tokens,
                         self.bert_estimate, self.refined, self.ids)
-
-
-REQUIRED_FIELDS = ("id", "prompt_tokens", "output_tokens", "bert_estimate", "refined")
-
-
-def load_predictions(path: str | Path, refine_interval: int | None = None) -> tuple[Workload, dict]:
-    """(all held-out requests with arrival 0, the file's metadata) from an eval predictions.json.
-    Only refinements every `refine_interval` tokens are kept (a multiple of the file's interval)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"predictions file '{path}' not found; run 'trail-probe eval RECIPE' first or set simulate.predictions")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"predictions file '{path}' is not valid JSON ({str(e)[:80]}); re-run 'trail-probe eval'") from None
-    requests = data.get("requests") if isinstance(data, dict) else None
-    if not isinstance(requests, list) or not requests:
-        raise UserError(f"predictions file '{path}' has no 'requests' list; re-run 'trail-probe eval' to write it")
-    try:
-        file_k = int(data.get("refine_interval") or 1)
-    except (TypeError, ValueError):
-        raise UserError(f"predictions file '{path}' has a non-integer refine_interval; re-run 'trail-probe eval'") from None
-    k = refine_interval or file_k
-    if k < 1 or k % file_k:
-        raise UserError(f"simulate.refine_interval = {k} is not a multiple of the {file_k}-token interval '{path}' "
-                        f"was refined at; use a multiple of {file_k}, or 0 for the file's own")
-    prompt, output, bert, refined, ids = [], [], [], [], []
-    for i, r in enumerate(requests):
-        missing = [f for f in REQUIRED_FIELDS if not isinstance(r, dict) or f not in r]
-        if missing:
-            raise UserError(f"request #{i} in '{path}' lacks '{missing[0]}'; the file does not match what "
-                            "the simulator replays, re-run 'trail-probe eval'")
-        where = f"request #{i} (id {r['id']!r}) in '{path}'"
-        try:
-            p, o = int(r["prompt_tokens"]), int(r["output_tokens"])
-            b = math.nan if r["bert_estimate"] is None else float(r["bert_estimate"])  # None: no baseline trained
-            points = [(int(j), float(e)) for j, e in r["refined"]]
-        except (TypeError, ValueError):
-            raise UserError(f"{where} has a non-numeric length or estimate; re-run 'trail-probe eval'") from None
-        if p < 0 or o < 0 or math.isinf(b) or any(j < 1 or not math.isfinite(e) for j, e in points):
-            raise UserError(f"{where} has a negative length, a refinement before the first token or an "
-                            "infinite estimate; re-run 'trail-probe eval'")
-        if [j for j, _ in points] != sorted({j for j, _ in points}):
-            raise UserError(f"{where} has refinements out of order; re-run 'trail-probe eval'")
-        points = [(j, e) for j, e in points if (j - points[0][0]) % k == 0]  # every k tokens from the first
-        prompt.append(max(p, 1))
-        output.append(max(o, 1))  # an immediate EOS still costs the step that produces it
-        bert.append(b)
-        refined.append(([j for j, _ in points], [e for _, e in points]))
-        ids.append(r["id"])
-    meta = {key: data.get(key) for key in ("bins", "refine_interval", "max_new_tokens", "layer")}
-    meta.update(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), requests=len(requests),
-                simulated_refine_interval=k)
-    n = len(output)
-    return Workload(np.zeros(n), np.array(prompt), np.array(output), np.array(bert, dtype=float), refined, ids), meta
 
 
 def sample_workload(pool: Workload, num_requests: int, seed: int) -> Workload:
@@ -205,8 +111,7 @@ class Engine:
         if self.token_budget < self.max_running:
             raise UserError(f"simulate.token_budget = {self.token_budget} must be >= max_running = {self.max_running} "
                             "so every running request can decode in one iteration (vLLM requires the same)")
-        if self.paused_cache not in ("discard", "keep"):
-            raise UserError(f"simulate.paused_cache = '{self.paused_cache}' must be 'keep' or 'discard'")
+        check_choice(self.paused_cache, PausedCache, "simulate.paused_cache")
         if workload is not None:
             largest = int((workload.prompt_tokens + workload.output_tokens).max())
             if largest > self.usable_tokens:
@@ -238,14 +143,14 @@ def _estimator(predictor: str):
     if predictor == "exact":
         return lambda r: float(r.output_tokens - r.generated)
     if predictor == "bert":
-        return lambda r: max(r.bert - r.generated, ESTIMATE_FLOOR)
+        return lambda r: count_down(r.bert, r.generated)
     if predictor == "refined":
         def refined(r):
             g = r.generated
             i = bisect_right(r.ref_j, g) - 1
             if g == 0 or i < 0:  # before the first decode state only BERT has an estimate (TRAIL)
-                return max(r.bert - g, ESTIMATE_FLOOR)
-            return max(r.ref_est[i] - (g - r.ref_j[i]), ESTIMATE_FLOOR)  # counted down between refinements
+                return count_down(r.bert, g)
+            return count_down(r.ref_est[i], g - r.ref_j[i])  # counted down between refinements
         return refined
     return lambda r: 0.0
 
@@ -504,176 +409,3 @@ def saturated_throughput(workload: Workload, engine: Engine, cost: CostModel) ->
     if hi - lo < 5 or finish[hi] <= finish[lo]:
         return len(finish) / float(finish[-1])
     return (hi - lo) / float(finish[hi] - finish[lo])
-
-
-# --------------------------------------------------------------------------------------------
-# The `trail-probe simulate` stage
-# --------------------------------------------------------------------------------------------
-def predictions_path(cfg: RecipeConfig) -> Path:
-    if cfg.simulate.predictions:
-        return Path(cfg.simulate.predictions)
-    return Path(cfg.eval.out_dir or cfg.checkpoint_dir / "eval") / "predictions.json"
-
-
-def _check_config(sc) -> list[Policy]:
-    for name, values in (("rates", sc.rates), ("loads", sc.loads)):
-        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
-        if bad:
-            unit = "requests per second" if name == "rates" else "fractions of FCFS's saturated throughput, e.g. 0.85"
-            raise UserError(f"simulate.{name} contains {bad[0]}; give positive numbers ({unit})")
-    if not sc.rates and not sc.loads and not sc.burst:
-        raise UserError("nothing to simulate: simulate.rates and simulate.loads are empty and simulate.burst is false")
-    if not 0.0 <= sc.preemption_c <= 1.0:
-        raise UserError(f"simulate.preemption_c = {sc.preemption_c} must be in [0, 1]: 0 never preempts, 1 is plain SPRPT")
-    if not sc.policies:
-        raise UserError("simulate.policies is empty; name at least one of fcfs, sjf_bert, trail_bert, trail, oracle")
-    return [make_policy(p, sc.preemption_c) for p in sc.policies]
-
-
-def _comparisons(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Per arrival setting: the ablation ladder (fcfs -> sjf -> + preemption -> + refinement -> oracle)
-    and TRAIL against FCFS and the oracle (the issue's targets)."""
-    ablation, targets = [], []
-    for setting in dict.fromkeys((r["mode"], r["rate"], r["load"]) for r in rows):
-        at = {r["policy"]: r for r in rows if (r["mode"], r["rate"], r["load"]) == setting}
-        mode, rate, load = setting
-        base = at.get("fcfs")
-        steps = []
-        for name, ingredient in ABLATION:
-            if name in at:
-                m = at[name]
-                steps.append({"policy": name, "ingredient": ingredient, "mean_latency_s": m["mean_latency_s"],
-                              "mean_ttft_s": m["mean_ttft_s"],
-                              "latency_speedup_vs_fcfs": base["mean_latency_s"] / m["mean_latency_s"] if base else None,
-                              "ttft_speedup_vs_fcfs": base["mean_ttft_s"] / m["mean_ttft_s"] if base else None})
-        ablation.append({"mode": mode, "rate": rate, "load": load, "steps": steps})
-        if base and "trail" in at:
-            trail = at["trail"]
-            row = {"mode": mode, "rate": rate, "load": load,
-                   "latency_speedup": base["mean_latency_s"] / trail["mean_latency_s"],
-                   "ttft_speedup": base["mean_ttft_s"] / trail["mean_ttft_s"]}
-            if "oracle" in at:
-                row["trail_over_oracle_latency"] = trail["mean_latency_s"] / at["oracle"]["mean_latency_s"]
-            row["in_target_band"] = load is not None and 0.8 <= load <= 0.9
-            row["meets"] = {"latency_2x": row["latency_speedup"] >= 2.0, "ttft_1.76x": row["ttft_speedup"] >= 1.76,
-                            "within_15pct_of_oracle": row.get("trail_over_oracle_latency", math.inf) <= 1.15}
-            targets.append(row)
-    return ablation, targets
-
-
-def format_table(rows: list[dict]) -> str:
-    head = (f"{'policy':<14}{'load':>6}{'rate/s':>9}{'mean lat':>10}{'p50 lat':>9}{'p99 lat':>9}"
-            f"{'mean TTFT':>10}{'p99 TTFT':>10}{'req/s':>8}{'preempt':>9}{'recomp':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        load = "burst" if r["mode"] == "burst" else f"{r['load']:.2f}"
-        rate = "inf" if r["mode"] == "burst" else f"{r['rate']:.3g}"
-        lines.append(f"{r['policy']:<14}{load:>6}{rate:>9}{r['mean_latency_s']:>10.3g}{r['median_latency_s']:>9.3g}"
-                     f"{r['p99_latency_s']:>9.3g}{r['mean_ttft_s']:>10.3g}{r['p99_ttft_s']:>10.3g}"
-                     f"{r['throughput_rps']:>8.3g}{r['preemptions']:>9}{r['recomputes']:>8}")
-    return "\n".join(lines)
-
-
-def format_ablation(ablation: list[dict]) -> str:
-    """Mean latency and mean TTFT speedups over FCFS, one row per arrival setting, one column per step."""
-    names = [name for name, _ in ABLATION if any(s["policy"] == name for a in ablation for s in a["steps"])]
-    head = f"{'load':>6}" + "".join(f"{name:>18}" for name in names)
-    lines = ["speedup over FCFS in mean latency / mean TTFT "
-             "(sjf_bert: ordering; trail_bert: + limited preemption; trail: + refinement; oracle: exact)", head]
-    for a in ablation:
-        steps = {s["policy"]: s for s in a["steps"]}
-        cells = [f"{steps[n]['latency_speedup_vs_fcfs']:.2f}x / {steps[n]['ttft_speedup_vs_fcfs']:.2f}x"
-                 if n in steps and steps[n]["latency_speedup_vs_fcfs"] else "-" for n in names]
-        load = "burst" if a["mode"] == "burst" else f"{a['load']:.2f}"
-        lines.append(f"{load:>6}" + "".join(f"{c:>18}" for c in cells))
-    return "\n".join(lines)
-
-
-def _plot(rows: list[dict], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    poisson = [r for r in rows if r["mode"] == "poisson"]
-    for metric, label, name in (("mean_latency_s", "mean latency (s)", "latency_vs_rate.png"),
-                                ("mean_ttft_s", "mean time to first token (s)", "ttft_vs_rate.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for policy in dict.fromkeys(r["policy"] for r in poisson):
-            pts = sorted((r["rate"], r[metric]) for r in poisson if r["policy"] == policy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-        ax.set_xlabel("arrival rate (requests/s)")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def run_simulate(cfg: RecipeConfig, verbose: bool = True) -> dict:
-    """Simulate every policy at every rate (and a burst); write results.json and plots."""
-    sc = cfg.simulate
-    policies = _check_config(sc)
-    engine = Engine(sc.max_running, sc.token_budget, sc.kv_capacity_tokens, sc.paused_cache)
-    engine.check()
-    cost = load_cost_model(sc.cost_preset)
-    pool, meta = load_predictions(predictions_path(cfg), sc.refine_interval)
-    workload = sample_workload(pool, sc.num_requests, sc.seed)
-    engine.check(workload)
-    for policy in policies:
-        check_estimates(workload, policy)
-    say = print if verbose else (lambda *a, **k: None)
-    say(f"# {len(workload)} requests from {len(pool)} held-out ({meta['path']}); cost model: {cost.source}")
-    capacity = saturated_throughput(workload, engine, cost)
-    say(f"# FCFS saturated throughput: {capacity:.4g} requests/s (load 1.0)")
-    settings = [("poisson", r, r / capacity) for r in sc.rates] or [("poisson", load * capacity, load) for load in sc.loads]
-    if sc.burst:
-        settings.append(("burst", None, None))
-    rows = []
-    for mode, rate, load in settings:
-        arrival = np.zeros(len(workload)) if mode == "burst" else poisson_arrivals(len(workload), rate, sc.seed)
-        for policy in policies:
-            start = time.perf_counter()
-            result = simulate(workload.with_arrivals(arrival), policy, engine, cost)
-            row = {"policy": policy.name, "preemption_c": policy.preemption_c, "mode": mode, "rate": rate, "load": load}
-            row.update(summarize(result))
-            rows.append(row)
-            say(f"  {policy.name:<12} {mode:<8} load={'-' if load is None else f'{load:.2f}'} "
-                f"mean latency {row['mean_latency_s']:.3g} s, mean TTFT {row['mean_ttft_s']:.3g} s "
-                f"({time.perf_counter() - start:.1f} s to simulate)", flush=True)
-    ablation, targets = _comparisons(rows)
-    out_dir = Path(sc.out_dir or cfg.checkpoint_dir / "simulate")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = {
-        "config": config_to_dict(sc),
-        "predictions": meta,
-        "workload": {"num_requests": len(workload), "mean_prompt_tokens": float(workload.prompt_tokens.mean()),
-                     "mean_output_tokens": float(workload.output_tokens.mean()), "seed": sc.seed},
-        "engine": asdict(engine),
-        "cost_model": asdict(cost),
-        "saturated_throughput_rps": capacity,
-        "points": rows,
-        "ablation": ablation,
-        "targets": targets,
-    }
-    atomic_write_json(out_dir / "results.json", results)
-    save_config(cfg, out_dir)
-    plots = _plot(rows, out_dir)
-    say("\n" + format_table(rows))
-    say("\n" + format_ablation(ablation))
-    for t in targets:
-        where = "burst" if t["mode"] == "burst" else f"load {t['load']:.2f}"
-        say(f"# {where}: TRAIL vs FCFS mean latency {t['latency_speedup']:.2f}x, mean TTFT {t['ttft_speedup']:.2f}x"
-            + (f", TRAIL / oracle latency {t['trail_over_oracle_latency']:.2f}" if "trail_over_oracle_latency" in t else ""))
-    say(f"# wrote {out_dir / 'results.json'}, {', '.join(p.name for p in plots)}")
-    return results
-
-
-def run(cfg: RecipeConfig, args) -> None:
-    run_simulate(cfg)

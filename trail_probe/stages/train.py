@@ -34,7 +34,6 @@ the whole held-out set and only rank 0 writes files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,22 +43,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from trail_probe.bins import Bins
-from trail_probe.config import (
-    RecipeConfig,
-    atomic_write_json,
-    atomic_write_text,
-    config_to_dict,
-    resolve_layers,
-    save_config,
-)
+from trail_probe.atomic import atomic_path, atomic_write_json
+from trail_probe.choices import Task, options
+from trail_probe.config import RecipeConfig, config_sha256, resolve_layers, save_config
 from trail_probe.errors import UserError
-from trail_probe.models import file_sha256
-from trail_probe.probe import LengthProbe, MultiLayerProbe
-from trail_probe.split import load_or_make_split, manifest_sha256, split_path
-from trail_probe.store import LAYER_NUMBERING, Extraction
+from trail_probe.offline.artifacts import PROBE_FORMAT, probe_name
+from trail_probe.offline.split import load_or_make_split, manifest_sha256
+from trail_probe.offline.store import LAYER_NUMBERING, Extraction
+from trail_probe.offline.sweep_report import print_results, write_sweep
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.models import file_sha256
 
 HELP = "Train the length probe on extracted hidden states; sweep layers to find the best one."
 EXAMPLES = """examples:
@@ -70,10 +65,6 @@ EXAMPLES = """examples:
   trail-probe train recipes/smollm2_alpaca.yaml train.loggers=[csv,tensorboard] --resume
 Interrupt at any time and add --resume to continue from each probe's last.ckpt."""
 
-PROBE_FORMAT = "trail_probe.probe/1"
-TASKS = ("prompt", "decode")
-MULTI_LAYER_MODES = ("none", "concat", "weighted_mean")
-LOGGERS = ("csv", "tensorboard", "wandb")
 
 
 def add_arguments(parser) -> None:
@@ -90,7 +81,7 @@ class ProbeSpec:
 
     @property
     def name(self) -> str:
-        return f"layer-{self.layers[0]}" if self.mode == "none" else f"{self.mode}-{self.layers[0]}-{self.layers[-1]}"
+        return probe_name(self.layers, self.mode)
 
 
 @dataclass
@@ -106,9 +97,6 @@ class ProbeData:
 def check_train_config(cfg: RecipeConfig) -> None:
     t = cfg.train
     Bins.from_config(cfg.bins)  # invalid bins -> UserError
-    for key, value, allowed in (("task", t.task, TASKS + ("both",)), ("multi_layer", t.multi_layer, MULTI_LAYER_MODES)):
-        if value not in allowed:
-            raise UserError(f"train.{key} = {value!r} is not one of {', '.join(allowed)}")
     for key in ("epochs", "batch_size", "hidden_dim"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} = {getattr(t, key)} must be at least 1")
@@ -116,9 +104,6 @@ def check_train_config(cfg: RecipeConfig) -> None:
         raise UserError(f"train.lr = {t.lr} and train.min_lr = {t.min_lr} need 0 <= min_lr <= lr and lr > 0")
     if t.decode_samples_per_request < 0:
         raise UserError("train.decode_samples_per_request must be >= 0 (0 = every stored decode position)")
-    bad = [name for name in t.loggers if name not in LOGGERS]
-    if bad:
-        raise UserError(f"train.loggers has unknown logger {bad[0]!r}; choose from {', '.join(LOGGERS)}")
 
 
 def _select_layers(spec, available: list[int], num_layers: int, task: str) -> list[int]:
@@ -136,7 +121,7 @@ def plan_probes(cfg: RecipeConfig, extraction: Extraction) -> list[ProbeSpec]:
     """Every probe this config trains: one per selected layer and task, plus the multi-layer one."""
     t = cfg.train
     specs = []
-    for task in TASKS if t.task == "both" else (t.task,):
+    for task in options(Task) if t.task == "both" else (t.task,):
         available = extraction.prompt_layers if task == "prompt" else extraction.decode_layers
         num_layers = int(extraction.model["num_layers"])
         specs += [ProbeSpec(task, (layer,)) for layer in _select_layers(t.layers, available, num_layers, task)]
@@ -152,7 +137,7 @@ def plan_probes(cfg: RecipeConfig, extraction: Extraction) -> list[ProbeSpec]:
 def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, per_request: int,
               seed: int) -> ProbeData:
     """The probe's inputs, labels and true lengths as in-memory tensors, split by request."""
-    from trail_probe.lightning_module import TensorRows, sample_per_group
+    from trail_probe.offline.probe_module import TensorRows, sample_per_group
 
     train_ids = set(split["train_ids"])
     is_train = torch.tensor([rid in train_ids for rid in extraction.ids], dtype=torch.bool)
@@ -187,7 +172,7 @@ def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, 
 def _loggers(cfg: RecipeConfig, spec: ProbeSpec) -> list:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-    save_dir, name = str(cfg.checkpoint_dir / "logs"), f"{spec.task}/{spec.name}"
+    save_dir, name = str(cfg.paths.logs), f"{spec.task}/{spec.name}"
     loggers = []
     for kind in cfg.train.loggers:
         if kind == "csv":
@@ -217,9 +202,13 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
               overwrite: bool = False, fast_dev_run: bool = False, callbacks: tuple = ()) -> dict | None:
     """Train one probe into its contract-1 folder; returns its probe.json metadata (None on non-zero ranks)."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import (
+        LearningRateMonitor,
+        ModelCheckpoint,
+        TQDMProgressBar,
+    )
 
-    from trail_probe.lightning_module import ProbeModule, make_loader
+    from trail_probe.offline.probe_module import ProbeModule, make_loader
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_DEVICE_INFO)
     # The feed is in memory (no workers needed); epoch metrics are torchmetrics values that compute()
@@ -228,7 +217,7 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
     t = cfg.train
-    folder = cfg.checkpoint_dir / "probes" / spec.task / spec.name
+    folder = cfg.paths.probe(spec.task, spec.name)
     recipe = {key: getattr(t, key) for key in ("epochs", "batch_size", "seed", "decode_samples_per_request")}
     recipe.update(split_sha256=context["split"]["sha256"],
                   extraction_manifest_sha256=context["extraction"]["manifest_sha256"])
@@ -292,9 +281,8 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
 def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, context: dict) -> dict:
     best = torch.load(best_path, map_location="cpu", weights_only=False)
     weights = {k.removeprefix("probe."): v.contiguous() for k, v in best["state_dict"].items() if k.startswith("probe.")}
-    tmp = folder / ".probe.safetensors.tmp"
-    save_file(weights, str(tmp))
-    os.replace(tmp, folder / "probe.safetensors")
+    with atomic_path(folder / "probe.safetensors") as tmp:
+        save_file(weights, str(tmp))
     entry = next(h for h in module.history if h["epoch"] == best["epoch"])
     meta = {
         "format": PROBE_FORMAT, "task": spec.task, "layers": list(spec.layers), "multi_layer": spec.mode,
@@ -311,100 +299,6 @@ def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, con
     return meta
 
 
-def load_probe(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
-    """(plain probe in eval mode, probe.json metadata) from a contract-1 folder, without Lightning."""
-    folder = Path(folder)
-    if not (folder / "probe.json").is_file() or not (folder / "probe.safetensors").is_file():
-        raise UserError(f"no trained probe in '{folder}' (probe.json / probe.safetensors missing); run 'trail-probe train'")
-    meta = json.loads((folder / "probe.json").read_text())
-    if meta.get("format") != PROBE_FORMAT:
-        raise UserError(f"'{folder}' holds probe format {meta.get('format')!r}, not {PROBE_FORMAT}; train it again")
-    Bins(meta["num_labels"], meta["bins"]["max_len"]).check_matches(meta["bins"], f"probe.json in '{folder}'")
-    if meta["multi_layer"] == "none":
-        probe = LengthProbe(meta["input_dim"], meta["hidden_dim"], meta["num_labels"])
-    else:
-        probe = MultiLayerProbe(len(meta["layers"]), meta["input_dim"], meta["multi_layer"], meta["hidden_dim"],
-                                meta["num_labels"])
-    weights = load_file(str(folder / "probe.safetensors"))
-    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-    if {k: tuple(v.shape) for k, v in weights.items()} != expected:
-        raise UserError(f"probe.safetensors in '{folder}' does not match its probe.json (expected tensors {expected}); "
-                        "train the probe again")
-    probe.load_state_dict(weights)
-    return probe.eval(), meta
-
-
-def write_sweep(cfg: RecipeConfig, results: list[dict]) -> dict:
-    """layer_sweep.{csv,json,png} from the trained probes' metadata; the JSON names the best layer per task."""
-    rows = [{"task": m["task"], "probe": ProbeSpec(m["task"], tuple(m["layers"]), m["multi_layer"]).name,
-             "layers": m["layers"], "multi_layer": m["multi_layer"], **m["metrics"]} for m in results]
-    tasks = {}
-    for task in dict.fromkeys(r["task"] for r in rows):
-        singles = [r for r in rows if r["task"] == task and r["multi_layer"] == "none"]
-        best = min(singles, key=lambda r: r["val/mae"]) if singles else None
-        tasks[task] = {"best_layer": best["layers"][0] if best else None, "best": best,
-                       "layers": [dict(r, layer=r["layers"][0]) for r in singles],
-                       "multi_layer": [r for r in rows if r["task"] == task and r["multi_layer"] != "none"]}
-    summary = {"metric": "val/mae", "best_layer": {task: s["best_layer"] for task, s in tasks.items()}, "tasks": tasks,
-               "layer_numbering": LAYER_NUMBERING, "config_sha256": config_sha256(cfg)}
-    out = cfg.checkpoint_dir / "sweep"
-    columns = ["task", "probe", "val/mae", "val/acc", "val/loss", "best_epoch"]
-    lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]
-    atomic_write_text(out / "layer_sweep.csv", "\n".join(lines) + "\n")
-    atomic_write_json(out / "layer_sweep.json", summary)
-    _plot_sweep(tasks, out / "layer_sweep.png")
-    save_config(cfg, out)
-    return summary
-
-
-def _plot_sweep(tasks: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "val/mae", "val MAE (tokens)"), (axes[1], "val/acc", "val accuracy")):
-        for i, (task, s) in enumerate(tasks.items()):
-            color = f"C{i}"
-            ax.plot([r["layer"] for r in s["layers"]], [r[key] for r in s["layers"]], "o-", color=color,
-                    label=f"{task}: one layer")
-            if s["best"]:
-                ax.plot([s["best_layer"]], [s["best"][key]], "*", color=color, markersize=14)
-            for j, r in enumerate(s["multi_layer"]):
-                ax.axhline(r[key], color=color, linestyle=("--", ":")[j % 2], label=f"{task}: {r['probe']}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer L (residual after decoder layer L)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_title("Held-out MAE by layer (star: best layer)")
-    axes[1].set_title("Held-out bin accuracy by layer")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(".layer_sweep.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def print_results(results: list[dict], summary: dict | None) -> None:
-    print(f"\n{'task':<7} {'probe':<20} {'val/mae':>8} {'val/acc':>8} {'best epoch':>10}")
-    for m in results:
-        name = ProbeSpec(m["task"], tuple(m["layers"]), m["multi_layer"]).name
-        best = summary and m["multi_layer"] == "none" and summary["best_layer"].get(m["task"]) == m["layers"][0]
-        mark = "  <- best layer" if best else ""
-        x = m["metrics"]
-        print(f"{m['task']:<7} {name:<20} {x['val/mae']:>8.1f} {x['val/acc']:>8.3f} {x['best_epoch']:>10}{mark}")
-    if summary:
-        for task, layer in summary["best_layer"].items():
-            print(f"best {task} layer: {layer}")
-
-
-def config_sha256(cfg: RecipeConfig) -> str:
-    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
-
-
 def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast_dev_run: bool = False,
           callbacks: tuple = ()) -> list[dict]:
     """Train every probe the config asks for; write the sweep when a task has several layers."""
@@ -412,14 +306,14 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
     # One thread unless asked: a probe's matmuls (32 x 576 x 512) gain little from more, and with another
     # job on the cores two threads ran an epoch 19x slower than one (benchmarks/train_speed.py).
     torch.set_num_threads(cfg.train.num_threads or 1)
-    extraction = Extraction(cfg.data_dir)
+    extraction = Extraction(cfg.paths.data)
     extraction.check_model(cfg.model.name_or_path)
     specs = plan_probes(cfg, extraction)
     split = load_or_make_split(cfg, extraction)
     bins = Bins.from_config(cfg.bins)
     context = {"bins": bins.to_dict(), "model": extraction.model,
                "extraction": {"path": str(extraction.root), "manifest_sha256": manifest_sha256(extraction)},
-               "split": {"path": str(split_path(cfg)), "sha256": file_sha256(split_path(cfg))},
+               "split": {"path": str(cfg.paths.split), "sha256": file_sha256(cfg.paths.split)},
                "config_sha256": config_sha256(cfg), "layer_numbering": LAYER_NUMBERING}
     results = []
     for spec in specs:
@@ -429,11 +323,11 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
             results.append(meta)
     if not results:  # fast_dev_run, or a non-zero DDP rank
         return results
-    sweep = any(sum(m["task"] == task and m["multi_layer"] == "none" for m in results) > 1 for task in TASKS)
+    sweep = any(sum(m["task"] == task and m["multi_layer"] == "none" for m in results) > 1 for task in options(Task))
     summary = write_sweep(cfg, results) if sweep else None
     print_results(results, summary)
     if summary:
-        print(f"sweep table and plot: {cfg.checkpoint_dir / 'sweep'}/layer_sweep.{{csv,json,png}}")
+        print(f"sweep table and plot: {cfg.paths.sweep}/layer_sweep.{{csv,json,png}}")
     return results
 
 

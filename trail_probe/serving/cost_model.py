@@ -1,10 +1,12 @@
 """Iteration cost model of a continuous-batching LLM engine, its presets, and its fit.
 
-    from trail_probe.cost_model import load_cost_model, fit_cost_model
+    from trail_probe.serving.cost_model import load_cost_model, fit_cost_model
     cost = load_cost_model("measured_cpu")     # or "llama3_8b_a100", or a JSON file from the fit
 
-The simulator (`trail_probe.simulate`) charges each iteration `CostModel.iteration_time`;
-`benchmarks/fit_cost_model.py` times real SmolLM2 iterations here and fits the coefficients.
+The simulator (`trail_probe.serving.simulator`) charges each iteration `CostModel.iteration_time`;
+`benchmarks/fit_cost_model.py` times real SmolLM2 iterations here and fits the coefficients, and the
+`measured_cpu` preset is that fit, written into this module (so an installed wheel has it too; a test
+keeps it equal to `benchmarks/results/cost_model_cpu.json`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from trail_probe.errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CPU_COST_FILE = REPO_ROOT / "benchmarks" / "results" / "cost_model_cpu.json"
 
 
 @dataclass
@@ -52,18 +51,15 @@ class CostModel:
 # Check against the same source: 8 concurrent requests at ~1.1k context give 7.1x the throughput of
 # one in this model; the source reports 6.6x. TTFT of a 1024-token prompt alone: ~100 ms.
 LLAMA3_8B_A100 = CostModel(10.2e-3, 85.8e-6, 83.5e-9, 2.8e-9,
-                           source="llama3_8b_a100: roofline calibrated on a published vLLM A100 measurement (see simulate.py)")
+                           source="llama3_8b_a100: roofline calibrated on a published vLLM A100 measurement (see cost_model.py)")
 
-# SmolLM2-135M-Instruct (fp32, Hugging Face eager attention, 1 torch thread) on this project's
-# 2-core CPU machine: the first fit of benchmarks/fit_cost_model.py, taken while a background
-# extraction shared the CPU, so slower than an idle machine (timings moved by ~2x with that load).
-# Used only when benchmarks/results/cost_model_cpu.json, the latest fit, is missing. Decode
-# attention dominates at large batches: eager attention repeats the 3 KV heads to 9 query heads, so
-# each cached token costs ~30 us per decode step.
-MEASURED_CPU_DEFAULT = CostModel(162.8e-3, 7.30e-3, 29.7e-6, 0.0,
-                                 source="measured_cpu: built-in fit of SmolLM2-135M on a busy 2-core CPU (see simulate.py)")
+# SmolLM2-135M-Instruct (fp32, Hugging Face eager forward passes, 2 torch threads) on this project's
+# 2-core CPU machine: benchmarks/fit_cost_model.py --threads 2 of 2026-11-24, copied from
+# benchmarks/results/cost_model_cpu.json (tests/test_simulate.py checks the two agree).
+MEASURED_CPU = CostModel(0.056736829686766396, 0.0016812188279770781, 6.15418766400993e-06, 3.7345708364726363e-07,
+                         source="measured_cpu: SmolLM2-135M on the 2-core CPU, benchmarks/results/cost_model_cpu.json")
 
-COST_PRESETS = {"llama3_8b_a100": LLAMA3_8B_A100, "measured_cpu": MEASURED_CPU_DEFAULT}
+COST_PRESETS = {"llama3_8b_a100": LLAMA3_8B_A100, "measured_cpu": MEASURED_CPU}
 
 
 def cost_model_from_json(path: str | Path) -> CostModel:
@@ -80,8 +76,6 @@ def cost_model_from_json(path: str | Path) -> CostModel:
 
 def load_cost_model(preset: str) -> CostModel:
     """A preset name, or a JSON file with fixed_s, per_token_s[, per_context_token_s, per_prefill_pair_s]."""
-    if preset == "measured_cpu":
-        return cost_model_from_json(CPU_COST_FILE) if CPU_COST_FILE.is_file() else MEASURED_CPU_DEFAULT
     if preset in COST_PRESETS:
         return COST_PRESETS[preset]
     if preset.endswith(".json"):

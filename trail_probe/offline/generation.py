@@ -1,115 +1,35 @@
-"""Run the serving model over prompts; record answer lengths and hidden states (`trail-probe extract`).
+"""The serving model's own answers, generated with the hidden states a server would see.
 
-    trail-probe extract recipes/smollm2_alpaca.yaml
-    trail-probe extract recipes/smollm2_alpaca.yaml prompts.num_prompts=64 extract.out_dir=data/try
+    ready, skipped = prepare_prompts(prompts, tokenizer, max_new_tokens=512, context=8192, too_long="skip")
+    for req in generate_with_capture(model, tokenizer, ready, gen, prompt_layers=[19], decode_layers=[19],
+                                     decode_stride=8):
+        req.record["output_tokens"], req.prompt_states, req.decode_states
 
 Generation is a greedy (or sampled) decode loop with continuous refill: a request that ends leaves
 the batch at once and a waiting prompt takes its slot, so no compute is spent on finished rows
-(plain `generate` keeps decoding them until the longest answer in the batch ends). Hidden states
-are captured by forward hooks on the decoder layers during that same generation, so they are the
-states a server would see; hooks are removed in a `finally`.
-
-Python API: `generate_with_capture(...)` streams `ExtractedRequest`s; `run_extract(cfg)` writes
-a resumable extraction folder that `trail_probe.store.Extraction` reads back.
+(plain `generate` keeps decoding them until the longest answer in the batch ends). The KV cache
+lives in preallocated per-slot buffers (`_SlotCache`), so no step copies it. Hidden states are
+captured by `trail_probe.runtime.capture.LayerCapture` during that same generation: the prompt
+mean per prompt layer, and decode states on TRAIL's refinement cadence (`runtime.estimates.refines_at`
+with k = decode_stride).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import shutil
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from trail_probe.config import (
-    RecipeConfig,
-    atomic_write_json,
-    config_to_dict,
-    resolve_layers,
-    save_config,
-)
+from trail_probe.choices import TooLong, check_choice
 from trail_probe.errors import UserError
-from trail_probe.models import decoder_layers, dtype_of, load_causal_lm, model_fingerprint
-from trail_probe.prompts import Prompt, load_prompts, select_prompts, worker_slice
-from trail_probe.store import (
-    FORMAT,
-    LAYER_NUMBERING,
-    ExtractedRequest,
-    read_shard_records,
-    shard_name,
-    write_shard,
-)
-
-HELP = "Generate answers with the serving model and dump per-layer hidden states + lengths."
-EXAMPLES = """examples:
-  trail-probe extract recipes/smollm2_alpaca.yaml
-  trail-probe extract recipes/smollm2_alpaca.yaml prompts.num_prompts=64 extract.out_dir=data/small
-  trail-probe extract recipes/smollm2_alpaca.yaml extract.decode_layers=10-15 extract.decode_stride=4
-  # 8 GPUs, one worker each (same out_dir; read back as one dataset):
-  for i in 0 1 2 3 4 5 6 7; do CUDA_VISIBLE_DEVICES=$i trail-probe extract recipes/llama3_8b_alpaca.yaml \\
-      --num-workers 8 --worker-index $i & done; wait
-Interrupt at any time (Ctrl-C or kill) and run the same command again to resume."""
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="replace an extraction made with a different config")
-    parser.add_argument("--num-workers", type=int, default=None, help="split the prompts over N independent workers")
-    parser.add_argument("--worker-index", type=int, default=None, help="which worker this is (0..N-1)")
-
-
-# --------------------------------------------------------------------------------------------
-# Capture and generation
-# --------------------------------------------------------------------------------------------
-class LayerCapture:
-    """Forward hooks that keep the latest output of the requested decoder layers only."""
-
-    def __init__(self, model: nn.Module, layers: Iterable[int]):
-        self.outputs: dict[int, torch.Tensor] = {}
-        blocks = decoder_layers(model)
-        self._handles = [blocks[layer].register_forward_hook(self._hook(layer)) for layer in sorted(set(layers))]
-
-    def _hook(self, layer: int):
-        def hook(module, inputs, output):
-            self.outputs[layer] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "LayerCapture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` as the user turn of the model's chat template (plain text if it has none)."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    return tokenizer(text)["input_ids"]
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = ids if isinstance(ids, list) else [ids]
-    ids = {i for i in ids if i is not None}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if not ids:
-        raise UserError("the model defines no EOS token, so answer lengths are undefined; use an instruct model")
-    return ids
+from trail_probe.offline.prompts import Prompt
+from trail_probe.offline.store import ExtractedRequest
+from trail_probe.runtime.capture import LayerCapture
+from trail_probe.runtime.estimates import refines_at
+from trail_probe.runtime.models import encode_prompt, eos_token_ids
 
 
 @dataclass
@@ -248,8 +168,7 @@ def _choose(logits: torch.Tensor, gen, generator: torch.Generator | None) -> tor
 def prepare_prompts(prompts: list[Prompt], tokenizer, max_new_tokens: int, context: int,
                     too_long: str) -> tuple[list[tuple[Prompt, list[int], bool]], list[str]]:
     """Tokenize prompts; skip or truncate those that leave no room for max_new_tokens."""
-    if too_long not in ("skip", "truncate"):
-        raise UserError(f"prompts.too_long = {too_long!r} must be 'skip' or 'truncate'")
+    check_choice(too_long, TooLong, "prompts.too_long")
     room = context - max_new_tokens if context else None
     if room is not None and room <= 0:
         raise UserError(f"generation.max_new_tokens = {max_new_tokens} leaves no room in the model's {context}-token context; lower it")
@@ -282,7 +201,7 @@ def generate_with_capture(
     progress=None,
 ) -> Iterator[ExtractedRequest]:
     """Stream finished requests. `prompts` are (prompt, chat-template token ids, truncated)."""
-    _validate(gen, decode_stride)
+    validate_generation(gen, decode_stride)
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
     eos_t = torch.tensor(sorted(eos), device=device)
@@ -347,7 +266,7 @@ def generate_with_capture(
             batch.advance()
             chosen = _choose(out.logits[:, -1], gen, generator)
             generated = torch.tensor([len(r.tokens) for r in slots], device=device)  # j per row
-            sampled = ((generated - 1) % decode_stride == 0).nonzero().flatten().tolist()
+            sampled = refines_at(generated, decode_stride).nonzero().flatten().tolist()
             if sampled:
                 states = torch.stack([capture.outputs[layer][sampled, -1] for layer in decode_layers], 1)
                 states = states.to(storage_dtype).cpu()
@@ -365,169 +284,8 @@ def generate_with_capture(
             next_tokens, positions = chosen, positions + 1
 
 
-# --------------------------------------------------------------------------------------------
-# The resumable extraction folder
-# --------------------------------------------------------------------------------------------
-# Settings that change what is extracted; a folder made with other values is refused.
-def _identity(cfg: RecipeConfig, model_info: dict, prompt_layers, decode_layers, num_workers) -> dict:
-    gen = config_to_dict(cfg.generation)
-    gen.pop("batch_size")  # batching changes speed, not results
-    return {
-        "model": {k: model_info[k] for k in ("name_or_path", "weights_sha256", "dtype")},
-        "prompts": {k: v for k, v in config_to_dict(cfg.prompts).items()},
-        "generation": gen,
-        "prompt_layers": prompt_layers,
-        "decode_layers": decode_layers,
-        "decode_stride": cfg.extract.decode_stride,
-        "storage_dtype": cfg.extract.storage_dtype,
-        "num_workers": num_workers,
-    }
-
-
-def _estimate_bytes(n: int, d: int, n_prompt_layers: int, n_decode_layers: int, stride: int,
-                    max_new: int, itemsize: int) -> tuple[int, int]:
-    prompt_bytes = n * n_prompt_layers * d * itemsize
-    per_request_max = (max_new + stride - 1) // stride
-    return prompt_bytes, n * per_request_max * n_decode_layers * d * itemsize
-
-
-def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | None = None,
-                worker_index: int | None = None, show_progress: bool = True) -> Path:
-    """Extract into `cfg.data_dir` (resuming what is already there); return the folder."""
-    from tqdm.auto import tqdm
-
-    num_workers = cfg.extract.num_workers if num_workers is None else num_workers
-    worker_index = cfg.extract.worker_index if worker_index is None else worker_index
-    out = cfg.data_dir
-    _validate(cfg.generation, cfg.extract.decode_stride)
-    _check_writable(out)
-    prompts, bad_rows = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.skip_bad_rows)
-    selected = select_prompts(prompts, cfg.prompts.num_prompts, cfg.prompts.seed)
-    mine = worker_slice(selected, num_workers, worker_index)
-    storage_dtype = dtype_of(cfg.extract.storage_dtype)
-
-    model, tokenizer = load_causal_lm(cfg.model)
-    model_info = model_fingerprint(cfg.model, model)
-    num_layers = model_info["num_layers"]
-    prompt_layers = resolve_layers(cfg.extract.prompt_layers, num_layers, "prompt layer")
-    decode_layers = resolve_layers(cfg.extract.decode_layers, num_layers, "decode layer")
-    identity = _identity(cfg, model_info, prompt_layers, decode_layers, num_workers)
-
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if old.get("identity") != identity:
-            if not overwrite:
-                diff = _first_difference(old.get("identity", {}), identity)
-                raise UserError(
-                    f"'{out}' holds an extraction made with a different config ({diff}); "
-                    "use another extract.out_dir, or pass --overwrite to replace it"
-                )
-            shutil.rmtree(out)
-    ready, too_long = prepare_prompts(mine, tokenizer, cfg.generation.max_new_tokens,
-                                      model_info["max_position_embeddings"], cfg.prompts.too_long)
-    manifest = {
-        "format": FORMAT,
-        "identity": identity,
-        "model": model_info,
-        "layer_numbering": LAYER_NUMBERING,
-        "prompt_layers": prompt_layers,
-        "decode_layers": decode_layers,
-        "decode_stride": cfg.extract.decode_stride,
-        "storage_dtype": cfg.extract.storage_dtype,
-        "generation": config_to_dict(cfg.generation),
-        "prompts": {"source": cfg.prompts.source, "num_available": len(prompts), "num_selected": len(selected),
-                    "bad_rows_skipped": bad_rows, "seed": cfg.prompts.seed},
-        "num_workers": num_workers,
-        "config": config_to_dict(cfg),
-    }
-    atomic_write_json(manifest_path, manifest)
-    save_config(cfg, out)
-
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob(".*.tmp-*"):  # a shard being written when the last run was killed
-        stale.unlink()
-    done_ids: set[str] = set()
-    my_shards = sorted(shard_dir.glob(f"shard-w{worker_index:03d}-*.safetensors"))
-    for shard in my_shards:
-        done_ids.update(r["id"] for r in read_shard_records(shard))
-    todo = [item for item in ready if item[0].id not in done_ids]
-    status_path = out / "workers" / f"worker-{worker_index}.json"
-    status = {"worker_index": worker_index, "expected": len(ready), "skipped_too_long": len(too_long),
-              "truncated": sum(t for _, _, t in ready), "complete": False}
-    atomic_write_json(status_path, {**status, "done": len(done_ids)})
-
-    d = model_info["hidden_size"]
-    prompt_bytes, decode_bytes = _estimate_bytes(len(todo), d, len(prompt_layers), len(decode_layers),
-                                                 cfg.extract.decode_stride, cfg.generation.max_new_tokens,
-                                                 torch.finfo(storage_dtype).bits // 8)
-    print(f"extract: worker {worker_index}/{num_workers}: {len(ready)} requests ({len(done_ids)} already done, "
-          f"{len(too_long)} too long skipped, {bad_rows} bad rows skipped) -> {out}")
-    print(f"extract: expected disk: {prompt_bytes / 1e6:.1f} MB of prompt states + at most "
-          f"{decode_bytes / 1e9:.2f} GB of decode states (if every answer hits the {cfg.generation.max_new_tokens}-token cap)",
-          flush=True)
-
-    seq = max((int(p.stem.rsplit("-", 1)[1]) for p in my_shards), default=-1) + 1
-    buffer: list[ExtractedRequest] = []
-    useful_tokens, start = 0, time.time()
-
-    def flush():
-        nonlocal seq, buffer
-        if buffer:
-            write_shard(shard_dir / shard_name(worker_index, seq), buffer, len(prompt_layers),
-                        len(decode_layers), d, storage_dtype)
-            seq += 1
-            buffer = []
-
-    bar = tqdm(total=len(todo), desc="extract", unit="req", disable=not show_progress, dynamic_ncols=True)
-    try:
-        for req in generate_with_capture(model, tokenizer, todo, cfg.generation, prompt_layers, decode_layers,
-                                         cfg.extract.decode_stride, storage_dtype, progress=bar):
-            buffer.append(req)
-            useful_tokens += req.record["output_tokens"]
-            bar.set_postfix(tok_s=f"{useful_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
-            if len(buffer) >= cfg.extract.shard_size:
-                flush()
-    finally:
-        flush()  # finished requests are kept even on Ctrl-C
-        bar.close()
-    elapsed = time.time() - start
-    atomic_write_json(status_path, {**status, "done": len(ready), "complete": True,
-                                    "seconds_this_run": round(elapsed, 1), "useful_tokens_this_run": useful_tokens})
-    print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
-          f"({useful_tokens / max(elapsed, 1e-9):.1f} useful tok/s)")
-    return out
-
-
-def _validate(gen, decode_stride: int) -> None:
+def validate_generation(gen, decode_stride: int) -> None:
     if decode_stride < 1:
         raise UserError(f"extract.decode_stride = {decode_stride} must be >= 1")
     if gen.batch_size < 1 or gen.max_new_tokens < 1:
         raise UserError("generation.batch_size and generation.max_new_tokens must be >= 1")
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{id(out)}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder '{out}' is not writable ({e.strerror}); set extract.out_dir to a writable folder") from None
-
-
-def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}: {a!r} there, {b!r} now"
-    return ""
-
-
-def run(cfg: RecipeConfig, args) -> None:
-    run_extract(cfg, overwrite=args.overwrite, num_workers=args.num_workers, worker_index=args.worker_index)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from trail_probe.choices import Likelihood, check_choice
+
 
 def transition_matrix(num_bins: int, bin_width: float, dtype=torch.float64) -> torch.Tensor:
     """Row-stochastic [K, K] matrix moving 1/w of each bin's mass one bin down per token."""
@@ -68,6 +70,12 @@ def bayes_update(prior: torch.Tensor, likelihood: torch.Tensor, eps: float = 1e-
     total = post.sum(-1, keepdim=True)
     fallback = likelihood / likelihood.sum(-1, keepdim=True).clamp_min(eps)
     return torch.where(total > eps, post / total.clamp_min(eps), fallback)
+
+
+def check_likelihood(likelihood: str) -> str:
+    """How a refinement weighs the probe's output: as TRAIL does (`posterior`), or with the training
+    labels' bin frequencies divided out (`prior_corrected`); see step_likelihood."""
+    return check_choice(likelihood, Likelihood, "likelihood")
 
 
 def step_likelihood(step_probs: torch.Tensor, label_prior: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Lightning wrapper of the length probe, and the in-memory batch feed it trains on.
 
 `ProbeModule` wraps the plain `LengthProbe` (one layer) or `MultiLayerProbe` (several layers) from
-`trail_probe.probe`; its state dict is `probe.*`, so the plain module's weights come out by
+`trail_probe.runtime.probe`; its state dict is `probe.*`, so the plain module's weights come out by
 stripping that prefix. The paper's recipe is built in: cross-entropy over length bins, AdamW, and a
 cosine learning rate from `lr` to `min_lr` stepped per batch over the whole run. Metrics are
 torchmetrics objects, logged once per epoch under slash names:
@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanAbsoluteError, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from trail_probe.bins import Bins
-from trail_probe.probe import LengthProbe, MultiLayerProbe
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.estimates import estimate
+from trail_probe.runtime.probe import LengthProbe, MultiLayerProbe
 
 
 class ProbeModule(L.LightningModule):
@@ -65,8 +66,7 @@ class ProbeModule(L.LightningModule):
         logits = self.probe(x).float()
         self.val_loss.update(F.cross_entropy(logits, labels), labels.numel())
         self.val_acc.update(logits, labels)
-        estimate = self.bins.expectation(logits.softmax(-1)).clamp_min(0).minimum(cap)
-        self.val_mae.update(estimate, tokens)
+        self.val_mae.update(estimate(logits.softmax(-1), self.bins, cap, dtype=logits.dtype), tokens)
 
     def on_validation_epoch_end(self):
         metrics = {"val/loss": self.val_loss.compute(), "val/acc": self.val_acc.compute(),

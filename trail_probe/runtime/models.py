@@ -1,4 +1,4 @@
-"""Loading the serving model and finding its decoder layers, for any HF decoder-only model.
+"""The serving model: loading it, its decoder layers, its chat prompt and EOS tokens (any HF decoder-only model).
 
 `name_or_path` may be a hub id, a local folder, a `.gguf` file, or `pkg://<package>/<file>` for
 weights shipped inside an installed Python package (our embedded SmolLM2 and MiniLM).
@@ -80,6 +80,27 @@ def load_causal_lm(cfg) -> tuple[nn.Module, object]:
         raise UserError(f"model '{cfg.name_or_path}' is not a causal LM ({str(e).splitlines()[0][:120]}); pick a decoder-only model") from None
     model.to(resolve_device(cfg.device)).eval()
     return model, tokenizer
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as the user turn of the model's chat template (plain text if it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = ids if isinstance(ids, list) else [ids]
+    ids = {i for i in ids if i is not None}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise UserError("the model defines no EOS token, so answer lengths are undefined; use an instruct model")
+    return ids
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

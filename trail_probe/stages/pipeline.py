@@ -18,7 +18,9 @@ import importlib
 import json
 import time
 
-from trail_probe.config import RecipeConfig, atomic_write_json
+from trail_probe.atomic import atomic_write_json
+from trail_probe.config import RecipeConfig
+from trail_probe.stages import COMMANDS, PIPELINE
 
 HELP = "Run extract, train, train-baseline, eval, export and simulate in order, resuming each."
 EXAMPLES = """examples:
@@ -26,19 +28,9 @@ EXAMPLES = """examples:
   trail-probe pipeline recipes/smollm2_alpaca.yaml --from eval
   trail-probe pipeline recipes/smollm2_alpaca.yaml --skip simulate prompts.num_prompts=200 run_name=small"""
 
-# (stage, module, flags that make it resume instead of starting over)
-STAGES = [
-    ("extract", "trail_probe.extract", {}),
-    ("train", "trail_probe.train", {"resume": True}),
-    ("train-baseline", "trail_probe.baseline", {"resume": True}),
-    ("eval", "trail_probe.evaluate", {}),
-    ("export", "trail_probe.export", {}),
-    ("simulate", "trail_probe.simulate", {}),
-]
-
 
 def add_arguments(parser) -> None:
-    names = [name for name, _, _ in STAGES]
+    names = PIPELINE
     parser.add_argument("--from", dest="start", choices=names, default="extract", help="first stage to run")
     parser.add_argument("--skip", nargs="*", choices=names, default=[], help="stages to leave out")
 
@@ -56,10 +48,10 @@ def _stage_args(module, overrides: dict) -> argparse.Namespace:
 
 
 def run(cfg: RecipeConfig, args) -> None:
-    names = [name for name, _, _ in STAGES]
-    timings_path = cfg.checkpoint_dir / "pipeline_timings.json"
+    timings_path = cfg.paths.timings
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    for name, module_name, flags in STAGES[names.index(args.start):]:
+    for name in PIPELINE[PIPELINE.index(args.start):]:
+        module_name, _, flags = COMMANDS[name]
         if name in args.skip:
             continue
         print(f"\n===== pipeline: {name} =====", flush=True)

@@ -1,7 +1,7 @@
 """`trail-probe eval`: does the probe beat BERT, and by how much? Scored on the held-out requests.
 
     trail-probe eval recipes/smollm2_alpaca.yaml
-    trail-probe eval recipes/smollm2_alpaca.yaml eval.all_layers=true eval.refine_interval=16
+    trail-probe eval recipes/smollm2_alpaca.yaml eval.all_layers=true refine.interval=16
 
 Every method is scored on the same held-out requests (the val side of `<checkpoint_dir>/split.json`):
   (a) bert          the fine-tuned encoder on the prompt text (total length; skipped with a note
@@ -9,8 +9,8 @@ Every method is scored on the same held-out requests (the val side of `<checkpoi
   (b) prompt_probe  the probe on the layer's mean prompt state (total length)
   (c) per_step      the decode probe at every stored decode step, each on its own (remaining length)
   (d) refined       the decode probe refined by Bayes over the steps (TRAIL_NOTES section 2, via
-                    trail_probe.refine): refined every k = eval.refine_interval tokens, starting from
-                    the prompt probe's distribution (eval.refine_prior), and counted down by one per
+                    trail_probe.runtime.refine): refined every k = refine.interval tokens, starting from
+                    the prompt probe's distribution (refine.prior), and counted down by one per
                     token in between, as TRAIL's runtime does.
 An estimate is the expectation over bin midpoints, clamped to [0, max_new_tokens - generated]. MAE
 is in tokens, averaged over requests for total length and over stored decode steps for remaining
@@ -37,18 +37,19 @@ from pathlib import Path
 
 import torch
 
-from trail_probe.baseline import baseline_dir, load_baseline, predict_probs
-from trail_probe.bins import Bins
-from trail_probe.config import (
-    RecipeConfig,
-    atomic_write_json,
-    atomic_write_text,
-    config_to_dict,
-    resolve_layers,
-    save_config,
-)
+from trail_probe.atomic import atomic_write_json, atomic_write_text
+from trail_probe.choices import Task, options
+from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
-from trail_probe.eval_report import (
+from trail_probe.offline.artifacts import (
+    best_layer,
+    check_artifact,
+    load_probe,
+    probe_name,
+    trained_layers,
+)
+from trail_probe.offline.artifacts import label_prior as artifact_label_prior
+from trail_probe.offline.eval_report import (
     METHODS,
     fmt,
     headline_lines,
@@ -57,17 +58,23 @@ from trail_probe.eval_report import (
     render_markdown,
     write_figures,
 )
-from trail_probe.metrics import confusion, count_down, estimate, mae, summary
-from trail_probe.models import file_sha256
-from trail_probe.refine import TransitionPowers, refine_sequence, step_likelihood
-from trail_probe.split import load_or_make_split, manifest_sha256, split_path
-from trail_probe.store import Extraction
-from trail_probe.train import load_probe
+from trail_probe.offline.metrics import confusion, mae, summary
+from trail_probe.offline.split import load_or_make_split, manifest_sha256
+from trail_probe.offline.store import Extraction
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.estimates import count_down, estimate, refines_at
+from trail_probe.runtime.models import file_sha256
+from trail_probe.runtime.predictor import BertLengthPredictor
+from trail_probe.runtime.refine import (
+    TransitionPowers,
+    refine_sequence,
+    step_likelihood,
+)
 
 HELP = "score BERT, the prompt probe and the decode probe (per step and refined) on the held-out requests"
 EXAMPLES = """examples:
   trail-probe eval recipes/smollm2_alpaca.yaml
-  trail-probe eval recipes/smollm2_alpaca.yaml eval.layer=11 eval.refine_interval=1     # refine every token (needs decode_stride 1)
+  trail-probe eval recipes/smollm2_alpaca.yaml eval.layer=11 refine.interval=1     # refine every token (needs decode_stride 1)
   trail-probe eval recipes/smollm2_alpaca.yaml eval.all_layers=true                     # MAE by layer, paper Figure 3
 """
 
@@ -109,45 +116,11 @@ def held_out_requests(split: dict, extraction: Extraction, where: Path) -> HeldO
     return HeldOut(rows, val, extraction.output_tokens[rows])
 
 
-def _check_artifact(meta: dict, what: str, extraction: Extraction, manifest_sha: str, split_sha: str, bins: Bins) -> None:
-    """Refuse a probe or baseline made from another model, extraction, split or bins than this run's."""
-    model, ours = meta.get("model") or {}, extraction.model
-    if (model.get("name_or_path"), model.get("weights_sha256")) != (ours["name_or_path"], ours["weights_sha256"]):
-        raise UserError(f"{what} was trained for model '{model.get('name_or_path')}' but extraction '{extraction.root}' "
-                        f"comes from '{ours['name_or_path']}' (or other weights); evaluate the matching run or retrain it")
-    if meta["extraction"]["manifest_sha256"] != manifest_sha:
-        raise UserError(f"{what} was trained on another extraction ('{meta['extraction']['path']}') than "
-                        f"'{extraction.root}'; point extract.out_dir at that one or retrain it on this one")
-    if meta["split"]["sha256"] != split_sha:
-        raise UserError(f"{what} was trained on another split than the current '{meta['split']['path']}'; "
-                        "retrain it so that the held-out requests were never seen in training")
-    bins.check_matches(meta["bins"], what)
-
-
-def choose_layer(cfg: RecipeConfig, extraction: Extraction) -> tuple[int, str]:
-    """(layer, where the choice came from): eval.layer, else the decode sweep's best, else train.layers[0]."""
+def choose_layer(cfg: RecipeConfig) -> tuple[int, str]:
+    """(layer, where the choice came from): eval.layer, else `artifacts.best_layer` for decode."""
     if cfg.eval.layer is not None:
         return cfg.eval.layer, "eval.layer"
-    sweep = cfg.checkpoint_dir / "sweep" / "layer_sweep.json"
-    if sweep.is_file():
-        best = json.loads(sweep.read_text()).get("best_layer", {}).get("decode")
-        if best is not None:
-            return int(best), f"best decode layer of {sweep}"
-    first = resolve_layers(cfg.train.layers, int(extraction.model["num_layers"]), "train.layers")[0]
-    return first, "first of train.layers"
-
-
-def probe_folder(cfg: RecipeConfig, task: str, layer: int) -> Path:
-    return cfg.checkpoint_dir / "probes" / task / f"layer-{layer}"
-
-
-def trained_layers(cfg: RecipeConfig) -> list[int]:
-    """Layers with a trained single-layer probe of either task."""
-    layers = set()
-    for task in ("prompt", "decode"):
-        for meta in (cfg.checkpoint_dir / "probes" / task).glob("layer-*/probe.json"):
-            layers.add(int(meta.parent.name.removeprefix("layer-")))
-    return sorted(layers)
+    return best_layer(cfg, "decode")
 
 
 # -- predictions ----------------------------------------------------------------------------------
@@ -181,7 +154,7 @@ def refine_decode(step_probs: torch.Tensor, request: torch.Tensor, generated: to
         order = torch.argsort(request * (int(generated.max()) + 1) + generated)
         request, generated, remaining, step_probs = request[order], generated[order], remaining[order], step_probs[order]
     caps = (max_new_tokens - generated).double()
-    is_refinement = (generated - 1) % interval == 0
+    is_refinement = refines_at(generated, interval)
     powers = TransitionPowers(bins.num_bins, bins.width)
     refined_probs = torch.empty_like(step_probs, dtype=torch.float64)
     refined_est = torch.empty(len(generated), dtype=torch.float64)
@@ -240,20 +213,16 @@ def progress_curve(output_tokens: torch.Tensor, max_new_tokens: int, step: int, 
 def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     """Score every method, write report.{md,json}, predictions.json and the pictures; return the report."""
     started = time.time()
-    e = cfg.eval
-    if e.refine_likelihood not in ("posterior", "prior_corrected"):
-        raise UserError(f"eval.refine_likelihood = {e.refine_likelihood!r} must be posterior or prior_corrected")
-    if e.refine_prior not in ("auto", "prompt_probe", "none"):
-        raise UserError(f"eval.refine_prior = {e.refine_prior!r} must be auto, prompt_probe or none")
+    e, refine = cfg.eval, cfg.refine
     if e.curve_step < 1:
         raise UserError(f"eval.curve_step = {e.curve_step} must be a positive number of tokens, e.g. 32")
-    extraction = Extraction(cfg.data_dir)
+    extraction = Extraction(cfg.paths.data)
     extraction.check_model(cfg.model.name_or_path)
     stride = extraction.decode_stride
-    if e.refine_interval < 1 or e.refine_interval % stride:
-        raise UserError(f"eval.refine_interval = {e.refine_interval} must be a multiple of the extraction's decode_stride "
+    if refine.interval % stride:
+        raise UserError(f"refine.interval = {refine.interval} must be a multiple of the extraction's decode_stride "
                         f"{stride} (decode states exist only every {stride} tokens); use {stride}, {2 * stride}, ...")
-    split_file = split_path(cfg)
+    split_file = cfg.paths.split
     if not split_file.is_file():
         raise UserError(f"no split in '{split_file}', so no probe was trained for this run; run 'trail-probe train' first")
     split = load_or_make_split(cfg, extraction)
@@ -261,14 +230,16 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     bins = Bins.from_config(cfg.bins)
     max_new = int(extraction.manifest["generation"]["max_new_tokens"])
     manifest_sha, split_sha = manifest_sha256(extraction), file_sha256(split_file)
-    layer, layer_source = choose_layer(cfg, extraction)
-    if not any((probe_folder(cfg, task, layer) / "probe.json").is_file() for task in ("prompt", "decode")):
-        raise UserError(f"no trained probe for layer {layer} in '{cfg.checkpoint_dir / 'probes'}' (layer chosen by "
+    layer, layer_source = choose_layer(cfg)
+    if not any((cfg.paths.probe(task, probe_name((layer,))) / "probe.json").is_file() for task in options(Task)):
+        raise UserError(f"no trained probe for layer {layer} in '{cfg.paths.probes}' (layer chosen by "
                         f"{layer_source}); train it ('trail-probe train ... train.layers={layer}') or set eval.layer")
     layers = sorted(set(trained_layers(cfg)) | {layer}) if e.all_layers else [layer]
     notes: list[str] = []
     hashes = {"extraction_manifest": manifest_sha, "split": split_sha, "probes": {}, "baseline_weights": None}
 
+    # The bin frequencies the decode probe was trained on, for the prior-corrected update.
+    label_prior = artifact_label_prior(extraction, split, bins) if refine.likelihood == "prior_corrected" else None
     bert_probs, bert_meta = _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes)
     totals = {}
     if bert_probs is not None:
@@ -277,20 +248,20 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     results, details = {}, {}
     for L in layers:
         results[L], details[L] = _evaluate_layer(cfg, L, extraction, held, bins, max_new, manifest_sha, split_sha,
-                                                 bert_probs, hashes, notes)
+                                                 bert_probs, label_prior, hashes, notes)
         print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
     chosen = details[layer]
     if chosen["prompt_probs"] is not None:
         totals["prompt_probe"] = estimate(chosen["prompt_probs"], bins, max_new)
     curve = progress_curve(held.output_tokens, max_new, e.curve_step, totals, chosen["decode"])
 
-    out = Path(e.out_dir) if e.out_dir else cfg.checkpoint_dir / "eval"
+    out = cfg.paths.eval
     report = {
         "format": "trail_probe.eval/1",
         "command": " ".join(shlex.quote(a) for a in ([Path(sys.argv[0]).name] + sys.argv[1:] if command is None else command)),
         "out_dir": str(out),
         "layer": layer, "layer_source": layer_source, "layers": layers,
-        "refine_interval": e.refine_interval, "decode_stride": stride, "max_new_tokens": max_new,
+        "refine_interval": refine.interval, "decode_stride": stride, "max_new_tokens": max_new,
         "bins": bins.to_dict(),
         "held_out": {"requests": len(held.ids), "decode_steps": _count(chosen["decode"])},
         "methods": results[layer],
@@ -309,7 +280,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_figures(out, report, results, held, bins, bert_probs, chosen)
     report["elapsed_s"] = round(time.time() - started, 2)
-    atomic_write_json(out / "predictions.json", _predictions(held, extraction, bins, e.refine_interval, max_new,
+    atomic_write_json(out / "predictions.json", _predictions(held, extraction, bins, refine.interval, max_new,
                                                                layer, totals, chosen["decode"]))
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report, cfg))
@@ -319,33 +290,34 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
 
 def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes):
     """(probs [n, K], baseline.json) of the baseline on the held-out prompts, or (None, None) with a note."""
-    folder = baseline_dir(cfg)
+    folder = cfg.paths.baseline
     if not (folder / "baseline.json").is_file():
         notes.append(f"BERT baseline skipped: no trained baseline in '{folder}' (run 'trail-probe train-baseline').")
         return None, None
     meta = json.loads((folder / "baseline.json").read_text())
-    _check_artifact(meta, f"baseline '{folder}'", extraction, manifest_sha, split_sha, bins)
-    model, tokenizer, _ = load_baseline(folder)
+    check_artifact(meta, f"baseline '{folder}'", extraction, manifest_sha, split_sha, bins)
+    bert = BertLengthPredictor.from_pretrained(folder, device="cpu")  # the serving runtime's own inference
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     hashes["baseline_weights"] = {w.name: file_sha256(w) for w in weights}
     texts = [extraction.records[i]["prompt"] for i in held.rows.tolist()]
-    return predict_probs(model, tokenizer, texts, meta["max_length"], cfg.eval.batch_size), meta
+    return bert.probs(texts, batch_size=cfg.eval.batch_size), meta
 
 
 def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, hashes):
-    folder = probe_folder(cfg, task, layer)
+    folder = cfg.paths.probe(task, probe_name((layer,)))
     if not (folder / "probe.json").is_file():
         return None
     probe, meta = load_probe(folder)
     what = f"probe '{folder}'"
     if meta["task"] != task or meta["layers"] != [layer] or meta["multi_layer"] != "none":
         raise UserError(f"{what} says it is a {meta['task']} probe of layers {meta['layers']}; retrain it")
-    _check_artifact(meta, what, extraction, manifest_sha, split_sha, bins)
+    check_artifact(meta, what, extraction, manifest_sha, split_sha, bins)
     hashes["probes"][str(folder / "probe.safetensors")] = file_sha256(folder / "probe.safetensors")
     return probe
 
 
-def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, split_sha, bert_probs, hashes, notes):
+def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, split_sha, bert_probs, label_prior,
+                    hashes, notes):
     """(metrics of every method at `layer`, the raw predictions used for curves and pictures)."""
     prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes)
     decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes)
@@ -358,26 +330,22 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
     if prompt_probe is not None:
         prompt_probs = probe_probs(prompt_probe, extraction.prompt_states(layer)[held.rows])
         totals["prompt_probe"] = prompt_probs
-    if cfg.eval.refine_prior == "prompt_probe" and prompt_probs is None and decode_probe is not None:
-        raise UserError(f"eval.refine_prior=prompt_probe but layer {layer} has no trained prompt probe; train it "
-                        "(train.task=both) or set eval.refine_prior=auto or none")
+    if cfg.refine.prior == "prompt_probe" and prompt_probs is None and decode_probe is not None:
+        raise UserError(f"refine.prior=prompt_probe but layer {layer} has no trained prompt probe; train it "
+                        "(train.task=both) or set refine.prior=auto or none")
     if decode_probe is not None:
         ds = extraction.decode(layer)
         local = torch.full((len(extraction.records),), -1, dtype=torch.long)
         local[held.rows] = torch.arange(len(held.rows))
         keep = local[ds.request] >= 0
-        prior = prompt_probs if cfg.eval.refine_prior != "none" else None
-        label_prior = None
-        if cfg.eval.refine_likelihood == "prior_corrected":  # bin frequencies the probe was trained on
-            label_prior = torch.bincount(bins.label(ds.remaining[~keep]), minlength=bins.num_bins).double()
-            label_prior /= label_prior.sum()
+        prior = prompt_probs if cfg.refine.prior != "none" else None
         decode = refine_decode(probe_probs(decode_probe, ds.states[keep]), local[ds.request[keep]],
-                               ds.generated[keep], ds.remaining[keep], bins, max_new, cfg.eval.refine_interval, prior,
+                               ds.generated[keep], ds.remaining[keep], bins, max_new, cfg.refine.interval, prior,
                                label_prior)
         metrics["per_step"] = {"remaining": summary(decode.step_est, decode.remaining, decode.step_probs, bins)}
         metrics["refined"] = {"remaining": summary(decode.refined_est, decode.remaining, decode.refined_probs, bins),
                               "prior": "prompt_probe" if prior is not None else "none",
-                              "likelihood": cfg.eval.refine_likelihood}
+                              "likelihood": cfg.refine.likelihood}
     else:
         notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")
     for method, probs in totals.items():

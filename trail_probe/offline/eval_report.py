@@ -1,6 +1,6 @@
 """The eval report: headline ratios, figures (PNG) and Markdown, from `evaluate`'s results.
 
-`trail_probe.evaluate` computes every number; this module only presents them: the paper's Figure 3
+`trail_probe.stages.evaluate` computes every number; this module only presents them: the paper's Figure 3
 (MAE by layer), MAE against tokens generated, the true-vs-predicted bin heatmap (Figure 5), and
 report.md.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from trail_probe.atomic import atomic_path
 from trail_probe.config import RecipeConfig, format_config
-
 
 METHODS = ("bert", "prompt_probe", "per_step", "refined")
 
@@ -113,10 +113,9 @@ def _save_png(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 # -- the Markdown report --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The train / held-out split of requests, shared by `train`, `train-baseline` and `eval`.
 
-    from trail_probe.split import load_or_make_split
-    split = load_or_make_split(cfg, Extraction(cfg.data_dir))   # dict, also in <checkpoint_dir>/split.json
+    from trail_probe.offline.split import load_or_make_split
+    split = load_or_make_split(cfg, Extraction(cfg.paths.data))   # dict, also in cfg.paths.split
     split["train_ids"], split["val_ids"]
 
 Each request goes to a side by a hash of (seed, id), not by its position in the list, so the same id
@@ -17,11 +17,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from trail_probe.config import atomic_write_json
+from trail_probe.atomic import atomic_write_json
 from trail_probe.errors import UserError
-from trail_probe.models import file_sha256
-
-SPLIT_FILE = "split.json"
+from trail_probe.runtime.models import file_sha256
 
 
 def _unit_interval(seed: int, request_id: str) -> float:
@@ -51,13 +49,9 @@ def manifest_sha256(extraction) -> str:
     return file_sha256(Path(extraction.root) / "manifest.json")
 
 
-def split_path(cfg) -> Path:
-    return Path(cfg.checkpoint_dir) / SPLIT_FILE
-
-
 def load_or_make_split(cfg, extraction) -> dict:
     """The split.json of this run: read (and checked) if present, else made from the extraction's ids."""
-    path = split_path(cfg)
+    path = cfg.paths.split
     seed, fraction = cfg.train.split_seed, cfg.train.train_fraction
     manifest = manifest_sha256(extraction)
     if path.is_file():

@@ -5,7 +5,7 @@ listed as `informative`, a fixed random direction of the hidden state carries th
 remaining) length, plus Gaussian noise; the other layers carry only noise. So a probe trained on an
 informative layer must beat a constant predictor, and a layer sweep must find those layers.
 
-    python -m trail_probe.synthetic data/synthetic   # writes a small one for experiments
+    python -m trail_probe.offline.synthetic data/synthetic   # writes a small one for experiments
 """
 
 from __future__ import annotations
@@ -15,8 +15,14 @@ from pathlib import Path
 
 import torch
 
-from trail_probe.config import atomic_write_json
-from trail_probe.store import FORMAT, LAYER_NUMBERING, ExtractedRequest, shard_name, write_shard
+from trail_probe.atomic import atomic_write_json
+from trail_probe.offline.store import (
+    FORMAT,
+    LAYER_NUMBERING,
+    ExtractedRequest,
+    shard_name,
+    write_shard,
+)
 
 SYNTHETIC_MODEL = "synthetic://linear-length"
 

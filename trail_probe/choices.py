@@ -1,0 +1,38 @@
+"""Every enumerated setting of the toolkit, decided here once.
+
+The recipe loader (`trail_probe.config`) checks config values against these `Literal` types, and a
+library call that takes the same choice checks it with `check_choice`, so a choice is spelled and
+validated in one place.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+from trail_probe.errors import UserError
+
+Task = Literal["prompt", "decode"]  # prompt: mean prompt state -> total length; decode: step state -> remaining
+TaskSelection = Literal["prompt", "decode", "both"]
+MultiLayer = Literal["none", "concat", "weighted_mean"]
+Logger = Literal["csv", "tensorboard", "wandb"]
+TooLong = Literal["skip", "truncate"]  # prompts that leave no room for max_new_tokens
+# The per-step factor of the Bayes update: TRAIL's rule (the probe's output as it is), or the same
+# with the training labels' bin frequencies divided out (refine.step_likelihood).
+Likelihood = Literal["posterior", "prior_corrected"]
+RefinePrior = Literal["auto", "prompt_probe", "none"]  # eval: the distribution before the first decode step
+InitialSource = Literal["bert", "prompt_probe", "none"]  # serving: where a request's first estimate comes from
+EnginePolicy = Literal["fifo", "trail", "trail_bert", "sjf_bert"]  # fifo: the engine's own scheduler
+PausedCache = Literal["keep", "discard"]  # simulator: what a preempted request's KV cache does
+
+
+def options(choice) -> tuple[str, ...]:
+    return typing.get_args(choice)
+
+
+def check_choice(value, choice, what: str) -> str:
+    """`value` if it is one of `choice`'s options, else a one-line UserError naming `what`."""
+    allowed = options(choice)
+    if value not in allowed:
+        raise UserError(f"{what} = {value!r} is not one of {', '.join(allowed)}")
+    return value

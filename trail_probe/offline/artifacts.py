@@ -1,0 +1,99 @@
+"""What the stages hand each other besides the extraction: probe folders, the layer choice, the
+label prior, and the checks that an artifact belongs to this run.
+
+    probe, meta = load_probe(cfg.paths.probe("decode", probe_name((19,))))
+    layer, why = best_layer(cfg, "decode")
+
+A probe folder (`train` writes it, `eval` and `export` read it) holds probe.safetensors (the plain
+module's weights of the best epoch) and probe.json (format, task, layers, bins, the serving model,
+the extraction / split / config hashes, metrics). `load_probe` reads it without Lightning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from trail_probe.config import RecipeConfig, resolve_layers
+from trail_probe.errors import UserError
+from trail_probe.runtime.bins import Bins
+from trail_probe.runtime.probe import LengthProbe, MultiLayerProbe
+
+PROBE_FORMAT = "trail_probe.probe/1"
+
+
+def probe_name(layers: tuple[int, ...] | list[int], mode: str = "none") -> str:
+    """`layer-<L>` for a single-layer probe, `<mode>-<first>-<last>` for a multi-layer one."""
+    return f"layer-{layers[0]}" if mode == "none" else f"{mode}-{layers[0]}-{layers[-1]}"
+
+
+def load_probe(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """(plain probe in eval mode, probe.json metadata) from a probe folder, without Lightning."""
+    folder = Path(folder)
+    if not (folder / "probe.json").is_file() or not (folder / "probe.safetensors").is_file():
+        raise UserError(f"no trained probe in '{folder}' (probe.json / probe.safetensors missing); run 'trail-probe train'")
+    meta = json.loads((folder / "probe.json").read_text())
+    if meta.get("format") != PROBE_FORMAT:
+        raise UserError(f"'{folder}' holds probe format {meta.get('format')!r}, not {PROBE_FORMAT}; train it again")
+    Bins(meta["num_labels"], meta["bins"]["max_len"]).check_matches(meta["bins"], f"probe.json in '{folder}'")
+    if meta["multi_layer"] == "none":
+        probe = LengthProbe(meta["input_dim"], meta["hidden_dim"], meta["num_labels"])
+    else:
+        probe = MultiLayerProbe(len(meta["layers"]), meta["input_dim"], meta["multi_layer"], meta["hidden_dim"],
+                                meta["num_labels"])
+    weights = load_file(str(folder / "probe.safetensors"))
+    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in weights.items()} != expected:
+        raise UserError(f"probe.safetensors in '{folder}' does not match its probe.json (expected tensors {expected}); "
+                        "train the probe again")
+    probe.load_state_dict(weights)
+    return probe.eval(), meta
+
+
+def best_layer(cfg: RecipeConfig, task: str) -> tuple[int, str]:
+    """(layer, where the choice came from): the sweep's best layer for `task` when a sweep ran, else
+    the first of train.layers ("all" -> 0). Stages with a layer setting of their own check it first."""
+    sweep = cfg.paths.sweep_summary
+    if sweep.is_file():
+        best = json.loads(sweep.read_text()).get("best_layer", {}).get(task)
+        if isinstance(best, int):
+            return best, f"best {task} layer of {sweep}"
+    # Only the first layer is needed, and it does not depend on the model's depth.
+    return resolve_layers(cfg.train.layers, num_layers=1 << 30, what="train.layers")[0], "first of train.layers"
+
+
+def trained_layers(cfg: RecipeConfig) -> list[int]:
+    """Layers with a trained single-layer probe of either task."""
+    layers = set()
+    for task in ("prompt", "decode"):
+        for meta in (cfg.paths.probes / task).glob("layer-*/probe.json"):
+            layers.add(int(meta.parent.name.removeprefix("layer-")))
+    return sorted(layers)
+
+
+def label_prior(extraction, split: dict, bins: Bins) -> torch.Tensor:
+    """Bin frequencies [K] (float64) of the remaining lengths the decode probe trained on (every decode
+    sample of the training side): what `refine.step_likelihood` divides out (prior_corrected)."""
+    request, remaining = extraction.decode_labels()  # the same samples at every layer
+    train_ids = set(split["train_ids"])
+    is_train = torch.tensor([r["id"] in train_ids for r in extraction.records], dtype=torch.bool)
+    return bins.frequencies(remaining[is_train[request]] if len(request) else remaining)
+
+
+def check_artifact(meta: dict, what: str, extraction, manifest_sha: str, split_sha: str, bins: Bins) -> None:
+    """Refuse a probe or baseline made from another model, extraction, split or bins than this run's."""
+    model, ours = meta.get("model") or {}, extraction.model
+    if (model.get("name_or_path"), model.get("weights_sha256")) != (ours["name_or_path"], ours["weights_sha256"]):
+        raise UserError(f"{what} was trained for model '{model.get('name_or_path')}' but extraction '{extraction.root}' "
+                        f"comes from '{ours['name_or_path']}' (or other weights); evaluate the matching run or retrain it")
+    if meta["extraction"]["manifest_sha256"] != manifest_sha:
+        raise UserError(f"{what} was trained on another extraction ('{meta['extraction']['path']}') than "
+                        f"'{extraction.root}'; point extract.out_dir at that one or retrain it on this one")
+    if meta["split"]["sha256"] != split_sha:
+        raise UserError(f"{what} was trained on another split than the current '{meta['split']['path']}'; "
+                        "retrain it so that the held-out requests were never seen in training")
+    bins.check_matches(meta["bins"], what)

@@ -1,0 +1,165 @@
+"""What a TRAIL scheduler knows besides its engine, for any engine: the policy, the predictors, each
+request's estimate, and the counters a benchmark reports.
+
+    runtime = TrailRuntime("trail", predictor=LengthPredictor.from_pretrained(...),
+                           text_predictor=BertLengthPredictor.from_pretrained(...), max_new_tokens=512)
+    runtime.admit(["r1"])                                  # BERT on the prompt text: initial estimate
+    runtime.observe(["r1"], states, generated=[9])         # probe-layer states of a forward pass
+    runtime.estimate(views)                                # fill each view's estimates for `policies`
+
+An engine integration (`trail_probe.serving.hf_scheduler` for transformers) maps its own batch to
+request ids, hidden-state rows and generated counts, and calls `observe` after every forward pass;
+the runtime keeps only the rows on TRAIL's cadence (`runtime.estimates.refines_at`). Estimates come
+from `trail_probe.runtime.LengthTracker` (counted down between refinements by the one rule of
+`runtime.estimates`), and ranking from `trail_probe.serving.policies`, the simulator's code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trail_probe.choices import InitialSource, check_choice
+from trail_probe.errors import UserError
+from trail_probe.runtime.estimates import check_interval, refines_at
+from trail_probe.runtime.tracker import LengthTracker
+from trail_probe.serving.policies import Policy, make_policy
+
+
+@dataclass(eq=False)
+class RequestView:
+    """What `policies` reads of a request (`policies.SchedRequest`)."""
+
+    request_id: str
+    rid: int
+    arrival: float
+    generated: int = 0
+    initial_estimate: float = 0.0
+    remaining_estimate: float = 0.0
+
+
+class TrailRuntime:
+    """Policy, predictors, per-request estimates and counters of one engine run (`reset` clears them)."""
+
+    def __init__(self, policy: str | Policy = "trail", *, predictor=None, text_predictor=None,
+                 prompt_predictor=None, initial: str = "bert", max_new_tokens: int = 512,
+                 refine_interval: int = 8, preemption_c: float = 0.8, likelihood: str = "posterior"):
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, preemption_c)
+        if self.policy.predictor == "exact" or self.policy.name == "fcfs":
+            raise UserError(f"policy '{self.policy.name}' is not run through the TRAIL scheduler; use one of "
+                            "fifo, trail, trail_bert, sjf_bert ('fifo' is the engine's own scheduler)")
+        check_choice(initial, InitialSource, "initial estimate")
+        check_interval(refine_interval, "refine_interval")
+        if predictor is None:
+            raise UserError("the TRAIL scheduler needs a length predictor (the exported probe); pass predictor=LengthPredictor.from_pretrained(...)")
+        if initial == "bert" and text_predictor is None:
+            raise UserError("initial='bert' needs the BERT predictor; pass text_predictor=BertLengthPredictor.from_pretrained(...) or use initial='prompt_probe'")
+        if initial == "prompt_probe" and prompt_predictor is None:
+            raise UserError("initial='prompt_probe' needs the exported prompt probe; pass prompt_predictor=LengthPredictor.from_pretrained(...)")
+        if self.policy.predictor == "bert" and initial == "none":
+            raise UserError(f"policy '{self.policy.name}' ranks by the initial estimate alone; use initial='bert' or 'prompt_probe'")
+        self.predictor = predictor
+        self.text_predictor = text_predictor
+        self.prompt_predictor = prompt_predictor
+        self.initial = initial
+        self.refine = self.policy.predictor == "refined"
+        self.refine_interval = refine_interval
+        self.tracker = LengthTracker(predictor, max_new_tokens=max_new_tokens, prompt_predictor=prompt_predictor,
+                                     text_predictor=text_predictor if initial == "bert" else None,
+                                     likelihood=likelihood)
+        self.prompt_texts: dict[str, str] = {}
+        self.layer = predictor.layer
+        self.reset()
+
+    @property
+    def needs_states(self) -> bool:
+        """Whether the engine must hand over hidden states at all (refinement or prompt-probe estimates)."""
+        return self.refine or self.initial == "prompt_probe"
+
+    def reset(self) -> None:
+        for rid in self.tracker.request_ids:
+            self.tracker.remove([rid])
+        self._prompt_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the counters and traces (after a warm-up), keeping the requests being tracked."""
+        self.initial_s = 0.0  # time in the BERT / prompt-probe initial estimates
+        self.preemptions = 0  # running requests left out of a batch (they keep their cache)
+        self.refinements = 0
+        self.paused_past_limit = 0  # must stay 0: a request past C * initial is never paused
+        self.trace: dict[str, list[tuple[int, float]]] = {}  # request -> (generated, remaining estimate) per refinement
+        self.initial_estimates: dict[str, float] = {}
+
+    def check_model(self, num_layers: int, hidden_size: int | None) -> None:
+        """Refuse a serving model the predictor was not made for (layer outside it, other width)."""
+        if not 0 <= self.layer < num_layers:
+            raise UserError(f"the predictor reads layer {self.layer} but the model has layers 0..{num_layers - 1}; export a predictor for this model")
+        self.predictor.check_serving_model(num_layers, hidden_size)
+
+    def tracks(self, request_id: str) -> bool:
+        return request_id in self.tracker
+
+    # -- called by an engine's scheduler --
+    def admit(self, ids: list[str]) -> None:
+        """New requests join the tracker with their initial distribution (BERT on the prompt text)."""
+        t0 = time.perf_counter()
+        with_text = [i for i in ids if self.prompt_texts.get(i) is not None] if self.initial == "bert" else []
+        if with_text:
+            self.tracker.add(with_text, prompt_texts=[self.prompt_texts[i] for i in with_text])
+        without = [i for i in ids if i not in set(with_text)]
+        if without:  # estimated at the token budget until a prediction exists
+            self.tracker.add(without)
+        for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
+            self.initial_estimates[i] = e
+        self.initial_s += time.perf_counter() - t0
+
+    def add_prompt_states(self, request_id: str, states: torch.Tensor, done: bool) -> None:
+        """Prompt-probe initial estimates: accumulate a prefill chunk's states [T, d]; on the chunk that
+        completes the prompt (`done`), the prompt probe on their mean replaces the initial estimate."""
+        if self.initial != "prompt_probe":
+            return
+        total, count = self._prompt_sums.get(request_id, (0.0, 0))
+        self._prompt_sums[request_id] = (states.float().sum(0) + total, count + states.shape[0])
+        if done:
+            total, count = self._prompt_sums.pop(request_id)
+            probs = self.prompt_predictor.probs((total / count)[None])
+            self.tracker.remove([request_id])
+            self.tracker.add([request_id], initial_probs=probs)
+            self.initial_estimates[request_id] = float(self.tracker.initial_estimates([request_id])[0])
+
+    def observe(self, ids: Sequence[str], states: torch.Tensor, generated: Sequence[int]) -> None:
+        """The probe-layer states [B, d] of the forward passes that produced token `generated[i]` of
+        request `ids[i]`; those on the refinement cadence refine their request."""
+        if not self.refine:
+            return
+        keep = [i for i, g in enumerate(generated) if refines_at(g, self.refine_interval)]
+        if not keep:
+            return
+        ids = [ids[i] for i in keep]
+        gens = [generated[i] for i in keep]
+        rows = torch.tensor(keep, dtype=torch.long, device=states.device)
+        self.tracker.observe(ids, states.index_select(0, rows).to(self.predictor.device), gens)
+        self.refinements += len(ids)
+        for r, g, e in zip(ids, gens, self.tracker.estimates(ids, gens).tolist()):
+            self.trace.setdefault(r, []).append((g, e))
+
+    def estimate(self, views: list[RequestView]) -> None:
+        """Fill each view's remaining and initial estimate for the policy (with no refinement, as for
+        trail_bert and sjf_bert, the initial estimate counted down)."""
+        if not views:
+            return
+        ids = [v.request_id for v in views]
+        remaining = self.tracker.estimates(ids, [v.generated for v in views]).cpu()
+        initial = self.tracker.initial_estimates(ids).cpu()
+        for v, r, i in zip(views, remaining.tolist(), initial.tolist()):
+            v.remaining_estimate = r
+            v.initial_estimate = i
+
+    def remove(self, request_id: str) -> None:
+        if request_id in self.tracker:
+            self.tracker.remove([request_id])
+        self._prompt_sums.pop(request_id, None)
