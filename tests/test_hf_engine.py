@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -212,7 +211,7 @@ def test_bad_setups_fail_in_one_line(llm, tmp_path, monkeypatch):
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "5.30.0")
-    with pytest.raises(UserError, match=r"pip install 'transformers>=5.24,<5.25'"):
+    with pytest.raises(UserError, match=r"pip install 'transformers>=5.19,<5.25'"):
         check_transformers()
 
 

@@ -20,7 +20,6 @@ from conftest import (
     trail_weights,
     write_trail_dir,
 )
-from safetensors.torch import save_file
 
 from trail_probe.errors import UserError
 from trail_probe.runtime import (

