@@ -42,17 +42,19 @@ def _byte_tokenizer(chat: bool):
     return fast
 
 
-def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, eos_bias: float = 4.0) -> Path:
+def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, eos_bias: float = 4.0,
+                     hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> Path:
     """Save a tiny random causal LM + tokenizer to `folder`. `eos_bias` makes EOS likely enough
-    that greedy answers end at varied lengths instead of all running to the cap."""
+    that greedy answers end at varied lengths instead of all running to the cap. (vLLM's CPU
+    attention needs a head size of 32 or more: hidden=128, heads=2 there.)"""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = _byte_tokenizer(chat=arch == "llama")
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
     if arch == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                              eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False)
         model = LlamaForCausalLM(config)
     else:

@@ -43,3 +43,156 @@ def test_gguf_is_dequantized_once_into_a_plain_folder_that_gives_the_same_logits
     original = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, original(ids).logits)
+
+
+# ------------------------------------------------------------------------------------------
+# The engine: tiny random Llama with a head size vLLM's CPU attention takes
+# ------------------------------------------------------------------------------------------
+MAX_NEW = 64
+TEXTS = [f"Tell me fact number {i} about {'cats' if i % 2 else 'the sea'}." for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def vllm_llama(tmp_path_factory):
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("vllm-llama"), hidden=128, heads=2, kv_heads=1, eos_bias=0.85)
+
+
+@pytest.fixture(scope="module")
+def vllm_predictor(tmp_path_factory):
+    """A probe on layer 1 that calls every answer long (its last bin), so a request BERT calls short
+    outranks running ones once they have been refined."""
+    from conftest import trail_weights, write_trail_dir
+
+    w = trail_weights(d=128)
+    w["fc2.weight"].mul_(0.01)
+    w["fc2.bias"].zero_()
+    w["fc2.bias"][-1] = 8.0
+    return write_trail_dir(tmp_path_factory.mktemp("pred"), w, hidden_size=128, probe_layer_idx=1,
+                           max_len=MAX_NEW, device="cpu")
+
+
+def _requests(folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return [(f"r{i}", encode_prompt(tok, t), t) for i, t in enumerate(TEXTS)]
+
+
+def test_bad_setups_fail_in_one_line_before_vllm_starts(vllm_llama, tiny_llama, vllm_predictor, tmp_path, monkeypatch):
+    from conftest import trail_weights, write_trail_dir
+
+    from trail_probe.errors import UserError
+    from trail_probe.serving import vllm_engine
+    from trail_probe.serving.vllm_engine import (
+        VLLMEngine,
+        check_vllm,
+        engine_kwargs,
+        trail_settings,
+    )
+
+    with pytest.raises(UserError, match="not one of fifo, priority"):
+        engine_kwargs(vllm_llama, "lifo", None)
+    with pytest.raises(UserError, match="needs trail_settings"):
+        engine_kwargs(vllm_llama, "trail", None)
+    deep = write_trail_dir(tmp_path / "deep", trail_weights(d=128), hidden_size=128, probe_layer_idx=7, device="cpu")
+    with pytest.raises(UserError, match="layers 0..2"):
+        VLLMEngine(vllm_llama, "trail", trail_settings(deep, initial="none"))
+    with pytest.raises(UserError, match="width 128 but the serving model's are 64"):
+        VLLMEngine(tiny_llama, "trail", trail_settings(vllm_predictor, initial="none"))
+    other = write_trail_dir(tmp_path / "other", trail_weights(d=128), hidden_size=128, probe_layer_idx=1, device="cpu")
+    (other / "trail_probe.json").write_text(json.dumps({"serving_model": {"name_or_path": "elsewhere", "weights_sha256": "0" * 64}}))
+    with pytest.raises(UserError, match="trained on 'elsewhere'"):
+        VLLMEngine(vllm_llama, "trail", trail_settings(other, initial="none"))
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    with pytest.raises(UserError, match=r"supports vllm >=0.32,<0.33"):
+        check_vllm()
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)
+    with pytest.raises(UserError, match="vLLM is not installed"):
+        vllm_engine.check_vllm()
+
+
+@pytest.mark.slow
+def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_llama, vllm_predictor, tmp_path):
+    """vLLM's default multiprocess engine: the states the scheduler receives equal a teacher-forced HF
+    forward pass (fp32), TRAIL changes when tokens come, not which, and its estimates are the tracker's."""
+    from conftest import make_tiny_bert_predictor
+    from transformers import AutoModelForCausalLM
+
+    from trail_probe.runtime import BertLengthPredictor, LengthPredictor, LengthTracker
+    from trail_probe.serving.vllm_engine import VLLMEngine, read_log, trail_settings
+
+    make_tiny_bert_predictor(tmp_path / "bert", max_len=MAX_NEW)
+    bert = BertLengthPredictor.from_pretrained(tmp_path / "bert", device="cpu").predict(TEXTS).tolist()
+    # The half BERT calls longer arrives first; the half it calls shorter comes while those decode.
+    order = sorted(range(len(TEXTS)), key=lambda i: -bert[i])
+    reqs = [_requests(vllm_llama)[i] for i in order]
+    arrivals = [0.0] * 5 + [0.05] * 5
+    assert bert[order[4]] > bert[order[5]]
+    runs = {}
+    for policy in ("fifo", "trail"):
+        log = tmp_path / f"{policy}.json"
+        settings = trail_settings(vllm_predictor, bert=tmp_path / "bert", max_new_tokens=MAX_NEW, refine_interval=4,
+                                  log_path=log, record_states=True) if policy == "trail" else {"log_path": str(log)}
+        with VLLMEngine(vllm_llama, policy, settings, max_num_seqs=3, dtype="float32", kv_cache_bytes=128 << 20,
+                        max_model_len=512) as engine:
+            results, _ = engine.replay(reqs, arrivals, max_new_tokens=MAX_NEW)
+        runs[policy] = ({r.request_id: r.tokens for r in results}, read_log(log))
+    (fifo, fifo_log), (trail, trail_log) = runs["fifo"], runs["trail"]
+    assert trail == fifo and len(fifo) == len(TEXTS)
+    assert max(len(t) for t in fifo.values()) > 8  # answers long enough to be refined more than once
+    assert all(s["end"] >= s["start"] for s in fifo_log["steps"]) and len(fifo_log["steps"]) > 8
+    counters = trail_log["trail"]
+    assert counters["refinements"] > 0 and counters["paused_past_limit"] == 0, counters
+    assert counters["preemptions"] > 0, counters  # paused requests kept their KV cache and resumed intact
+    observed = trail_log["observed"]
+    assert {g for _, g, _ in observed} >= {1, 5} and all((g - 1) % 4 == 0 for _, g, _ in observed)
+    model = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32).eval()
+    prompts = {rid: ids for rid, ids, _ in reqs}
+    for rid, g, state in observed[::3]:
+        with torch.no_grad():
+            ref = model(torch.tensor([prompts[rid] + fifo[rid][:g]]), output_hidden_states=True).hidden_states[2][0, -1]
+        assert torch.allclose(torch.tensor(state), ref, atol=1e-4), (rid, g)
+    # The same states through a LengthTracker of our own give the estimates the plugin recorded.
+    tracker = LengthTracker(LengthPredictor.from_pretrained(vllm_predictor, device="cpu"), max_new_tokens=MAX_NEW,
+                            text_predictor=BertLengthPredictor.from_pretrained(tmp_path / "bert", device="cpu"))
+    for rid, _, text in reqs:
+        tracker.add([rid], prompt_texts=[text])
+        assert float(tracker.initial_estimates([rid])[0]) == pytest.approx(trail_log["initial_estimates"][rid], abs=1e-5)
+    for rid, g, state in observed:
+        tracker.observe([rid], torch.tensor([state]), [g])
+        expected = float(tracker.estimates([rid], [g])[0])
+        assert [e for gg, e in trail_log["trace"][rid] if gg == g] == [pytest.approx(expected, abs=1e-5)]  # float32 batch rounding
+
+
+@pytest.mark.slow
+def test_serve_bench_on_vllm_runs_fcfs_priority_and_trail(vllm_llama, vllm_predictor, tmp_path):
+    from conftest import make_tiny_bert_predictor, write_prompts
+
+    from trail_probe.stages import serve_bench
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", rows=[
+        {"id": f"p{i}", "prompt": f"Tell me fact number {i} about {'cats' if i % 2 else 'the sea'}."} for i in range(40)])
+    make_tiny_bert_predictor(tmp_path / "bert", max_len=MAX_NEW)
+    cfg = load_recipe(None, [
+        f"model.name_or_path={vllm_llama}", f"prompts.source={prompts}", f"generation.max_new_tokens={MAX_NEW}",
+        f"train.out_dir={tmp_path / 'ckpt'}", "serve.engine=vllm", "serve.policies=[fifo,priority,trail]",
+        "serve.num_requests=6", "serve.rate=40", "serve.max_batch=2", "serve.max_batch_tokens=256",
+        "serve.vllm_dtype=float32", "serve.vllm_kv_cache_gb=0.125", f"serve.predictor={vllm_predictor}",
+        f"serve.bert={tmp_path / 'bert'}", "refine.interval=4"])
+    report = serve_bench.run_serve_bench(cfg, verbose=False)
+    out = cfg.paths.serve
+    for name in ("fifo.json", "priority.json", "trail.json", "summary.json", "report.md", "serve_bench.png"):
+        assert (out / name).is_file(), name
+    assert report["settings"]["serve"]["engine"] == "vllm"
+    for policy in ("priority", "trail"):
+        assert report["vs_fifo"][policy]["same_outputs"]["share"] == 1.0
+    for policy in ("fifo", "priority", "trail"):
+        s = report["summary"][policy]
+        assert s["steps"] > 0 and 0 < s["busy_fraction"] <= 1.0 + 1e-9 and s["mean_step_s"] > 0
+    trail = json.loads((out / "trail.json").read_text())
+    assert trail["trail"]["refinements"] > 0 and all(r["initial_estimate"] is not None for r in trail["requests"])
+    assert set(report["simulator"]) == {"fifo", "priority", "trail"}

@@ -23,6 +23,9 @@ Likelihood = Literal["posterior", "prior_corrected"]
 RefinePrior = Literal["auto", "prompt_probe", "none"]  # eval: the distribution before the first decode step
 InitialSource = Literal["bert", "prompt_probe", "none"]  # serving: where a request's first estimate comes from
 EnginePolicy = Literal["fifo", "trail", "trail_bert", "sjf_bert"]  # fifo: the engine's own scheduler
+ServeEngineName = Literal["hf", "vllm"]  # serve-bench: transformers continuous batching, or vLLM
+# vLLM adds its own priority policy, fed BERT's estimate (what a user could do without trail_probe)
+VLLMPolicy = Literal["fifo", "priority", "trail", "trail_bert", "sjf_bert"]
 PausedCache = Literal["keep", "discard"]  # simulator: what a preempted request's KV cache does
 
 

@@ -31,6 +31,7 @@ from trail_probe.choices import (
     MultiLayer,
     PausedCache,
     RefinePrior,
+    ServeEngineName,
     Task,
     TaskSelection,
     TooLong,
@@ -194,7 +195,9 @@ class SimulateConfig:
 
 @dataclass
 class ServeConfig:
-    """`trail-probe serve-bench`: the real engine (transformers continuous batching) under load."""
+    """`trail-probe serve-bench`: a real engine (transformers continuous batching, or vLLM) under load."""
+
+    engine: ServeEngineName = "hf"  # hf: transformers continuous batching; vllm: vLLM's V1 engine
 
     policies: list[str] = field(default_factory=lambda: ["fifo", "trail"])  # fifo | trail | trail_bert | sjf_bert
     num_requests: int = 200  # held-out prompts, sampled without replacement (the same ones for every policy)
@@ -207,7 +210,9 @@ class ServeConfig:
     predictor: str = ""  # default: <checkpoint_dir>/predictor (the decode probe, trail-probe export)
     prompt_predictor: str = ""  # an exported prompt probe, for initial=prompt_probe
     bert: str = ""  # default: the baseline folder (trail-probe train-baseline)
-    threads: int = 2  # torch threads for the engine
+    threads: int = 2  # torch threads for the engine (hf)
+    vllm_dtype: str = "bfloat16"  # vllm: the serving dtype (vLLM's CPU build serves bf16 fastest)
+    vllm_kv_cache_gb: float = 2.0  # vllm: KV cache size (on CPU, bytes of memory)
     seed: int = 0
     out_dir: str = ""  # default: checkpoints/<run_name>/serve
 

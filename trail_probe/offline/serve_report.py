@@ -84,7 +84,7 @@ def simulator_prediction(cfg, runs: dict, cost) -> dict:
     """The simulator on the same arrivals, measured lengths and recorded estimates."""
     sc = cfg.serve
     base = runs.get("fifo") or next(iter(runs.values()))
-    trail = next((r for p, r in runs.items() if p != "fifo"), None)
+    trail = next((r for r in runs.values() if "trail" in r), None)  # a run that recorded TRAIL's estimates
     est = {r["id"]: r for r in trail["requests"]} if trail else {}
     reqs = base["requests"]
     # The engine counts the EOS token it produces; the simulator charges one step per output token.
@@ -96,10 +96,11 @@ def simulator_prediction(cfg, runs: dict, cost) -> dict:
                  np.array([max(r["output_tokens"], 1) for r in reqs]),
                  np.array([_or_nan(est.get(r["id"], {}).get("initial_estimate")) for r in reqs], dtype=float),
                  refined, [r["id"] for r in reqs])
-    engine = Engine(sc.max_batch, sc.max_batch_tokens, sc.num_blocks * sc.page_size, "keep")
+    engine = Engine(sc.max_batch, sc.max_batch_tokens, kv_capacity_tokens(cfg), "keep")
     out = {}
     for policy in runs:
-        spec = "fcfs" if policy == "fifo" else policy
+        # vLLM's priority policy fed BERT's estimate is shortest-BERT-first without preemption
+        spec = {"fifo": "fcfs", "priority": "sjf_bert"}.get(policy, policy)
         if spec != "fcfs" and not trail:
             continue
         result = simulate(w, make_policy(spec, cfg.refine.preemption_c), engine, cost)
@@ -108,6 +109,23 @@ def simulator_prediction(cfg, runs: dict, cost) -> dict:
                        "median_latency_s": s["median_latency_s"], "p99_latency_s": s["p99_latency_s"],
                        "slot_utilisation": s["slot_utilisation"]}
     return out
+
+
+def kv_capacity_tokens(cfg) -> int:
+    """Tokens the engine's KV cache holds: pages x page size (transformers), or vLLM's cache bytes over
+    the bytes one token's keys and values take in every layer."""
+    sc = cfg.serve
+    if sc.engine != "vllm":
+        return sc.num_blocks * sc.page_size
+    from transformers import AutoConfig
+
+    from trail_probe.runtime.models import plain_hf_folder
+
+    c = AutoConfig.from_pretrained(str(plain_hf_folder(cfg.model)))
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    itemsize = 4 if sc.vllm_dtype == "float32" else 2
+    return int(sc.vllm_kv_cache_gb * (1 << 30)) // (c.num_hidden_layers * kv_heads * head_dim * 2 * itemsize)
 
 
 def format_table(runs: dict) -> str:
@@ -140,7 +158,8 @@ def plot_distributions(runs: dict, out: Path) -> Path:
         ax.legend()
     run = next(iter(runs.values()))
     sc = run["settings"]["serve"]
-    fig.suptitle(f"transformers continuous batching: {len(run['requests'])} requests, "
+    engine = "vLLM" if sc.get("engine") == "vllm" else "transformers continuous batching"
+    fig.suptitle(f"{engine}: {len(run['requests'])} requests, "
                  f"Poisson {sc['rate']} req/s, batch {sc['max_batch']}")
     fig.tight_layout()
     path = out / "serve_bench.png"
@@ -176,8 +195,9 @@ def compare_runs(cfg, runs: dict, settings: dict, num_requests: int) -> tuple[di
     table = format_table(runs)
     lines = [f"# serve-bench: {cfg.model.name_or_path}", "",
              f"{num_requests} held-out prompts, Poisson {sc.rate} req/s, max batch {sc.max_batch}, "
-             f"{cfg.generation.max_new_tokens} new tokens max, greedy, transformers continuous batching on "
-             f"{sc.threads} threads.", "", table, ""]
+             f"{cfg.generation.max_new_tokens} new tokens max, greedy, "
+             + (f"vLLM ({sc.vllm_dtype})." if sc.engine == "vllm" else f"transformers continuous batching on {sc.threads} threads."),
+             "", table, ""]
     for p, v in report.get("vs_fifo", {}).items():
         so = v["same_outputs"]
         lines.append(f"- {p} vs fifo: mean latency {v['latency_speedup']:.2f}x lower, mean TTFT {v['ttft_speedup']:.2f}x; "

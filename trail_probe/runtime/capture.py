@@ -25,12 +25,28 @@ from trail_probe.errors import UserError
 from trail_probe.runtime.models import decoder_layers
 
 
+def first_output(output) -> torch.Tensor:
+    """A Hugging Face decoder layer's residual stream: its output, or the first item of its tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def residual_sum(output) -> torch.Tensor:
+    """A vLLM decoder layer's residual stream: it returns (mlp output, residual) so that the next layer
+    can fuse the add into its norm; their sum is Hugging Face's `hidden_states[L + 1]`."""
+    if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+        return output[0] + output[1]
+    return first_output(output)
+
+
 class LayerCapture:
     """Forward hooks that keep the latest output of the requested decoder layers only.
-    `on_forward(layer, states)`, when given, runs after each hooked layer's forward pass."""
+    `on_forward(layer, states)`, when given, runs after each hooked layer's forward pass; `states_of`
+    turns a layer's raw output into the residual stream (`first_output` for Hugging Face models,
+    `residual_sum` for vLLM's)."""
 
     def __init__(self, model: nn.Module, layers: Iterable[int],
-                 on_forward: Callable[[int, torch.Tensor], None] | None = None):
+                 on_forward: Callable[[int, torch.Tensor], None] | None = None,
+                 states_of: Callable[[object], torch.Tensor] = first_output):
         blocks = decoder_layers(model)
         layers = sorted(set(layers))
         bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
@@ -40,6 +56,7 @@ class LayerCapture:
         self.layers = layers
         self.outputs: dict[int, torch.Tensor] = {}
         self._on_forward = on_forward
+        self._states_of = states_of
         self._handles = []
         try:
             for layer in layers:
@@ -50,7 +67,7 @@ class LayerCapture:
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):
-            states = output[0] if isinstance(output, tuple) else output
+            states = self._states_of(output)
             self.outputs[layer] = states
             if self._on_forward is not None:
                 self._on_forward(layer, states)

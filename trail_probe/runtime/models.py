@@ -176,21 +176,35 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(cfg, model: nn.Module) -> dict:
-    """What identifies the serving model in every output: id, weight-file hash, shape."""
-    where, gguf = resolve_model_path(cfg.name_or_path)
-    files = []
+def weights_sha256(name_or_path: str | os.PathLike) -> str | None:
+    """The serving model's weight hash as every output records it: sha256 over the hex hashes of its
+    weight files (the GGUF, else the folder's safetensors or .bin files). A folder that
+    `plain_hf_folder` converted from a GGUF answers with its GGUF's hash. None for a hub id."""
+    import json
+
+    where, gguf = resolve_model_path(str(name_or_path))
+    hashes = []
     if gguf:
-        files = [Path(where) / gguf]
+        hashes = [file_sha256(Path(where) / gguf)]
+    elif (Path(where) / PLAIN_SOURCE_FILE).is_file():
+        hashes = [json.loads((Path(where) / PLAIN_SOURCE_FILE).read_text())["gguf_sha256"]]
     elif Path(where).is_dir():
         files = sorted(Path(where).glob("*.safetensors")) or sorted(Path(where).glob("*.bin"))
+        hashes = [file_sha256(f) for f in files]
+    if not hashes:
+        return None
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(file_sha256(f).encode())
+    for h in hashes:
+        digest.update(h.encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(cfg, model: nn.Module) -> dict:
+    """What identifies the serving model in every output: id, weight-file hash, shape."""
     config = model.config
     return {
         "name_or_path": cfg.name_or_path,
-        "weights_sha256": digest.hexdigest() if files else getattr(config, "_commit_hash", None),
+        "weights_sha256": weights_sha256(cfg.name_or_path) or getattr(config, "_commit_hash", None),
         "architecture": type(model).__name__,
         "num_layers": len(decoder_layers(model)),
         "hidden_size": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),

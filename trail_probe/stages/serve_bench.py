@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from trail_probe.atomic import atomic_write_json
-from trail_probe.choices import EnginePolicy, check_choice, options
+from trail_probe.choices import EnginePolicy, VLLMPolicy, check_choice, options
 from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.serve_report import compare_runs, summarize_run
@@ -102,15 +102,22 @@ def workload(cfg: RecipeConfig, tokenizer) -> tuple[list[tuple[str, list[int], s
 
 
 def _check(cfg: RecipeConfig, only: str | None) -> list[str]:
-    from trail_probe.serving.hf_scheduler import check_transformers
-
-    check_transformers()
     sc = cfg.serve
+    if sc.engine == "vllm":
+        from trail_probe.serving.vllm_engine import check_vllm
+
+        check_vllm()
+        allowed = VLLMPolicy
+    else:
+        from trail_probe.serving.hf_scheduler import check_transformers
+
+        check_transformers()
+        allowed = EnginePolicy
     policies = [only] if only else list(sc.policies)
     if not policies:
-        raise UserError("serve.policies is empty; name at least one of " + ", ".join(options(EnginePolicy)))
+        raise UserError("serve.policies is empty; name at least one of " + ", ".join(options(allowed)))
     for p in policies:
-        check_choice(p, EnginePolicy, "serve policy (serve.policies or --policy)")
+        check_choice(p, allowed, f"serve policy for engine {sc.engine} (serve.policies or --policy)")
     if not (isinstance(sc.rate, (int, float)) and math.isfinite(sc.rate) and sc.rate > 0):
         raise UserError(f"serve.rate = {sc.rate!r} must be a positive number of requests per second")
     for name in ("max_batch", "max_batch_tokens", "page_size", "num_blocks", "threads"):
@@ -146,9 +153,25 @@ def make_runtime(cfg: RecipeConfig, policy: str):
                         likelihood=refine.likelihood), predictor_dir
 
 
+def _records(requests, arrivals, by_id: dict, t0: float, estimates: dict | None, trace: dict | None) -> list[dict]:
+    """One record per request, times relative to the start of the replay, the same for both engines."""
+    records = []
+    for (rid, ids, _), at in zip(requests, arrivals):
+        r = by_id[rid]
+        rec = {"id": rid, "planned_arrival": float(at), "arrival": r.arrival - t0, "first_token": r.first_token - t0,
+               "finish": r.finish - t0, "prompt_tokens": len(ids), "output_tokens": len(r.tokens), "tokens": r.tokens}
+        if estimates is not None:
+            rec["initial_estimate"] = estimates.get(rid)
+            rec["refined"] = trace.get(rid, [])
+        records.append(rec)
+    return records
+
+
 def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arrivals, settings: dict,
                runtime=None, predictor_dir: Path | None = None) -> dict:
     """Serve the workload under `policy`; every policy but fifo needs its `make_runtime` result."""
+    if cfg.serve.engine == "vllm":
+        return run_policy_vllm(cfg, policy, requests, arrivals, settings, predictor_dir)
     from tqdm import tqdm
 
     from trail_probe.runtime.models import eos_token_ids
@@ -167,16 +190,8 @@ def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arriv
             steps = [asdict(s) for s in engine.scheduler.steps]
     finally:
         bar.close()
-    by_id = {r.request_id: r for r in results}
-    records = []
-    for (rid, ids, _), at in zip(requests, arrivals):
-        r = by_id[rid]
-        rec = {"id": rid, "planned_arrival": float(at), "arrival": r.arrival - t0, "first_token": r.first_token - t0,
-               "finish": r.finish - t0, "prompt_tokens": len(ids), "output_tokens": len(r.tokens), "tokens": r.tokens}
-        if runtime is not None:
-            rec["initial_estimate"] = runtime.initial_estimates.get(rid)
-            rec["refined"] = runtime.trace.get(rid, [])
-        records.append(rec)
+    records = _records(requests, arrivals, {r.request_id: r for r in results}, t0,
+                       None if runtime is None else runtime.initial_estimates, None if runtime is None else runtime.trace)
     for s in steps:
         s["start"] -= t0
         s["end"] -= t0
@@ -186,6 +201,50 @@ def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arriv
         out["trail"] = {"predictor": str(predictor_dir), "preemptions": runtime.preemptions,
                         "refinements": runtime.refinements, "paused_past_limit": runtime.paused_past_limit,
                         "policy": runtime.policy.name, "preemption_c": runtime.policy.preemption_c}
+    return out
+
+
+def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings: dict,
+                    predictor_dir: Path | None) -> dict:
+    """The same workload in vLLM (`trail_probe.serving.vllm_engine`): vLLM's FCFS, its priority policy
+    fed BERT's estimate, or TRAIL's scheduler; the scheduler's step log comes back through a file."""
+    from tqdm import tqdm
+
+    from trail_probe.runtime import BertLengthPredictor
+    from trail_probe.runtime.models import plain_hf_folder
+    from trail_probe.serving.vllm_engine import VLLMEngine, read_log, trail_settings
+
+    sc, refine = cfg.serve, cfg.refine
+    log_path = cfg.paths.serve / f".{policy}.scheduler.json"
+    log_path.unlink(missing_ok=True)
+    trail = policy not in ("fifo", "priority")
+    engine_settings = trail_settings(
+        predictor_dir, policy=policy, bert=cfg.paths.serve_bert if sc.initial == "bert" else None, initial=sc.initial,
+        max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
+        preemption_c=refine.preemption_c, log_path=log_path) if trail else {"log_path": str(log_path)}
+    priorities = None
+    if policy == "priority":  # BERT's estimate as vLLM's priority (smaller runs first), computed up front
+        bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
+        priorities = [int(round(e)) for e in bert.predict([text for _, _, text in requests]).tolist()]
+    kwargs = {"max_num_seqs": sc.max_batch, "max_num_batched_tokens": sc.max_batch_tokens, "dtype": sc.vllm_dtype,
+              "kv_cache_bytes": int(sc.vllm_kv_cache_gb * (1 << 30)), "seed": sc.seed}
+    bar = tqdm(total=len(requests), desc=f"serve-bench vllm {policy}", unit="req", dynamic_ncols=True)
+    start = time.time()
+    try:
+        with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, **kwargs) as engine:
+            engine.replay(requests[:2], [0.0, 0.0], max_new_tokens=8)  # warm-up, left out of the log below
+            results, t0 = engine.replay(requests, arrivals, cfg.generation.max_new_tokens, priorities, progress=bar)
+    finally:
+        bar.close()
+    log = read_log(log_path)
+    steps = [{**s, "start": s["start"] - t0, "end": s["end"] - t0, "initial_s": 0.0, "active": s["running"],
+              "free_cache": 1.0} for s in log["steps"] if s["end"] is not None and s["start"] >= t0]
+    records = _records(requests, arrivals, {r.request_id: r for r in results}, t0,
+                       log.get("initial_estimates") if trail else None, log.get("trace") if trail else None)
+    out = {"policy": policy, "settings": settings, "wall_clock_s": time.time() - start,
+           "summary": summarize_run(records, steps), "requests": records, "steps": steps}
+    if trail:
+        out["trail"] = {"predictor": str(predictor_dir), **log["trail"]}
     return out
 
 
@@ -219,7 +278,10 @@ def run_serve_bench(cfg: RecipeConfig, only: str | None = None, overwrite: bool 
     out = cfg.paths.serve
     out.mkdir(parents=True, exist_ok=True)
     # Predictors load now, so a missing one fails before an hour of FIFO, and only once.
-    runtimes = {p: make_runtime(cfg, p) for p in policies if p != "fifo"}
+    runtimes = {p: make_runtime(cfg, p) for p in policies if p not in ("fifo", "priority")}
+    if "priority" in policies and not cfg.paths.serve_bert.is_dir():
+        raise UserError(f"policy 'priority' ranks by BERT's estimate, but there is no BERT predictor at '{cfg.paths.serve_bert}'; "
+                        "run 'trail-probe train-baseline RECIPE' or set serve.bert")
     torch.set_num_threads(sc.threads)
     model, tokenizer = load_causal_lm(cfg.model)
     requests, arrivals = workload(cfg, tokenizer)

