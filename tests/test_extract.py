@@ -219,3 +219,26 @@ def test_real_smollm2_on_shared_prompts(tmp_path):
     assert torch.isfinite(ex.prompt_states(29)).all() and torch.isfinite(ex.decode(11).states).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["weights_sha256"] and manifest["prompts"]["num_selected"] == 4
+
+
+def test_packed_gqa_decoding_equals_plain_sdpa_and_is_undone(tiny_llama):
+    """The decode attention the extractor switches to (no KV-cache copy for grouped-query heads) gives
+    plain SDPA's logits, and the model gets its own attention back afterwards."""
+    import copy
+    import inspect
+
+    from trail_probe.config import ModelConfig
+    from trail_probe.runtime.models import encode_prompt, packed_gqa_attention
+
+    model, tok = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama)))
+    assert model.model.layers[0].self_attn.num_key_value_groups == 2 and model.config._attn_implementation == "sdpa"
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.tensor([encode_prompt(tok, "Tell me a fact about dogs."), encode_prompt(tok, "Tell me a fact about cats.")])
+    with torch.no_grad():
+        first = model(ids, use_cache=True)
+        step = first.logits[:, -1:].argmax(-1)
+        plain = model(step, **{cache_kw: copy.deepcopy(first.past_key_values)}).logits
+        with packed_gqa_attention(model):
+            packed = model(step, **{cache_kw: first.past_key_values}).logits
+    assert torch.allclose(plain, packed, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"

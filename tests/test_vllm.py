@@ -196,3 +196,35 @@ def test_serve_bench_on_vllm_runs_fcfs_priority_and_trail(vllm_llama, vllm_predi
     trail = json.loads((out / "trail.json").read_text())
     assert trail["trail"]["refinements"] > 0 and all(r["initial_estimate"] is not None for r in trail["requests"])
     assert set(report["simulator"]) == {"fifo", "priority", "trail"}
+
+
+@pytest.mark.slow
+def test_on_smollm2_the_plugin_reads_layer_19_as_hf_does(tmp_path):
+    """The embedded SmolLM2 in vLLM (fp32, multiprocess engine, the plugin loaded by vLLM's general
+    plugin hook) against a teacher-forced HF forward pass of the GGUF model, layer 19."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trail_probe.serving.vllm_engine import VLLMEngine, read_log, trail_settings
+
+    cfg = load_recipe("recipes/smollm2_alpaca.yaml")
+    folder = plain_hf_folder(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = ["Give three tips for staying healthy.", "What is the capital of France?", "Name a primary color."]
+    reqs = [(f"q{i}", encode_prompt(tokenizer, t), t) for i, t in enumerate(texts)]
+    log = tmp_path / "trail.json"
+    settings = trail_settings("checkpoints/smollm2_alpaca/predictor", initial="none", max_new_tokens=24,
+                              log_path=log, record_states=True)
+    with VLLMEngine(folder, "trail", settings, max_num_seqs=4, dtype="float32", kv_cache_bytes=256 << 20,
+                    max_model_len=1024) as engine:
+        assert engine.model_shape == {"num_layers": 30, "hidden_size": 576, "attached_at_load": True}  # the plugin
+        results, _ = engine.replay(reqs, [0.0] * 3, max_new_tokens=24)
+    tokens = {r.request_id: r.tokens for r in results}
+    observed = read_log(log)["observed"]
+    assert {g for _, g, _ in observed} == {1, 9, 17}
+    where, gguf = resolve_model_path(cfg.model.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32).eval()
+    prompts = {rid: ids for rid, ids, _ in reqs}
+    for rid, g, state in observed:
+        with torch.no_grad():
+            ref = model(torch.tensor([prompts[rid] + tokens[rid][:g]]), output_hidden_states=True).hidden_states[20][0, -1]
+        assert float((torch.tensor(state) - ref).norm() / ref.norm()) < 1e-4, (rid, g)

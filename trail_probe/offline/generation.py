@@ -29,7 +29,7 @@ from trail_probe.offline.prompts import Prompt
 from trail_probe.offline.store import ExtractedRequest
 from trail_probe.runtime.capture import LayerCapture
 from trail_probe.runtime.estimates import refines_at
-from trail_probe.runtime.models import encode_prompt, eos_token_ids
+from trail_probe.runtime.models import encode_prompt, eos_token_ids, packed_gqa_attention
 
 
 @dataclass
@@ -231,7 +231,7 @@ def generate_with_capture(
         return ExtractedRequest(record, row.prompt_states, states, torch.tensor(row.generated, dtype=torch.long),
                                 row.tokens)
 
-    with LayerCapture(model, set(prompt_layers) | set(decode_layers)) as capture:
+    with packed_gqa_attention(model), LayerCapture(model, set(prompt_layers) | set(decode_layers)) as capture:
         while True:
             # 1. Refill free slots: prefill each new prompt alone (no padding inside a prefill).
             for slot in range(len(slots)):

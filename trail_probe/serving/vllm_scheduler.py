@@ -143,14 +143,17 @@ class TrailVLLMScheduler(RecordingScheduler):
         held_waiting = [r for r in waiting if r.request_id not in chosen]
         admit = sorted((r for r in waiting if r.request_id in chosen), key=lambda r: chosen[r.request_id])
         self.waiting.remove_requests(waiting)
-        self.waiting.prepend_requests(admit)
+        for r in admit:  # in TRAIL's order (prepend_requests would reverse it)
+            self.waiting.add_request(r)
         probe_s = time.perf_counter() - t0
         try:
             out = Scheduler.schedule(self, *args, **kwargs)
         finally:
             # What vLLM did not admit goes back to waiting; paused requests rejoin running.
             queued = {r.request_id for r in self.waiting}
-            self.waiting.prepend_requests([r for r in held_waiting if r.request_id not in queued])
+            for r in held_waiting:
+                if r.request_id not in queued:
+                    self.waiting.add_request(r)
             running = {r.request_id for r in self.running}
             self.running = self.running + [r for r in held_running if r.request_id not in running]
         self._log_step(t0, out, probe_s)

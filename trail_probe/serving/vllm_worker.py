@@ -1,8 +1,10 @@
 """The worker side of TRAIL in vLLM: the probe layer's states of every forward pass, sent to the scheduler.
 
-vLLM mixes this class into its worker (`worker_extension_cls`, see `vllm_engine.engine_args`); the
-engine calls `trail_probe_attach(layer)` once through `collective_rpc` after start-up. From then on a
-forward hook on decoder layer `layer` keeps that layer's output of the flattened batch, and every
+The hook goes in right after the worker loads the model, by a vLLM general plugin (`register`, the
+`vllm.general_plugins` entry point of this package), whenever the engine was configured for TRAIL
+(`additional_config["trail_probe"]["predictor"]`), so a plain `vllm serve` needs nothing else;
+`TrailWorkerExtension.trail_probe_attach` does the same on demand through `collective_rpc`. A
+forward hook on the probe's decoder layer keeps that layer's output of the flattened batch, and every
 `ModelRunnerOutput` the worker returns carries `trail_probe_states`: (request ids in batch order,
 [requests, d] float32 on the CPU, the state of each request's last scheduled token). The output
 travels to the scheduler's process pickled (vLLM's multiprocess executor), attribute included, so
@@ -22,21 +24,22 @@ from __future__ import annotations
 
 import torch
 
+from pathlib import Path
+
 from trail_probe.runtime.capture import LayerCapture, residual_sum
 from trail_probe.runtime.models import decoder_layers
 
 STATES_ATTR = "trail_probe_states"
 
 
-class TrailWorkerExtension:
-    """Methods vLLM adds to its worker; names are prefixed so they never clash with the worker's own."""
-
-    def trail_probe_attach(self, layer: int) -> dict:
-        """Hook decoder layer `layer` and attach its last-token states to every output; returns the
-        model's shape so the caller can check the predictor against it."""
-        runner = self.model_runner
-        model = runner.model
-        capture = self._trail_probe_capture = LayerCapture(model, [layer], states_of=residual_sum)
+def attach(runner, layer: int) -> dict:
+    """Hook decoder layer `layer` of the runner's model and attach its last-token states to every
+    output the runner returns (once per runner); returns the model's shape, and whether the hook was
+    already there (put in by the plugin when the model loaded)."""
+    model = runner.model
+    attached_before = getattr(runner, "_trail_probe_capture", None) is not None
+    if not attached_before:
+        capture = runner._trail_probe_capture = LayerCapture(model, [layer], states_of=residual_sum)
         original = runner.sample_tokens
 
         def sample_tokens(*args, **kwargs):
@@ -50,5 +53,42 @@ class TrailWorkerExtension:
             return out
 
         runner.sample_tokens = sample_tokens
-        config = getattr(model, "config", None)
-        return {"num_layers": len(decoder_layers(model)), "hidden_size": getattr(config, "hidden_size", None)}
+    config = getattr(model, "config", None)
+    return {"num_layers": len(decoder_layers(model)), "hidden_size": getattr(config, "hidden_size", None),
+            "attached_at_load": attached_before}
+
+
+class TrailWorkerExtension:
+    """Methods vLLM adds to its worker (`worker_extension_cls`); prefixed so they never clash with its own."""
+
+    def trail_probe_attach(self, layer: int) -> dict:
+        return attach(self.model_runner, layer)
+
+
+def register() -> None:
+    """The vLLM general plugin: wrap the model runners' `load_model` so that a worker of an engine
+    configured for TRAIL hooks the predictor's layer as soon as its model is loaded."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runners = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runners.append(CPUModelRunner)
+    except ImportError:
+        pass
+    for cls in runners:
+        original = cls.__dict__.get("load_model")
+        if original is None or getattr(original, "_trail_probe", False):
+            continue
+
+        def load_model(self, *args, _original=original, **kwargs):
+            _original(self, *args, **kwargs)
+            settings = (self.vllm_config.additional_config or {}).get("trail_probe") or {}
+            if settings.get("predictor"):
+                from trail_probe.runtime.predictor import read_predictor_config
+
+                attach(self, read_predictor_config(Path(settings["predictor"]))["probe_layer_idx"])
+
+        load_model._trail_probe = True
+        cls.load_model = load_model
