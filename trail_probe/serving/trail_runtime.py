@@ -110,7 +110,8 @@ class TrailRuntime:
         with_text = [i for i in ids if self.prompt_texts.get(i) is not None] if self.initial == "bert" else []
         if with_text:
             self.tracker.add(with_text, prompt_texts=[self.prompt_texts[i] for i in with_text])
-        without = [i for i in ids if i not in set(with_text)]
+        estimated = set(with_text)
+        without = [i for i in ids if i not in estimated]
         if without:  # estimated at the token budget until a prediction exists
             self.tracker.add(without)
         for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):

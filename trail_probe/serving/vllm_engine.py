@@ -17,6 +17,7 @@ Supported vLLM: `SUPPORTED_VLLM`; another version is refused in one line.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,7 +185,7 @@ class VLLMEngine:
                 if r is None:
                     continue
                 now = time.perf_counter()
-                if out.outputs and out.outputs[0].token_ids and r.first_token != r.first_token:
+                if out.outputs and out.outputs[0].token_ids and math.isnan(r.first_token):
                     r.first_token = now
                 if out.finished:
                     r.finish, r.tokens = now, list(out.outputs[0].token_ids)

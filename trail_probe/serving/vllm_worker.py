@@ -22,9 +22,9 @@ as `pooler_output` is for pooling models), and `model_runner.model`'s decoder la
 
 from __future__ import annotations
 
-import torch
-
 from pathlib import Path
+
+import torch
 
 from trail_probe.runtime.capture import LayerCapture, residual_sum
 from trail_probe.runtime.models import decoder_layers
