@@ -26,6 +26,7 @@ C = 0 turns preemption off (as in the public TRAIL runtime), C = 1 is plain SPRP
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -128,6 +129,9 @@ def schedule(policy: Policy, waiting: RequestQueue, running: list, max_running: 
     `footprint(req)`: KV tokens a request holds while running (and frees when preempted).
     Returns (started, preempted)."""
     started, preempted = [], []
+    # The preemptible running requests by rank (keys are unique and fixed during one call), built on
+    # first need and kept in order as requests start and are preempted, instead of re-sorted per admission.
+    ranked: list[tuple[tuple, SchedRequest]] | None = None
     while waiting:
         need = footprint(waiting.peek())
         if len(running) < max_running and need <= free_tokens:
@@ -135,22 +139,26 @@ def schedule(policy: Policy, waiting: RequestQueue, running: list, max_running: 
             running.append(req)
             started.append(req)
             free_tokens -= need
+            if ranked is not None and policy.can_preempt(req):
+                bisect.insort(ranked, (policy.key(req), req))
             continue
         if policy.preemption_c <= 0:
             break
         # Preempt the worst-ranked preemptible requests that rank below the top waiting one, but
         # only if enough of them make room for it: a preemption that admits nothing only costs.
         top_key = waiting.peek_key()
-        worst_first = [(policy.key(r), r) for r in running if policy.can_preempt(r)]
-        worst_first.sort(key=lambda kr: kr[0], reverse=True)
+        if ranked is None:
+            ranked = sorted(((policy.key(r), r) for r in running if policy.can_preempt(r)), key=lambda kr: kr[0])
         victims, slots, free = [], max_running - len(running), free_tokens
-        for k, req in worst_first:
+        for k, req in reversed(ranked):
             if k <= top_key or (slots >= 1 and need <= free):
                 break
             victims.append(req)
             slots, free = slots + 1, free + footprint(req)
         if not (slots >= 1 and need <= free):
             break
+        if victims:
+            del ranked[-len(victims):]
         for req in victims:
             running.remove(req)
             waiting.push(req)
