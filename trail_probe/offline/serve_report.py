@@ -12,9 +12,9 @@ import numpy as np
 
 from trail_probe.atomic import atomic_path, atomic_write_json, atomic_write_text
 from trail_probe.config import config_to_dict
+from trail_probe.serving import simulator
 from trail_probe.serving.cost_model import fit_cost_model
 from trail_probe.serving.policies import make_policy
-from trail_probe.serving.simulator import Engine, Workload, simulate, summarize
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,19 +92,19 @@ def simulator_prediction(cfg, runs: dict, cost) -> dict:
     for r in reqs:
         points = est.get(r["id"], {}).get("refined") or []
         refined.append(([int(j) for j, _ in points], [float(e) for _, e in points]))
-    w = Workload(np.array([r["planned_arrival"] for r in reqs]), np.array([max(r["prompt_tokens"], 1) for r in reqs]),
+    w = simulator.Workload(np.array([r["planned_arrival"] for r in reqs]), np.array([max(r["prompt_tokens"], 1) for r in reqs]),
                  np.array([max(r["output_tokens"], 1) for r in reqs]),
                  np.array([_or_nan(est.get(r["id"], {}).get("initial_estimate")) for r in reqs], dtype=float),
                  refined, [r["id"] for r in reqs])
-    engine = Engine(sc.max_batch, sc.max_batch_tokens, kv_capacity_tokens(cfg), "keep")
+    engine = simulator.Engine(sc.max_batch, sc.max_batch_tokens, kv_capacity_tokens(cfg), "keep")
     out = {}
     for policy in runs:
         # vLLM's priority policy fed BERT's estimate is shortest-BERT-first without preemption
         spec = {"fifo": "fcfs", "priority": "sjf_bert"}.get(policy, policy)
         if spec != "fcfs" and not trail:
             continue
-        result = simulate(w, make_policy(spec, cfg.refine.preemption_c), engine, cost)
-        s = summarize(result)
+        result = simulator.simulate(w, make_policy(spec, cfg.refine.preemption_c), engine, cost)
+        s = simulator.summarize(result)
         out[policy] = {"mean_latency_s": s["mean_latency_s"], "mean_ttft_s": s["mean_ttft_s"],
                        "median_latency_s": s["median_latency_s"], "p99_latency_s": s["p99_latency_s"],
                        "slot_utilisation": s["slot_utilisation"]}

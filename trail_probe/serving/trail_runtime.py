@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trail_probe.choices import InitialSource, check_choice
+from trail_probe.choices import EnginePolicy, InitialSource, check_choice, options
 from trail_probe.errors import UserError
 from trail_probe.runtime.estimates import check_interval, refines_at
 from trail_probe.runtime.tracker import LengthTracker
@@ -50,7 +50,7 @@ class TrailRuntime:
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, preemption_c)
         if self.policy.predictor == "exact" or self.policy.name == "fcfs":
             raise UserError(f"policy '{self.policy.name}' is not run through the TRAIL scheduler; use one of "
-                            "fifo, trail, trail_bert, sjf_bert ('fifo' is the engine's own scheduler)")
+                            f"{', '.join(options(EnginePolicy))} ('fifo' is the engine's own scheduler)")
         check_choice(initial, InitialSource, "initial estimate")
         check_interval(refine_interval, "refine_interval")
         if predictor is None:

@@ -129,10 +129,12 @@ class VLLMEngine:
 
     def __init__(self, model: str | Path, policy: str, settings: dict | None = None, **kwargs):
         check_vllm()
+        self.predictor = None
         if settings is not None and settings.get("predictor"):
             from trail_probe.runtime import LengthPredictor
 
-            check_predictor(model, LengthPredictor.from_pretrained(settings["predictor"], device="cpu"))
+            self.predictor = LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
+            check_predictor(model, self.predictor)
         self.policy, self.settings = policy, settings
         self.kwargs = engine_kwargs(model, policy, settings, **kwargs)
         self.engine = None
@@ -143,11 +145,8 @@ class VLLMEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         self.engine = LLMEngine.from_engine_args(EngineArgs(**self.kwargs))
-        if self.settings is not None and self.settings.get("predictor"):
-            from trail_probe.runtime import LengthPredictor
-
-            predictor = LengthPredictor.from_pretrained(self.settings["predictor"], device="cpu")
-            self.model_shape = self.engine.collective_rpc("trail_probe_attach", args=(predictor.layer,))[0]
+        if self.predictor is not None:
+            self.model_shape = self.engine.collective_rpc("trail_probe_attach", args=(self.predictor.layer,))[0]
         return self
 
     def __exit__(self, *exc) -> None:
