@@ -123,7 +123,7 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
     from transformers import AutoModelForCausalLM
 
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor, LengthTracker
-    from trail_probe.serving.vllm_engine import VLLMEngine, read_log, trail_settings
+    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
 
     make_tiny_bert_predictor(tmp_path / "bert", max_len=MAX_NEW)
     bert = BertLengthPredictor.from_pretrained(tmp_path / "bert", device="cpu").predict(TEXTS).tolist()
@@ -134,13 +134,12 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
     assert bert[order[4]] > bert[order[5]]
     runs = {}
     for policy in ("fifo", "trail"):
-        log = tmp_path / f"{policy}.json"
         settings = trail_settings(vllm_predictor, bert=tmp_path / "bert", max_new_tokens=MAX_NEW, refine_interval=4,
-                                  log_path=log, record_states=True) if policy == "trail" else {"log_path": str(log)}
+                                  record_states=True) if policy == "trail" else None
         with VLLMEngine(vllm_llama, policy, settings, max_num_seqs=3, dtype="float32", kv_cache_bytes=128 << 20,
                         max_model_len=512) as engine:
             results, _ = engine.replay(reqs, arrivals, max_new_tokens=MAX_NEW)
-        runs[policy] = ({r.request_id: r.tokens for r in results}, read_log(log))
+            runs[policy] = ({r.request_id: r.tokens for r in results}, engine.scheduler_log())
     (fifo, fifo_log), (trail, trail_log) = runs["fifo"], runs["trail"]
     assert trail == fifo and len(fifo) == len(TEXTS)
     assert max(len(t) for t in fifo.values()) > 8  # answers long enough to be refined more than once
@@ -204,22 +203,21 @@ def test_on_smollm2_the_plugin_reads_layer_19_as_hf_does(tmp_path):
     plugin hook) against a teacher-forced HF forward pass of the GGUF model, layer 19."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trail_probe.serving.vllm_engine import VLLMEngine, read_log, trail_settings
+    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
 
     cfg = load_recipe("recipes/smollm2_alpaca.yaml")
     folder = plain_hf_folder(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = ["Give three tips for staying healthy.", "What is the capital of France?", "Name a primary color."]
     reqs = [(f"q{i}", encode_prompt(tokenizer, t), t) for i, t in enumerate(texts)]
-    log = tmp_path / "trail.json"
     settings = trail_settings("checkpoints/smollm2_alpaca/predictor", initial="none", max_new_tokens=24,
-                              log_path=log, record_states=True)
+                              record_states=True)
     with VLLMEngine(folder, "trail", settings, max_num_seqs=4, dtype="float32", kv_cache_bytes=256 << 20,
                     max_model_len=1024) as engine:
         assert engine.model_shape == {"num_layers": 30, "hidden_size": 576, "attached_at_load": True}  # the plugin
         results, _ = engine.replay(reqs, [0.0] * 3, max_new_tokens=24)
+        observed = engine.scheduler_log()["observed"]
     tokens = {r.request_id: r.tokens for r in results}
-    observed = read_log(log)["observed"]
     assert {g for _, g, _ in observed} == {1, 9, 17}
     where, gguf = resolve_model_path(cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32).eval()

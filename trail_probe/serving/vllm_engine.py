@@ -8,15 +8,14 @@
 priority (what a user could do today without trail_probe); `trail`, `trail_bert` and `sjf_bert` run
 `vllm_scheduler.TrailVLLMScheduler`. The scheduler lives in vLLM's engine-core process and the model
 in its worker; settings reach the scheduler through `additional_config`, hidden states reach it on
-the worker's outputs (`vllm_worker`), and the scheduler writes its step log and counters to
-`settings["log_path"]` when the engine shuts down.
+the worker's outputs (`vllm_worker`), and `VLLMEngine.scheduler_log()` fetches the scheduler's step
+log and counters over vLLM's utility channel.
 
 Supported vLLM: `SUPPORTED_VLLM`; another version is refused in one line.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -58,12 +57,12 @@ def check_vllm() -> str:
 def trail_settings(predictor: str | Path, *, policy: str = "trail", bert: str | Path | None = None,
                    initial: str = "bert", max_new_tokens: int = 512, refine_interval: int = 8,
                    likelihood: str = "posterior", preemption_c: float = 0.8,
-                   log_path: str | Path | None = None, record_states: bool = False) -> dict:
+                   record_states: bool = False) -> dict:
     """What the engine-core process needs to build the TrailRuntime (plain JSON: it crosses processes)."""
     return {"policy": policy, "predictor": str(predictor), "bert": None if bert is None else str(bert),
             "initial": initial, "max_new_tokens": max_new_tokens, "refine_interval": refine_interval,
             "likelihood": likelihood, "preemption_c": preemption_c,
-            "log_path": None if log_path is None else str(log_path), "record_states": record_states}
+            "record_states": record_states}
 
 
 def runtime_from_settings(settings: dict) -> TrailRuntime:
@@ -94,7 +93,7 @@ def engine_kwargs(model: str | Path, policy: str, settings: dict | None, *, max_
         **({} if max_model_len is None else {"max_model_len": max_model_len}), "kv_cache_memory_bytes": kv_cache_bytes,
         "scheduling_policy": "priority" if policy == "priority" else "fcfs",
         "scheduler_cls": SCHEDULERS[policy], "worker_extension_cls": WORKER_EXTENSION,
-        "additional_config": {"trail_probe": settings or {"log_path": None}},
+        "additional_config": {"trail_probe": settings or {"record_states": False}},
     }
 
 
@@ -154,6 +153,16 @@ class VLLMEngine:
             self.engine.engine_core.shutdown()
             self.engine = None
 
+    def scheduler_log(self) -> dict:
+        """The scheduler's step log (and TRAIL's counters, trace and estimates), fetched from the
+        engine-core process; call it after `replay`, before the engine shuts down."""
+        from trail_probe.serving.vllm_scheduler import LOG_UTILITY
+
+        client = self.engine.engine_core
+        if hasattr(client, "call_utility"):  # the default: engine core in its own process
+            return client.call_utility(LOG_UTILITY)
+        return client.engine_core.scheduler.log()  # VLLM_ENABLE_V1_MULTIPROCESSING=0
+
     def replay(self, requests: Sequence[tuple[str, list[int], str | None]], arrivals: Sequence[float],
                max_new_tokens: int, priorities: Sequence[int] | None = None, progress=None) -> tuple[list[VLLMResult], float]:
         """Hand each request to the engine at its arrival time (seconds from now), step the engine
@@ -193,10 +202,3 @@ class VLLMEngine:
                         progress.update(1)
         return done, t0
 
-
-def read_log(path: str | Path) -> dict:
-    """The scheduler's step log and counters, written when the engine shut down."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"the vLLM scheduler wrote no log at '{path}'; did the engine shut down cleanly?")
-    return json.loads(path.read_text())

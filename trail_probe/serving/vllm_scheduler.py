@@ -35,7 +35,6 @@ import time
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from trail_probe.atomic import atomic_write_json
 from trail_probe.runtime.estimates import refines_at
 from trail_probe.serving.cost_model import iteration_features
 from trail_probe.serving.policies import RequestQueue, schedule
@@ -43,6 +42,21 @@ from trail_probe.serving.trail_runtime import RequestView
 from trail_probe.serving.vllm_worker import STATES_ATTR
 
 SETTINGS_KEY = "trail_probe"  # in vllm_config.additional_config
+LOG_UTILITY = "trail_probe_scheduler_log"  # an EngineCore utility method: the client asks for the log
+
+
+def _scheduler_log(engine_core) -> dict:
+    return engine_core.scheduler.log()
+
+
+def install_log_utility() -> None:
+    """Give vLLM's EngineCore (in this, the engine-core process) a utility method that returns the
+    scheduler's log, so the client asks for it while the engine is up (`call_utility`) instead of
+    relying on shutdown, which vLLM cuts short after 5 s (upstream: a scheduler-stats utility)."""
+    from vllm.v1.engine.core import EngineCore
+
+    if not hasattr(EngineCore, LOG_UTILITY):
+        setattr(EngineCore, LOG_UTILITY, _scheduler_log)
 PROMPT_TEXT_KEY = "trail_prompt_text"  # in SamplingParams.extra_args
 
 
@@ -54,6 +68,7 @@ class RecordingScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.settings = self.vllm_config.additional_config.get(SETTINGS_KEY) or {}
         self.step_log: list[dict] = []
+        install_log_utility()
 
     def _log_step(self, t0: float, out, probe_s: float) -> None:
         batch = [(n, self.requests[rid].num_computed_tokens - n) for rid, n in out.num_scheduled_tokens.items()]
@@ -77,11 +92,6 @@ class RecordingScheduler(Scheduler):
 
     def log(self) -> dict:
         return {"steps": self.step_log, "clock": "perf_counter of the engine-core process"}
-
-    def shutdown(self) -> None:
-        if self.settings.get("log_path"):
-            atomic_write_json(self.settings["log_path"], self.log())
-        super().shutdown()
 
 
 class TrailVLLMScheduler(RecordingScheduler):

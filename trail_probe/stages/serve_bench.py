@@ -207,21 +207,19 @@ def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arriv
 def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings: dict,
                     predictor_dir: Path | None) -> dict:
     """The same workload in vLLM (`trail_probe.serving.vllm_engine`): vLLM's FCFS, its priority policy
-    fed BERT's estimate, or TRAIL's scheduler; the scheduler's step log comes back through a file."""
+    fed BERT's estimate, or TRAIL's scheduler; the scheduler's step log comes back over vLLM's utility channel."""
     from tqdm import tqdm
 
     from trail_probe.runtime import BertLengthPredictor
     from trail_probe.runtime.models import plain_hf_folder
-    from trail_probe.serving.vllm_engine import VLLMEngine, read_log, trail_settings
+    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
 
     sc, refine = cfg.serve, cfg.refine
-    log_path = cfg.paths.serve / f".{policy}.scheduler.json"
-    log_path.unlink(missing_ok=True)
     trail = policy not in ("fifo", "priority")
     engine_settings = trail_settings(
         predictor_dir, policy=policy, bert=cfg.paths.serve_bert if sc.initial == "bert" else None, initial=sc.initial,
         max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
-        preemption_c=refine.preemption_c, log_path=log_path) if trail else {"log_path": str(log_path)}
+        preemption_c=refine.preemption_c) if trail else None
     priorities = None
     if policy == "priority":  # BERT's estimate as vLLM's priority (smaller runs first), computed up front
         bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
@@ -234,9 +232,9 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
         with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, **kwargs) as engine:
             engine.replay(requests[:2], [0.0, 0.0], max_new_tokens=8)  # warm-up, left out of the log below
             results, t0 = engine.replay(requests, arrivals, cfg.generation.max_new_tokens, priorities, progress=bar)
+            log = engine.scheduler_log()
     finally:
         bar.close()
-    log = read_log(log_path)
     steps = [{**s, "start": s["start"] - t0, "end": s["end"] - t0, "initial_s": 0.0, "active": s["running"],
               "free_cache": 1.0} for s in log["steps"] if s["end"] is not None and s["start"] >= t0]
     records = _records(requests, arrivals, {r.request_id: r for r in results}, t0,
