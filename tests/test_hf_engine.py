@@ -17,6 +17,7 @@ from trail_probe.serving.hf_engine import (
     check_transformers,
     serve,
 )
+from trail_probe.serving.trail_runtime import RequestView
 
 BUDGET = 96  # max new tokens
 LAYER = 1
@@ -228,3 +229,17 @@ def test_serve_replays_arrival_times(llm):
     assert arrival["r0"] <= arrival["r1"] <= arrival["r2"]
     with pytest.raises(UserError, match="3 requests but 2 arrival times"):
         serve(eng, reqs, [0.0, 0.1])
+
+
+def test_the_oracle_ranks_by_exact_lengths_counted_down():
+    rt = TrailRuntime("oracle", max_new_tokens=BUDGET)
+    assert not rt.needs_states and rt.layer is None
+    rt.exact_lengths.update({"a": 30, "b": 5, "c": 10 * BUDGET})
+    rt.admit(["a", "b", "c"])
+    views = [RequestView("a", 0, 0.0, generated=10), RequestView("b", 1, 0.0, generated=7), RequestView("c", 2, 0.0)]
+    rt.estimate(views)
+    assert [(v.initial_estimate, v.remaining_estimate) for v in views] == [(30.0, 20.0), (5.0, 0.0), (BUDGET, BUDGET)]
+    rt.remove("a")
+    assert not rt.tracks("a") and "a" not in rt.exact_lengths
+    with pytest.raises(UserError, match="exact output length; none was given for d"):
+        rt.admit(["d"])

@@ -65,7 +65,7 @@ def test_changed_settings_run_again_and_one_policy_alone(recipe, monkeypatch):
     serve_bench.run_serve_bench(recipe("serve.policies=[fifo]"), verbose=False)
     ran = []
     real = serve_bench.run_policy
-    monkeypatch.setattr(serve_bench, "run_policy", lambda cfg, policy, *a: ran.append(policy) or real(cfg, policy, *a))
+    monkeypatch.setattr(serve_bench, "run_policy", lambda cfg, policy, *a, **k: ran.append(policy) or real(cfg, policy, *a, **k))
     report = serve_bench.run_serve_bench(recipe("serve.policies=[fifo]", "serve.rate=10"), only="trail_bert", verbose=False)
     assert ran == ["trail_bert"] and "fifo" not in report["summary"]  # fifo's file is for another rate
 
@@ -78,7 +78,27 @@ def test_changed_settings_run_again_and_one_policy_alone(recipe, monkeypatch):
     (("serve.predictor=/nonexistent",), "no predictor"),
     (("serve.bert=/nonexistent",), "no BERT predictor"),
     (("serve.initial=prompt_probe",), "prompt_predictor"),
+    (("serve.policies=[fifo,oracle]",), "not one of fifo"),  # the oracle runs on vLLM only
+    (("serve.engine=vllm", "serve.policies=[oracle,trail]"), "add fifo to serve.policies"),
+    (("serve.engine=vllm", "serve.initial=prompt_probe"), "not available on engine vllm"),
 ])
 def test_bad_settings_fail_in_one_line(recipe, override, message):
     with pytest.raises(UserError, match=message):
         serve_bench.run_serve_bench(recipe(*override), verbose=False)
+
+
+def test_repeat_prompts_sends_each_held_out_prompt_again_under_its_own_id(recipe):
+    from transformers import AutoTokenizer
+
+    cfg = recipe("serve.num_requests=25", "serve.repeat_prompts=true")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    held = serve_bench.held_out_prompts(cfg)
+    requests, arrivals = serve_bench.workload(cfg, tokenizer)
+    ids = [rid for rid, _, _ in requests]
+    assert len(ids) == len(set(ids)) == len(arrivals) == 25 and len(held) < 25
+    first = {p.id for p in held}
+    assert set(ids[: len(held)]) == first  # one full pass before any prompt comes again
+    assert all(rid.partition("#")[0] in first and rid.partition("#")[2] in ("", "1", "2") for rid in ids)
+    # the first pass is what a run without repeats sends
+    short, _ = serve_bench.workload(recipe(f"serve.num_requests={len(held)}"), tokenizer)
+    assert [r[0] for r in short] == ids[: len(held)]

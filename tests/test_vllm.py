@@ -168,7 +168,7 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
 
 
 @pytest.mark.slow
-def test_serve_bench_on_vllm_runs_fcfs_priority_and_trail(vllm_llama, vllm_predictor, tmp_path):
+def test_serve_bench_on_vllm_runs_fcfs_priority_trail_and_oracle(vllm_llama, vllm_predictor, tmp_path):
     from conftest import make_tiny_bert_predictor, write_prompts
 
     from trail_probe.stages import serve_bench
@@ -178,23 +178,27 @@ def test_serve_bench_on_vllm_runs_fcfs_priority_and_trail(vllm_llama, vllm_predi
     make_tiny_bert_predictor(tmp_path / "bert", max_len=MAX_NEW)
     cfg = load_recipe(None, [
         f"model.name_or_path={vllm_llama}", f"prompts.source={prompts}", f"generation.max_new_tokens={MAX_NEW}",
-        f"train.out_dir={tmp_path / 'ckpt'}", "serve.engine=vllm", "serve.policies=[fifo,priority,trail]",
+        f"train.out_dir={tmp_path / 'ckpt'}", "serve.engine=vllm", "serve.policies=[oracle,priority,trail,fifo]",
         "serve.num_requests=6", "serve.rate=40", "serve.max_batch=2", "serve.max_batch_tokens=256",
         "serve.vllm_dtype=float32", "serve.vllm_kv_cache_gb=0.125", f"serve.predictor={vllm_predictor}",
         f"serve.bert={tmp_path / 'bert'}", "refine.interval=4"])
     report = serve_bench.run_serve_bench(cfg, verbose=False)
     out = cfg.paths.serve
-    for name in ("fifo.json", "priority.json", "trail.json", "summary.json", "report.md", "serve_bench.png"):
+    for name in ("fifo.json", "priority.json", "trail.json", "oracle.json", "summary.json", "report.md", "serve_bench.png"):
         assert (out / name).is_file(), name
     assert report["settings"]["serve"]["engine"] == "vllm"
-    for policy in ("priority", "trail"):
+    for policy in ("priority", "trail", "oracle"):
         assert report["vs_fifo"][policy]["same_outputs"]["share"] == 1.0
-    for policy in ("fifo", "priority", "trail"):
+    assert set(report["vs_priority"]) == {"trail", "oracle"}
+    fifo, oracle = (json.loads((out / f"{p}.json").read_text()) for p in ("fifo", "oracle"))
+    # the oracle ranked by the fifo run's lengths (fifo ran first although listed last)
+    assert {r["id"]: r["initial_estimate"] for r in oracle["requests"]} == {r["id"]: float(r["output_tokens"]) for r in fifo["requests"]}
+    for policy in ("fifo", "priority", "trail", "oracle"):
         s = report["summary"][policy]
         assert s["steps"] > 0 and 0 < s["busy_fraction"] <= 1.0 + 1e-9 and s["mean_step_s"] > 0
     trail = json.loads((out / "trail.json").read_text())
     assert trail["trail"]["refinements"] > 0 and all(r["initial_estimate"] is not None for r in trail["requests"])
-    assert set(report["simulator"]) == {"fifo", "priority", "trail"}
+    assert set(report["simulator"]) == {"fifo", "priority", "trail", "oracle"}
 
 
 @pytest.mark.slow

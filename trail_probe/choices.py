@@ -25,7 +25,7 @@ InitialSource = Literal["bert", "prompt_probe", "none"]  # serving: where a requ
 EnginePolicy = Literal["fifo", "trail", "trail_bert", "sjf_bert"]  # fifo: the engine's own scheduler
 ServeEngineName = Literal["hf", "vllm"]  # serve-bench: transformers continuous batching, or vLLM
 # vLLM adds its own priority policy, fed BERT's estimate (what a user could do without trail_probe)
-VLLMPolicy = Literal["fifo", "priority", "trail", "trail_bert", "sjf_bert"]
+VLLMPolicy = Literal["fifo", "priority", "trail", "trail_bert", "sjf_bert", "oracle"]  # oracle: lengths from the fifo run
 PausedCache = Literal["keep", "discard"]  # simulator: what a preempted request's KV cache does
 
 

@@ -201,6 +201,7 @@ class ServeConfig:
 
     policies: list[str] = field(default_factory=lambda: ["fifo", "trail"])  # fifo | trail | trail_bert | sjf_bert
     num_requests: int = 200  # held-out prompts, sampled without replacement (the same ones for every policy)
+    repeat_prompts: bool = False  # more requests than held-out prompts: each pass a new shuffle, ids '<id>#<pass>'
     rate: float = 0.5  # Poisson arrivals, requests/s; serve-bench reports how busy FIFO was at it
     max_batch: int = 8  # requests per forward pass (the engine's max_requests_per_batch)
     max_batch_tokens: int = 256  # tokens per forward pass (chunked prefill)

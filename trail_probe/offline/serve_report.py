@@ -47,6 +47,9 @@ def summarize_run(records: list[dict], steps: list[dict]) -> dict:
         "mean_step_s": float(durations.mean()) if len(durations) else float("nan"),
         "mean_batch": float(np.mean([s["requests"] for s in timed])) if timed else float("nan"),
         "probe_s_per_step": float(np.mean([s["probe_s"] for s in timed])) if timed else 0.0,
+        # vLLM's TRAIL scheduler splits probe_s: ranking before vLLM schedules, refinement on the outputs
+        **({k: float(np.mean([s.get(k.removesuffix("_per_step"), 0.0) for s in timed]))
+            for k in ("rank_s_per_step", "observe_s_per_step")} if timed and "rank_s" in timed[0] else {}),
         "initial_s_per_request": float(sum(s["initial_s"] for s in steps)) / max(len(records), 1),
         "schedule_s_per_step": float(np.mean([s["schedule_s"] for s in timed])) if timed else 0.0,
         "max_active": max((s.get("active", 0) for s in steps), default=0),  # KV cache holders, paused included
@@ -84,7 +87,8 @@ def simulator_prediction(cfg, runs: dict, cost) -> dict:
     """The simulator on the same arrivals, measured lengths and recorded estimates."""
     sc = cfg.serve
     base = runs.get("fifo") or next(iter(runs.values()))
-    trail = next((r for r in runs.values() if "trail" in r), None)  # a run that recorded TRAIL's estimates
+    # a run that recorded the probe's estimates (the oracle's are the lengths themselves)
+    trail = runs.get("trail") or next((r for p, r in runs.items() if "trail" in r and p != "oracle"), None)
     est = {r["id"]: r for r in trail["requests"]} if trail else {}
     reqs = base["requests"]
     # The engine counts the EOS token it produces; the simulator charges one step per output token.
@@ -176,12 +180,13 @@ def compare_runs(cfg, runs: dict, settings: dict, num_requests: int) -> tuple[di
     report = {"settings": settings, "config": config_to_dict(cfg),
               "summary": {p: r["summary"] for p, r in runs.items()},
               "trail": {p: r["trail"] for p, r in runs.items() if "trail" in r}}
-    if "fifo" in runs:
-        base = runs["fifo"]["summary"]
-        report["vs_fifo"] = {p: {"latency_speedup": base["latency_s"]["mean"] / r["summary"]["latency_s"]["mean"],
-                                 "ttft_speedup": base["ttft_s"]["mean"] / r["summary"]["ttft_s"]["mean"],
-                                 "same_outputs": same_outputs(runs["fifo"], r)}
-                             for p, r in runs.items() if p != "fifo"}
+    for ref in ("fifo", "priority"):  # vLLM's FCFS, and its priority policy fed BERT's estimate
+        if ref in runs:
+            base = runs[ref]["summary"]
+            report[f"vs_{ref}"] = {p: {"latency_speedup": base["latency_s"]["mean"] / r["summary"]["latency_s"]["mean"],
+                                       "ttft_speedup": base["ttft_s"]["mean"] / r["summary"]["ttft_s"]["mean"],
+                                       "same_outputs": same_outputs(runs[ref], r)}
+                                   for p, r in runs.items() if p not in ("fifo", ref)}
     cost = fit_engine_cost(runs)
     report["cost_model"] = asdict(cost)
     sim = simulator_prediction(cfg, runs, cost)
@@ -198,10 +203,11 @@ def compare_runs(cfg, runs: dict, settings: dict, num_requests: int) -> tuple[di
              f"{cfg.generation.max_new_tokens} new tokens max, greedy, "
              + (f"vLLM ({sc.vllm_dtype})." if sc.engine == "vllm" else f"transformers continuous batching on {sc.threads} threads."),
              "", table, ""]
-    for p, v in report.get("vs_fifo", {}).items():
-        so = v["same_outputs"]
-        lines.append(f"- {p} vs fifo: mean latency {v['latency_speedup']:.2f}x lower, mean TTFT {v['ttft_speedup']:.2f}x; "
-                     f"same tokens for {so['identical']}/{so['requests']} requests")
+    for ref in ("fifo", "priority"):
+        for p, v in report.get(f"vs_{ref}", {}).items():
+            so = v["same_outputs"]
+            lines.append(f"- {p} vs {ref}: mean latency {v['latency_speedup']:.2f}x lower, mean TTFT {v['ttft_speedup']:.2f}x; "
+                         f"same tokens for {so['identical']}/{so['requests']} requests")
     for p, v in report["simulator"].items():
         lines.append(f"- simulator, {p}: mean latency {v['mean_latency_s']:.2f} s predicted vs {v['measured_mean_latency_s']:.2f} s "
                      f"measured ({v['latency_measured_over_predicted']:.2f}x); mean TTFT {v['mean_ttft_s']:.2f} vs "
@@ -210,7 +216,9 @@ def compare_runs(cfg, runs: dict, settings: dict, num_requests: int) -> tuple[di
         s = runs[p]["summary"]
         lines.append(f"- {p}: {t['preemptions']} preemptions, {t['refinements']} refinements, paused past the limit "
                      f"{t['paused_past_limit']}; probe {1e3 * s['probe_s_per_step']:.2f} ms per step = "
-                     f"{100 * s['probe_s_per_step'] / s['mean_step_s']:.2f}% of the mean step ({1e3 * s['mean_step_s']:.1f} ms); "
+                     f"{100 * s['probe_s_per_step'] / s['mean_step_s']:.2f}% of the mean step ({1e3 * s['mean_step_s']:.1f} ms"
+                     + (f"; ranking {1e3 * s['rank_s_per_step']:.2f} ms, refinement {1e3 * s['observe_s_per_step']:.2f} ms"
+                        if "rank_s_per_step" in s else "") + "); "
                      f"BERT's initial estimate {1e3 * s['initial_s_per_request']:.1f} ms per request")
     lines += ["", f"Cost model fitted to the engine's steps: {cost.fixed_s * 1e3:.1f} ms + {cost.per_token_s * 1e3:.2f} ms/token"
               f" + {cost.per_context_token_s * 1e6:.2f} us/context token + {cost.per_prefill_pair_s * 1e9:.2f} ns/prefill pair.",

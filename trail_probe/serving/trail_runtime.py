@@ -24,7 +24,7 @@ import torch
 
 from trail_probe.choices import EnginePolicy, InitialSource, check_choice, options
 from trail_probe.errors import UserError
-from trail_probe.runtime.estimates import check_interval, refines_at
+from trail_probe.runtime.estimates import check_interval, count_down, refines_at
 from trail_probe.runtime.tracker import LengthTracker
 from trail_probe.serving.policies import Policy, make_policy
 
@@ -48,12 +48,15 @@ class TrailRuntime:
                  prompt_predictor=None, initial: str = "bert", max_new_tokens: int = 512,
                  refine_interval: int = 8, preemption_c: float = 0.8, likelihood: str = "posterior"):
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, preemption_c)
-        if self.policy.predictor == "exact" or self.policy.name == "fcfs":
+        self.exact = self.policy.predictor == "exact"  # oracle: the engine hands over each request's length
+        if self.exact:
+            predictor, text_predictor, prompt_predictor, initial = None, None, None, "none"
+        if self.policy.name == "fcfs":
             raise UserError(f"policy '{self.policy.name}' is not run through the TRAIL scheduler; use one of "
                             f"{', '.join(options(EnginePolicy))} ('fifo' is the engine's own scheduler)")
         check_choice(initial, InitialSource, "initial estimate")
         check_interval(refine_interval, "refine_interval")
-        if predictor is None:
+        if predictor is None and not self.exact:
             raise UserError("the TRAIL scheduler needs a length predictor (the exported probe); pass predictor=LengthPredictor.from_pretrained(...)")
         if initial == "bert" and text_predictor is None:
             raise UserError("initial='bert' needs the BERT predictor; pass text_predictor=BertLengthPredictor.from_pretrained(...) or use initial='prompt_probe'")
@@ -67,11 +70,12 @@ class TrailRuntime:
         self.initial = initial
         self.refine = self.policy.predictor == "refined"
         self.refine_interval = refine_interval
-        self.tracker = LengthTracker(predictor, max_new_tokens=max_new_tokens, prompt_predictor=prompt_predictor,
-                                     text_predictor=text_predictor if initial == "bert" else None,
-                                     likelihood=likelihood)
+        self.exact_lengths: dict[str, int] = {}  # oracle: set by the engine before `admit`
+        self.tracker = ExactLengths(self.exact_lengths, max_new_tokens) if self.exact else LengthTracker(
+            predictor, max_new_tokens=max_new_tokens, prompt_predictor=prompt_predictor,
+            text_predictor=text_predictor if initial == "bert" else None, likelihood=likelihood)
         self.prompt_texts: dict[str, str] = {}
-        self.layer = predictor.layer
+        self.layer = None if predictor is None else predictor.layer
         self.reset()
 
     @property
@@ -164,3 +168,38 @@ class TrailRuntime:
         if request_id in self.tracker:
             self.tracker.remove([request_id])
         self._prompt_sums.pop(request_id, None)
+        self.exact_lengths.pop(request_id, None)
+
+
+class ExactLengths:
+    """The oracle's stand-in for `LengthTracker`: each request's true output length (from a run of
+    the same workload), counted down by the one rule of `runtime.estimates`."""
+
+    def __init__(self, lengths: dict[str, int], max_new_tokens: int):
+        self.lengths, self.max_new_tokens = lengths, max_new_tokens
+        self._known: dict[str, float] = {}
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._known)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._known
+
+    def add(self, ids: list[str], **_) -> None:
+        missing = [i for i in ids if i not in self.lengths]
+        if missing:
+            raise UserError(f"the oracle policy needs each request's exact output length; none was given for "
+                            f"{', '.join(missing[:3])} (serve-bench takes them from the fifo run: list fifo first)")
+        for i in ids:
+            self._known[i] = float(min(self.lengths[i], self.max_new_tokens))
+
+    def remove(self, ids: list[str]) -> None:
+        for i in ids:
+            self._known.pop(i, None)
+
+    def initial_estimates(self, ids: list[str]) -> torch.Tensor:
+        return torch.tensor([self._known[i] for i in ids], dtype=torch.float64)
+
+    def estimates(self, ids: list[str], generated: Sequence[int]) -> torch.Tensor:
+        return count_down(self.initial_estimates(ids), list(generated))

@@ -32,6 +32,7 @@ SCHEDULERS = {
     "trail": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
     "trail_bert": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
     "sjf_bert": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
+    "oracle": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",  # needs replay(exact_lengths=...)
 }
 WORKER_EXTENSION = "trail_probe.serving.vllm_worker.TrailWorkerExtension"
 
@@ -54,12 +55,12 @@ def check_vllm() -> str:
     return vllm.__version__
 
 
-def trail_settings(predictor: str | Path, *, policy: str = "trail", bert: str | Path | None = None,
+def trail_settings(predictor: str | Path | None, *, policy: str = "trail", bert: str | Path | None = None,
                    initial: str = "bert", max_new_tokens: int = 512, refine_interval: int = 8,
                    likelihood: str = "posterior", preemption_c: float = 0.8,
                    record_states: bool = False) -> dict:
     """What the engine-core process needs to build the TrailRuntime (plain JSON: it crosses processes)."""
-    return {"policy": policy, "predictor": str(predictor), "bert": None if bert is None else str(bert),
+    return {"policy": policy, "predictor": None if predictor is None else str(predictor), "bert": None if bert is None else str(bert),
             "initial": initial, "max_new_tokens": max_new_tokens, "refine_interval": refine_interval,
             "likelihood": likelihood, "preemption_c": preemption_c,
             "record_states": record_states}
@@ -68,7 +69,7 @@ def trail_settings(predictor: str | Path, *, policy: str = "trail", bert: str | 
 def runtime_from_settings(settings: dict) -> TrailRuntime:
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor
 
-    predictor = LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
+    predictor = settings.get("predictor") and LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
     bert = None
     if settings["initial"] == "bert" and settings.get("bert"):
         bert = BertLengthPredictor.from_pretrained(settings["bert"], device="cpu")
@@ -85,7 +86,7 @@ def engine_kwargs(model: str | Path, policy: str, settings: dict | None, *, max_
     if policy not in SCHEDULERS:
         raise UserError(f"vLLM serving policy '{policy}' is not one of {', '.join(SCHEDULERS)}")
     trail = SCHEDULERS[policy].endswith("TrailVLLMScheduler")
-    if trail and not (settings or {}).get("predictor"):
+    if trail and policy != "oracle" and not (settings or {}).get("predictor"):
         raise UserError(f"policy '{policy}' needs trail_settings(predictor=...) (the exported probe)")
     return {
         "model": str(model), "dtype": dtype, "seed": seed, "enforce_eager": True, "async_scheduling": False,
@@ -164,10 +165,14 @@ class VLLMEngine:
         return client.engine_core.scheduler.log()  # VLLM_ENABLE_V1_MULTIPROCESSING=0
 
     def replay(self, requests: Sequence[tuple[str, list[int], str | None]], arrivals: Sequence[float],
-               max_new_tokens: int, priorities: Sequence[int] | None = None, progress=None) -> tuple[list[VLLMResult], float]:
+               max_new_tokens: int, priorities: Sequence[int] | None = None, progress=None,
+               exact_lengths: Sequence[int] | None = None) -> tuple[list[VLLMResult], float]:
         """Hand each request to the engine at its arrival time (seconds from now), step the engine
-        until all finish; returns (results in finishing order, t0 as perf_counter)."""
+        until all finish; returns (results in finishing order, t0 as perf_counter). `priorities` feed
+        vLLM's priority policy, `exact_lengths` the oracle policy."""
         from vllm import SamplingParams
+
+        from trail_probe.serving.vllm_scheduler import EXACT_LENGTH_KEY, PROMPT_TEXT_KEY
 
         if len(requests) != len(arrivals):
             raise UserError(f"{len(requests)} requests but {len(arrivals)} arrival times")
@@ -180,8 +185,10 @@ class VLLMEngine:
             while pending and t0 + arrivals[pending[-1]] <= now:
                 i = pending.pop()
                 rid, ids, text = requests[i]
-                params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=False,
-                                        extra_args={"trail_prompt_text": text})
+                extra = {PROMPT_TEXT_KEY: text}
+                if exact_lengths is not None:
+                    extra[EXACT_LENGTH_KEY] = int(exact_lengths[i])
+                params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=False, extra_args=extra)
                 self.engine.add_request(rid, {"prompt_token_ids": list(ids)}, params,
                                         priority=0 if priorities is None else int(priorities[i]))
                 live[rid] = VLLMResult(rid, now, float("nan"), float("nan"))

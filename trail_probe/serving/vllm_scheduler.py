@@ -14,8 +14,9 @@ waiting and paused ones, at most `max_num_seqs` running:
   out running requests when the token budget runs out); resuming it costs nothing. vLLM's own
   recompute preemption, when KV blocks run out, is unchanged and hits the worst-ranked running
   request (the running list is in TRAIL's order);
-- waiting requests TRAIL does not start this step are held out of vLLM's waiting queue, and the
-  ones it starts are put in TRAIL's order, so vLLM admits exactly those;
+- the waiting requests TRAIL starts this step go to the front of vLLM's waiting queue in TRAIL's
+  order; vLLM admits from the front until the running list (which TRAIL filled) is full, so it
+  starts exactly those;
 - estimates are `trail_probe.serving.trail_runtime.TrailRuntime`'s: BERT's on the prompt text when
   a request arrives (the text rides in `SamplingParams.extra_args["trail_prompt_text"]`), then the
   probe every k tokens on the states the worker extension attaches to each `ModelRunnerOutput`.
@@ -58,6 +59,7 @@ def install_log_utility() -> None:
     if not hasattr(EngineCore, LOG_UTILITY):
         setattr(EngineCore, LOG_UTILITY, _scheduler_log)
 PROMPT_TEXT_KEY = "trail_prompt_text"  # in SamplingParams.extra_args
+EXACT_LENGTH_KEY = "trail_exact_length"  # in SamplingParams.extra_args: the oracle policy's input
 
 
 class RecordingScheduler(Scheduler):
@@ -103,6 +105,7 @@ class TrailVLLMScheduler(RecordingScheduler):
         self._views: dict[str, RequestView] = {}
         self._paused: set[str] = set()  # running in vLLM's sense, held out of batches by TRAIL
         self._counter = itertools.count()
+        self._new: list[str] = []  # arrived, not yet admitted to the runtime
         self.observed: list[tuple[str, int, list[float]]] = []  # with settings["record_states"]: for parity tests
 
     # -- requests come and go --
@@ -112,9 +115,23 @@ class TrailVLLMScheduler(RecordingScheduler):
         extra = request.sampling_params.extra_args if request.sampling_params is not None else None
         if extra and extra.get(PROMPT_TEXT_KEY) is not None:
             self.runtime.prompt_texts[rid] = extra[PROMPT_TEXT_KEY]
+        if extra and extra.get(EXACT_LENGTH_KEY) is not None:
+            self.runtime.exact_lengths[rid] = int(extra[EXACT_LENGTH_KEY])
         self._views[rid] = RequestView(rid, next(self._counter), request.arrival_time)
-        self.runtime.admit([rid])
-        self.runtime.prompt_texts.pop(rid, None)
+        self._new.append(rid)  # admitted at the next step, with every request that arrived meanwhile
+
+    def _admit_new(self) -> float:
+        """The initial estimates (BERT on the prompt texts) of the requests that arrived since the
+        last step, in one batch; returns the seconds it took."""
+        ids = [rid for rid in self._new if rid in self._views]
+        self._new.clear()
+        if not ids:
+            return 0.0
+        t0 = time.perf_counter()
+        self.runtime.admit(ids)
+        for rid in ids:
+            self.runtime.prompt_texts.pop(rid, None)
+        return time.perf_counter() - t0
 
     def _free_request(self, request, *args, **kwargs):
         rid = request.request_id
@@ -126,6 +143,7 @@ class TrailVLLMScheduler(RecordingScheduler):
     # -- every step --
     def schedule(self, *args, **kwargs):
         t0 = time.perf_counter()
+        initial_s = self._admit_new()
         rt, policy = self.runtime, self.runtime.policy
         everyone = [r for r in self.running if r.request_id in self._views]
         waiting = [r for r in self.waiting if r.request_id in self._views]
@@ -150,24 +168,22 @@ class TrailVLLMScheduler(RecordingScheduler):
         held_running = [r for r in self.running if r.request_id in self._paused]
         self.running = sorted((r for r in self.running if r.request_id not in self._paused),
                               key=lambda r: chosen.get(r.request_id, (float("inf"),)))
-        held_waiting = [r for r in waiting if r.request_id not in chosen]
+        # The waiting requests TRAIL starts go to the front of vLLM's queue in TRAIL's order; vLLM
+        # admits from the front and stops when the running list is full (TRAIL filled it) or the
+        # token budget runs out, so it starts exactly these (or the first of them) and no other.
         admit = sorted((r for r in waiting if r.request_id in chosen), key=lambda r: chosen[r.request_id])
-        self.waiting.remove_requests(waiting)
-        for r in admit:  # in TRAIL's order (prepend_requests would reverse it)
-            self.waiting.add_request(r)
-        probe_s = time.perf_counter() - t0
+        if admit:
+            self.waiting.remove_requests(admit)
+            for r in reversed(admit):
+                self.waiting.prepend_request(r)
+        rank_s = time.perf_counter() - t0 - initial_s
         try:
             out = Scheduler.schedule(self, *args, **kwargs)
-        finally:
-            # What vLLM did not admit goes back to waiting; paused requests rejoin running.
-            queued = {r.request_id for r in self.waiting}
-            for r in held_waiting:
-                if r.request_id not in queued:
-                    self.waiting.add_request(r)
+        finally:  # paused requests rejoin running (at the end: they rank below every running one)
             running = {r.request_id for r in self.running}
             self.running = self.running + [r for r in held_running if r.request_id not in running]
-        self._log_step(t0, out, probe_s)
-        self.step_log[-1]["paused"] = len(self._paused)
+        self._log_step(t0, out, rank_s)
+        self.step_log[-1].update(paused=len(self._paused), rank_s=rank_s, observe_s=0.0, initial_s=initial_s)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -185,15 +201,17 @@ class TrailVLLMScheduler(RecordingScheduler):
                 if self.settings.get("record_states"):  # the states refinements used, for parity tests
                     self.observed += [(r, g, s.tolist()) for r, g, s in zip(ids, generated, states[keep])
                                       if refines_at(g, self.runtime.refine_interval)]
-            if self.step_log:
-                self.step_log[-1]["probe_s"] += time.perf_counter() - t0
+            if self.step_log:  # probe_s: TRAIL's whole cost in the step, ranking and refinement
+                observe_s = time.perf_counter() - t0
+                self.step_log[-1]["probe_s"] += observe_s
+                self.step_log[-1]["observe_s"] = observe_s
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def log(self) -> dict:
         rt = self.runtime
         return {**super().log(), "trail": {"policy": rt.policy.name, "preemption_c": rt.policy.preemption_c,
                                            "preemptions": rt.preemptions, "refinements": rt.refinements,
-                                           "paused_past_limit": rt.paused_past_limit},
+                                           "paused_past_limit": rt.paused_past_limit, "initial_s": rt.initial_s},
                 "initial_estimates": {external_id(r): e for r, e in rt.initial_estimates.items()},
                 "trace": {external_id(r): points for r, points in rt.trace.items()},
                 "observed": [(external_id(r), g, s) for r, g, s in self.observed]}

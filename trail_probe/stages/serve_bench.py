@@ -93,11 +93,15 @@ def workload(cfg: RecipeConfig, tokenizer) -> tuple[list[tuple[str, list[int], s
     held = held_out_prompts(cfg)
     if sc.num_requests < 1:
         raise UserError(f"serve.num_requests = {sc.num_requests} must be >= 1")
-    if sc.num_requests > len(held):
-        raise UserError(f"serve.num_requests = {sc.num_requests} but the run holds out {len(held)} prompts; ask for at most {len(held)}")
+    if sc.num_requests > len(held) and not sc.repeat_prompts:
+        raise UserError(f"serve.num_requests = {sc.num_requests} but the run holds out {len(held)} prompts; ask for at most "
+                        f"{len(held)}, or set serve.repeat_prompts=true to send each held-out prompt more than once")
     rng = np.random.default_rng(sc.seed)
-    chosen = [held[i] for i in rng.permutation(len(held))[: sc.num_requests]]
-    requests = [(p.id, encode_prompt(tokenizer, p.text), p.text) for p in chosen]
+    order = np.concatenate([rng.permutation(len(held)) for _ in range(-(-sc.num_requests // len(held)))])
+    requests = []
+    for n, i in enumerate(order[: sc.num_requests]):
+        p, again = held[i], n // len(held)  # the first pass keeps the prompt ids (and today's workloads)
+        requests.append((p.id if again == 0 else f"{p.id}#{again}", encode_prompt(tokenizer, p.text), p.text))
     return requests, poisson_arrivals(len(requests), sc.rate, sc.seed)
 
 
@@ -118,6 +122,11 @@ def _check(cfg: RecipeConfig, only: str | None) -> list[str]:
         raise UserError("serve.policies is empty; name at least one of " + ", ".join(options(allowed)))
     for p in policies:
         check_choice(p, allowed, f"serve policy for engine {sc.engine} (serve.policies or --policy)")
+    if "oracle" in policies and "fifo" not in sc.policies:
+        raise UserError("the oracle policy takes each request's exact length from the fifo run; add fifo to serve.policies")
+    if sc.engine == "vllm" and sc.initial == "prompt_probe":
+        raise UserError("serve.initial=prompt_probe is not available on engine vllm yet (the worker sends decode states only); "
+                        "use serve.initial=bert or none")
     if not (isinstance(sc.rate, (int, float)) and math.isfinite(sc.rate) and sc.rate > 0):
         raise UserError(f"serve.rate = {sc.rate!r} must be a positive number of requests per second")
     for name in ("max_batch", "max_batch_tokens", "page_size", "num_blocks", "threads"):
@@ -133,6 +142,8 @@ def make_runtime(cfg: RecipeConfig, policy: str):
     from trail_probe.serving.trail_runtime import TrailRuntime
 
     sc, refine = cfg.serve, cfg.refine
+    if policy == "oracle":  # exact lengths, no predictor
+        return TrailRuntime(policy, max_new_tokens=cfg.generation.max_new_tokens, preemption_c=refine.preemption_c), None
     predictor_dir = cfg.paths.serve_predictor
     if not predictor_dir.is_dir():
         raise UserError(f"no predictor at '{predictor_dir}'; run 'trail-probe export RECIPE' or set serve.predictor")
@@ -168,10 +179,11 @@ def _records(requests, arrivals, by_id: dict, t0: float, estimates: dict | None,
 
 
 def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arrivals, settings: dict,
-               runtime=None, predictor_dir: Path | None = None) -> dict:
-    """Serve the workload under `policy`; every policy but fifo needs its `make_runtime` result."""
+               runtime=None, predictor_dir: Path | None = None, exact_lengths: list[int] | None = None) -> dict:
+    """Serve the workload under `policy`; every policy but fifo needs its `make_runtime` result, the
+    oracle its requests' exact lengths."""
     if cfg.serve.engine == "vllm":
-        return run_policy_vllm(cfg, policy, requests, arrivals, settings, predictor_dir)
+        return run_policy_vllm(cfg, policy, requests, arrivals, settings, predictor_dir, exact_lengths)
     from tqdm import tqdm
 
     from trail_probe.runtime.models import eos_token_ids
@@ -205,7 +217,7 @@ def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arriv
 
 
 def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings: dict,
-                    predictor_dir: Path | None) -> dict:
+                    predictor_dir: Path | None, exact_lengths: list[int] | None = None) -> dict:
     """The same workload in vLLM (`trail_probe.serving.vllm_engine`): vLLM's FCFS, its priority policy
     fed BERT's estimate, or TRAIL's scheduler; the scheduler's step log comes back over vLLM's utility channel."""
     from tqdm import tqdm
@@ -230,19 +242,21 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     start = time.time()
     try:
         with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, **kwargs) as engine:
-            engine.replay(requests[:2], [0.0, 0.0], max_new_tokens=8)  # warm-up, left out of the log below
-            results, t0 = engine.replay(requests, arrivals, cfg.generation.max_new_tokens, priorities, progress=bar)
+            engine.replay(requests[:2], [0.0, 0.0], max_new_tokens=8,  # warm-up, left out of the log below
+                          exact_lengths=None if exact_lengths is None else exact_lengths[:2])
+            results, t0 = engine.replay(requests, arrivals, cfg.generation.max_new_tokens, priorities, progress=bar,
+                                        exact_lengths=exact_lengths)
             log = engine.scheduler_log()
     finally:
         bar.close()
-    steps = [{**s, "start": s["start"] - t0, "end": s["end"] - t0, "initial_s": 0.0, "active": s["running"],
+    steps = [{"initial_s": 0.0, **s, "start": s["start"] - t0, "end": s["end"] - t0, "active": s["running"],
               "free_cache": 1.0} for s in log["steps"] if s["end"] is not None and s["start"] >= t0]
     records = _records(requests, arrivals, {r.request_id: r for r in results}, t0,
                        log.get("initial_estimates") if trail else None, log.get("trace") if trail else None)
     out = {"policy": policy, "settings": settings, "wall_clock_s": time.time() - start,
            "summary": summarize_run(records, steps), "requests": records, "steps": steps}
     if trail:
-        out["trail"] = {"predictor": str(predictor_dir), **log["trail"]}
+        out["trail"] = {"predictor": None if predictor_dir is None else str(predictor_dir), **log["trail"]}
     return out
 
 
@@ -288,7 +302,8 @@ def run_serve_bench(cfg: RecipeConfig, only: str | None = None, overwrite: bool 
     say(f"# {len(requests)} held-out prompts, Poisson {sc.rate} req/s over {arrivals[-1]:.0f} s, batch {sc.max_batch}, "
         f"{cfg.generation.max_new_tokens} tokens max; results in {out}")
     runs = {}
-    for policy in dict.fromkeys(list(sc.policies) + policies):  # every configured run is reported, only/ones run
+    order = sorted(dict.fromkeys(list(sc.policies) + policies), key=lambda p: p != "fifo")  # fifo first: the oracle's lengths
+    for policy in order:  # every configured run is reported, only the asked-for ones run
         path = out / f"{policy}.json"
         old = json.loads(path.read_text()) if path.is_file() else None
         same = old is not None and _relevant(old.get("settings"), policy) == _relevant(settings, policy)
@@ -301,8 +316,14 @@ def run_serve_bench(cfg: RecipeConfig, only: str | None = None, overwrite: bool 
             continue
         if old is not None and not same:
             say(f"# {policy}: {path} was run with other settings; running again")
+        exact = None
+        if policy == "oracle":
+            if "fifo" not in runs:
+                raise UserError(f"the oracle policy takes its lengths from the fifo run, and there is none in {out}; run fifo first")
+            lengths = {r["id"]: r["output_tokens"] for r in runs["fifo"]["requests"]}
+            exact = [lengths[rid] for rid, _, _ in requests]
         runs[policy] = run_policy(cfg, policy, model, tokenizer, requests, arrivals, settings,
-                                  *runtimes.get(policy, (None, None)))
+                                  *runtimes.get(policy, (None, None)), exact_lengths=exact)
         atomic_write_json(path, runs[policy])
         s = runs[policy]["summary"]
         say(f"# {policy}: mean latency {s['latency_s']['mean']:.2f} s, mean TTFT {s['ttft_s']['mean']:.2f} s, "
