@@ -281,6 +281,14 @@ def test_report_holds_every_method_with_the_baseline_and_all_layers(tmp_path):
     assert set(saved["confusion"]) == {"bert", "prompt_probe", "refined"}
     predictions = json.loads((out / "predictions.json").read_text())
     assert all(isinstance(r["bert_estimate"], float) for r in predictions["requests"])
+    assert saved["split"]["selection"]["side"] == "held-out"  # train.validation_fraction=0: the same requests
+
+    # BERT's distribution as the refinement's starting point (with this perfect decode probe the
+    # posterior is one-hot after the first refinement, so the MAE is the same; the label says which)
+    cfg.refine.prior = "bert"
+    with_bert = evaluate(cfg)["methods"]["refined"]
+    assert with_bert["prior"] == "bert"
+    assert with_bert["remaining"]["mae"] == pytest.approx(report["methods"]["refined"]["remaining"]["mae"])
 
 
 def test_layer_defaults_to_the_best_decode_layer_of_the_sweep(tmp_path):

@@ -22,18 +22,20 @@ D, NUM_LAYERS = 24, 6
 MODEL = {"name_or_path": "synthetic://linear-length", "weights_sha256": "ab" * 32, "num_layers": NUM_LAYERS, "hidden_size": D}
 
 
-def make_probe_folder(checkpoint_dir, layer, task="decode", multi_layer="none", seed=0) -> LengthProbe:
+def make_probe_folder(checkpoint_dir, layer, task="decode", multi_layer="none", seed=0, standardize=False) -> LengthProbe:
     """What `trail-probe train` writes for one probe (contract 1), without needing train.py."""
     torch.manual_seed(seed)
     layers = [layer] if multi_layer == "none" else [layer, layer + 1]
-    probe = LengthProbe(D * len(layers) if multi_layer == "concat" else D, 512, 10)
+    probe = LengthProbe(D * len(layers) if multi_layer == "concat" else D, 512, 10, standardize=standardize)
+    if standardize:  # states with large, uneven norms, as the deep layers of a real model give
+        probe.set_input_stats(200 + 50 * torch.randn(500, probe.input_dim) * torch.linspace(0.1, 3, probe.input_dim))
     name = f"layer-{layer}" if multi_layer == "none" else f"{multi_layer}-{layers[0]}-{layers[-1]}"
     folder = checkpoint_dir / "probes" / task / name
     folder.mkdir(parents=True)
     save_file(probe.state_dict(), str(folder / "probe.safetensors"))
     (folder / "probe.json").write_text(json.dumps({
-        "task": task, "layers": layers, "multi_layer": multi_layer, "input_dim": probe.input_dim,
-        "hidden_dim": 512, "num_labels": 10, "bins": Bins(10, 512).to_dict(), "model": MODEL,
+        "format": "trail_probe.probe/1", "task": task, "layers": layers, "multi_layer": multi_layer, "input_dim": probe.input_dim,
+        "hidden_dim": 512, "num_labels": 10, "bins": Bins(10, 512).to_dict(), "model": MODEL, "standardize": standardize,
         "extraction": {"path": "data/x", "manifest_sha256": "cd" * 32}, "split": {"path": "split.json", "sha256": "ef" * 32},
         "metrics": {"val/mae": 33.9, "val/acc": 0.62, "val/loss": 1.1, "best_epoch": 4},
         "config_sha256": "12" * 32, "layer_numbering": "TRAIL runtime numbering",
@@ -76,6 +78,25 @@ def test_export_then_load_predicts_bit_identically(tmp_path):
     assert json.loads((out / "trail_probe.json").read_text())["weights_sha256"] == first_hash
 
 
+def test_a_standardizing_probe_exports_folded_into_fc1_with_the_same_probabilities(tmp_path):
+    from trail_probe.offline.artifacts import load_probe
+
+    probe = make_probe_folder(tmp_path / "ckpt", layer=3, standardize=True).eval()
+    assert float(probe.input_mean.mean()) > 100 and float(probe.input_std.min()) < float(probe.input_std.max()) / 5
+    out = export_predictor(recipe(tmp_path))
+    assert sorted(load_file(out / "model.safetensors")) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    predictor = LengthPredictor.from_pretrained(out, num_layers=NUM_LAYERS)
+    loaded, meta = load_probe(tmp_path / "ckpt" / "probes" / "decode" / "layer-3")
+    assert meta["standardize"] and loaded.standardize
+    x = 200 + 50 * torch.randn(64, D)
+    with torch.no_grad():
+        expected = torch.softmax(probe(x), -1)
+        assert torch.equal(torch.softmax(loaded(x), -1), expected)
+        unstandardized = torch.softmax(probe.fc2(torch.relu(probe.fc1(x))), -1)  # fc1 without the fold
+    torch.testing.assert_close(predictor.probs(x), expected, atol=1e-5, rtol=1e-4)
+    assert (unstandardized - expected).abs().max() > 1e-2  # the fold is doing the work
+
+
 def test_layer_choice_sweep_then_train_layers_then_override(tmp_path):
     for layer in (2, 3, 4):
         make_probe_folder(tmp_path / "ckpt", layer=layer, seed=layer)
@@ -108,7 +129,15 @@ BAD_EXPORTS = {
                                ["export.include_baseline=true"], "8 bins over [0, 512]"),
     "recipe on other bins": (lambda c: make_probe_folder(c, 3), ["bins.num_bins=12"], "uses 12 over"),
     "bad task": (lambda c: make_probe_folder(c, 3), ["export.task=total"], "must be one of prompt, decode"),
+    "nan metrics": (lambda c: (make_probe_folder(c, 3), _set_metric(c / "probes/decode/layer-3", "val/mae", float("nan"))),
+                    [], r"non-finite metrics \(val/mae nan\)"),
 }
+
+
+def _set_metric(folder, key, value):
+    meta = json.loads((folder / "probe.json").read_text())
+    meta["metrics"][key] = value
+    (folder / "probe.json").write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("case", sorted(BAD_EXPORTS))

@@ -10,6 +10,7 @@ from conftest import write_prompts
 
 from trail_probe.cli import main
 from trail_probe.config import load_recipe
+from trail_probe.errors import UserError
 from trail_probe.offline.generation import generate_with_capture, prepare_prompts
 from trail_probe.offline.prompts import Prompt
 from trail_probe.offline.store import Extraction
@@ -242,3 +243,82 @@ def test_packed_gqa_decoding_equals_plain_sdpa_and_is_undone(tiny_llama):
             packed = model(step, **{cache_kw: first.past_key_values}).logits
     assert torch.allclose(plain, packed, atol=1e-5)
     assert model.config._attn_implementation == "sdpa"
+
+
+# -- damaged data and concurrent workers (issue 16) --------------------------------------------
+def _verify_cli(capsys, cfg_args):
+    code = main(["extract", "recipes/smollm2_alpaca.yaml", *cfg_args, "--verify"])
+    return code, capsys.readouterr()
+
+
+def _args(model_dir, prompts, out):
+    return [f"model.name_or_path={model_dir}", f"prompts.source={prompts}", f"extract.out_dir={out}",
+            "generation.max_new_tokens=16", "generation.batch_size=4", "extract.shard_size=3",
+            "extract.decode_layers=1-2", "extract.prompt_layers=all"]
+
+
+def test_a_damaged_shard_is_named_set_aside_and_extracted_again(tiny_llama, prompts_file, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "ex"
+    args = _args(tiny_llama, prompts_file, out)
+    assert main(["extract", "recipes/smollm2_alpaca.yaml", *args]) == 0
+    reference = {r["id"]: r["output_tokens"] for r in Extraction(out).records}
+    status = json.loads((out / "workers" / "worker-0.json").read_text())
+    shards = sorted((out / "shards").glob("shard-*.safetensors"))
+    assert sorted(status["shards"]) == [s.name for s in shards]
+    assert _verify_cli(capsys, args)[0] == 0
+
+    # one shard cut short, one with a flipped byte in its data, one whose states hold NaN
+    cut, flipped, nan = shards[0], shards[1], shards[2]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    data = bytearray(flipped.read_bytes())
+    data[-5] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    tensors = load_file(nan)
+    tensors["decode_states"][0, 0, 0] = float("nan")
+    from safetensors import safe_open
+    with safe_open(str(nan), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(nan), metadata=metadata)
+    nan_ids = [r["id"] for r in json.loads(metadata["records"])]
+
+    with pytest.raises(UserError, match=f"shard '{cut}' is damaged"):
+        Extraction(out)
+    code, captured = _verify_cli(capsys, args)
+    assert code == 2 and "3 of 4 shards are damaged" in captured.err
+    for shard, why in ((cut, "damaged"), (flipped, "checksum differs"), (nan, "non-finite hidden states")):
+        assert any(str(shard) in line and why in line for line in captured.out.splitlines()), (shard, why)
+    assert all(s.exists() for s in (cut, flipped, nan))  # --verify changes nothing
+
+    cut.rename(tmp_path / "cut")  # reading NaN states is refused by name at load time
+    flipped.rename(tmp_path / "flipped")
+    with pytest.raises(UserError, match=f"hold NaN or inf for 1 request.*{nan_ids[int(tensors['decode_request'][0])]}"):
+        Extraction(out, require_complete=False).decode(1)
+    (tmp_path / "cut").rename(cut)
+    (tmp_path / "flipped").rename(flipped)
+
+    assert main(["extract", "recipes/smollm2_alpaca.yaml", *args]) == 0  # resume: set aside, extracted again
+    assert len(list((out / "damaged").iterdir())) == 3
+    again = Extraction(out)
+    assert {r["id"]: r["output_tokens"] for r in again.records} == reference
+    assert torch.isfinite(again.decode(1).states).all()
+    assert _verify_cli(capsys, args)[0] == 0
+
+
+def test_a_worker_clears_only_its_own_temporary_files(tiny_llama, prompts_file, tmp_path):
+    out = tmp_path / "ex"
+    cfg = _cfg(tiny_llama, prompts_file, out)
+    run_extract(cfg, num_workers=2, worker_index=1, show_progress=False)
+    shard_dir = out / "shards"
+    other_in_flight = shard_dir / ".tmp-w001" / "shard-w001-000009.safetensors"
+    other_in_flight.parent.mkdir()
+    other_in_flight.write_bytes(b"worker 1 is writing this")
+    other_legacy = shard_dir / ".shard-w001-000009.safetensors.tmp-77"
+    other_legacy.write_bytes(b"and this")
+    own_leftover = shard_dir / ".tmp-w000" / "tmpab12cd"  # what a kill -9 inside safetensors' write leaves
+    own_leftover.parent.mkdir()
+    own_leftover.write_bytes(b"half")
+    run_extract(cfg, num_workers=2, worker_index=0, show_progress=False)
+    assert other_in_flight.read_bytes() == b"worker 1 is writing this" and other_legacy.exists()
+    assert not own_leftover.parent.exists()

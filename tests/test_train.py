@@ -165,6 +165,75 @@ def test_same_seed_same_weights_other_seed_other_weights(extraction_dir, tmp_pat
     assert runs[0][0]["metrics"] == runs[1][0]["metrics"]
 
 
+def test_standardize_learns_from_training_side_statistics(extraction_dir, tmp_path):
+    ext = Extraction(extraction_dir)
+    cfg = config(extraction_dir, tmp_path / "std", "train.standardize=true", "train.epochs=2")
+    (meta,) = train(cfg)
+    folder = tmp_path / "std" / "probes" / "decode" / "layer-1"
+    weights = load_file(folder / "probe.safetensors")
+    assert meta["standardize"] and sorted(weights) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight",
+                                                        "input_mean", "input_std"]
+    data = load_data(ext, ProbeSpec("decode", (1,)), load_or_make_split(cfg, ext), Bins(), 16, cfg.train.seed)
+    x = data.train.tensors[0].double()
+    torch.testing.assert_close(weights["input_mean"], x.mean(0).float())
+    torch.testing.assert_close(weights["input_std"], x.std(0, correction=0).float())
+    probe, _ = load_probe(folder)
+    xv = data.val.tensors[0]
+    with torch.no_grad():
+        mae = (Bins().expectation(probe(xv).softmax(-1)).clamp_min(0).minimum(data.val.tensors[3]) - data.val.tensors[2]).abs().mean()
+    assert mae == pytest.approx(meta["metrics"]["val/mae"], rel=1e-4)
+    with pytest.raises(UserError, match="train.standardize needs a fixed probe input"):
+        train(config(extraction_dir, tmp_path / "wm", "train.standardize=true", "train.multi_layer=weighted_mean",
+                     "train.multi_layer_layers=1-2"))
+
+
+def test_a_validation_carve_out_chooses_epochs_and_never_sees_the_held_out_side(extraction_dir, tmp_path):
+    from trail_probe.offline.split import selection_split
+
+    ext = Extraction(extraction_dir)
+    cfg = config(extraction_dir, tmp_path, "train.validation_fraction=0.25", "train.epochs=2")
+    (meta,) = train(cfg)
+    split = json.loads((tmp_path / "split.json").read_text())
+    validation = json.loads((tmp_path / "validation.json").read_text())["validation_ids"]
+    assert set(validation) < set(split["train_ids"]) and not set(validation) & set(split["val_ids"])
+    assert 0.1 < len(validation) / len(split["train_ids"]) < 0.4
+    assert meta["selected_on"]["side"] == "validation" and meta["selected_on"]["requests"] == len(validation)
+    chosen = selection_split(cfg, split)
+    data = load_data(ext, ProbeSpec("decode", (1,)), chosen, Bins(), 16, cfg.train.seed)
+    picked = {ext.ids[int(r)] for r in data.train_groups.unique()}
+    assert picked == set(split["train_ids"]) - set(validation)  # fitted on the rest of the training side
+    probe, _ = load_probe(tmp_path / "probes" / "decode" / "layer-1")
+    x, _, tokens, cap = data.val.tensors
+    with torch.no_grad():
+        mae = (Bins().expectation(probe(x).softmax(-1)).clamp_min(0).minimum(cap) - tokens).abs().mean()
+    assert mae == pytest.approx(meta["metrics"]["val/mae"], rel=1e-4)  # the logged metric is the validation side's
+    with pytest.raises(UserError, match="validation.json' was made with validation_fraction=0.25"):
+        train(config(extraction_dir, tmp_path, "train.validation_fraction=0.5"), resume=True)
+    with pytest.raises(UserError, match="must be in"):
+        train(config(extraction_dir, tmp_path / "bad", "train.validation_fraction=1.0"))
+
+
+def test_balanced_and_smoothed_losses_train_and_older_checkpoints_resume(extraction_dir, tmp_path):
+    from trail_probe.offline.probe_module import ProbeModule
+
+    module = ProbeModule("decode", [1], "none", 8, 16, 4, 512, 0.01, 0.0, 0.01, loss="balanced_ce")
+    module.set_class_weights(torch.tensor([0, 0, 0, 1, 3]))  # bin 2 absent
+    assert module.class_weight.tolist() == pytest.approx([3 / 7, 9 / 7, 0.0, 9 / 7])  # 5/3, 5, -, 5 over their mean
+    assert "class_weight" not in module.state_dict()
+    plain = train(config(extraction_dir, tmp_path / "ce", "train.epochs=1"))[0]
+    for extra in (("train.loss=balanced_ce",), ("train.label_smoothing=0.1",)):
+        (meta,) = train(config(extraction_dir, tmp_path / extra[0].split("=")[1], "train.epochs=1", *extra))
+        assert meta["history"][0]["train/loss"] != plain["history"][0]["train/loss"]
+    # a checkpoint written before these settings existed resumes as the defaults
+    ckpt = tmp_path / "ce" / "probes" / "decode" / "layer-1" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    for key in ("standardize", "loss", "label_smoothing"):
+        saved["hyper_parameters"].pop(key)
+    torch.save(saved, ckpt)
+    (again,) = train(config(extraction_dir, tmp_path / "ce", "train.epochs=1"), resume=True)
+    assert again["metrics"] == plain["metrics"]
+
+
 # -- layer sweep ------------------------------------------------------------------------------
 def test_sweep_writes_table_plot_and_finds_an_informative_layer(extraction_dir, tmp_path, capsys):
     results = train(config(extraction_dir, tmp_path, "train.task=both", "train.layers=all", "train.epochs=3",

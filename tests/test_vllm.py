@@ -198,6 +198,14 @@ def test_serve_bench_on_vllm_runs_fcfs_priority_trail_and_oracle(vllm_llama, vll
         assert s["steps"] > 0 and 0 < s["busy_fraction"] <= 1.0 + 1e-9 and s["mean_step_s"] > 0
     trail = json.loads((out / "trail.json").read_text())
     assert trail["trail"]["refinements"] > 0 and all(r["initial_estimate"] is not None for r in trail["requests"])
+    # BERT ran before the engine (as for priority) and its distribution reached the scheduler intact
+    from trail_probe.runtime import BertLengthPredictor
+
+    texts = {p["id"]: p["prompt"] for p in map(json.loads, prompts.read_text().splitlines())}
+    bert = BertLengthPredictor.from_pretrained(tmp_path / "bert", device="cpu")
+    expected = bert.predict([texts[r["id"]] for r in trail["requests"]]).tolist()
+    assert [r["initial_estimate"] for r in trail["requests"]] == pytest.approx(expected, rel=1e-5)
+    assert trail["summary"]["bert_before_engine_s_per_request"] > 0 and trail["trail"]["initial_s"] < 0.05
     assert set(report["simulator"]) == {"fifo", "priority", "trail", "oracle"}
 
 

@@ -16,11 +16,12 @@ Task = Literal["prompt", "decode"]  # prompt: mean prompt state -> total length;
 TaskSelection = Literal["prompt", "decode", "both"]
 MultiLayer = Literal["none", "concat", "weighted_mean"]
 Logger = Literal["csv", "tensorboard", "wandb"]
+ProbeLoss = Literal["ce", "balanced_ce"]  # cross-entropy over bins; balanced: weighted by inverse bin frequency
 TooLong = Literal["skip", "truncate"]  # prompts that leave no room for max_new_tokens
 # The per-step factor of the Bayes update: TRAIL's rule (the probe's output as it is), or the same
 # with the training labels' bin frequencies divided out (refine.step_likelihood).
 Likelihood = Literal["posterior", "prior_corrected"]
-RefinePrior = Literal["auto", "prompt_probe", "none"]  # eval: the distribution before the first decode step
+RefinePrior = Literal["auto", "prompt_probe", "bert", "none"]  # eval: the distribution before the first decode step
 InitialSource = Literal["bert", "prompt_probe", "none"]  # serving: where a request's first estimate comes from
 EnginePolicy = Literal["fifo", "trail", "trail_bert", "sjf_bert"]  # fifo: the engine's own scheduler
 ServeEngineName = Literal["hf", "vllm"]  # serve-bench: transformers continuous batching, or vLLM

@@ -30,6 +30,7 @@ from trail_probe.choices import (
     Logger,
     MultiLayer,
     PausedCache,
+    ProbeLoss,
     RefinePrior,
     ServeEngineName,
     Task,
@@ -100,12 +101,16 @@ class TrainConfig:
     multi_layer: MultiLayer = "none"  # also train one probe on the whole layer set
     multi_layer_layers: LayerSpec = ""  # layers the multi-layer probe reads; "" = train.layers
     hidden_dim: int = 512
+    standardize: bool = False  # per-feature mean/std of the training states before fc1 (folded into fc1 at export)
+    loss: ProbeLoss = "ce"  # the paper's cross-entropy, or balanced_ce (weighted by inverse training bin frequency)
+    label_smoothing: float = 0.0  # in [0, 1): cross-entropy against smoothed targets (training loss only)
     epochs: int = 30
     batch_size: int = 32
     lr: float = 0.01
     min_lr: float = 0.0
     weight_decay: float = 0.01
     train_fraction: float = 0.75
+    validation_fraction: float = 0.0  # share of the training side that chooses epochs and layers (0: the held-out side)
     split_seed: int = 0
     decode_samples_per_request: int = 16
     seed: int = 0

@@ -40,11 +40,12 @@ def load_probe(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     if meta.get("format") != PROBE_FORMAT:
         raise UserError(f"'{folder}' holds probe format {meta.get('format')!r}, not {PROBE_FORMAT}; train it again")
     Bins(meta["num_labels"], meta["bins"]["max_len"]).check_matches(meta["bins"], f"probe.json in '{folder}'")
+    standardize = bool(meta.get("standardize", False))
     if meta["multi_layer"] == "none":
-        probe = LengthProbe(meta["input_dim"], meta["hidden_dim"], meta["num_labels"])
+        probe = LengthProbe(meta["input_dim"], meta["hidden_dim"], meta["num_labels"], standardize)
     else:
         probe = MultiLayerProbe(len(meta["layers"]), meta["input_dim"], meta["multi_layer"], meta["hidden_dim"],
-                                meta["num_labels"])
+                                meta["num_labels"], standardize)
     weights = load_file(str(folder / "probe.safetensors"))
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     if {k: tuple(v.shape) for k, v in weights.items()} != expected:

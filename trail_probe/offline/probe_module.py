@@ -37,14 +37,18 @@ from trail_probe.runtime.probe import LengthProbe, MultiLayerProbe
 class ProbeModule(L.LightningModule):
     def __init__(self, task: str, layers: list[int], multi_layer: str, input_dim: int, hidden_dim: int,
                  num_bins: int, max_len: int, lr: float, min_lr: float, weight_decay: float,
-                 recipe: dict | None = None):
-        """`input_dim` is one layer's state size; `recipe` records the other settings a resumed run must share."""
+                 recipe: dict | None = None, standardize: bool = False, loss: str = "ce",
+                 label_smoothing: float = 0.0):
+        """`input_dim` is one layer's state size; `recipe` records the other settings a resumed run must
+        share; `standardize`: inputs standardized before fc1 (call `probe.set_input_stats` before fitting);
+        `loss="balanced_ce"` weights bins by inverse training frequency (call `set_class_weights`)."""
         super().__init__()
         self.save_hyperparameters()
+        self.register_buffer("class_weight", torch.ones(num_bins), persistent=False)  # set again on resume
         if multi_layer == "none":
-            self.probe = LengthProbe(input_dim, hidden_dim, num_bins)
+            self.probe = LengthProbe(input_dim, hidden_dim, num_bins, standardize)
         else:
-            self.probe = MultiLayerProbe(len(layers), input_dim, multi_layer, hidden_dim, num_bins)
+            self.probe = MultiLayerProbe(len(layers), input_dim, multi_layer, hidden_dim, num_bins, standardize)
         self.bins = Bins(num_bins, max_len)
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
@@ -55,9 +59,17 @@ class ProbeModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probe(x)
 
+    def set_class_weights(self, labels: torch.Tensor) -> None:
+        """Inverse-frequency bin weights from the training labels, mean 1 over the bins present."""
+        counts = torch.bincount(labels, minlength=self.hparams.num_bins).double()
+        weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+        self.class_weight.copy_((weight / weight[counts > 0].mean()).float())
+
     def training_step(self, batch, batch_idx):
         x, labels, _, _ = batch
-        loss = F.cross_entropy(self.probe(x).float(), labels)
+        hp = self.hparams
+        loss = F.cross_entropy(self.probe(x).float(), labels, label_smoothing=hp.label_smoothing,
+                               weight=self.class_weight if hp.loss == "balanced_ce" else None)
         self.train_loss.update(loss.detach(), labels.numel())
         return loss
 

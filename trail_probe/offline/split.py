@@ -1,8 +1,14 @@
 """The train / held-out split of requests, shared by `train`, `train-baseline` and `eval`.
 
-    from trail_probe.offline.split import load_or_make_split
+    from trail_probe.offline.split import load_or_make_split, selection_split
     split = load_or_make_split(cfg, Extraction(cfg.paths.data))   # dict, also in cfg.paths.split
     split["train_ids"], split["val_ids"]
+    fit = selection_split(cfg, split)   # what training fits on and what chooses epochs and layers
+
+With `train.validation_fraction` > 0 a validation set is carved out of the training side by the same
+kind of hash (`validation.json` beside split.json), and every choice (best epoch, layer, settings)
+is made on it, so the held-out side is scored once, by `eval`. With 0 (the default, TRAIL's own
+practice) the held-out side both selects and scores.
 
 Each request goes to a side by a hash of (seed, id), not by its position in the list, so the same id
 always lands on the same side: re-ordering or growing the extraction never moves a held-out prompt
@@ -73,3 +79,34 @@ def load_or_make_split(cfg, extraction) -> dict:
              "train_ids": train_ids, "val_ids": val_ids}
     atomic_write_json(path, split)
     return split
+
+
+def selection_split(cfg, split: dict) -> dict:
+    """{"train_ids": what a model fits on, "val_ids": what selects its epoch (and the sweep's layer),
+    "side": "validation" | "held-out", "path": the file that defines it}: with
+    train.validation_fraction = f > 0, the training ids whose validation hash is < f (written once to
+    validation.json beside split.json and checked like it); else the split itself."""
+    fraction = cfg.train.validation_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"train.validation_fraction = {fraction} must be in [0, 1): the share of the training side "
+                        "that chooses epochs and layers (0: the held-out side does)")
+    if fraction == 0.0:
+        return {"train_ids": split["train_ids"], "val_ids": split["val_ids"], "side": "held-out",
+                "path": str(cfg.paths.split)}
+    path = cfg.paths.split.with_name("validation.json")
+    identity = {"fraction": fraction, "seed": cfg.train.split_seed, "split_sha256": file_sha256(cfg.paths.split)}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in identity} != identity:
+            raise UserError(f"'{path}' was made with validation_fraction={saved.get('fraction')} from another split or seed; "
+                            "use the same settings, or delete validation.json (and the probes chosen on it)")
+        validation = saved["validation_ids"]
+    else:
+        validation = [r for r in split["train_ids"] if _unit_interval(cfg.train.split_seed, f"validation:{r}") < fraction]
+        atomic_write_json(path, {**identity, "validation_ids": validation})
+    chosen = set(validation)
+    fit = [r for r in split["train_ids"] if r not in chosen]
+    if not fit or not validation:
+        raise UserError(f"train.validation_fraction = {fraction} leaves {len(fit)} requests to fit and {len(validation)} "
+                        "to validate; both need some, so change it or extract more prompts")
+    return {"train_ids": fit, "val_ids": validation, "side": "validation", "path": str(path)}

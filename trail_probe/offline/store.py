@@ -22,16 +22,17 @@ lets a reader take one layer's slice without reading the others.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from trail_probe.atomic import atomic_path
 from trail_probe.errors import UserError
 
 FORMAT = "trail_probe.extraction/1"
@@ -60,9 +61,16 @@ def shard_name(worker_index: int, seq: int) -> str:
     return f"shard-w{worker_index:03d}-{seq:06d}.safetensors"
 
 
+def worker_temp_dir(shard_dir: Path, worker_index: int) -> Path:
+    """Where worker `worker_index` writes a shard before renaming it into place: its own folder, so it
+    can clear its leftovers (safetensors' own temporary files included) without touching another
+    worker's file in flight."""
+    return shard_dir / f".tmp-w{worker_index:03d}"
+
+
 def write_shard(path: Path, requests: list[ExtractedRequest], num_prompt_layers: int,
-                num_decode_layers: int, hidden_size: int, dtype: torch.dtype) -> None:
-    """Write finished requests as one shard, atomically."""
+                num_decode_layers: int, hidden_size: int, dtype: torch.dtype, worker_index: int = 0) -> str:
+    """Write finished requests as one shard, atomically; returns the file's sha256."""
     counts = [r.decode_generated.numel() for r in requests]
     if sum(counts):
         decode_states = torch.cat([r.decode_states for r in requests if r.decode_generated.numel()], 1)
@@ -76,13 +84,65 @@ def write_shard(path: Path, requests: list[ExtractedRequest], num_prompt_layers:
         "decode_remaining": torch.cat([r.decode_remaining for r in requests]).long(),
     }
     metadata = {"format": FORMAT, "records": json.dumps([r.record for r in requests])}
-    with atomic_path(path) as tmp:
+    tmp_dir = worker_temp_dir(path.parent, worker_index)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / path.name
+    try:
         save_file(tensors, str(tmp), metadata=metadata)
+        digest = file_digest(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # empty unless a write of this worker is in flight
+            tmp_dir.rmdir()
+    return digest
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def open_shard(path: Path):
+    """`safe_open` of a shard; a truncated or corrupt file is a one-line `UserError` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # json errors are ValueErrors
+        raise UserError(f"shard '{path}' is damaged ({str(e).splitlines()[0][:80]}); run the same 'trail-probe extract' "
+                        "command again: it sets damaged shards aside and extracts their requests again") from None
 
 
 def read_shard_records(path: Path) -> list[dict]:
-    with safe_open(str(path), framework="pt") as f:
+    with open_shard(path) as f:
         return json.loads(f.metadata()["records"])
+
+
+def verify_shard(path: Path, sha256: str | None = None) -> str | None:
+    """Why the shard at `path` cannot be used (None if it can): unreadable, a checksum other than the
+    one its worker recorded, tensors that do not match its records, or non-finite states."""
+    try:
+        with open_shard(path) as f:
+            records = json.loads(f.metadata()["records"])
+            n = len(records)
+            prompt = f.get_tensor("prompt_states")
+            decode = f.get_tensor("decode_states")
+            request = f.get_tensor("decode_request")
+            if prompt.shape[1] != n or decode.shape[1] != len(request) or (len(request) and int(request.max()) >= n):
+                return "its tensors do not match its records"
+            bad = sorted({records[i]["id"] for i in torch.nonzero(~torch.isfinite(prompt).all(-1).all(0)).flatten().tolist()}
+                         | {records[int(request[i])]["id"] for i in torch.nonzero(~torch.isfinite(decode).all(-1).all(0)).flatten().tolist()})
+            if bad:
+                return f"non-finite hidden states for request(s) {', '.join(bad[:5])}"
+    except UserError as e:
+        return str(e).split("(", 1)[-1].split(")", 1)[0]
+    if sha256 is not None and file_digest(path) != sha256:
+        return "its checksum differs from the one recorded when it was written"
+    return None
 
 
 @dataclass
@@ -182,20 +242,30 @@ class Extraction:
         return layers.index(layer)
 
     # -- tensors --------------------------------------------------------------------------------
+    def _check_finite(self, states: torch.Tensor, request: torch.Tensor, what: str) -> torch.Tensor:
+        bad = ~torch.isfinite(states).all(-1)
+        if bool(bad.any()):
+            ids = sorted({self.records[int(i)]["id"] for i in request[bad]})
+            raise UserError(f"{what} in '{self.root}' hold NaN or inf for {len(ids)} request(s) ({', '.join(ids[:5])}); "
+                            "'trail-probe extract RECIPE --verify' lists the shards; extract them again, in float32 "
+                            "if the model overflowed")
+        return states
+
     def prompt_states(self, layer: int) -> torch.Tensor:
         """[N, d] float32 mean prompt hidden state of `layer`, in `records` order."""
         li = self._layer_index(layer, self.prompt_layers, "prompt")
         parts = []
         for shard in self.shards:
-            with safe_open(str(shard), framework="pt") as f:
+            with open_shard(shard) as f:
                 parts.append(f.get_slice("prompt_states")[li : li + 1][0].float())
-        return torch.cat(parts) if parts else torch.zeros(0, self.hidden_size)
+        states = torch.cat(parts) if parts else torch.zeros(0, self.hidden_size)
+        return self._check_finite(states, torch.arange(len(states)), f"prompt states of layer {layer}")
 
     def decode_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global request index, remaining tokens) of every decode sample, without reading states."""
         request, remaining = [], []
         for shard, offset in zip(self.shards, self._shard_offsets):
-            with safe_open(str(shard), framework="pt") as f:
+            with open_shard(shard) as f:
                 request.append(f.get_tensor("decode_request") + offset)
                 remaining.append(f.get_tensor("decode_remaining"))
         if not request:
@@ -207,7 +277,7 @@ class Extraction:
         li = self._layer_index(layer, self.decode_layers, "decode")
         states, request, generated, remaining = [], [], [], []
         for shard, offset in zip(self.shards, self._shard_offsets):
-            with safe_open(str(shard), framework="pt") as f:
+            with open_shard(shard) as f:
                 states.append(f.get_slice("decode_states")[li : li + 1][0].float())
                 request.append(f.get_tensor("decode_request") + offset)
                 generated.append(f.get_tensor("decode_generated"))
@@ -215,7 +285,9 @@ class Extraction:
         if not states:
             empty = torch.zeros(0, dtype=torch.long)
             return DecodeStates(torch.zeros(0, self.hidden_size), empty, empty, empty)
-        return DecodeStates(torch.cat(states), torch.cat(request), torch.cat(generated), torch.cat(remaining))
+        out = DecodeStates(torch.cat(states), torch.cat(request), torch.cat(generated), torch.cat(remaining))
+        self._check_finite(out.states, out.request, f"decode states of layer {layer}")
+        return out
 
 
 def _compact(layers: list[int]) -> str:

@@ -75,6 +75,7 @@ class TrailRuntime:
             predictor, max_new_tokens=max_new_tokens, prompt_predictor=prompt_predictor,
             text_predictor=text_predictor if initial == "bert" else None, likelihood=likelihood)
         self.prompt_texts: dict[str, str] = {}
+        self.initial_probs: dict[str, list[float]] = {}  # BERT's distribution, computed before the engine (set before `admit`)
         self.layer = None if predictor is None else predictor.layer
         self.reset()
 
@@ -111,10 +112,14 @@ class TrailRuntime:
     def admit(self, ids: list[str]) -> None:
         """New requests join the tracker with their initial distribution (BERT on the prompt text)."""
         t0 = time.perf_counter()
-        with_text = [i for i in ids if self.prompt_texts.get(i) is not None] if self.initial == "bert" else []
+        given = [i for i in ids if i in self.initial_probs] if self.initial == "bert" else []
+        if given:  # BERT ran where the request arrived (the client or API server): its distribution rides along
+            self.tracker.add(given, initial_probs=torch.tensor([self.initial_probs.pop(i) for i in given], dtype=torch.float32))
+        estimated = set(given)
+        with_text = [i for i in ids if i not in estimated and self.prompt_texts.get(i) is not None] if self.initial == "bert" else []
         if with_text:
             self.tracker.add(with_text, prompt_texts=[self.prompt_texts[i] for i in with_text])
-        estimated = set(with_text)
+        estimated |= set(with_text)
         without = [i for i in ids if i not in estimated]
         if without:  # estimated at the token budget until a prediction exists
             self.tracker.add(without)
@@ -169,6 +174,7 @@ class TrailRuntime:
             self.tracker.remove([request_id])
         self._prompt_sums.pop(request_id, None)
         self.exact_lengths.pop(request_id, None)
+        self.initial_probs.pop(request_id, None)
 
 
 class ExactLengths:

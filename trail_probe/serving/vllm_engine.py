@@ -166,13 +166,19 @@ class VLLMEngine:
 
     def replay(self, requests: Sequence[tuple[str, list[int], str | None]], arrivals: Sequence[float],
                max_new_tokens: int, priorities: Sequence[int] | None = None, progress=None,
-               exact_lengths: Sequence[int] | None = None) -> tuple[list[VLLMResult], float]:
+               exact_lengths: Sequence[int] | None = None,
+               initial_probs: Sequence[Sequence[float]] | None = None) -> tuple[list[VLLMResult], float]:
         """Hand each request to the engine at its arrival time (seconds from now), step the engine
         until all finish; returns (results in finishing order, t0 as perf_counter). `priorities` feed
-        vLLM's priority policy, `exact_lengths` the oracle policy."""
+        vLLM's priority policy, `exact_lengths` the oracle policy, `initial_probs` (BERT's distribution
+        per request, computed before the engine as an API server would) TRAIL's initial estimate."""
         from vllm import SamplingParams
 
-        from trail_probe.serving.vllm_scheduler import EXACT_LENGTH_KEY, PROMPT_TEXT_KEY
+        from trail_probe.serving.vllm_scheduler import (
+            EXACT_LENGTH_KEY,
+            INITIAL_PROBS_KEY,
+            PROMPT_TEXT_KEY,
+        )
 
         if len(requests) != len(arrivals):
             raise UserError(f"{len(requests)} requests but {len(arrivals)} arrival times")
@@ -188,6 +194,8 @@ class VLLMEngine:
                 extra = {PROMPT_TEXT_KEY: text}
                 if exact_lengths is not None:
                     extra[EXACT_LENGTH_KEY] = int(exact_lengths[i])
+                if initial_probs is not None:
+                    extra[INITIAL_PROBS_KEY] = [float(p) for p in initial_probs[i]]
                 params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=False, extra_args=extra)
                 self.engine.add_request(rid, {"prompt_token_ids": list(ids)}, params,
                                         priority=0 if priorities is None else int(priorities[i]))

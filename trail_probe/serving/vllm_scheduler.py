@@ -31,6 +31,7 @@ scheduler with settings (upstream: scheduler kwargs).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
 
@@ -60,6 +61,7 @@ def install_log_utility() -> None:
         setattr(EngineCore, LOG_UTILITY, _scheduler_log)
 PROMPT_TEXT_KEY = "trail_prompt_text"  # in SamplingParams.extra_args
 EXACT_LENGTH_KEY = "trail_exact_length"  # in SamplingParams.extra_args: the oracle policy's input
+INITIAL_PROBS_KEY = "trail_initial_probs"  # in SamplingParams.extra_args: BERT's distribution, if the client ran it
 
 
 class RecordingScheduler(Scheduler):
@@ -106,6 +108,10 @@ class TrailVLLMScheduler(RecordingScheduler):
         self._paused: set[str] = set()  # running in vLLM's sense, held out of batches by TRAIL
         self._counter = itertools.count()
         self._new: list[str] = []  # arrived, not yet admitted to the runtime
+        # Waiting requests that never ran, by their (fixed) policy key: only the best max_num_seqs of
+        # them can start in one step, so a step looks at those, not at the whole queue.
+        self._fresh: list[tuple[tuple, str]] = []
+        self._fresh_key: dict[str, tuple] = {}
         self.observed: list[tuple[str, int, list[float]]] = []  # with settings["record_states"]: for parity tests
 
     # -- requests come and go --
@@ -117,26 +123,40 @@ class TrailVLLMScheduler(RecordingScheduler):
             self.runtime.prompt_texts[rid] = extra[PROMPT_TEXT_KEY]
         if extra and extra.get(EXACT_LENGTH_KEY) is not None:
             self.runtime.exact_lengths[rid] = int(extra[EXACT_LENGTH_KEY])
+        if extra and extra.get(INITIAL_PROBS_KEY) is not None:
+            self.runtime.initial_probs[rid] = list(extra[INITIAL_PROBS_KEY])
         self._views[rid] = RequestView(rid, next(self._counter), request.arrival_time)
         self._new.append(rid)  # admitted at the next step, with every request that arrived meanwhile
 
     def _admit_new(self) -> float:
-        """The initial estimates (BERT on the prompt texts) of the requests that arrived since the
-        last step, in one batch; returns the seconds it took."""
+        """The initial estimates of the requests that arrived since the last step, in one batch (BERT
+        on their prompt texts unless the client sent BERT's distribution); they join the fresh queue
+        with their key, fixed until they first run. Returns the seconds it took."""
         ids = [rid for rid in self._new if rid in self._views]
         self._new.clear()
         if not ids:
             return 0.0
         t0 = time.perf_counter()
         self.runtime.admit(ids)
-        for rid in ids:
+        views = [self._views[rid] for rid in ids]
+        self.runtime.estimate(views)
+        for rid, v in zip(ids, views):
             self.runtime.prompt_texts.pop(rid, None)
+            key = self.runtime.policy.key(v)
+            self._fresh_key[rid] = key
+            bisect.insort(self._fresh, (key, rid))
         return time.perf_counter() - t0
+
+    def _drop_fresh(self, rid: str) -> None:
+        key = self._fresh_key.pop(rid, None)
+        if key is not None:
+            del self._fresh[bisect.bisect_left(self._fresh, (key, rid))]
 
     def _free_request(self, request, *args, **kwargs):
         rid = request.request_id
         self._views.pop(rid, None)
         self._paused.discard(rid)
+        self._drop_fresh(rid)
         self.runtime.remove(rid)
         return super()._free_request(request, *args, **kwargs)
 
@@ -146,7 +166,9 @@ class TrailVLLMScheduler(RecordingScheduler):
         initial_s = self._admit_new()
         rt, policy = self.runtime, self.runtime.policy
         everyone = [r for r in self.running if r.request_id in self._views]
-        waiting = [r for r in self.waiting if r.request_id in self._views]
+        # waiting requests that ran before (vLLM's own recompute preemption), then the best fresh ones
+        waiting = [r for r in self.waiting if r.request_id in self._views and r.request_id not in self._fresh_key]
+        waiting += [self.requests[rid] for _, rid in self._fresh[: self.max_num_running_reqs]]
         views = [self._views[r.request_id] for r in everyone + waiting]
         for r, v in zip(everyone + waiting, views):
             v.generated = r.num_output_tokens
@@ -172,6 +194,8 @@ class TrailVLLMScheduler(RecordingScheduler):
         # admits from the front and stops when the running list is full (TRAIL filled it) or the
         # token budget runs out, so it starts exactly these (or the first of them) and no other.
         admit = sorted((r for r in waiting if r.request_id in chosen), key=lambda r: chosen[r.request_id])
+        for r in admit:
+            self._drop_fresh(r.request_id)
         if admit:
             self.waiting.remove_requests(admit)
             for r in reversed(admit):

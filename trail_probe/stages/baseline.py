@@ -43,7 +43,11 @@ from trail_probe.offline.baseline_module import (
     callbacks,
     tokenize,
 )
-from trail_probe.offline.split import load_or_make_split, manifest_sha256
+from trail_probe.offline.split import (
+    load_or_make_split,
+    manifest_sha256,
+    selection_split,
+)
 from trail_probe.offline.store import Extraction
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.models import file_sha256, resolve_model_path
@@ -100,7 +104,7 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
 
     extraction = Extraction(cfg.paths.data)
     extraction.check_model(cfg.model.name_or_path)
-    split = load_or_make_split(cfg, extraction)
+    split = selection_split(cfg, load_or_make_split(cfg, extraction))  # fit on train_ids, choose epochs on val_ids
     split_file = cfg.paths.split
     bins = Bins.from_config(cfg.bins)
     max_new_tokens = int(extraction.manifest["generation"]["max_new_tokens"])
@@ -112,6 +116,7 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
                         "prompts; the baseline needs both, so use more prompts or another train.train_fraction")
     identity = {"baseline": {k: v for k, v in config_to_dict(bcfg).items() if k != "num_threads"},
                 "bins": bins.to_dict(), "split_sha256": file_sha256(split_file),
+                **({"validation_sha256": file_sha256(split["path"])} if split["side"] == "validation" else {}),
                 "extraction_manifest_sha256": manifest_sha256(extraction)}
     _check_resumable(work, identity)
 
@@ -164,6 +169,7 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
         "num_train": len(train_idx),
         "num_val": len(val_idx),
         "split": {"path": str(split_file), "sha256": identity["split_sha256"]},
+        "selected_on": {"side": split["side"], "path": split["path"], "requests": len(val_idx)},
         "extraction": {"path": str(extraction.root), "manifest_sha256": identity["extraction_manifest_sha256"]},
         "model": extraction.model,  # the serving model whose output lengths it predicts
         "config": config_to_dict(bcfg),

@@ -59,7 +59,11 @@ from trail_probe.offline.eval_report import (
     write_figures,
 )
 from trail_probe.offline.metrics import confusion, mae, summary
-from trail_probe.offline.split import load_or_make_split, manifest_sha256
+from trail_probe.offline.split import (
+    load_or_make_split,
+    manifest_sha256,
+    selection_split,
+)
 from trail_probe.offline.store import Extraction
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import count_down, estimate, refines_at
@@ -236,6 +240,10 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
                         f"{layer_source}); train it ('trail-probe train ... train.layers={layer}') or set eval.layer")
     layers = sorted(set(trained_layers(cfg)) | {layer}) if e.all_layers else [layer]
     notes: list[str] = []
+    chosen_on = selection_split(cfg, split)
+    notes.append(f"epochs and layer chosen on the {chosen_on['side']} side ({len(chosen_on['val_ids'])} requests, "
+                 f"{chosen_on['path']}); scored here on the {len(split['val_ids'])} held-out requests"
+                 + (" (the same ones: train.validation_fraction=0)." if chosen_on["side"] == "held-out" else ", once."))
     hashes = {"extraction_manifest": manifest_sha, "split": split_sha, "probes": {}, "baseline_weights": None}
 
     # The bin frequencies the decode probe was trained on, for the prior-corrected update.
@@ -272,7 +280,8 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
         "baseline": None if bert_meta is None else {k: bert_meta[k] for k in ("base_model", "metrics", "max_length")},
         "hashes": hashes,
         "extraction": {"path": str(extraction.root), "model": extraction.model, "layer_numbering": extraction.manifest.get("layer_numbering")},
-        "split": {"path": str(split_file), "train": len(split["train_ids"]), "held_out": len(split["val_ids"])},
+        "split": {"path": str(split_file), "train": len(split["train_ids"]), "held_out": len(split["val_ids"]),
+                  "selection": {"side": chosen_on["side"], "path": chosen_on["path"], "requests": len(chosen_on["val_ids"])}},
         "notes": notes,
         "config": config_to_dict(cfg),
         "elapsed_s": None,
@@ -338,13 +347,16 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
         local = torch.full((len(extraction.records),), -1, dtype=torch.long)
         local[held.rows] = torch.arange(len(held.rows))
         keep = local[ds.request] >= 0
-        prior = prompt_probs if cfg.refine.prior != "none" else None
+        if cfg.refine.prior == "bert" and bert_probs is None:
+            raise UserError("refine.prior=bert but there is no trained BERT baseline; run 'trail-probe train-baseline RECIPE' "
+                            "or set refine.prior=auto")
+        prior = {"none": None, "bert": bert_probs}.get(cfg.refine.prior, prompt_probs)
         decode = refine_decode(probe_probs(decode_probe, ds.states[keep]), local[ds.request[keep]],
                                ds.generated[keep], ds.remaining[keep], bins, max_new, cfg.refine.interval, prior,
                                label_prior)
         metrics["per_step"] = {"remaining": summary(decode.step_est, decode.remaining, decode.step_probs, bins)}
         metrics["refined"] = {"remaining": summary(decode.refined_est, decode.remaining, decode.refined_probs, bins),
-                              "prior": "prompt_probe" if prior is not None else "none",
+                              "prior": "none" if prior is None else ("bert" if cfg.refine.prior == "bert" else "prompt_probe"),
                               "likelihood": cfg.refine.likelihood}
     else:
         notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")

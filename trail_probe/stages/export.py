@@ -8,7 +8,8 @@ epoch's `probe.safetensors` + `probe.json`) and writes `<checkpoint_dir>/predict
 export.out_dir) in the layout TRAIL's public runtime loads:
 
     config.json         hidden_size, hidden_dim, num_labels, max_len, probe_layer_idx, dtype
-    model.safetensors   fc1.weight, fc1.bias, fc2.weight, fc2.bias (float32)
+    model.safetensors   fc1.weight, fc1.bias, fc2.weight, fc2.bias (float32; a probe trained with
+                        train.standardize has its input standardization folded into fc1)
     trail_probe.json    serving model id + weight hash, bin edges, metrics, layer numbering, the
                         extraction/split/config hashes it was trained on, and the source probe
     recipe.yaml         the resolved recipe of this export
@@ -24,6 +25,7 @@ task, else the first of train.layers; export.probe names a probe folder directly
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from trail_probe.runtime.predictor import (
     LengthPredictor,
     check_probe_weights,
 )
+from trail_probe.runtime.probe import fold_standardization
 
 HELP = "Write the trained probe (and optionally the BERT baseline) as a predictor a serving scheduler loads."
 EXAMPLES = """examples:
@@ -82,6 +85,10 @@ def export_predictor(cfg: RecipeConfig) -> Path:
             "run 'trail-probe train' for that layer or set export.layer"
         )
     state, meta = read_probe(probe_dir)
+    bad = {k: v for k, v in (meta.get("metrics") or {}).items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise UserError(f"the probe in '{probe_dir}' has non-finite metrics ({', '.join(f'{k} {v}' for k, v in bad.items())}): "
+                        "it did not learn; check the extraction with 'trail-probe extract RECIPE --verify' and train it again")
     layer = meta["layers"][0]
     bins = Bins(int(meta["bins"]["num_bins"]), int(meta["bins"]["max_len"]))
     Bins.from_config(cfg.bins).check_matches(meta["bins"], f"probe '{probe_dir}'")
@@ -152,6 +159,7 @@ def read_probe(folder: Path) -> tuple[dict, dict]:
     except (SafetensorError, OSError) as e:
         raise UserError(f"cannot read '{folder / 'probe.safetensors'}' ({str(e)[:100]}); train the probe again") from None
     where = str(folder / "probe.safetensors")
+    state = fold_standardization(state)  # a standardizing probe leaves as TRAIL's plain four tensors
     check_probe_weights(state, int(meta["input_dim"]), int(meta["hidden_dim"]), int(meta["num_labels"]), where)
     model = meta.get("model", {})
     layer = meta["layers"][0]

@@ -15,6 +15,7 @@ Python API: `run_extract(cfg)`; `trail_probe.offline.store.Extraction` reads the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ from trail_probe.offline.store import (
     ExtractedRequest,
     read_shard_records,
     shard_name,
+    verify_shard,
+    worker_temp_dir,
     write_shard,
 )
 from trail_probe.runtime.models import dtype_of, load_causal_lm, model_fingerprint
@@ -57,6 +60,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an extraction made with a different config")
     parser.add_argument("--num-workers", type=int, default=None, help="split the prompts over N independent workers")
     parser.add_argument("--worker-index", type=int, default=None, help="which worker this is (0..N-1)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every shard of the extraction (readable, checksum, finite) and exit; changes nothing")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,17 +145,29 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob(".*.tmp-*"):  # a shard being written when the last run was killed
-        stale.unlink()
+    # This worker's leftovers from a killed run (never another worker's file in flight).
+    shutil.rmtree(worker_temp_dir(shard_dir, worker_index), ignore_errors=True)
+    for stale in shard_dir.glob(f".shard-w{worker_index:03d}-*.tmp-*"):  # the layout before per-worker temp folders
+        stale.unlink(missing_ok=True)
+    status_path = out / "workers" / f"worker-{worker_index}.json"
+    old_status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    checksums: dict[str, str] = dict(old_status.get("shards") or {})
     done_ids: set[str] = set()
     my_shards = sorted(shard_dir.glob(f"shard-w{worker_index:03d}-*.safetensors"))
-    for shard in my_shards:
+    for shard in list(my_shards):
+        reason = verify_shard(shard, checksums.get(shard.name))
+        if reason is not None:  # set aside, not deleted; its requests are extracted again below
+            aside = out / "damaged" / f"{shard.name}.{int(time.time())}"
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(shard, aside)
+            checksums.pop(shard.name, None)
+            print(f"extract: {shard.name} is damaged ({reason}); moved to {aside}, its requests will be extracted again")
+            continue
         done_ids.update(r["id"] for r in read_shard_records(shard))
     todo = [item for item in ready if item[0].id not in done_ids]
-    status_path = out / "workers" / f"worker-{worker_index}.json"
     status = {"worker_index": worker_index, "expected": len(ready), "skipped_too_long": len(too_long),
               "truncated": sum(t for _, _, t in ready), "complete": False}
-    atomic_write_json(status_path, {**status, "done": len(done_ids)})
+    atomic_write_json(status_path, {**status, "done": len(done_ids), "shards": checksums})
 
     d = model_info["hidden_size"]
     prompt_bytes, decode_bytes = _estimate_bytes(len(todo), d, len(prompt_layers), len(decode_layers),
@@ -169,8 +186,11 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     def flush():
         nonlocal seq, buffer
         if buffer:
-            write_shard(shard_dir / shard_name(worker_index, seq), buffer, len(prompt_layers),
-                        len(decode_layers), d, storage_dtype)
+            name = shard_name(worker_index, seq)
+            checksums[name] = write_shard(shard_dir / name, buffer, len(prompt_layers), len(decode_layers), d,
+                                          storage_dtype, worker_index)
+            done_ids.update(r.record["id"] for r in buffer)
+            atomic_write_json(status_path, {**status, "done": len(done_ids), "shards": checksums})
             seq += 1
             buffer = []
 
@@ -187,7 +207,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
         flush()  # finished requests are kept even on Ctrl-C
         bar.close()
     elapsed = time.time() - start
-    atomic_write_json(status_path, {**status, "done": len(ready), "complete": True,
+    atomic_write_json(status_path, {**status, "done": len(ready), "complete": True, "shards": checksums,
                                     "seconds_this_run": round(elapsed, 1), "useful_tokens_this_run": useful_tokens})
     print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
           f"({useful_tokens / max(elapsed, 1e-9):.1f} useful tok/s)")
@@ -216,5 +236,35 @@ def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
     return ""
 
 
+def verify_extraction(cfg: RecipeConfig) -> int:
+    """`extract --verify`: check every shard (readable, the checksum its worker recorded, tensors that
+    match the records, finite states); print the damaged ones; change nothing. Returns the shards checked."""
+    from tqdm import tqdm
+
+    out = cfg.paths.data
+    if not (out / "manifest.json").is_file():
+        raise UserError(f"no extraction at '{out}' (manifest.json missing); run 'trail-probe extract' first")
+    checksums: dict[str, str] = {}
+    for status in sorted((out / "workers").glob("worker-*.json")):
+        checksums.update(json.loads(status.read_text()).get("shards") or {})
+    shards = sorted((out / "shards").glob("shard-w*.safetensors"))
+    damaged = []
+    for shard in tqdm(shards, desc="verify", unit="shard", dynamic_ncols=True):
+        reason = verify_shard(shard, checksums.get(shard.name))
+        if reason is not None:
+            damaged.append(shard)
+            tqdm.write(f"extract --verify: {shard} is damaged: {reason}")
+    unchecked = sum(s.name not in checksums for s in shards)
+    print(f"extract --verify: {len(shards)} shards in {out}, {len(damaged)} damaged"
+          + (f"; {unchecked} written before checksums were recorded (read, not checksummed)" if unchecked else ""))
+    if damaged:
+        raise UserError(f"{len(damaged)} of {len(shards)} shards are damaged (listed above); run the same 'trail-probe extract' "
+                        "command without --verify to set them aside and extract their requests again")
+    return len(shards)
+
+
 def run(cfg: RecipeConfig, args) -> None:
+    if getattr(args, "verify", False):
+        verify_extraction(cfg)
+        return
     run_extract(cfg, overwrite=args.overwrite, num_workers=args.num_workers, worker_index=args.worker_index)

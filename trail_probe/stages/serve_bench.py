@@ -232,10 +232,20 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
         predictor_dir, policy=policy, bert=cfg.paths.serve_bert if sc.initial == "bert" else None, initial=sc.initial,
         max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
         preemption_c=refine.preemption_c) if trail else None
-    priorities = None
-    if policy == "priority":  # BERT's estimate as vLLM's priority (smaller runs first), computed up front
+    priorities = probs = None
+    bert_s = 0.0
+    if policy == "priority" or (trail and sc.initial == "bert" and policy != "oracle"):
+        # BERT before the engine, as an API server would run it: vLLM's priority (smaller runs first)
+        # is its estimate; TRAIL gets its distribution (the scheduler would run BERT itself without it)
         bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
-        priorities = [int(round(e)) for e in bert.predict([text for _, _, text in requests]).tolist()]
+        t_bert = time.perf_counter()
+        probs = bert.probs([text for _, _, text in requests])
+        bert_s = (time.perf_counter() - t_bert) / len(requests)
+        if policy == "priority":
+            priorities = [int(round(e)) for e in bert.bins.expectation(probs).tolist()]
+            probs = None
+        else:
+            probs = probs.tolist()
     kwargs = {"max_num_seqs": sc.max_batch, "max_num_batched_tokens": sc.max_batch_tokens, "dtype": sc.vllm_dtype,
               "kv_cache_bytes": int(sc.vllm_kv_cache_gb * (1 << 30)), "seed": sc.seed}
     bar = tqdm(total=len(requests), desc=f"serve-bench vllm {policy}", unit="req", dynamic_ncols=True)
@@ -243,9 +253,10 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     try:
         with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, **kwargs) as engine:
             engine.replay(requests[:2], [0.0, 0.0], max_new_tokens=8,  # warm-up, left out of the log below
-                          exact_lengths=None if exact_lengths is None else exact_lengths[:2])
+                          exact_lengths=None if exact_lengths is None else exact_lengths[:2],
+                          initial_probs=None if probs is None else probs[:2])
             results, t0 = engine.replay(requests, arrivals, cfg.generation.max_new_tokens, priorities, progress=bar,
-                                        exact_lengths=exact_lengths)
+                                        exact_lengths=exact_lengths, initial_probs=probs)
             log = engine.scheduler_log()
     finally:
         bar.close()
@@ -254,7 +265,8 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     records = _records(requests, arrivals, {r.request_id: r for r in results}, t0,
                        log.get("initial_estimates") if trail else None, log.get("trace") if trail else None)
     out = {"policy": policy, "settings": settings, "wall_clock_s": time.time() - start,
-           "summary": summarize_run(records, steps), "requests": records, "steps": steps}
+           "summary": {**summarize_run(records, steps), "bert_before_engine_s_per_request": bert_s},
+           "requests": records, "steps": steps}
     if trail:
         out["trail"] = {"predictor": None if predictor_dir is None else str(predictor_dir), **log["trail"]}
     return out

@@ -50,7 +50,11 @@ from trail_probe.choices import Task, options
 from trail_probe.config import RecipeConfig, config_sha256, resolve_layers, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.artifacts import PROBE_FORMAT, probe_name
-from trail_probe.offline.split import load_or_make_split, manifest_sha256
+from trail_probe.offline.split import (
+    load_or_make_split,
+    manifest_sha256,
+    selection_split,
+)
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.sweep_report import print_results, write_sweep
 from trail_probe.runtime.bins import Bins
@@ -94,6 +98,9 @@ class ProbeData:
     num_val_requests: int
 
 
+ADDED_HPARAMS = {"standardize": False, "loss": "ce", "label_smoothing": 0.0}  # what older checkpoints lack
+
+
 def check_train_config(cfg: RecipeConfig) -> None:
     t = cfg.train
     Bins.from_config(cfg.bins)  # invalid bins -> UserError
@@ -102,6 +109,10 @@ def check_train_config(cfg: RecipeConfig) -> None:
             raise UserError(f"train.{key} = {getattr(t, key)} must be at least 1")
     if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
         raise UserError(f"train.lr = {t.lr} and train.min_lr = {t.min_lr} need 0 <= min_lr <= lr and lr > 0")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise UserError(f"train.label_smoothing = {t.label_smoothing} must be in [0, 1), e.g. 0.1")
+    if t.standardize and t.multi_layer == "weighted_mean":
+        raise UserError("train.standardize needs a fixed probe input; use train.multi_layer=concat or none with it")
     if t.decode_samples_per_request < 0:
         raise UserError("train.decode_samples_per_request must be >= 0 (0 = every stored decode position)")
 
@@ -139,8 +150,9 @@ def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, 
     """The probe's inputs, labels and true lengths as in-memory tensors, split by request."""
     from trail_probe.offline.probe_module import TensorRows, sample_per_group
 
-    train_ids = set(split["train_ids"])
+    train_ids, val_ids = set(split["train_ids"]), set(split["val_ids"])
     is_train = torch.tensor([rid in train_ids for rid in extraction.ids], dtype=torch.bool)
+    is_val = torch.tensor([rid in val_ids for rid in extraction.ids], dtype=torch.bool)  # what selects epochs
     max_new = float(extraction.manifest["generation"]["max_new_tokens"])
     if spec.task == "prompt":
         states = [extraction.prompt_states(layer) for layer in spec.layers]
@@ -155,18 +167,18 @@ def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, 
     x = states[0] if spec.mode == "none" else torch.stack(states, 1)
     rows = TensorRows(x, bins.label(tokens), tokens.float(), cap)
     train_rows = torch.nonzero(is_train[request]).squeeze(1)
-    val_rows = torch.nonzero(~is_train[request]).squeeze(1)
+    val_rows = torch.nonzero(is_val[request]).squeeze(1)
     if spec.task == "decode" and per_request > 0:
         picked = sample_per_group(request[val_rows], per_request, torch.Generator().manual_seed(seed))
         val_rows = val_rows[picked.sort().values]
-    for side, picked in (("training", train_rows), ("held-out", val_rows)):
+    for side, picked in (("training", train_rows), (split.get("side", "held-out"), val_rows)):
         if len(picked) == 0:
             raise UserError(f"the {side} side of the split has no {spec.task} samples; extract more prompts "
                             "or change train.train_fraction")
     return ProbeData(
         train=TensorRows(*(t[train_rows] for t in rows.tensors)), val=TensorRows(*(t[val_rows] for t in rows.tensors)),
         train_groups=request[train_rows] if spec.task == "decode" else None, input_dim=x.shape[-1],
-        num_train_requests=int(is_train.sum()), num_val_requests=int((~is_train).sum()))
+        num_train_requests=int(is_train.sum()), num_val_requests=int(is_val.sum()))
 
 
 def _loggers(cfg: RecipeConfig, spec: ProbeSpec) -> list:
@@ -221,9 +233,12 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     recipe = {key: getattr(t, key) for key in ("epochs", "batch_size", "seed", "decode_samples_per_request")}
     recipe.update(split_sha256=context["split"]["sha256"],
                   extraction_manifest_sha256=context["extraction"]["manifest_sha256"])
+    if context["selected_on"]["side"] == "validation":  # (absent otherwise: probes trained before it stay resumable)
+        recipe["validation_sha256"] = context["selected_on"]["sha256"]
     hparams = dict(task=spec.task, layers=list(spec.layers), multi_layer=spec.mode, input_dim=data.input_dim,
                    hidden_dim=t.hidden_dim, num_bins=cfg.bins.num_bins, max_len=cfg.bins.max_len, lr=t.lr,
-                   min_lr=t.min_lr, weight_decay=t.weight_decay, recipe=recipe)
+                   min_lr=t.min_lr, weight_decay=t.weight_decay, recipe=recipe, standardize=t.standardize,
+                   loss=t.loss, label_smoothing=t.label_smoothing)
     ckpt_path = None
     if overwrite and folder.exists() and not fast_dev_run:
         shutil.rmtree(folder)
@@ -234,7 +249,8 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
         # Our own checkpoint; Lightning stores hparams as an AttributeDict, which weights_only refuses.
         saved = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
         for key, value in hparams.items():
-            if saved["hyper_parameters"].get(key) != value:
+            # settings added after a checkpoint was written count as their defaults
+            if saved["hyper_parameters"].get(key, ADDED_HPARAMS.get(key)) != value:
                 raise UserError(f"'{folder / 'last.ckpt'}' was trained with {key}={saved['hyper_parameters'].get(key)!r} "
                                 f"but the config gives {value!r}; restore the old settings or use --overwrite")
         if (folder / "probe.json").is_file() and saved["epoch"] + 1 >= t.epochs:
@@ -244,6 +260,10 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
 
     L.seed_everything(t.seed, workers=True, verbose=False)  # same initial weights for every run of this recipe
     module = ProbeModule(**hparams)
+    if t.standardize:  # from the training side only; a resumed run recomputes the same values
+        module.probe.set_input_stats(data.train.tensors[0])
+    if t.loss == "balanced_ce":
+        module.set_class_weights(data.train.tensors[1])
     train_loader = make_loader(data.train, t.batch_size, t.seed, True, data.train_groups, t.decode_samples_per_request)
     val_loader = make_loader(data.val, t.batch_size, t.seed, False)
     checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/mae", mode="min", save_top_k=1,
@@ -287,6 +307,7 @@ def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, con
     meta = {
         "format": PROBE_FORMAT, "task": spec.task, "layers": list(spec.layers), "multi_layer": spec.mode,
         "input_dim": module.hparams.input_dim, "hidden_dim": cfg.train.hidden_dim, "num_labels": cfg.bins.num_bins,
+        "standardize": bool(module.hparams.standardize),
         **context, "metrics": {"val/mae": entry["val/mae"], "val/acc": entry["val/acc"], "val/loss": entry["val/loss"],
                                "best_epoch": entry["epoch"]},
         "epochs": cfg.train.epochs, "history": module.history,
@@ -309,11 +330,13 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
     extraction = Extraction(cfg.paths.data)
     extraction.check_model(cfg.model.name_or_path)
     specs = plan_probes(cfg, extraction)
-    split = load_or_make_split(cfg, extraction)
+    split = selection_split(cfg, load_or_make_split(cfg, extraction))  # fit on train_ids, choose epochs on val_ids
     bins = Bins.from_config(cfg.bins)
     context = {"bins": bins.to_dict(), "model": extraction.model,
                "extraction": {"path": str(extraction.root), "manifest_sha256": manifest_sha256(extraction)},
                "split": {"path": str(cfg.paths.split), "sha256": file_sha256(cfg.paths.split)},
+               "selected_on": {"side": split["side"], "path": split["path"], "requests": len(split["val_ids"]),
+                               "sha256": file_sha256(split["path"])},
                "config_sha256": config_sha256(cfg), "layer_numbering": LAYER_NUMBERING}
     results = []
     for spec in specs:
