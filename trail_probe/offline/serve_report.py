@@ -219,7 +219,9 @@ def compare_runs(cfg, runs: dict, settings: dict, num_requests: int) -> tuple[di
                      f"{100 * s['probe_s_per_step'] / s['mean_step_s']:.2f}% of the mean step ({1e3 * s['mean_step_s']:.1f} ms"
                      + (f"; ranking {1e3 * s['rank_s_per_step']:.2f} ms, refinement {1e3 * s['observe_s_per_step']:.2f} ms"
                         if "rank_s_per_step" in s else "") + "); "
-                     f"BERT's initial estimate {1e3 * s['initial_s_per_request']:.1f} ms per request")
+                     f"admission (initial estimate) in the engine {1e3 * s['initial_s_per_request']:.1f} ms per request"
+                     + (f", BERT before the engine {1e3 * s['bert_before_engine_s_per_request']:.1f} ms per request"
+                        if s.get("bert_before_engine_s_per_request") else ""))
     lines += ["", f"Cost model fitted to the engine's steps: {cost.fixed_s * 1e3:.1f} ms + {cost.per_token_s * 1e3:.2f} ms/token"
               f" + {cost.per_context_token_s * 1e6:.2f} us/context token + {cost.per_prefill_pair_s * 1e9:.2f} ns/prefill pair.",
               "", f"![latency and TTFT]({plot.name})", "",

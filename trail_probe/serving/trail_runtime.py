@@ -7,6 +7,10 @@ request's estimate, and the counters a benchmark reports.
     runtime.observe(["r1"], states, generated=[9])         # probe-layer states of a forward pass
     runtime.estimate(views)                                # fill each view's estimates for `policies`
 
+Before `admit` an engine may hand over, per request, the prompt text (`prompt_texts`: BERT runs
+here), BERT's distribution computed elsewhere (`initial_probs`: the API server ran it), or, for the
+`oracle` policy, the exact output length (`exact_lengths`).
+
 An engine integration (`trail_probe.serving.hf_scheduler` for transformers) maps its own batch to
 request ids, hidden-state rows and generated counts, and calls `observe` after every forward pass;
 the runtime keeps only the rows on TRAIL's cadence (`runtime.estimates.refines_at`). Estimates come
