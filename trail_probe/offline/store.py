@@ -106,15 +106,21 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+class DamagedShard(UserError):
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"shard '{path}' is damaged ({reason}); run the same 'trail-probe extract' command again: "
+                         "it sets damaged shards aside and extracts their requests again")
+        self.reason = reason
+
+
 @contextlib.contextmanager
 def open_shard(path: Path):
-    """`safe_open` of a shard; a truncated or corrupt file is a one-line `UserError` naming it."""
+    """`safe_open` of a shard; a truncated or corrupt file is a one-line `DamagedShard` naming it."""
     try:
         with safe_open(str(path), framework="pt") as f:
             yield f
     except (SafetensorError, OSError, ValueError, KeyError) as e:  # json errors are ValueErrors
-        raise UserError(f"shard '{path}' is damaged ({str(e).splitlines()[0][:80]}); run the same 'trail-probe extract' "
-                        "command again: it sets damaged shards aside and extracts their requests again") from None
+        raise DamagedShard(path, (str(e).splitlines() or [type(e).__name__])[0][:80]) from None
 
 
 def read_shard_records(path: Path) -> list[dict]:
@@ -138,8 +144,8 @@ def verify_shard(path: Path, sha256: str | None = None) -> str | None:
                          | {records[int(request[i])]["id"] for i in torch.nonzero(~torch.isfinite(decode).all(-1).all(0)).flatten().tolist()})
             if bad:
                 return f"non-finite hidden states for request(s) {', '.join(bad[:5])}"
-    except UserError as e:
-        return str(e).split("(", 1)[-1].split(")", 1)[0]
+    except DamagedShard as e:
+        return e.reason
     if sha256 is not None and file_digest(path) != sha256:
         return "its checksum differs from the one recorded when it was written"
     return None
