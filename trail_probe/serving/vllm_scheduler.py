@@ -45,6 +45,9 @@ from trail_probe.serving.vllm_worker import STATES_ATTR
 
 SETTINGS_KEY = "trail_probe"  # in vllm_config.additional_config
 LOG_UTILITY = "trail_probe_scheduler_log"  # an EngineCore utility method: the client asks for the log
+PROMPT_TEXT_KEY = "trail_prompt_text"  # in SamplingParams.extra_args
+EXACT_LENGTH_KEY = "trail_exact_length"  # in SamplingParams.extra_args: the oracle policy's input
+INITIAL_PROBS_KEY = "trail_initial_probs"  # in SamplingParams.extra_args: BERT's distribution, if the client ran it
 
 
 def _scheduler_log(engine_core) -> dict:
@@ -59,9 +62,6 @@ def install_log_utility() -> None:
 
     if not hasattr(EngineCore, LOG_UTILITY):
         setattr(EngineCore, LOG_UTILITY, _scheduler_log)
-PROMPT_TEXT_KEY = "trail_prompt_text"  # in SamplingParams.extra_args
-EXACT_LENGTH_KEY = "trail_exact_length"  # in SamplingParams.extra_args: the oracle policy's input
-INITIAL_PROBS_KEY = "trail_initial_probs"  # in SamplingParams.extra_args: BERT's distribution, if the client ran it
 
 
 class RecordingScheduler(Scheduler):
