@@ -18,7 +18,7 @@ ALLOWED = {
     "offline": {"offline", "runtime", "serving", "config", "atomic", "paths"},
     "stages": {"stages", "offline", "runtime", "serving", "config", "atomic", "paths"},
 }
-LEAVES = {"errors", "choices", "atomic", "__init__", "__version__"}
+LEAVES = {"errors", "choices", "atomic", "progress", "__init__", "__version__"}
 MAX_LINES = 450
 
 

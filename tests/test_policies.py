@@ -5,7 +5,13 @@ from dataclasses import dataclass
 import pytest
 
 from trail_probe.errors import UserError
-from trail_probe.serving.policies import POLICIES, RequestQueue, make_policy, schedule
+from trail_probe.serving.policies import (
+    POLICIES,
+    RequestQueue,
+    base_name,
+    make_policy,
+    schedule,
+)
 
 
 @dataclass(eq=False)
@@ -36,8 +42,21 @@ def test_make_policy_defaults_and_overrides():
     assert set(POLICIES) == {"fcfs", "sjf_bert", "trail_bert", "trail", "oracle"}
 
 
+def test_aging_specs_and_defaults():
+    assert make_policy("trail").aging == 0.0  # off by default: TRAIL's rule
+    assert make_policy("trail", 0.8, aging=2.0).aging == 2.0  # the configured aging (refine.aging)
+    p = make_policy("trail@1~0.5", 0.8, aging=2.0)  # the spec's own A wins
+    assert (p.preemption_c, p.aging, base_name(p.name)) == (1.0, 0.5, "trail")
+    assert make_policy("sjf_bert~3").aging == 3.0
+    assert make_policy("fcfs", aging=2.0).aging == 0.0  # arrival order has nothing to age
+
+
 @pytest.mark.parametrize("spec, c, match", [
     ("lifo", 0.8, "unknown scheduling policy"),
+    ("trail~x", 0.8, "is not a number"),
+    ("trail~-1", 0.8, "must be >= 0"),
+    ("fcfs~2", 0.8, "aging needs a policy that ranks"),
+    ("trail~1@0.5", 0.8, "unknown scheduling policy"),
     ("trail@x", 0.8, "is not a number"),
     ("trail@1.5", 0.8, r"must be in \[0, 1\]"),
     ("trail", -0.1, r"must be in \[0, 1\]"),
@@ -55,6 +74,16 @@ def test_limited_preemption_boundary():
     assert not p.can_preempt(Req(0, 0, initial_estimate=0.2, generated=1))
     assert not make_policy("trail@0").can_preempt(Req(0, 0, initial_estimate=10, generated=0))
     assert make_policy("trail@1").can_preempt(Req(0, 0, initial_estimate=10, generated=10))
+
+
+def test_aging_lets_an_old_long_request_overtake_newer_short_ones():
+    old = Req(0, arrival=0.0, remaining_estimate=300)
+    new = Req(1, arrival=100.0, remaining_estimate=150)  # 100 s later, 150 tokens shorter
+    assert queue_of(make_policy("trail"), old, new).pop() is new  # no aging: shortest first
+    assert queue_of(make_policy("trail~1"), old, new).pop() is new  # 300 - 100 > 150
+    assert queue_of(make_policy("trail~2"), old, new).pop() is old  # 300 - 200 < 150
+    # the order does not depend on when it is asked: keys hold no clock
+    assert make_policy("trail~2").key(old) < make_policy("trail~2").key(new)
 
 
 def test_queue_orders_by_policy_key_with_arrival_tiebreak():

@@ -97,6 +97,22 @@ def test_srpt_with_exact_sizes_matches_schrage_miller():
     assert expected < 0.65 * mean_response("fcfs", wl)  # the check can tell the two apart
 
 
+def test_aging_trades_mean_latency_for_the_longest_waits():
+    wl, _ = mg1_workload(num_jobs=20_000)
+    runs = {}
+    for spec in ("fcfs", "oracle@1", "oracle@1~0.02", "oracle@1~1000"):
+        r = simulate(wl, make_policy(spec), MG1_ENGINE, UNIT_COST)
+        latency = r.finish - r.arrival
+        runs[spec] = (float(latency.mean()), float(latency.max()))
+    (fcfs_mean, fcfs_max), (srpt_mean, srpt_max) = runs["fcfs"], runs["oracle@1"]
+    aged_mean, aged_max = runs["oracle@1~0.02"]
+    assert srpt_max > 2 * fcfs_max  # shortest-first starves the long ones
+    assert aged_max < 0.75 * srpt_max and aged_mean < fcfs_mean  # aging bounds the wait, keeps most of the gain
+    assert srpt_mean < aged_mean  # and costs some mean latency
+    # aging far above the service rate is arrival order again
+    assert runs["oracle@1~1000"][0] == pytest.approx(fcfs_mean, rel=0.02)
+
+
 def test_nonpreemptive_sjf_matches_priority_queue_formula():
     wl, lam = mg1_workload()
     # Non-preemptive priority by size: W(x) = lam E[S^2] / 2 / ((1 - rho(<x)) (1 - rho(<=x))).

@@ -151,13 +151,15 @@ class RefineConfig:
     likelihood: Likelihood = "posterior"  # TRAIL's rule, or prior_corrected (refine.step_likelihood)
     prior: RefinePrior = "auto"  # eval: before the first decode step (auto: the prompt probe when trained)
     preemption_c: float = 0.8  # limited preemption: preemptible while generated <= C * initial estimate
+    aging: float = 0.0  # ranked policies: predicted length - aging * seconds since arrival (0: TRAIL's rule)
 
     def __post_init__(self) -> None:
         from trail_probe.runtime.estimates import check_interval
-        from trail_probe.serving.policies import check_preemption_c
+        from trail_probe.serving.policies import check_aging, check_preemption_c
 
         check_interval(self.interval)
         check_preemption_c(self.preemption_c, "refine.preemption_c")
+        check_aging(self.aging, "refine.aging")
 
 
 @dataclass
@@ -224,6 +226,18 @@ class ServeConfig:
 
 
 @dataclass
+class ProgressConfig:
+    """How long work reports itself (`trail_probe.progress`): one bar per stage."""
+
+    every_s: float = 30.0  # not a terminal (a log file, CI): one plain line per this many seconds
+    lightning_bars: bool = False  # also Lightning's own per-epoch bars for every probe and the baseline
+
+    def __post_init__(self) -> None:
+        if not self.every_s > 0:
+            raise UserError(f"progress.every_s = {self.every_s} must be > 0 seconds")
+
+
+@dataclass
 class RecipeConfig:
     run_name: str = "smollm2_alpaca"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -238,6 +252,7 @@ class RecipeConfig:
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
     @property
     def paths(self) -> RunPaths:

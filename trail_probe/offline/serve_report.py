@@ -21,7 +21,7 @@ from trail_probe.serving.policies import make_policy
 # One policy
 # --------------------------------------------------------------------------------------------
 def _percentiles(x: np.ndarray) -> dict:
-    return {"mean": float(x.mean()), "median": float(np.median(x)), "p99": float(np.percentile(x, 99))}
+    return {"mean": float(x.mean()), "median": float(np.median(x)), "p99": float(np.percentile(x, 99)), "max": float(x.max())}
 
 
 def summarize_run(records: list[dict], steps: list[dict]) -> dict:
@@ -83,9 +83,9 @@ def _or_nan(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
-def simulator_prediction(cfg, runs: dict, cost) -> dict:
-    """The simulator on the same arrivals, measured lengths and recorded estimates."""
-    sc = cfg.serve
+def served_workload(runs: dict) -> tuple["simulator.Workload", bool]:
+    """The simulator's workload for a serve-bench's runs: the same arrivals, the measured lengths and
+    the estimates a TRAIL run recorded; and whether there were such estimates."""
     base = runs.get("fifo") or next(iter(runs.values()))
     # a run that recorded the probe's estimates (the oracle's are the lengths themselves)
     trail = runs.get("trail") or next((r for p, r in runs.items() if "trail" in r and p != "oracle"), None)
@@ -100,14 +100,25 @@ def simulator_prediction(cfg, runs: dict, cost) -> dict:
                  np.array([max(r["output_tokens"], 1) for r in reqs]),
                  np.array([_or_nan(est.get(r["id"], {}).get("initial_estimate")) for r in reqs], dtype=float),
                  refined, [r["id"] for r in reqs])
-    engine = simulator.Engine(sc.max_batch, sc.max_batch_tokens, kv_capacity_tokens(cfg), "keep")
+    return w, trail is not None
+
+
+def served_engine(cfg) -> "simulator.Engine":
+    sc = cfg.serve
+    return simulator.Engine(sc.max_batch, sc.max_batch_tokens, kv_capacity_tokens(cfg), "keep")
+
+
+def simulator_prediction(cfg, runs: dict, cost) -> dict:
+    """The simulator on the same arrivals, measured lengths and recorded estimates."""
+    w, trail = served_workload(runs)
+    engine = served_engine(cfg)
     out = {}
     for policy in runs:
         # vLLM's priority policy fed BERT's estimate is shortest-BERT-first without preemption
-        spec = {"fifo": "fcfs", "priority": "sjf_bert"}.get(policy, policy)
+        spec = {"fifo": "fcfs", "priority": "sjf_bert"}.get(policy, policy)  # trail~2 etc. as they are
         if spec != "fcfs" and not trail:
             continue
-        result = simulator.simulate(w, make_policy(spec, cfg.refine.preemption_c), engine, cost)
+        result = simulator.simulate(w, make_policy(spec, cfg.refine.preemption_c, cfg.refine.aging), engine, cost)
         s = simulator.summarize(result)
         out[policy] = {"mean_latency_s": s["mean_latency_s"], "mean_ttft_s": s["mean_ttft_s"],
                        "median_latency_s": s["median_latency_s"], "p99_latency_s": s["p99_latency_s"],

@@ -1,5 +1,6 @@
 """`trail-probe simulate`'s comparisons, tables and plots: the ablation ladder (fcfs -> sjf ->
-+ limited preemption -> + refinement -> oracle), TRAIL against FCFS, latency and TTFT by rate."""
++ limited preemption -> + refinement -> oracle), TRAIL against FCFS, latency and TTFT by rate, and
+the aging curves (mean against p99 latency as aging A grows) when a policy runs with several `~A`."""
 
 from __future__ import annotations
 
@@ -102,3 +103,72 @@ def plot_rates(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def aging_curves(rows: list[dict]) -> list[dict]:
+    """Per arrival setting and policy run with several aging values (`trail`, `trail~1`, ...): mean,
+    p99 and max latency by A, next to FCFS's, sorted by A."""
+    curves = []
+    for setting in dict.fromkeys((r["mode"], r["rate"], r["load"]) for r in rows):
+        at = [r for r in rows if (r["mode"], r["rate"], r["load"]) == setting]
+        fcfs = next((r for r in at if r["policy"] == "fcfs"), None)
+        for policy in dict.fromkeys(r["policy"].split("~")[0] for r in at):
+            runs = sorted((r for r in at if r["policy"].split("~")[0] == policy), key=lambda r: r.get("aging", 0.0))
+            if len(runs) < 2:
+                continue
+            mode, rate, load = setting
+            curves.append({"mode": mode, "rate": rate, "load": load, "policy": policy,
+                           "fcfs": None if fcfs is None else {k: fcfs[k] for k in ("mean_latency_s", "p99_latency_s", "max_latency_s")},
+                           "points": [{"aging": r.get("aging", 0.0), "mean_latency_s": r["mean_latency_s"],
+                                       "p99_latency_s": r["p99_latency_s"], "max_latency_s": r["max_latency_s"]} for r in runs]})
+    return curves
+
+
+def _where(c: dict) -> str:
+    if c["mode"] == "burst":
+        return "burst"
+    return f"load {c['load']:.2f}" if c["load"] is not None else f"{c['rate']:g} req/s"
+
+
+def format_aging(curves: list[dict]) -> str:
+    lines = ["aging A (tokens per second waited): mean / p99 / max latency (s)"]
+    for c in curves:
+        where = _where(c)
+        cells = [f"A={p['aging']:g}: {p['mean_latency_s']:.3g} / {p['p99_latency_s']:.3g} / {p['max_latency_s']:.3g}"
+                 for p in c["points"]]
+        f = c["fcfs"]
+        fcfs = f"; fcfs {f['mean_latency_s']:.3g} / {f['p99_latency_s']:.3g} / {f['max_latency_s']:.3g}" if f else ""
+        lines.append(f"{c['policy']} {where}: " + ", ".join(cells) + fcfs)
+    return "\n".join(lines)
+
+
+def plot_aging(curves: list[dict], out_dir: Path, name: str = "aging_mean_vs_p99.png") -> Path | None:
+    """Mean against p99 latency, one line per setting through A = 0 (TRAIL) to the largest A, FCFS as a cross."""
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for c in curves:
+        where = _where(c)
+        xs = [p["mean_latency_s"] for p in c["points"]]
+        ys = [p["p99_latency_s"] for p in c["points"]]
+        line, = ax.plot(xs, ys, marker="o", label=f"{c['policy']}, {where}")
+        for p, x, y in zip(c["points"], xs, ys):
+            ax.annotate(f"{p['aging']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if c["fcfs"]:
+            ax.plot([c["fcfs"]["mean_latency_s"]], [c["fcfs"]["p99_latency_s"]], marker="x", ms=9, color=line.get_color(), ls="")
+    ax.set_xlabel("mean latency (s)")
+    ax.set_ylabel("p99 latency (s)")
+    ax.set_title("aging A (labels, tokens/s waited); x: FCFS", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / name
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path

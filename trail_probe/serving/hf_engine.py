@@ -58,6 +58,7 @@ from trail_probe.serving.hf_scheduler import (
     generated_count,
     scheduler_classes,
 )
+from trail_probe.serving.policies import base_name
 from trail_probe.serving.trail_runtime import TrailRuntime
 
 
@@ -101,10 +102,10 @@ class ServeEngine:
         scheduler_mod, _ = engine_modules()
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        check_choice(policy, EnginePolicy, "serving policy")
+        check_choice(base_name(policy), EnginePolicy, "serving policy")
         if policy != "fifo" and runtime is None:
             raise UserError(f"policy '{policy}' needs a TrailRuntime with the exported predictor")
-        if runtime is not None and policy != "fifo" and runtime.policy.name.partition("@")[0] != policy:
+        if runtime is not None and policy != "fifo" and base_name(runtime.policy.name) != base_name(policy):
             raise UserError(f"the runtime was made for policy '{runtime.policy.name}', not '{policy}'")
         if max_batch < 1 or max_batch_tokens < max_batch:
             raise UserError(f"max_batch = {max_batch} must be >= 1 and max_batch_tokens = {max_batch_tokens} at least that")

@@ -17,7 +17,13 @@ Policies (TRAIL notes, section 4):
 - `trail`: the same, ranked by the probe's refined estimate (TRAIL).
 - `oracle`: the same, ranked by the exact remaining length (the paper's TRAIL+).
 `name@C` sets that policy's preemption limit C (e.g. `trail@1.0` is plain SPRPT); otherwise the
-SPRPT policies use the configured C and FCFS / SJF never preempt.
+SPRPT policies use the configured C and FCFS / SJF never preempt. `name~A` (also `name@C~A`) sets
+its aging A; otherwise the ranked policies use the configured aging (`refine.aging`, default 0).
+
+Aging (off by default, as in TRAIL): a request's priority is its predicted length minus A tokens per
+second since it arrived, so no answer waits forever behind shorter ones. At any moment that orders
+requests as predicted + A * arrival does (the A * now term is the same for all), so keys stay fixed
+while a request waits and the queues need no re-sorting as time passes.
 
 Limited preemption: a running request may be preempted only while generated <= C * (its initial
 predicted length, at least 1 token); past that it runs to completion because its KV cache is large.
@@ -28,6 +34,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -58,40 +66,61 @@ class Policy:
     order: str  # arrival | initial | remaining
     predictor: str  # none | bert | refined | exact: where the engine takes the estimates from
     preemption_c: float  # 0: never preempt
+    aging: float = 0.0  # tokens of predicted length a request is forgiven per second since it arrived
 
     def key(self, req: SchedRequest) -> tuple:
         """Sort key, smallest first; ties go to the earlier arrival, then the smaller id."""
         if self.order == "arrival":
             return (req.arrival, req.rid)
-        if self.order == "initial":
-            return (req.initial_estimate, req.arrival, req.rid)
-        return (req.remaining_estimate, req.arrival, req.rid)
+        estimate = req.initial_estimate if self.order == "initial" else req.remaining_estimate
+        if self.aging:  # predicted - A * (now - arrival), without the A * now that every request shares
+            estimate = estimate + self.aging * req.arrival
+        return (estimate, req.arrival, req.rid)
 
     def can_preempt(self, req: SchedRequest) -> bool:
         return self.preemption_c > 0 and req.generated <= self.preemption_c * max(req.initial_estimate, 1.0)
 
 
-def make_policy(spec: str, preemption_c: float = 0.8) -> Policy:
-    """`fcfs`, `sjf_bert`, `trail_bert`, `trail`, `oracle`, optionally `name@C`."""
-    name, _, c_text = spec.partition("@")
-    if name not in POLICIES:
-        raise UserError(f"unknown scheduling policy '{spec}'; choose from {', '.join(POLICIES)} (optionally name@C)")
-    order, predictor, preempts = POLICIES[name]
-    if c_text:
-        try:
-            c = float(c_text)
-        except ValueError:
-            raise UserError(f"policy '{spec}': '{c_text}' is not a number; write e.g. trail@0.8") from None
-    else:
-        c = preemption_c if preempts else 0.0
+_SPEC = re.compile(r"^(?P<name>[a-z_]+)(?:@(?P<c>[^~@]+))?(?:~(?P<aging>[^~@]+))?$")
+
+
+def base_name(spec: str) -> str:
+    """The policy's name without its `@C` / `~A` settings."""
+    return re.split(r"[@~]", spec, maxsplit=1)[0]
+
+
+def _number(text: str, spec: str, example: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"policy '{spec}': '{text}' is not a number; write e.g. {example}") from None
+
+
+def make_policy(spec: str, preemption_c: float = 0.8, aging: float = 0.0) -> Policy:
+    """`fcfs`, `sjf_bert`, `trail_bert`, `trail`, `oracle`, optionally `name@C`, `name~A`, `name@C~A`."""
+    m = _SPEC.match(spec)
+    if m is None or m["name"] not in POLICIES:
+        raise UserError(f"unknown scheduling policy '{spec}'; choose from {', '.join(POLICIES)} (optionally name@C, name~A)")
+    order, predictor, preempts = POLICIES[m["name"]]
+    c = _number(m["c"], spec, "trail@0.8") if m["c"] else (preemption_c if preempts else 0.0)
     check_preemption_c(c, f"preemption limit C (policy '{spec}')")
-    return Policy(spec, order, predictor, c)
+    if m["aging"] and order == "arrival":
+        raise UserError(f"policy '{spec}': aging needs a policy that ranks by predicted length; {m['name']} serves in arrival order")
+    a = _number(m["aging"], spec, "trail~2") if m["aging"] else (aging if order != "arrival" else 0.0)
+    check_aging(a, f"aging A (policy '{spec}')")
+    return Policy(spec, order, predictor, c, a)
 
 
 def check_preemption_c(c: float, what: str = "preemption_c") -> float:
     if not 0.0 <= c <= 1.0:
         raise UserError(f"{what} = {c} must be in [0, 1]: 0 never preempts, 1 is plain SPRPT")
     return c
+
+
+def check_aging(a: float, what: str = "aging") -> float:
+    if not (math.isfinite(a) and a >= 0):
+        raise UserError(f"{what} = {a} must be >= 0 tokens per second waited (0: no aging, TRAIL's rule)")
+    return a
 
 
 class RequestQueue:

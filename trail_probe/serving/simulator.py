@@ -387,6 +387,7 @@ def summarize(result: SimResult) -> dict:
         "mean_latency_s": float(latency.mean()),
         "median_latency_s": float(np.median(latency)),
         "p99_latency_s": float(np.percentile(latency, 99)),
+        "max_latency_s": float(latency.max()),
         "mean_ttft_s": float(ttft.mean()),
         "p99_ttft_s": float(np.percentile(ttft, 99)),
         "throughput_rps": len(latency) / span,

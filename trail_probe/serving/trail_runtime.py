@@ -50,12 +50,13 @@ class TrailRuntime:
 
     def __init__(self, policy: str | Policy = "trail", *, predictor=None, text_predictor=None,
                  prompt_predictor=None, initial: str = "bert", max_new_tokens: int = 512,
-                 refine_interval: int = 8, preemption_c: float = 0.8, likelihood: str = "posterior"):
-        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, preemption_c)
+                 refine_interval: int = 8, preemption_c: float = 0.8, likelihood: str = "posterior",
+                 aging: float = 0.0):
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, preemption_c, aging)
         self.exact = self.policy.predictor == "exact"  # oracle: the engine hands over each request's length
         if self.exact:
             predictor, text_predictor, prompt_predictor, initial = None, None, None, "none"
-        if self.policy.name == "fcfs":
+        if self.policy.order == "arrival":
             raise UserError(f"policy '{self.policy.name}' is not run through the TRAIL scheduler; use one of "
                             f"{', '.join(options(EnginePolicy))} ('fifo' is the engine's own scheduler)")
         check_choice(initial, InitialSource, "initial estimate")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trail_probe.errors import UserError
+from trail_probe.serving.policies import base_name
 from trail_probe.serving.trail_runtime import TrailRuntime
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lowest, first unsupported): the range tested
@@ -57,12 +58,12 @@ def check_vllm() -> str:
 
 def trail_settings(predictor: str | Path | None, *, policy: str = "trail", bert: str | Path | None = None,
                    initial: str = "bert", max_new_tokens: int = 512, refine_interval: int = 8,
-                   likelihood: str = "posterior", preemption_c: float = 0.8,
+                   likelihood: str = "posterior", preemption_c: float = 0.8, aging: float = 0.0,
                    record_states: bool = False) -> dict:
     """What the engine-core process needs to build the TrailRuntime (plain JSON: it crosses processes)."""
     return {"policy": policy, "predictor": None if predictor is None else str(predictor), "bert": None if bert is None else str(bert),
             "initial": initial, "max_new_tokens": max_new_tokens, "refine_interval": refine_interval,
-            "likelihood": likelihood, "preemption_c": preemption_c,
+            "likelihood": likelihood, "preemption_c": preemption_c, "aging": aging,
             "record_states": record_states}
 
 
@@ -75,7 +76,8 @@ def runtime_from_settings(settings: dict) -> TrailRuntime:
         bert = BertLengthPredictor.from_pretrained(settings["bert"], device="cpu")
     return TrailRuntime(settings["policy"], predictor=predictor, text_predictor=bert, initial=settings["initial"],
                         max_new_tokens=settings["max_new_tokens"], refine_interval=settings["refine_interval"],
-                        preemption_c=settings["preemption_c"], likelihood=settings["likelihood"])
+                        preemption_c=settings["preemption_c"], likelihood=settings["likelihood"],
+                        aging=settings.get("aging", 0.0))
 
 
 def engine_kwargs(model: str | Path, policy: str, settings: dict | None, *, max_num_seqs: int = 64,
@@ -83,17 +85,20 @@ def engine_kwargs(model: str | Path, policy: str, settings: dict | None, *, max_
                   dtype: str = "bfloat16", seed: int = 0) -> dict:
     """`vllm.EngineArgs` keyword arguments for one policy. Eager mode: Python hooks do not run inside
     compiled graphs. Async scheduling off: it schedules step N+1 before step N's tokens (and states) exist."""
-    if policy not in SCHEDULERS:
+    name = base_name(policy)  # `trail~2`: the trail scheduler, with aging 2
+    if name not in SCHEDULERS:
         raise UserError(f"vLLM serving policy '{policy}' is not one of {', '.join(SCHEDULERS)}")
-    trail = SCHEDULERS[policy].endswith("TrailVLLMScheduler")
-    if trail and policy != "oracle" and not (settings or {}).get("predictor"):
+    trail = SCHEDULERS[name].endswith("TrailVLLMScheduler")
+    if name != policy and not trail:
+        raise UserError(f"vLLM serving policy '{policy}': @C and ~A settings apply to TRAIL's scheduler only")
+    if trail and name != "oracle" and not (settings or {}).get("predictor"):
         raise UserError(f"policy '{policy}' needs trail_settings(predictor=...) (the exported probe)")
     return {
         "model": str(model), "dtype": dtype, "seed": seed, "enforce_eager": True, "async_scheduling": False,
         "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
         **({} if max_model_len is None else {"max_model_len": max_model_len}), "kv_cache_memory_bytes": kv_cache_bytes,
         "scheduling_policy": "priority" if policy == "priority" else "fcfs",
-        "scheduler_cls": SCHEDULERS[policy], "worker_extension_cls": WORKER_EXTENSION,
+        "scheduler_cls": SCHEDULERS[name], "worker_extension_cls": WORKER_EXTENSION,
         "additional_config": {"trail_probe": settings or {"record_states": False}},
     }
 

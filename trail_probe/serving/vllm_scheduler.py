@@ -104,19 +104,32 @@ class TrailVLLMScheduler(RecordingScheduler):
         from trail_probe.serving.vllm_engine import runtime_from_settings
 
         self.runtime = runtime_from_settings(self.settings)
+        self._init_state()
+        one_thread_outside_the_worker()
+
+    def _init_state(self) -> None:
         self._views: dict[str, RequestView] = {}
-        self._paused: set[str] = set()  # running in vLLM's sense, held out of batches by TRAIL
         self._counter = itertools.count()
         self._new: list[str] = []  # arrived, not yet admitted to the runtime
-        # Waiting requests that never ran, by their (fixed) policy key: only the best max_num_seqs of
-        # them can start in one step, so a step looks at those, not at the whole queue.
+        # Requests whose policy key is fixed, kept sorted by it: the waiting ones that never ran
+        # (`_fresh`) and the paused ones (running in vLLM's sense, held out of batches by TRAIL: no
+        # token, no refinement, so no new estimate). At most max_num_seqs requests start in a step,
+        # so a step looks at the best max_num_seqs of each, not at the whole queue.
         self._fresh: list[tuple[tuple, str]] = []
         self._fresh_key: dict[str, tuple] = {}
+        self._paused_sorted: list[tuple[tuple, str]] = []
+        self._paused: dict[str, tuple] = {}
+        self._ran: set[str] = set()  # started at least once and not finished
         self.observed: list[tuple[str, int, list[float]]] = []  # with settings["record_states"]: for parity tests
 
     # -- requests come and go --
     def add_request(self, request) -> None:
         super().add_request(request)
+        self.track(request)
+
+    def track(self, request) -> None:
+        """TRAIL's side of a new request: what the client sent along, a view; admitted at the next
+        step, with every request that arrived meanwhile."""
         rid = request.request_id
         extra = request.sampling_params.extra_args if request.sampling_params is not None else None
         if extra and extra.get(PROMPT_TEXT_KEY) is not None:
@@ -126,7 +139,7 @@ class TrailVLLMScheduler(RecordingScheduler):
         if extra and extra.get(INITIAL_PROBS_KEY) is not None:
             self.runtime.initial_probs[rid] = list(extra[INITIAL_PROBS_KEY])
         self._views[rid] = RequestView(rid, next(self._counter), request.arrival_time)
-        self._new.append(rid)  # admitted at the next step, with every request that arrived meanwhile
+        self._new.append(rid)
 
     def _admit_new(self) -> float:
         """The initial estimates of the requests that arrived since the last step, in one batch (BERT
@@ -142,60 +155,60 @@ class TrailVLLMScheduler(RecordingScheduler):
         self.runtime.estimate(views)
         for rid, v in zip(ids, views):
             self.runtime.prompt_texts.pop(rid, None)
-            key = self.runtime.policy.key(v)
-            self._fresh_key[rid] = key
-            bisect.insort(self._fresh, (key, rid))
+            _insert(self._fresh, self._fresh_key, rid, self.runtime.policy.key(v))
         return time.perf_counter() - t0
 
-    def _drop_fresh(self, rid: str) -> None:
-        key = self._fresh_key.pop(rid, None)
-        if key is not None:
-            del self._fresh[bisect.bisect_left(self._fresh, (key, rid))]
+    def forget(self, rid: str) -> None:
+        self._views.pop(rid, None)
+        self._ran.discard(rid)
+        _remove(self._fresh, self._fresh_key, rid)
+        _remove(self._paused_sorted, self._paused, rid)
+        self.runtime.remove(rid)
 
     def _free_request(self, request, *args, **kwargs):
-        rid = request.request_id
-        self._views.pop(rid, None)
-        self._paused.discard(rid)
-        self._drop_fresh(rid)
-        self.runtime.remove(rid)
+        self.forget(request.request_id)
         return super()._free_request(request, *args, **kwargs)
 
     # -- every step --
     def schedule(self, *args, **kwargs):
         t0 = time.perf_counter()
         initial_s = self._admit_new()
-        rt, policy = self.runtime, self.runtime.policy
-        everyone = [r for r in self.running if r.request_id in self._views]
-        # waiting requests that ran before (vLLM's own recompute preemption), then the best fresh ones
-        waiting = [r for r in self.waiting if r.request_id in self._views and r.request_id not in self._fresh_key]
-        waiting += [self.requests[rid] for _, rid in self._fresh[: self.max_num_running_reqs]]
-        views = [self._views[r.request_id] for r in everyone + waiting]
-        for r, v in zip(everyone + waiting, views):
+        rt, policy, limit = self.runtime, self.runtime.policy, self.max_num_running_reqs
+        in_running = {r.request_id for r in self.running}
+        active = [r for r in self.running if r.request_id in self._views and r.request_id not in self._paused]
+        # started before and back in vLLM's waiting queue (vLLM's own recompute preemption)
+        recomputed = [self.requests[rid] for rid in self._ran if rid not in in_running]
+        moving = active + recomputed
+        views = [self._views[r.request_id] for r in moving]
+        for r, v in zip(moving, views):
             v.generated = r.num_output_tokens
-        rt.estimate(views)
-        running = [self._views[r.request_id] for r in everyone if r.request_id not in self._paused]
+        rt.estimate(views)  # the paused and fresh requests keep the estimate their key was made from
+        running = views[: len(active)]
         queue = RequestQueue(policy)
-        for r in everyone:
-            if r.request_id in self._paused:
-                queue.push(self._views[r.request_id])
-        for r in waiting:
-            queue.push(self._views[r.request_id])
-        _, preempted = schedule(policy, queue, running, self.max_num_running_reqs)
+        for v in views[len(active):]:
+            queue.push(v)
+        for ranked in (self._paused_sorted, self._fresh):
+            for _, rid in ranked[:limit]:
+                queue.push(self._views[rid])
+        _, preempted = schedule(policy, queue, running, limit)
         rt.preemptions += len(preempted)
         chosen = {v.request_id: policy.key(v) for v in running}
-        self._paused = {r.request_id for r in everyone if r.request_id not in chosen}
-        for rid in self._paused:
-            if not policy.can_preempt(self._views[rid]) and policy.preemption_c > 0:
+        for v in preempted:  # paused with the key it was ranked by
+            _insert(self._paused_sorted, self._paused, v.request_id, policy.key(v))
+            if policy.preemption_c > 0 and not policy.can_preempt(v):
                 rt.paused_past_limit += 1
+        for rid in chosen:
+            _remove(self._paused_sorted, self._paused, rid)
         held_running = [r for r in self.running if r.request_id in self._paused]
         self.running = sorted((r for r in self.running if r.request_id not in self._paused),
                               key=lambda r: chosen.get(r.request_id, (float("inf"),)))
         # The waiting requests TRAIL starts go to the front of vLLM's queue in TRAIL's order; vLLM
         # admits from the front and stops when the running list is full (TRAIL filled it) or the
         # token budget runs out, so it starts exactly these (or the first of them) and no other.
-        admit = sorted((r for r in waiting if r.request_id in chosen), key=lambda r: chosen[r.request_id])
+        admit = sorted((self.requests[rid] for rid in chosen if rid not in in_running), key=lambda r: chosen[r.request_id])
         for r in admit:
-            self._drop_fresh(r.request_id)
+            _remove(self._fresh, self._fresh_key, r.request_id)
+            self._ran.add(r.request_id)
         if admit:
             self.waiting.remove_requests(admit)
             for r in reversed(admit):
@@ -204,8 +217,8 @@ class TrailVLLMScheduler(RecordingScheduler):
         try:
             out = Scheduler.schedule(self, *args, **kwargs)
         finally:  # paused requests rejoin running (at the end: they rank below every running one)
-            running = {r.request_id for r in self.running}
-            self.running = self.running + [r for r in held_running if r.request_id not in running]
+            running_now = {r.request_id for r in self.running}
+            self.running = self.running + [r for r in held_running if r.request_id not in running_now]
         self._log_step(t0, out, rank_s)
         self.step_log[-1].update(paused=len(self._paused), rank_s=rank_s, observe_s=0.0, initial_s=initial_s)
         return out
@@ -239,6 +252,28 @@ class TrailVLLMScheduler(RecordingScheduler):
                 "initial_estimates": {external_id(r): e for r, e in rt.initial_estimates.items()},
                 "trace": {external_id(r): points for r, points in rt.trace.items()},
                 "observed": [(external_id(r), g, s) for r, g, s in self.observed]}
+
+
+def one_thread_outside_the_worker() -> None:
+    """The scheduler's tensors are a few hundred rows: in vLLM's engine-core process (multiprocess
+    mode) one torch thread does them, and more would only spin on the cores the worker computes on.
+    In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the model shares the process, so it is left alone."""
+    import torch
+    import vllm.envs
+
+    if vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        torch.set_num_threads(1)
+
+
+def _insert(ranked: list, keys: dict, rid: str, key: tuple) -> None:
+    keys[rid] = key
+    bisect.insort(ranked, (key, rid))
+
+
+def _remove(ranked: list, keys: dict, rid: str) -> None:
+    key = keys.pop(rid, None)
+    if key is not None:
+        del ranked[bisect.bisect_left(ranked, (key, rid))]
 
 
 def external_id(request_id: str) -> str:

@@ -48,6 +48,7 @@ from trail_probe.choices import EnginePolicy, VLLMPolicy, check_choice, options
 from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.serve_report import compare_runs, summarize_run
+from trail_probe.serving.policies import base_name
 
 HELP = "Replay held-out prompts into transformers' continuous-batching engine under FIFO and TRAIL; measure latency."
 
@@ -121,8 +122,10 @@ def _check(cfg: RecipeConfig, only: str | None) -> list[str]:
     if not policies:
         raise UserError("serve.policies is empty; name at least one of " + ", ".join(options(allowed)))
     for p in policies:
-        check_choice(p, allowed, f"serve policy for engine {sc.engine} (serve.policies or --policy)")
-    if "oracle" in policies and "fifo" not in sc.policies:
+        check_choice(base_name(p), allowed, f"serve policy for engine {sc.engine} (serve.policies or --policy)")
+        if base_name(p) in ("fifo", "priority") and p != base_name(p):
+            raise UserError(f"serve policy '{p}': @C and ~A (aging) settings apply to TRAIL's policies, not to {base_name(p)}")
+    if any(base_name(p) == "oracle" for p in policies) and "fifo" not in sc.policies:
         raise UserError("the oracle policy takes each request's exact length from the fifo run; add fifo to serve.policies")
     if sc.engine == "vllm" and sc.initial == "prompt_probe":
         raise UserError("serve.initial=prompt_probe is not available on engine vllm yet (the worker sends decode states only); "
@@ -142,8 +145,9 @@ def make_runtime(cfg: RecipeConfig, policy: str):
     from trail_probe.serving.trail_runtime import TrailRuntime
 
     sc, refine = cfg.serve, cfg.refine
-    if policy == "oracle":  # exact lengths, no predictor
-        return TrailRuntime(policy, max_new_tokens=cfg.generation.max_new_tokens, preemption_c=refine.preemption_c), None
+    if base_name(policy) == "oracle":  # exact lengths, no predictor
+        return TrailRuntime(policy, max_new_tokens=cfg.generation.max_new_tokens, preemption_c=refine.preemption_c,
+                            aging=refine.aging), None
     predictor_dir = cfg.paths.serve_predictor
     if not predictor_dir.is_dir():
         raise UserError(f"no predictor at '{predictor_dir}'; run 'trail-probe export RECIPE' or set serve.predictor")
@@ -161,7 +165,7 @@ def make_runtime(cfg: RecipeConfig, policy: str):
     return TrailRuntime(policy, predictor=predictor, text_predictor=text_predictor, prompt_predictor=prompt_predictor,
                         initial=sc.initial, max_new_tokens=cfg.generation.max_new_tokens,
                         refine_interval=refine.interval, preemption_c=refine.preemption_c,
-                        likelihood=refine.likelihood), predictor_dir
+                        likelihood=refine.likelihood, aging=refine.aging), predictor_dir
 
 
 def _records(requests, arrivals, by_id: dict, t0: float, estimates: dict | None, trace: dict | None) -> list[dict]:
@@ -227,14 +231,15 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
 
     sc, refine = cfg.serve, cfg.refine
-    trail = policy not in ("fifo", "priority")
+    name = base_name(policy)
+    trail = name not in ("fifo", "priority")
     engine_settings = trail_settings(
         predictor_dir, policy=policy, bert=cfg.paths.serve_bert if sc.initial == "bert" else None, initial=sc.initial,
         max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
-        preemption_c=refine.preemption_c) if trail else None
+        preemption_c=refine.preemption_c, aging=refine.aging) if trail else None
     priorities = probs = None
     bert_s = 0.0
-    if policy == "priority" or (trail and sc.initial == "bert" and policy != "oracle"):
+    if policy == "priority" or (trail and sc.initial == "bert" and name != "oracle"):
         # BERT before the engine, as an API server would run it: vLLM's priority (smaller runs first)
         # is its estimate; TRAIL gets its distribution (the scheduler would run BERT itself without it)
         bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
@@ -285,6 +290,8 @@ TRAIL_ONLY = ("initial", "predictor", "prompt_predictor", "bert")  # serve keys;
 
 def _relevant(settings: dict | None, policy: str) -> dict | None:
     """The settings a policy's results depend on: FIFO's do not change with the TRAIL-only keys."""
+    if isinstance(settings, dict) and isinstance(settings.get("refine"), dict):  # runs from before refine.aging
+        settings = {**settings, "refine": {"aging": 0.0, **settings["refine"]}}
     if not isinstance(settings, dict) or policy != "fifo":
         return settings
     kept = {k: v for k, v in settings.items() if k != "refine"}
@@ -330,7 +337,7 @@ def run_serve_bench(cfg: RecipeConfig, only: str | None = None, overwrite: bool 
         if old is not None and not same:
             say(f"# {policy}: {path} was run with other settings; running again")
         exact = None
-        if policy == "oracle":
+        if base_name(policy) == "oracle":
             if "fifo" not in runs:
                 raise UserError(f"the oracle policy takes its lengths from the fifo run, and there is none in {out}; run fifo first")
             lengths = {r["id"]: r["output_tokens"] for r in runs["fifo"]["requests"]}

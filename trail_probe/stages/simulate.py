@@ -34,9 +34,12 @@ from trail_probe.atomic import atomic_write_json
 from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.simulate_report import (
+    aging_curves,
     comparisons,
     format_ablation,
+    format_aging,
     format_table,
+    plot_aging,
     plot_rates,
 )
 from trail_probe.runtime.estimates import refines_at
@@ -121,7 +124,7 @@ def load_predictions(path: str | Path, refine_interval: int | None = None) -> tu
     return Workload(np.zeros(n), np.array(prompt), np.array(output), np.array(bert, dtype=float), refined, ids), meta
 
 
-def _check_config(sc, preemption_c: float) -> list[Policy]:
+def _check_config(sc, preemption_c: float, aging: float = 0.0) -> list[Policy]:
     for name, values in (("rates", sc.rates), ("loads", sc.loads)):
         bad = [v for v in values if not (math.isfinite(v) and v > 0)]
         if bad:
@@ -131,13 +134,13 @@ def _check_config(sc, preemption_c: float) -> list[Policy]:
         raise UserError("nothing to simulate: simulate.rates and simulate.loads are empty and simulate.burst is false")
     if not sc.policies:
         raise UserError("simulate.policies is empty; name at least one of fcfs, sjf_bert, trail_bert, trail, oracle")
-    return [make_policy(p, preemption_c) for p in sc.policies]
+    return [make_policy(p, preemption_c, aging) for p in sc.policies]
 
 
 def run_simulate(cfg: RecipeConfig, verbose: bool = True) -> dict:
     """Simulate every policy at every rate (and a burst); write results.json and plots."""
     sc = cfg.simulate
-    policies = _check_config(sc, cfg.refine.preemption_c)
+    policies = _check_config(sc, cfg.refine.preemption_c, cfg.refine.aging)
     engine = Engine(sc.max_running, sc.token_budget, sc.kv_capacity_tokens, sc.paused_cache)
     engine.check()
     cost = load_cost_model(sc.cost_preset)
@@ -159,13 +162,15 @@ def run_simulate(cfg: RecipeConfig, verbose: bool = True) -> dict:
         for policy in policies:
             start = time.perf_counter()
             result = simulate(workload.with_arrivals(arrival), policy, engine, cost)
-            row = {"policy": policy.name, "preemption_c": policy.preemption_c, "mode": mode, "rate": rate, "load": load}
+            row = {"policy": policy.name, "preemption_c": policy.preemption_c, "aging": policy.aging, "mode": mode,
+                   "rate": rate, "load": load}
             row.update(summarize(result))
             rows.append(row)
             say(f"  {policy.name:<12} {mode:<8} load={'-' if load is None else f'{load:.2f}'} "
                 f"mean latency {row['mean_latency_s']:.3g} s, mean TTFT {row['mean_ttft_s']:.3g} s "
                 f"({time.perf_counter() - start:.1f} s to simulate)", flush=True)
     ablation, targets = comparisons(rows)
+    aging = aging_curves(rows)
     out_dir = cfg.paths.simulate
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {
@@ -180,12 +185,15 @@ def run_simulate(cfg: RecipeConfig, verbose: bool = True) -> dict:
         "points": rows,
         "ablation": ablation,
         "targets": targets,
+        "aging": aging,
     }
     atomic_write_json(out_dir / "results.json", results)
     save_config(cfg, out_dir)
-    plots = plot_rates(rows, out_dir)
+    plots = plot_rates(rows, out_dir) + [p for p in [plot_aging(aging, out_dir)] if p]
     say("\n" + format_table(rows))
     say("\n" + format_ablation(ablation))
+    if aging:
+        say("\n" + format_aging(aging))
     for t in targets:
         where = "burst" if t["mode"] == "burst" else f"load {t['load']:.2f}"
         say(f"# {where}: TRAIL vs FCFS mean latency {t['latency_speedup']:.2f}x, mean TTFT {t['ttft_speedup']:.2f}x"

@@ -57,6 +57,7 @@ from trail_probe.offline.split import (
 )
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.sweep_report import print_results, write_sweep
+from trail_probe.progress import progress_bar
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.models import file_sha256
 
@@ -211,8 +212,10 @@ _DROP_DEVICE_INFO = _DropDeviceInfo()
 
 
 def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict, resume: bool = False,
-              overwrite: bool = False, fast_dev_run: bool = False, callbacks: tuple = ()) -> dict | None:
-    """Train one probe into its contract-1 folder; returns its probe.json metadata (None on non-zero ranks)."""
+              overwrite: bool = False, fast_dev_run: bool = False, callbacks: tuple = (),
+              progress=None) -> dict | None:
+    """Train one probe into its contract-1 folder; returns its probe.json metadata (None on non-zero ranks).
+    `progress`: the stage bar's `EpochProgress` callback (None: a bar of this probe alone)."""
     import lightning as L
     from lightning.pytorch.callbacks import (
         LearningRateMonitor,
@@ -220,6 +223,7 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
         TQDMProgressBar,
     )
 
+    from trail_probe.offline.epoch_progress import EpochProgress
     from trail_probe.offline.probe_module import ProbeModule, make_loader
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_DEVICE_INFO)
@@ -229,6 +233,11 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
     t = cfg.train
+    own_bar = progress is None
+    if own_bar:
+        progress = EpochProgress(progress_bar(cfg.progress, total=t.epochs, desc=f"train {spec.task} {spec.name}",
+                                              unit="epoch", disable=not _rank_zero()), f"{spec.task} {spec.name}")
+    say = progress.bar.write
     folder = cfg.paths.probe(spec.task, spec.name)
     recipe = {key: getattr(t, key) for key in ("epochs", "batch_size", "seed", "decode_samples_per_request")}
     recipe.update(split_sha256=context["split"]["sha256"],
@@ -254,8 +263,10 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
                 raise UserError(f"'{folder / 'last.ckpt'}' was trained with {key}={saved['hyper_parameters'].get(key)!r} "
                                 f"but the config gives {value!r}; restore the old settings or use --overwrite")
         if (folder / "probe.json").is_file() and saved["epoch"] + 1 >= t.epochs:
-            print(f"[{spec.task} {spec.name}] already trained; kept")
-            return json.loads((folder / "probe.json").read_text())
+            say(f"[{spec.task} {spec.name}] already trained; kept")
+            meta = json.loads((folder / "probe.json").read_text())
+            progress.best.offer(meta["metrics"]["val/mae"], progress.name)
+            return meta
         ckpt_path = folder / "last.ckpt"
 
     L.seed_everything(t.seed, workers=True, verbose=False)  # same initial weights for every run of this recipe
@@ -280,25 +291,34 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     trainer = L.Trainer(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         deterministic=t.deterministic, logger=loggers or False, fast_dev_run=fast_dev_run,
-        callbacks=[*([] if fast_dev_run else [checkpoint, latest]), TQDMProgressBar(refresh_rate=10),
+        callbacks=[*([] if fast_dev_run else [checkpoint, latest]), progress,
+                   *([TQDMProgressBar(refresh_rate=10)] if cfg.progress.lightning_bars else []),
                    *([LearningRateMonitor("epoch")] if loggers else []), *callbacks],
+        enable_progress_bar=cfg.progress.lightning_bars,
         num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
         default_root_dir=folder)
-    print(f"[{spec.task} {spec.name}] {len(data.train)} training samples ({data.num_train_requests} requests), "
-          f"{len(data.val)} held-out ({data.num_val_requests} requests), {t.epochs} epochs", flush=True)
+    say(f"[{spec.task} {spec.name}] {len(data.train)} training samples ({data.num_train_requests} requests), "
+        f"{len(data.val)} held-out ({data.num_val_requests} requests), {t.epochs} epochs")
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
+        if own_bar:
+            progress.bar.close()
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()  # else the next probe's logger would reuse this wandb run
     if fast_dev_run or not trainer.is_global_zero:
         return None
-    return _write_probe(cfg, spec, folder, module, checkpoint.best_model_path, context)
+    return _write_probe(cfg, spec, folder, module, checkpoint.best_model_path, context, say)
 
 
-def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, context: dict) -> dict:
+def _rank_zero() -> bool:
+    """Whether this process is DDP rank 0 (or not in DDP): the one that reports progress."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK"))
+
+
+def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, context: dict, say=print) -> dict:
     best = torch.load(best_path, map_location="cpu", weights_only=False)
     weights = {k.removeprefix("probe."): v.contiguous() for k, v in best["state_dict"].items() if k.startswith("probe.")}
     with atomic_path(folder / "probe.safetensors") as tmp:
@@ -315,8 +335,8 @@ def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, con
     save_config(cfg, folder)
     atomic_write_json(folder / "probe.json", meta)
     m = meta["metrics"]
-    print(f"[{spec.task} {spec.name}] best epoch {m['best_epoch']}: val/mae {m['val/mae']:.1f} tokens, "
-          f"val/acc {m['val/acc']:.3f}", flush=True)
+    say(f"[{spec.task} {spec.name}] best epoch {m['best_epoch']}: val/mae {m['val/mae']:.1f} tokens, "
+        f"val/acc {m['val/acc']:.3f}")
     return meta
 
 
@@ -338,12 +358,21 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
                "selected_on": {"side": split["side"], "path": split["path"], "requests": len(split["val_ids"]),
                                "sha256": file_sha256(split["path"])},
                "config_sha256": config_sha256(cfg), "layer_numbering": LAYER_NUMBERING}
-    results = []
-    for spec in specs:
-        data = load_data(extraction, spec, split, bins, cfg.train.decode_samples_per_request, cfg.train.seed)
-        meta = fit_probe(cfg, spec, data, context, resume, overwrite, fast_dev_run, callbacks)
-        if meta is not None:
-            results.append(meta)
+    from trail_probe.offline.epoch_progress import EpochProgress, StageBest
+
+    results, epochs = [], cfg.train.epochs
+    best = {task: StageBest() for task in options(Task)}
+    with progress_bar(cfg.progress, total=len(specs) * epochs, desc="train", unit="epoch",
+                      disable=not _rank_zero()) as bar:
+        for i, spec in enumerate(specs):
+            progress = EpochProgress(bar, f"{spec.task} {spec.name} ({i + 1}/{len(specs)})", offset=i * epochs,
+                                     best=best[spec.task], name=f"{spec.task} {spec.name}")
+            data = load_data(extraction, spec, split, bins, cfg.train.decode_samples_per_request, cfg.train.seed)
+            meta = fit_probe(cfg, spec, data, context, resume, overwrite, fast_dev_run, callbacks, progress)
+            if bar.n < (i + 1) * epochs:  # a kept probe, or fast_dev_run
+                bar.update((i + 1) * epochs - bar.n)
+            if meta is not None:
+                results.append(meta)
     if not results:  # fast_dev_run, or a non-zero DDP rank
         return results
     sweep = any(sum(m["task"] == task and m["multi_layer"] == "none" for m in results) > 1 for task in options(Task))
