@@ -129,6 +129,15 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     assert meta["metrics"]["best_epoch"] in (0, 1)
     assert not work.exists()
 
+    # bit-identical to a run that was never interrupted: the same data order and dropout per epoch
+    monkeypatch.setattr(baseline, "callbacks", real_callbacks)
+    whole = baseline.train_baseline(tiny_recipe(tmp_path, f"baseline.out_dir={tmp_path / 'whole'}"), show_progress=False)
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((whole / "baseline.json").read_text())["history"] == meta["history"]
+
 
 def test_uses_the_split_of_the_probes(tmp_path):
     """The baseline trains on split.json as written by `train`, not on a split of its own."""

@@ -44,7 +44,8 @@ def test_metric_functions_match_hand_computations():
     c = confusion(probs, truth, BINS)
     assert c[0, 0] == 1 and c[2, 9] == 1 and c[1, 0] == 1 and c.sum() == 3
     s = summary(est, truth, probs, BINS)
-    assert s == {"mae": pytest.approx(8.1333, abs=1e-3), "n": 3, "acc": pytest.approx(1 / 3)}
+    assert {k: s[k] for k in ("mae", "n", "acc")} == {"mae": pytest.approx(8.1333, abs=1e-3), "n": 3, "acc": pytest.approx(1 / 3)}
+    assert -1.0 <= s["kendall_tau"] <= 1.0
 
 
 # -- a tiny synthetic run -------------------------------------------------------------------------
@@ -402,3 +403,28 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     assert err.startswith("trail-probe eval: error:") and "\n" not in err
     assert main(["eval", str(recipe)]) == 0
     assert "BERT MAE" not in capsys.readouterr().out  # no baseline: no ratio, but a clean run
+
+
+def test_rank_agreement_and_confusion_from_scipy_and_sklearn():
+    import torch
+
+    from trail_probe.offline.metrics import confusion, rank_agreement, summary
+    from trail_probe.runtime.bins import Bins
+
+    truth = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    assert rank_agreement(truth * 2, truth)["kendall_tau"] == pytest.approx(1.0)
+    assert rank_agreement(-truth, truth)["kendall_tau"] == pytest.approx(-1.0)
+    # two steps: ordered right within each, but step 1's estimates all above step 0's true lengths' order
+    est = torch.tensor([1.0, 2.0, 3.0, 100.0, 200.0, 300.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    flipped = torch.tensor([3.0, 2.0, 1.0, 100.0, 200.0, 300.0])
+    assert rank_agreement(est, truth, groups)["kendall_tau_same_step"] == pytest.approx(1.0)
+    assert rank_agreement(flipped, truth, groups)["kendall_tau_same_step"] == pytest.approx(0.0)  # (-1 + 1) / 2
+    s = summary(est, truth, groups=groups)
+    assert set(s) == {"mae", "n", "kendall_tau", "kendall_tau_same_step"}
+    bins = Bins(4, 80)
+    probs = torch.eye(4)[torch.tensor([0, 1, 1, 2, 3, 3])]
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    for t, p in zip(bins.label(truth).tolist(), [0, 1, 1, 2, 3, 3]):
+        expected[t, p] += 1
+    assert torch.equal(confusion(probs, truth, bins).long(), expected)

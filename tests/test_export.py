@@ -53,7 +53,8 @@ def test_export_then_load_predicts_bit_identically(tmp_path):
     assert out == tmp_path / "ckpt" / "predictor"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "recipe.yaml", "trail_probe.json"]
     assert json.loads((out / "config.json").read_text()) == {
-        "hidden_size": D, "hidden_dim": 512, "num_labels": 10, "max_len": 512, "probe_layer_idx": 3, "dtype": "float32"}
+        "hidden_size": D, "hidden_dim": 512, "num_labels": 10, "max_len": 512, "probe_layer_idx": 3, "dtype": "float32",
+        "device": "cpu"}  # the recipe's model.device: TRAIL's runtime reads it (and defaults to cpu without it)
     assert sorted(load_file(out / "model.safetensors")) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
 
     predictor = LengthPredictor.from_pretrained(out, num_layers=NUM_LAYERS)
@@ -95,6 +96,22 @@ def test_a_standardizing_probe_exports_folded_into_fc1_with_the_same_probabiliti
         unstandardized = torch.softmax(probe.fc2(torch.relu(probe.fc1(x))), -1)  # fc1 without the fold
     torch.testing.assert_close(predictor.probs(x), expected, atol=1e-5, rtol=1e-4)
     assert (unstandardized - expected).abs().max() > 1e-2  # the fold is doing the work
+
+
+def test_device_follows_the_model_unless_set_and_the_last_layer_needs_consent(tmp_path, capsys):
+    make_probe_folder(tmp_path / "ckpt", layer=3)
+    out = export_predictor(recipe(tmp_path, "model.device=cuda:1"))
+    assert json.loads((out / "config.json").read_text())["device"] == "cuda:1"
+    out = export_predictor(recipe(tmp_path, "model.device=cuda", "export.device=cpu"))
+    assert json.loads((out / "config.json").read_text())["device"] == "cpu"
+    with pytest.raises(UserError, match="is not cpu, cuda or cuda:N"):
+        export_predictor(recipe(tmp_path, "export.device=gpu0"))
+    make_probe_folder(tmp_path / "ckpt", layer=NUM_LAYERS - 1)
+    with pytest.raises(UserError, match="last decoder layer, which TRAIL's runtime cannot capture"):
+        export_predictor(recipe(tmp_path, f"export.layer={NUM_LAYERS - 1}"))
+    out = export_predictor(recipe(tmp_path, f"export.layer={NUM_LAYERS - 1}", "export.allow_last_layer=true",
+                                  f"export.out_dir={tmp_path / 'last'}"))
+    assert json.loads((out / "config.json").read_text())["probe_layer_idx"] == NUM_LAYERS - 1
 
 
 def test_layer_choice_sweep_then_train_layers_then_override(tmp_path):

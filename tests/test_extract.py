@@ -174,7 +174,7 @@ def test_too_long_prompts_are_skipped_or_truncated(tiny_llama, tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("prompts.source=/nonexistent/prompts.jsonl", "not found"),
     ("extract.decode_layers=7", "layer 7 is outside the model"),
-    ("model.name_or_path=/nonexistent/model", "cannot find model"),
+    ("model.name_or_path=/nonexistent/model", "model folder '/nonexistent/model' does not exist"),
     ("extract.out_dir=/proc/version/sub", "not writable"),
     ("extract.decode_stride=0", "decode_stride"),
 ])
@@ -322,3 +322,34 @@ def test_a_worker_clears_only_its_own_temporary_files(tiny_llama, prompts_file, 
     run_extract(cfg, num_workers=2, worker_index=0, show_progress=False)
     assert other_in_flight.read_bytes() == b"worker 1 is writing this" and other_legacy.exists()
     assert not own_leftover.parent.exists()
+
+
+def test_another_model_is_named_when_the_folder_is_refused(tiny_llama, tiny_gpt2, prompts_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = [f"prompts.source={prompts_file}", f"extract.out_dir={out}", "generation.max_new_tokens=4",
+            "prompts.num_prompts=2"]
+    assert _run_cli(capsys, f"model.name_or_path={tiny_llama}", *base)[0] == 0
+    code, err = _run_cli(capsys, f"model.name_or_path={tiny_gpt2}", *base)
+    assert code == 2 and "the model:" in err and str(tiny_gpt2) in err and "decode_layers" not in err
+
+
+def test_every_prompt_too_long_is_an_error_not_a_complete_extraction(tiny_llama, tmp_path, capsys):
+    long = write_prompts(tmp_path / "long.jsonl", rows=['{"id": "a", "prompt": "' + "word " * 600 + '"}'])
+    out = tmp_path / "o"
+    code, err = _run_cli(capsys, f"model.name_or_path={tiny_llama}", f"prompts.source={long}",
+                         f"extract.out_dir={out}", "generation.max_new_tokens=8")
+    assert code == 2 and "all 1 prompts are too long" in err and "too_long=truncate" in err
+    assert not out.exists()  # a failed command leaves no empty output folder behind
+
+
+def test_an_unreachable_hub_id_fails_at_once_in_one_line(prompts_file, tmp_path, capsys, monkeypatch):
+    import socket
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, err = _run_cli(capsys, "model.name_or_path=nobody-here/no-such-model", f"prompts.source={prompts_file}",
+                         f"extract.out_dir={tmp_path / 'o'}")
+    assert code == 2 and "cannot be reached" in err and len(err.splitlines()) == 1

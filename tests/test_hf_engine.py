@@ -136,9 +136,9 @@ def test_refinement_reads_each_requests_own_state_from_the_packed_batch(llm, tmp
     seen = []
     observe = rt.tracker.observe
 
-    def spy(ids, states, generated):
+    def spy(ids, states, generated, **kw):
         seen.extend(zip(ids, states.clone(), list(generated)))
-        return observe(ids, states, generated)
+        return observe(ids, states, generated, **kw)
 
     rt.tracker.observe = spy
     reqs = requests(tok, TEXTS[:5])

@@ -102,3 +102,13 @@ def test_repeat_prompts_sends_each_held_out_prompt_again_under_its_own_id(recipe
     # the first pass is what a run without repeats sends
     short, _ = serve_bench.workload(recipe(f"serve.num_requests={len(held)}"), tokenizer)
     assert [r[0] for r in short] == ids[: len(held)]
+
+
+def test_runs_recorded_before_the_aging_and_cadence_keys_are_kept():
+    from trail_probe.stages.serve_bench import _relevant
+
+    old = {"serve": {"rate": 3.0}, "refine": {"interval": 8, "preemption_c": 0.8}}
+    new = {"serve": {"rate": 3.0}, "refine": {"interval": 8, "preemption_c": 0.8, "aging": 0.0, "cadence": "per_request"}}
+    assert _relevant(old, "trail") == _relevant(new, "trail")
+    aged = {**new, "refine": {**new["refine"], "aging": 2.0}}
+    assert _relevant(old, "trail") != _relevant(aged, "trail")  # a real change still runs again

@@ -323,3 +323,37 @@ def test_last_checkpoint_is_the_latest_epoch_not_the_best(extraction_dir, tmp_pa
     best = torch.load(folder / "best.ckpt", weights_only=False)
     assert last["epoch"] >= 5 and last["epoch"] >= best["epoch"]
     assert best["epoch"] == meta["metrics"]["best_epoch"]
+
+
+def test_a_sweep_reports_progress_in_a_few_lines_not_a_bar_per_epoch(extraction_dir, tmp_path, capfd):
+    """Sent to a file (not a terminal), the whole sweep is a handful of lines: no Lightning bars."""
+    train(config(extraction_dir, tmp_path, "train.layers=all", "train.epochs=5", "progress.every_s=3600"))
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Epoch" not in err and "it/s" not in err  # Lightning's bars are off
+    # one final line of the stage bar, plus at most a few warnings; before this it was a bar per epoch
+    train_lines = [line for line in lines if line.startswith("train: ")]
+    assert len(train_lines) == 1 and train_lines[0].startswith("train: 20/20 epoch (100%)"), lines
+    assert "best val MAE so far" in train_lines[0] and len(lines) < 15, lines
+
+
+def test_temporary_files_stay_inside_the_run_folder(extraction_dir, tmp_path, monkeypatch):
+    """Lightning writes checkpoints through tempfile: a kill -9 mid-write must not leave them in /tmp."""
+    import os
+    import tempfile
+
+    stale = tmp_path / ".tmp-999999999"  # a killed run's folder (no such process)
+    stale.mkdir(parents=True)
+    (stale / "partial.ckpt").write_bytes(b"x" * 10)
+    seen = []
+    real = tempfile.mkstemp
+
+    def spy(*a, **k):
+        seen.append(tempfile.gettempdir())
+        return real(*a, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    train(config(extraction_dir, tmp_path))
+    assert seen and all(Path(d).parent == tmp_path for d in seen), seen  # every checkpoint write went through it
+    assert not stale.exists() and not list(tmp_path.glob(".tmp-*"))  # the killed run's leftovers, and ours, removed
+    assert tempfile.gettempdir() != seen[0] and os.environ.get("TMPDIR") != seen[0]  # restored afterwards

@@ -67,3 +67,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def temp_files_in(folder: str | os.PathLike) -> Iterator[Path]:
+    """Keep every temporary file of this process inside the run's `folder` while the block runs:
+    Python's `tempfile` (which Lightning's checkpoint writes go through) and `TMPDIR` for child
+    processes point at `folder/.tmp-<pid>`. Folders left by processes that are gone (a kill -9 during
+    a checkpoint write) are removed first; this one is removed when the block ends."""
+    import shutil
+    import tempfile
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(".tmp-*"):
+        pid = old.name.removeprefix(".tmp-")
+        if old.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / f".tmp-{os.getpid()}"
+    mine.mkdir(exist_ok=True)
+    saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(mine), str(mine)
+    try:
+        yield mine
+    finally:
+        tempfile.tempdir = saved_dir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(mine, ignore_errors=True)

@@ -22,7 +22,12 @@ TooLong = Literal["skip", "truncate"]  # prompts that leave no room for max_new_
 # with the training labels' bin frequencies divided out (refine.step_likelihood).
 Likelihood = Literal["posterior", "prior_corrected"]
 RefinePrior = Literal["auto", "prompt_probe", "bert", "none"]  # eval: the distribution before the first decode step
-InitialSource = Literal["bert", "prompt_probe", "none"]  # serving: where a request's first estimate comes from
+# serving: where a request's first estimate comes from; last_token is TRAIL's release: the decode probe
+# on the last prompt token's state is the first distribution, BERT (when given) only the initial number
+InitialSource = Literal["bert", "prompt_probe", "last_token", "none"]
+# per_request: a request refines at its own generated = 1, 1 + k, ...; global: every k forward passes
+# of the whole batch, each request's prior advanced by T^k whatever it generated (TRAIL's release)
+RefineCadence = Literal["per_request", "global"]
 EnginePolicy = Literal["fifo", "trail", "trail_bert", "sjf_bert"]  # fifo: the engine's own scheduler
 ServeEngineName = Literal["hf", "vllm"]  # serve-bench: transformers continuous batching, or vLLM
 # vLLM adds its own priority policy, fed BERT's estimate (what a user could do without trail_probe)

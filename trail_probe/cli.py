@@ -18,11 +18,14 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
 from trail_probe.config import format_config, load_recipe
 from trail_probe.errors import UserError
 from trail_probe.stages import COMMANDS
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")  # a dotted key, then =
 
 
 def _available_commands() -> dict[str, str]:
@@ -76,12 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
+    cfg = None
+    before: dict = {}
     try:
-        cfg = load_recipe(args.recipe, args.overrides)
+        # A command that takes free inputs (predict's prompt) gets the arguments that are not key=value
+        args.inputs = [a for a in args.overrides if not OVERRIDE.match(a)]
+        if args.inputs and not getattr(args._module, "TAKES_INPUTS", False):
+            raise UserError(f"override '{args.inputs[0]}' is not of the form key=value, e.g. train.epochs=5")
+        cfg = load_recipe(args.recipe, [a for a in args.overrides if OVERRIDE.match(a)])
+        before = {p: p.exists() for p in _output_folders(cfg)}
         if not os.environ.get("TRAIL_PROBE_QUIET"):
             print(f"# trail-probe {args.command}: resolved config\n{format_config(cfg)}\n", flush=True)
         args._module.run(cfg, args)
     except UserError as e:
+        _remove_empty_new_folders(before)
         print(f"trail-probe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -90,5 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _output_folders(cfg) -> list:
+    p = cfg.paths
+    return [p.data, p.checkpoints, p.baseline, p.eval, p.predictor, p.simulate, p.serve]
+
+
+def _remove_empty_new_folders(before: dict) -> None:
+    """A failed command leaves no output folder it created that holds no file."""
+    import shutil
+
+    for folder, existed in before.items():
+        if not existed and folder.is_dir() and not any(f.is_file() for f in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def entry() -> None:
+    """The console script: `main`, then Ctrl-C is ignored while the interpreter shuts down (atexit
+    handlers of wandb, torch and vLLM would otherwise print a traceback for it)."""
+    import signal
+
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

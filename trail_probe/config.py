@@ -31,6 +31,7 @@ from trail_probe.choices import (
     MultiLayer,
     PausedCache,
     ProbeLoss,
+    RefineCadence,
     RefinePrior,
     ServeEngineName,
     Task,
@@ -152,6 +153,7 @@ class RefineConfig:
     prior: RefinePrior = "auto"  # eval: before the first decode step (auto: the prompt probe when trained)
     preemption_c: float = 0.8  # limited preemption: preemptible while generated <= C * initial estimate
     aging: float = 0.0  # ranked policies: predicted length - aging * seconds since arrival (0: TRAIL's rule)
+    cadence: RefineCadence = "per_request"  # serving: per_request, or global as TRAIL's release (choices.py)
 
     def __post_init__(self) -> None:
         from trail_probe.runtime.estimates import check_interval
@@ -178,6 +180,8 @@ class ExportConfig:
     task: Task = "decode"
     include_baseline: bool = False
     probe: str = ""  # a folder under probes/<task>/ (e.g. layer-11); default: layer-<export.layer>
+    device: str = ""  # config.json's device, where TRAIL's runtime runs the probe; default: model.device
+    allow_last_layer: bool = False  # TRAIL's runtime cannot capture the last decoder layer; ours can
 
 
 @dataclass

@@ -11,6 +11,7 @@ per-epoch bars are shown as well (off: a sweep of 60 probes would print 60 x 30 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -57,6 +58,9 @@ class PlainProgress:
         self.postfix = s
         self._maybe_show()
 
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.set_postfix_str(", ".join(f"{k}={v}" for k, v in values.items()))
+
     def set_description(self, desc: str, refresh: bool = True) -> None:
         self.desc = desc
 
@@ -90,11 +94,17 @@ class PlainProgress:
         self.write(self.line())
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of a distributed run (or not in one): the one that reports."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK"))
+
+
 def progress_bar(settings=None, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
                  unit: str = "it", disable: bool = False, file=None):
     """A tqdm bar when `file` (stderr by default) is a terminal, else a `PlainProgress`. `settings`: the
-    recipe's `progress` section (None: the defaults)."""
+    recipe's `progress` section (None: the defaults). Silent on non-zero ranks of a distributed run."""
     file = file or sys.stderr
+    disable = disable or not is_rank_zero()
     every_s = getattr(settings, "every_s", DEFAULT_EVERY_S)
     if not disable and hasattr(file, "isatty") and file.isatty():
         from tqdm.auto import tqdm

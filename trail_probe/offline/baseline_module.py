@@ -41,10 +41,11 @@ class BaselineModule(L.LightningModule):
     resumed run still reports every epoch."""
 
     def __init__(self, model, bins: Bins, max_new_tokens: int, lr: float, weight_decay: float,
-                 warmup_fraction: float):
+                 warmup_fraction: float, seed: int = 0):
         super().__init__()
         self.model = model
         self.bins = bins
+        self.seed = seed
         self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "warmup_fraction": warmup_fraction,
                                    "bins": bins.to_dict(), "max_new_tokens": max_new_tokens})
         self.train_loss = torchmetrics.MeanMetric()
@@ -55,6 +56,12 @@ class BaselineModule(L.LightningModule):
 
     def _logits(self, batch):
         return self.model(**{k: v for k, v in batch.items() if k not in ("labels", "lengths")}).logits
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Dropout draws from (seed, epoch, batch) alone, as the data order does (EpochShuffle): a run
+        # resumed at an epoch boundary trains the same weights as an uninterrupted one, whatever else
+        # drew from the global generator in between (a resumed fit builds its loaders in another order).
+        torch.manual_seed(epoch_seed(self.seed, self.current_epoch) * 100_003 + batch_idx)
 
     def training_step(self, batch, batch_idx):
         loss = torch.nn.functional.cross_entropy(self._logits(batch), batch["labels"])
@@ -97,6 +104,28 @@ class BaselineModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A new order every epoch, drawn from (seed, epoch) alone; Lightning calls `set_epoch` before
+    each epoch, so a resumed run sees the orders an uninterrupted one would."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class PromptSet(torch.utils.data.Dataset):

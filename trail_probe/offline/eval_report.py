@@ -160,14 +160,19 @@ def render_markdown(r: dict, cfg: RecipeConfig) -> str:
         "",
         "## Methods at the chosen layer",
         "",
-        "| method | total length: MAE | acc | remaining over decode steps: MAE | acc |",
-        "|---|---|---|---|---|",
+        "| method | total length: MAE | acc | tau | remaining over decode steps: MAE | acc | tau | tau, same step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
         lines.append(f"| {LABELS[method]} | {fmt(metric(m, method, 'total'))} | {fmt(metric(m, method, 'total', 'acc'), 3)} "
-                     f"| {fmt(metric(m, method, 'remaining'))} | {fmt(metric(m, method, 'remaining', 'acc'), 3)} |")
+                     f"| {fmt(metric(m, method, 'total', 'kendall_tau'), 3)} "
+                     f"| {fmt(metric(m, method, 'remaining'))} | {fmt(metric(m, method, 'remaining', 'acc'), 3)} "
+                     f"| {fmt(metric(m, method, 'remaining', 'kendall_tau'), 3)} "
+                     f"| {fmt(metric(m, method, 'remaining', 'kendall_tau_same_step'), 3)} |")
     lines += ["", "MAE in tokens. BERT and the prompt probe are scored on the decode steps as well, their estimate "
-              "counted down by the tokens generated (no accuracy there: no distribution is re-predicted).", ""]
+              "counted down by the tokens generated (no accuracy there: no distribution is re-predicted). tau: "
+              "Kendall's tau-b of predicted against true lengths (the order a scheduler runs requests in), over all "
+              "estimates and, last column, among those made at the same decode step, weighted by their number.", ""]
     if len(r["layers"]) > 1:
         lines += ["## MAE by layer", "", "![MAE by layer](mae_by_layer.png)", "",
                   "| layer | (b) prompt probe (total) | (c) per step (remaining) | (d) refined (remaining) |",

@@ -1,6 +1,8 @@
 """Error measures of length predictions, used by `eval`.
 
-MAE is in tokens; accuracy is the argmax bin against the true length's bin. The point estimates they
+MAE is in tokens; accuracy is the argmax bin against the true length's bin; Kendall's tau (scipy)
+measures the order a scheduler would run requests in, overall and among estimates made at the same
+decode step; the confusion matrix is scikit-learn's. The point estimates they
 score come from `trail_probe.runtime.estimates` (`estimate`, `count_down`), the rules serving uses.
 
     from trail_probe.runtime.estimates import estimate
@@ -32,16 +34,45 @@ def accuracy(probs: torch.Tensor, truth: torch.Tensor, bins: Bins) -> float:
 
 
 def confusion(probs: torch.Tensor, truth: torch.Tensor, bins: Bins) -> torch.Tensor:
-    """[K, K] counts: row = true bin, column = most likely predicted bin."""
-    k = bins.num_bins
-    flat = bins.label(truth) * k + probs.argmax(-1)
-    return torch.bincount(flat, minlength=k * k).reshape(k, k)
+    """[K, K] counts: row = true bin, column = most likely predicted bin (scikit-learn's)."""
+    from sklearn.metrics import confusion_matrix
+
+    labels = list(range(bins.num_bins))
+    return torch.from_numpy(confusion_matrix(bins.label(truth).numpy(), probs.argmax(-1).numpy(), labels=labels))
+
+
+def kendall_tau(est: torch.Tensor, truth: torch.Tensor) -> float:
+    """Kendall's tau-b between predicted and true lengths (1: the same order); NaN when undefined."""
+    from scipy.stats import kendalltau
+
+    if est.numel() < 2:
+        return math.nan
+    tau = kendalltau(est.double().numpy(), truth.double().numpy()).statistic
+    return float(tau)
+
+
+def rank_agreement(est: torch.Tensor, truth: torch.Tensor, groups: torch.Tensor | None = None) -> dict:
+    """What a scheduler needs of a predictor: the order. Kendall's tau over all pairs, and, with
+    `groups` (e.g. the decode step each estimate was made at), the mean tau within a group weighted by
+    its size: how well requests that are in flight together are ordered."""
+    out = {"kendall_tau": kendall_tau(est, truth)}
+    if groups is not None:
+        total = weight = 0.0
+        for g in torch.unique(groups):
+            mask = groups == g
+            n = int(mask.sum())
+            tau = kendall_tau(est[mask], truth[mask]) if n >= 2 else math.nan
+            if math.isfinite(tau):
+                total, weight = total + n * tau, weight + n
+        out["kendall_tau_same_step"] = total / weight if weight else math.nan
+    return out
 
 
 def summary(est: torch.Tensor, truth: torch.Tensor, probs: torch.Tensor | None = None,
-            bins: Bins | None = None) -> dict:
-    """{"mae", "acc", "n"} of one method on one target (acc only when its distributions are given)."""
-    out = {"mae": mae(est, truth), "n": int(truth.numel())}
+            bins: Bins | None = None, groups: torch.Tensor | None = None) -> dict:
+    """{"mae", "acc", "n", "kendall_tau"[, "kendall_tau_same_step"]} of one method on one target (acc
+    only when its distributions are given, the same-step tau when `groups` names each row's step)."""
+    out = {"mae": mae(est, truth), "n": int(truth.numel()), **rank_agreement(est, truth, groups)}
     if probs is not None:
         out["acc"] = accuracy(probs, truth, bins)
     return out

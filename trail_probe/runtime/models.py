@@ -19,8 +19,8 @@ from trail_probe.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
-    """(folder-or-hub-id, gguf file name or None) for a model reference."""
+def resolve_model_path(name_or_path: str, what: str = "model.name_or_path") -> tuple[str, str | None]:
+    """(folder-or-hub-id, gguf file name or None) for a model reference; errors name the setting `what`."""
     if name_or_path.startswith("pkg://"):
         package, _, rel = name_or_path[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(package)
@@ -38,9 +38,43 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise UserError(f"GGUF file '{path}' not found; check model.name_or_path")
+            raise UserError(f"GGUF file '{path}' not found; check {what}")
         return str(path.parent), path.name
+    if not path.exists():
+        if _looks_local(name_or_path):
+            raise UserError(f"model folder '{name_or_path}' does not exist; set {what} to an existing folder, a .gguf "
+                            "file, a hub id such as org/name, or pkg://<package>")
+        check_hub_reachable(name_or_path, what)
     return name_or_path, None
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (`org/name` or `name`): absolute, relative with ./ ../ ~, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_hub_reachable(repo_id: str, what: str = "model.name_or_path", timeout_s: float = 3.0) -> None:
+    """A hub id that is not in the local cache needs the hub: refuse at once when it cannot be reached,
+    instead of transformers' retries (about 23 s and ten warnings offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return  # transformers answers from the cache alone, at once
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except Exception:  # a malformed id: transformers' own message says what is wrong with it
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
+    except OSError:
+        raise UserError(f"'{repo_id}' is not a local folder and not in the Hugging Face cache, and the hub "
+                        f"({endpoint.hostname}) cannot be reached; download it where there is access "
+                        f"(huggingface-cli download) or set {what} to a local folder") from None
 
 
 def dtype_of(name: str) -> torch.dtype:

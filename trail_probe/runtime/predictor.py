@@ -205,6 +205,19 @@ class LengthPredictor:
         return capture_layer(model, self.layer, on_forward)
 
 
+def check_trained_on(predictor: LengthPredictor, name_or_path) -> None:
+    """Refuse a predictor whose export names other serving-model weights than `name_or_path`'s (the
+    weight hash every output records); silent when either side has no hash (a hub id, TRAIL's release)."""
+    from trail_probe.runtime.models import weights_sha256
+
+    trained_on = (predictor.metadata.get("serving_model") or {}).get("weights_sha256")
+    served = weights_sha256(name_or_path)
+    if trained_on and served and trained_on != served:
+        name = (predictor.metadata.get("serving_model") or {}).get("name_or_path")
+        raise UserError(f"the predictor was trained on '{name}' (weights sha256 {trained_on[:12]}...) but the serving model "
+                        f"is '{name_or_path}' (weights {served[:12]}...); export a predictor trained on this model")
+
+
 class BertLengthPredictor:
     """The prompt-text predictor (TRAIL's initial estimate): a sequence-classification model over the
     same bins, from a `save_pretrained` directory whose config has `max_len` (TRAIL: `trail_max_len`)."""

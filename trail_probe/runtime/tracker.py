@@ -114,10 +114,13 @@ class LengthTracker:
     # -- the scheduler's API --
     def add(self, ids: Sequence[Hashable], *, prompt_embeddings: torch.Tensor | None = None,
             prompt_texts: Sequence[str] | None = None, initial_probs: torch.Tensor | None = None,
-            max_new_tokens: int | Sequence[int] | None = None) -> None:
+            max_new_tokens: int | Sequence[int] | None = None,
+            initial_estimates: torch.Tensor | None = None) -> None:
         """Start tracking requests, with at most one source of an initial prediction: mean prompt
         hidden states [B, d] (the prompt predictor, else the main one), prompt texts (the BERT
-        predictor) or ready-made distributions [B, K]."""
+        predictor) or ready-made distributions [B, K]. `initial_estimates` [B], when given, is the
+        initial length instead of the distribution's expectation (TRAIL's release: BERT's number
+        beside the decode probe's distribution; NaN entries: the expectation), capped at the budget."""
         ids = list(ids)
         if sum(x is not None for x in (prompt_embeddings, prompt_texts, initial_probs)) > 1:
             raise UserError("give at most one of prompt_embeddings, prompt_texts, initial_probs")
@@ -149,20 +152,25 @@ class LengthTracker:
             self._post[slots] = q
             self._has[slots] = True
             self._initial[slots] = torch.minimum(q @ self._midpoints, budget.double())
+        if initial_estimates is not None:  # NaN entries keep the distribution's expectation
+            given = torch.as_tensor(initial_estimates, dtype=torch.float64).to(self.device).reshape(len(ids))
+            self._initial[slots] = torch.where(torch.isnan(given), self._initial[slots], given.minimum(budget.double()))
 
     def observe(self, ids: Sequence[Hashable], hidden_states: torch.Tensor,
-                generated: int | Sequence[int] | torch.Tensor) -> None:
+                generated: int | Sequence[int] | torch.Tensor, steps: int | None = None) -> None:
         """Refine requests with their probe-layer states [B, d], taken from the forward pass that
-        produced token `generated` (tokens generated so far, one per request)."""
+        produced token `generated` (tokens generated so far, one per request). The prior drifts by
+        each request's tokens since its last refinement, or by `steps` for all (TRAIL's release
+        advances every request by its global interval, whatever it generated)."""
         slots = self._slots(ids)
         if hidden_states.dim() != 2 or hidden_states.shape[0] != len(slots):
             raise UserError(f"hidden_states has shape {tuple(hidden_states.shape)} for {len(slots)} requests; pass [batch, hidden_size]")
         gen = self._per_request(generated, len(slots), "generated")
-        steps = gen - self._refined_at[slots]
-        if (steps < 0).any():
+        own = gen - self._refined_at[slots]
+        if (own < 0).any():
             raise UserError("generated went down for a request since its last refinement; pass tokens generated so far")
         likelihood = step_likelihood(self.predictor.probs(hidden_states).double(), self._label_prior)
-        prior = self._powers.advance(self._post[slots], steps)
+        prior = self._powers.advance(self._post[slots], own if steps is None else int(steps))
         # A request with no prediction has a zero prior, which bayes_update replaces by the likelihood.
         post = bayes_update(prior, likelihood)
         self._post[slots] = post

@@ -20,13 +20,20 @@ from `trail_probe.runtime.LengthTracker` (counted down between refinements by th
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from trail_probe.choices import EnginePolicy, InitialSource, check_choice, options
+from trail_probe.choices import (
+    EnginePolicy,
+    InitialSource,
+    RefineCadence,
+    check_choice,
+    options,
+)
 from trail_probe.errors import UserError
 from trail_probe.runtime.estimates import check_interval, count_down, refines_at
 from trail_probe.runtime.tracker import LengthTracker
@@ -51,7 +58,7 @@ class TrailRuntime:
     def __init__(self, policy: str | Policy = "trail", *, predictor=None, text_predictor=None,
                  prompt_predictor=None, initial: str = "bert", max_new_tokens: int = 512,
                  refine_interval: int = 8, preemption_c: float = 0.8, likelihood: str = "posterior",
-                 aging: float = 0.0):
+                 aging: float = 0.0, cadence: str = "per_request"):
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, preemption_c, aging)
         self.exact = self.policy.predictor == "exact"  # oracle: the engine hands over each request's length
         if self.exact:
@@ -60,6 +67,7 @@ class TrailRuntime:
             raise UserError(f"policy '{self.policy.name}' is not run through the TRAIL scheduler; use one of "
                             f"{', '.join(options(EnginePolicy))} ('fifo' is the engine's own scheduler)")
         check_choice(initial, InitialSource, "initial estimate")
+        self.cadence = check_choice(cadence, RefineCadence, "refine cadence")
         check_interval(refine_interval, "refine_interval")
         if predictor is None and not self.exact:
             raise UserError("the TRAIL scheduler needs a length predictor (the exported probe); pass predictor=LengthPredictor.from_pretrained(...)")
@@ -67,7 +75,7 @@ class TrailRuntime:
             raise UserError("initial='bert' needs the BERT predictor; pass text_predictor=BertLengthPredictor.from_pretrained(...) or use initial='prompt_probe'")
         if initial == "prompt_probe" and prompt_predictor is None:
             raise UserError("initial='prompt_probe' needs the exported prompt probe; pass prompt_predictor=LengthPredictor.from_pretrained(...)")
-        if self.policy.predictor == "bert" and initial == "none":
+        if self.policy.predictor == "bert" and initial in ("none", "last_token"):
             raise UserError(f"policy '{self.policy.name}' ranks by the initial estimate alone; use initial='bert' or 'prompt_probe'")
         self.predictor = predictor
         self.text_predictor = text_predictor
@@ -87,12 +95,14 @@ class TrailRuntime:
     @property
     def needs_states(self) -> bool:
         """Whether the engine must hand over hidden states at all (refinement or prompt-probe estimates)."""
-        return self.refine or self.initial == "prompt_probe"
+        return self.refine or self.initial in ("prompt_probe", "last_token")
 
     def reset(self) -> None:
         for rid in self.tracker.request_ids:
             self.tracker.remove([rid])
         self._prompt_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._bert_number: dict[str, float] = {}  # last_token: BERT's initial length, until the prefill ends
+        self._passes = 0  # forward passes with decode rows (the global cadence's counter)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -117,6 +127,13 @@ class TrailRuntime:
     def admit(self, ids: list[str]) -> None:
         """New requests join the tracker with their initial distribution (BERT on the prompt text)."""
         t0 = time.perf_counter()
+        if self.initial == "last_token":  # BERT gives the number only; the distribution comes at prefill
+            self._admit_bert_number(ids)
+            self.tracker.add(ids)
+            for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
+                self.initial_estimates[i] = self._bert_number.get(i, e)
+            self.initial_s += time.perf_counter() - t0
+            return
         given = [i for i in ids if i in self.initial_probs] if self.initial == "bert" else []
         if given:  # BERT ran where the request arrived (the client or API server): its distribution rides along
             self.tracker.add(given, initial_probs=torch.tensor([self.initial_probs.pop(i) for i in given], dtype=torch.float32))
@@ -132,9 +149,36 @@ class TrailRuntime:
             self.initial_estimates[i] = e
         self.initial_s += time.perf_counter() - t0
 
+    def _admit_bert_number(self, ids: list[str]) -> None:
+        """TRAIL's release: BERT's expected length, floored at 1, is a request's initial number."""
+        given = [i for i in ids if i in self.initial_probs]
+        probs = [torch.tensor(self.initial_probs.pop(i), dtype=torch.float32) for i in given]
+        texts = [i for i in ids if i not in self.initial_probs and i not in given and self.prompt_texts.get(i) is not None]
+        if texts and self.text_predictor is not None:
+            probs += list(self.text_predictor.probs([self.prompt_texts[i] for i in texts]))
+            given += texts
+        if given:
+            numbers = self.predictor.bins.expectation(torch.stack(probs).double()).clamp_min(1.0)
+            self._bert_number.update(zip(given, numbers.tolist()))
+
+    def _initial_from_last_token(self, ids: list[str], states: torch.Tensor) -> None:
+        """TRAIL's release at prefill: the decode probe on the last prompt token's state [B, d] is the
+        first distribution; BERT's number (when it ran) stays the initial length."""
+        probs = self.predictor.probs(states.to(self.predictor.device))
+        numbers = torch.tensor([self._bert_number.pop(i, math.nan) for i in ids], dtype=torch.float64)
+        self.tracker.remove(ids)
+        self.tracker.add(ids, initial_probs=probs, initial_estimates=numbers)
+        for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
+            self.initial_estimates[i] = e
+
     def add_prompt_states(self, request_id: str, states: torch.Tensor, done: bool) -> None:
         """Prompt-probe initial estimates: accumulate a prefill chunk's states [T, d]; on the chunk that
-        completes the prompt (`done`), the prompt probe on their mean replaces the initial estimate."""
+        completes the prompt (`done`), the prompt probe on their mean replaces the initial estimate.
+        With initial='last_token', the last state of that chunk feeds the decode probe instead."""
+        if self.initial == "last_token":
+            if done:
+                self._initial_from_last_token([request_id], states[-1:])
+            return
         if self.initial != "prompt_probe":
             return
         total, count = self._prompt_sums.get(request_id, (0.0, 0))
@@ -148,16 +192,31 @@ class TrailRuntime:
 
     def observe(self, ids: Sequence[str], states: torch.Tensor, generated: Sequence[int]) -> None:
         """The probe-layer states [B, d] of the forward passes that produced token `generated[i]` of
-        request `ids[i]`; those on the refinement cadence refine their request."""
+        request `ids[i]`; those on the refinement cadence refine their request. Rows with generated
+        = 0 (the pass that ended a prefill) give initial='last_token' its first distribution."""
+        if self.initial == "last_token":
+            first = [i for i, g in enumerate(generated) if g == 0 and ids[i] in self.tracker]
+            if first:
+                rows = torch.tensor(first, dtype=torch.long, device=states.device)
+                self._initial_from_last_token([ids[i] for i in first], states.index_select(0, rows))
         if not self.refine:
             return
-        keep = [i for i, g in enumerate(generated) if refines_at(g, self.refine_interval)]
+        steps = None
+        if self.cadence == "global":  # every k passes of the batch, everyone in it, T^k for all
+            if not any(g >= 1 for g in generated):
+                return
+            self._passes += 1
+            if self._passes % self.refine_interval:
+                return
+            keep, steps = [i for i, g in enumerate(generated) if g >= 1], self.refine_interval
+        else:
+            keep = [i for i, g in enumerate(generated) if refines_at(g, self.refine_interval)]
         if not keep:
             return
         ids = [ids[i] for i in keep]
         gens = [generated[i] for i in keep]
         rows = torch.tensor(keep, dtype=torch.long, device=states.device)
-        self.tracker.observe(ids, states.index_select(0, rows).to(self.predictor.device), gens)
+        self.tracker.observe(ids, states.index_select(0, rows).to(self.predictor.device), gens, steps=steps)
         self.refinements += len(ids)
         for r, g, e in zip(ids, gens, self.tracker.estimates(ids, gens).tolist()):
             self.trace.setdefault(r, []).append((g, e))
@@ -178,6 +237,7 @@ class TrailRuntime:
         if request_id in self.tracker:
             self.tracker.remove([request_id])
         self._prompt_sums.pop(request_id, None)
+        self._bert_number.pop(request_id, None)
         self.exact_lengths.pop(request_id, None)
         self.initial_probs.pop(request_id, None)
 

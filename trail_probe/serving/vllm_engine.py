@@ -59,11 +59,11 @@ def check_vllm() -> str:
 def trail_settings(predictor: str | Path | None, *, policy: str = "trail", bert: str | Path | None = None,
                    initial: str = "bert", max_new_tokens: int = 512, refine_interval: int = 8,
                    likelihood: str = "posterior", preemption_c: float = 0.8, aging: float = 0.0,
-                   record_states: bool = False) -> dict:
+                   cadence: str = "per_request", record_states: bool = False) -> dict:
     """What the engine-core process needs to build the TrailRuntime (plain JSON: it crosses processes)."""
     return {"policy": policy, "predictor": None if predictor is None else str(predictor), "bert": None if bert is None else str(bert),
             "initial": initial, "max_new_tokens": max_new_tokens, "refine_interval": refine_interval,
-            "likelihood": likelihood, "preemption_c": preemption_c, "aging": aging,
+            "likelihood": likelihood, "preemption_c": preemption_c, "aging": aging, "cadence": cadence,
             "record_states": record_states}
 
 
@@ -72,12 +72,12 @@ def runtime_from_settings(settings: dict) -> TrailRuntime:
 
     predictor = settings.get("predictor") and LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
     bert = None
-    if settings["initial"] == "bert" and settings.get("bert"):
+    if settings["initial"] in ("bert", "last_token") and settings.get("bert"):
         bert = BertLengthPredictor.from_pretrained(settings["bert"], device="cpu")
     return TrailRuntime(settings["policy"], predictor=predictor, text_predictor=bert, initial=settings["initial"],
                         max_new_tokens=settings["max_new_tokens"], refine_interval=settings["refine_interval"],
                         preemption_c=settings["preemption_c"], likelihood=settings["likelihood"],
-                        aging=settings.get("aging", 0.0))
+                        aging=settings.get("aging", 0.0), cadence=settings.get("cadence", "per_request"))
 
 
 def engine_kwargs(model: str | Path, policy: str, settings: dict | None, *, max_num_seqs: int = 64,
@@ -117,16 +117,11 @@ def check_predictor(model: str | Path, predictor) -> None:
     model, another hidden width, or (for our exports) another weight hash."""
     from transformers import AutoConfig
 
-    from trail_probe.runtime.models import weights_sha256
+    from trail_probe.runtime.predictor import check_trained_on
 
     config = AutoConfig.from_pretrained(str(model))
     predictor.check_serving_model(int(config.num_hidden_layers), int(config.hidden_size))
-    trained_on = (predictor.metadata.get("serving_model") or {}).get("weights_sha256")
-    served = weights_sha256(model)
-    if trained_on and served and trained_on != served:
-        name = (predictor.metadata.get("serving_model") or {}).get("name_or_path")
-        raise UserError(f"the predictor was trained on '{name}' (weights sha256 {trained_on[:12]}...) but vLLM would serve "
-                        f"'{model}' (weights {served[:12]}...); export a predictor trained on this model")
+    check_trained_on(predictor, model)
 
 
 class VLLMEngine:

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, bool, dict]] = {
     "export": ("trail_probe.stages.export", True, {}),
     "simulate": ("trail_probe.stages.simulate", True, {}),
     "serve-bench": ("trail_probe.stages.serve_bench", False, {}),
+    "predict": ("trail_probe.stages.predict", False, {}),
     "pipeline": ("trail_probe.stages.pipeline", False, {}),
 }
 

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from trail_probe.atomic import atomic_write_json, atomic_write_text
+from trail_probe.atomic import atomic_write_json, atomic_write_text, temp_files_in
 from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.baseline_module import (
     BEST_FILE,
     BaselineModule,
+    EpochShuffle,
     PromptSet,
     bin_names,
     callbacks,
@@ -49,6 +50,7 @@ from trail_probe.offline.split import (
     selection_split,
 )
 from trail_probe.offline.store import Extraction
+from trail_probe.progress import progress_bar
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.models import file_sha256, resolve_model_path
 
@@ -88,6 +90,8 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
     import lightning as L
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from trail_probe.offline.epoch_progress import EpochProgress
+
     bcfg = cfg.baseline
     out = cfg.paths.baseline
     work = out.with_name(out.name + ".partial")
@@ -120,7 +124,8 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
                 "extraction_manifest_sha256": manifest_sha256(extraction)}
     _check_resumable(work, identity)
 
-    where, _ = resolve_model_path(bcfg.model)
+    where, _ = resolve_model_path(bcfg.model, "baseline.model")
+    L.seed_everything(bcfg.seed, verbose=False)  # the new classification head's weights come from the seed too
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -132,23 +137,27 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
     model.train()  # from_pretrained returns eval mode, and Lightning keeps a module's mode: dropout on for fine-tuning
     encodings = tokenize(tokenizer, [r["prompt"] for r in extraction.records], bcfg.max_length)
     lengths = extraction.output_tokens
-    L.seed_everything(bcfg.seed, verbose=False)
     loaders = {}
     for name, idx in (("train", train_idx), ("val", val_idx)):
         t = torch.tensor(idx)
         data = PromptSet({k: v[t] for k, v in encodings.items()}, lengths[t], bins)
-        loaders[name] = torch.utils.data.DataLoader(data, batch_size=bcfg.batch_size, shuffle=name == "train",
+        sampler = EpochShuffle(len(data), bcfg.seed) if name == "train" else None
+        loaders[name] = torch.utils.data.DataLoader(data, batch_size=bcfg.batch_size, sampler=sampler,
                                                     collate_fn=data.collate)
-    module = BaselineModule(model, bins, max_new_tokens, bcfg.lr, bcfg.weight_decay, bcfg.warmup_fraction)
+    module = BaselineModule(model, bins, max_new_tokens, bcfg.lr, bcfg.weight_decay, bcfg.warmup_fraction, bcfg.seed)
+    bar = progress_bar(cfg.progress, total=bcfg.epochs * len(loaders["train"]), desc="train-baseline", unit="batch",
+                       disable=not show_progress)
+    progress = EpochProgress(bar, f"{Path(where).name}, {len(train_idx)} prompts", per_batch=True)
     trainer = L.Trainer(
         max_epochs=bcfg.epochs, accelerator=bcfg.accelerator, devices=bcfg.devices, precision=bcfg.precision,
-        logger=False, callbacks=callbacks(work, tokenizer, bins),
-        num_sanity_val_steps=0, enable_progress_bar=show_progress, enable_model_summary=False, log_every_n_steps=1,
+        logger=False, callbacks=[*callbacks(work, tokenizer, bins), progress], num_sanity_val_steps=0,
+        enable_progress_bar=show_progress and cfg.progress.lightning_bars, enable_model_summary=False, log_every_n_steps=1,
     )
     last_ckpt = work / "last.ckpt"
     if last_ckpt.is_file():
-        print(f"train-baseline: resuming the interrupted run in {work}")
-    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last_ckpt if last_ckpt.is_file() else None)
+        bar.write(f"train-baseline: resuming the interrupted run in {work}")
+    with bar, temp_files_in(cfg.paths.checkpoints):
+        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last_ckpt if last_ckpt.is_file() else None)
 
     best = work / "best"
     best_record = json.loads((best / BEST_FILE).read_text())

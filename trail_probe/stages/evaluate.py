@@ -354,8 +354,10 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
         decode = refine_decode(probe_probs(decode_probe, ds.states[keep]), local[ds.request[keep]],
                                ds.generated[keep], ds.remaining[keep], bins, max_new, cfg.refine.interval, prior,
                                label_prior)
-        metrics["per_step"] = {"remaining": summary(decode.step_est, decode.remaining, decode.step_probs, bins)}
-        metrics["refined"] = {"remaining": summary(decode.refined_est, decode.remaining, decode.refined_probs, bins),
+        metrics["per_step"] = {"remaining": summary(decode.step_est, decode.remaining, decode.step_probs, bins,
+                                                    decode.generated)}
+        metrics["refined"] = {"remaining": summary(decode.refined_est, decode.remaining, decode.refined_probs, bins,
+                                                   decode.generated),
                               "prior": "none" if prior is None else ("bert" if cfg.refine.prior == "bert" else "prompt_probe"),
                               "likelihood": cfg.refine.likelihood}
     else:
@@ -365,7 +367,7 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
         metrics[method] = {"total": summary(est, truth, probs, bins)}
         if decode is not None:  # the same estimate as a scheduler would use it during decoding
             counted = count_down(est[decode.request], decode.generated, max_new - decode.generated)
-            metrics[method]["remaining"] = summary(counted, decode.remaining)
+            metrics[method]["remaining"] = summary(counted, decode.remaining, groups=decode.generated)
     return metrics, {"prompt_probs": prompt_probs, "decode": decode}
 
 

@@ -29,6 +29,7 @@ import math
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -90,6 +91,10 @@ def export_predictor(cfg: RecipeConfig) -> Path:
         raise UserError(f"the probe in '{probe_dir}' has non-finite metrics ({', '.join(f'{k} {v}' for k, v in bad.items())}): "
                         "it did not learn; check the extraction with 'trail-probe extract RECIPE --verify' and train it again")
     layer = meta["layers"][0]
+    num_layers = (meta.get("model") or {}).get("num_layers")
+    if num_layers is not None and layer == num_layers - 1 and not cfg.export.allow_last_layer:
+        raise UserError(f"layer {layer} is the model's last decoder layer, which TRAIL's runtime cannot capture (it hooks "
+                        f"the input of layer L + 1); export another layer, or set export.allow_last_layer=true for trail_probe's runtimes only")
     bins = Bins(int(meta["bins"]["num_bins"]), int(meta["bins"]["max_len"]))
     Bins.from_config(cfg.bins).check_matches(meta["bins"], f"probe '{probe_dir}'")
     baseline_dir = None
@@ -110,6 +115,7 @@ def export_predictor(cfg: RecipeConfig) -> Path:
             "max_len": bins.max_len,
             "probe_layer_idx": layer,
             "dtype": "float32",
+            "device": export_device(cfg),  # TRAIL's runtime reads it (default cpu): the probe runs beside the model
         })
         if baseline_dir is not None:
             (tmp / "bert").mkdir()
@@ -136,6 +142,16 @@ def export_predictor(cfg: RecipeConfig) -> Path:
         save_config(cfg, tmp, "recipe.yaml")
         LengthPredictor.from_pretrained(tmp, device="cpu", num_layers=meta["model"].get("num_layers"))
     return out
+
+
+def export_device(cfg: RecipeConfig) -> str:
+    """export.device, else the serving model's device (`auto`: CUDA where this machine has it)."""
+    device = cfg.export.device or cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"export.device = {device!r} is not cpu, cuda or cuda:N")
+    return device
 
 
 def _label_prior(cfg: RecipeConfig, bins: Bins) -> list[float] | None:

@@ -41,6 +41,7 @@ from trail_probe.offline.store import (
     worker_temp_dir,
     write_shard,
 )
+from trail_probe.progress import progress_bar
 from trail_probe.runtime.models import dtype_of, load_causal_lm, model_fingerprint
 
 HELP = "Generate answers with the serving model and dump per-layer hidden states + lengths."
@@ -93,8 +94,6 @@ def _estimate_bytes(n: int, d: int, n_prompt_layers: int, n_decode_layers: int, 
 def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | None = None,
                 worker_index: int | None = None, show_progress: bool = True) -> Path:
     """Extract into `cfg.paths.data` (resuming what is already there); return the folder."""
-    from tqdm.auto import tqdm
-
     num_workers = cfg.extract.num_workers if num_workers is None else num_workers
     worker_index = cfg.extract.worker_index if worker_index is None else worker_index
     out = cfg.paths.data
@@ -117,7 +116,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
         old = json.loads(manifest_path.read_text())
         if old.get("identity") != identity:
             if not overwrite:
-                diff = _first_difference(old.get("identity", {}), identity)
+                diff = _describe_difference(old.get("identity", {}), identity)
                 raise UserError(
                     f"'{out}' holds an extraction made with a different config ({diff}); "
                     "use another extract.out_dir, or pass --overwrite to replace it"
@@ -125,6 +124,10 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
             shutil.rmtree(out)
     ready, too_long = prepare_prompts(mine, tokenizer, cfg.generation.max_new_tokens,
                                       model_info["max_position_embeddings"], cfg.prompts.too_long)
+    if mine and not ready:  # nothing could be extracted: not a "complete" extraction that train then blames
+        raise UserError(f"all {len(mine)} prompts are too long for the model's {model_info['max_position_embeddings']}-token "
+                        f"context with generation.max_new_tokens = {cfg.generation.max_new_tokens}; set "
+                        "prompts.too_long=truncate or lower generation.max_new_tokens")
     manifest = {
         "format": FORMAT,
         "identity": identity,
@@ -194,7 +197,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
             seq += 1
             buffer = []
 
-    bar = tqdm(total=len(todo), desc="extract", unit="req", disable=not show_progress, dynamic_ncols=True)
+    bar = progress_bar(cfg.progress, total=len(todo), desc="extract", unit="req", disable=not show_progress)
     try:
         for req in generate_with_capture(model, tokenizer, todo, cfg.generation, prompt_layers, decode_layers,
                                          cfg.extract.decode_stride, storage_dtype, progress=bar):
@@ -224,6 +227,17 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"output folder '{out}' is not writable ({e.strerror}); set extract.out_dir to a writable folder") from None
 
 
+def _describe_difference(old: dict, new: dict) -> str:
+    """What differs between two extraction identities, the serving model first (another model also
+    changes what "all" layers means, which would otherwise be named instead)."""
+    a, b = old.get("model") or {}, new.get("model") or {}
+    if a != b:
+        def name(m: dict) -> str:
+            return f"{m.get('name_or_path')!r} (weights {str(m.get('weights_sha256'))[:12]}..., {m.get('dtype')})"
+        return f"the model: {name(a)} there, {name(b)} now"
+    return _first_difference(old, new)
+
+
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -239,8 +253,6 @@ def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
 def verify_extraction(cfg: RecipeConfig) -> int:
     """`extract --verify`: check every shard (readable, the checksum its worker recorded, tensors that
     match the records, finite states); print the damaged ones; change nothing. Returns the shards checked."""
-    from tqdm import tqdm
-
     out = cfg.paths.data
     if not (out / "manifest.json").is_file():
         raise UserError(f"no extraction at '{out}' (manifest.json missing); run 'trail-probe extract' first")
@@ -249,11 +261,14 @@ def verify_extraction(cfg: RecipeConfig) -> int:
         checksums.update(json.loads(status.read_text()).get("shards") or {})
     shards = sorted((out / "shards").glob("shard-w*.safetensors"))
     damaged = []
-    for shard in tqdm(shards, desc="verify", unit="shard", dynamic_ncols=True):
-        reason = verify_shard(shard, checksums.get(shard.name))
-        if reason is not None:
-            damaged.append(shard)
-            tqdm.write(f"extract --verify: {shard} is damaged: {reason}")
+    with progress_bar(cfg.progress, total=len(shards), desc="verify", unit="shard") as bar:
+        for shard in shards:
+            reason = verify_shard(shard, checksums.get(shard.name))
+            if reason is not None:
+                damaged.append((shard, reason))
+            bar.update(1)
+    for shard, reason in damaged:  # the result, on stdout, after the progress
+        print(f"extract --verify: {shard} is damaged: {reason}")
     unchecked = sum(s.name not in checksums for s in shards)
     print(f"extract --verify: {len(shards)} shards in {out}, {len(damaged)} damaged"
           + (f"; {unchecked} written before checksums were recorded (read, not checksummed)" if unchecked else ""))

@@ -7,7 +7,9 @@ Each stage is the same code as its own subcommand, with that subcommand's defaul
 each resumes: extract continues from its shards, train keeps finished probes and continues the
 rest from their last checkpoint, the BERT baseline continues from its last finished epoch and is
 kept once trained. Stage wall times are written to
-`<checkpoint_dir>/pipeline_timings.json` (the report quotes them). Interrupt at any time and run
+`<checkpoint_dir>/pipeline_timings.json` (the report quotes them): per stage the seconds of every
+run it took, an interrupted one included (Ctrl-C or an error at once, kill -9 through a heartbeat
+written every 30 s), and their sum. Interrupt at any time and run
 the same command again.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import threading
 import time
 
 from trail_probe.atomic import atomic_write_json
@@ -47,6 +50,54 @@ def _stage_args(module, overrides: dict) -> argparse.Namespace:
     return args
 
 
+HEARTBEAT_S = 30.0  # a running stage's seconds so far reach pipeline_timings.json this often (kill -9 loses at most this)
+
+
+class _StageClock:
+    """Wall time of one stage across interruptions: a run that was stopped (Ctrl-C, an error, or
+    kill -9, seen through the heartbeat it left) is kept in the stage's `runs`, and `seconds` is the
+    sum of the runs that completed the stage."""
+
+    def __init__(self, path, timings: dict, name: str):
+        self.path, self.timings, self.name = path, timings, name
+        entry = timings.get(name) or {}
+        # interrupted runs since the stage last completed (a heartbeat left by kill -9 is one of them)
+        self.runs = [] if "finished" in entry else [r for r in entry.get("runs", []) if r.get("interrupted")]
+        if "running" in entry:
+            self.runs.append({**entry["running"], "interrupted": True})
+        self.start = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _write(self, running: dict | None = None, done: bool = False, interrupted: bool = False) -> None:
+        seconds = round(time.time() - self.start, 1)
+        entry = {"runs": self.runs}
+        if running is not None:
+            entry["running"] = running
+        if interrupted:
+            entry["runs"] = self.runs + [{"seconds": seconds, "interrupted": True}]
+        if done:
+            runs = self.runs + [{"seconds": seconds}]
+            entry = {"seconds": round(sum(r["seconds"] for r in runs), 1), "runs": runs,
+                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.timings[self.name] = entry
+        atomic_write_json(self.path, self.timings)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._write(running={"seconds": round(time.time() - self.start, 1)})
+
+    def __enter__(self) -> "_StageClock":
+        self._write(running={"seconds": 0.0})
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write(done=exc_type is None, interrupted=exc_type is not None)
+
+
 def run(cfg: RecipeConfig, args) -> None:
     timings_path = cfg.paths.timings
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -56,8 +107,7 @@ def run(cfg: RecipeConfig, args) -> None:
             continue
         print(f"\n===== pipeline: {name} =====", flush=True)
         module = importlib.import_module(module_name)
-        start = time.time()
-        module.run(cfg, _stage_args(module, flags))
-        timings[name] = {"seconds": round(time.time() - start, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        atomic_write_json(timings_path, timings)
-    print("\npipeline: stage wall times (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in timings.items()))
+        with _StageClock(timings_path, timings, name):
+            module.run(cfg, _stage_args(module, flags))
+    print("\npipeline: stage wall times (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in timings.items()
+                                                         if "seconds" in v))

@@ -48,6 +48,7 @@ from trail_probe.choices import EnginePolicy, VLLMPolicy, check_choice, options
 from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.serve_report import compare_runs, summarize_run
+from trail_probe.progress import progress_bar
 from trail_probe.serving.policies import base_name
 
 HELP = "Replay held-out prompts into transformers' continuous-batching engine under FIFO and TRAIL; measure latency."
@@ -153,6 +154,8 @@ def make_runtime(cfg: RecipeConfig, policy: str):
         raise UserError(f"no predictor at '{predictor_dir}'; run 'trail-probe export RECIPE' or set serve.predictor")
     predictor = LengthPredictor.from_pretrained(predictor_dir, device="cpu")
     text_predictor = prompt_predictor = None
+    if sc.initial == "last_token" and cfg.paths.serve_bert.is_dir():  # the release's initial number, when trained
+        text_predictor = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
     if sc.initial == "bert":
         bert = cfg.paths.serve_bert
         if not bert.is_dir():
@@ -165,7 +168,7 @@ def make_runtime(cfg: RecipeConfig, policy: str):
     return TrailRuntime(policy, predictor=predictor, text_predictor=text_predictor, prompt_predictor=prompt_predictor,
                         initial=sc.initial, max_new_tokens=cfg.generation.max_new_tokens,
                         refine_interval=refine.interval, preemption_c=refine.preemption_c,
-                        likelihood=refine.likelihood, aging=refine.aging), predictor_dir
+                        likelihood=refine.likelihood, aging=refine.aging, cadence=refine.cadence), predictor_dir
 
 
 def _records(requests, arrivals, by_id: dict, t0: float, estimates: dict | None, trace: dict | None) -> list[dict]:
@@ -188,8 +191,6 @@ def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arriv
     oracle its requests' exact lengths."""
     if cfg.serve.engine == "vllm":
         return run_policy_vllm(cfg, policy, requests, arrivals, settings, predictor_dir, exact_lengths)
-    from tqdm import tqdm
-
     from trail_probe.runtime.models import eos_token_ids
     from trail_probe.serving.hf_engine import ServeEngine, serve
 
@@ -197,7 +198,7 @@ def run_policy(cfg: RecipeConfig, policy: str, model, tokenizer, requests, arriv
     engine = ServeEngine(model, policy, runtime=runtime, max_batch=sc.max_batch,
                          max_new_tokens=cfg.generation.max_new_tokens, eos_token_id=sorted(eos_token_ids(model, tokenizer)),
                          page_size=sc.page_size, num_blocks=sc.num_blocks, max_batch_tokens=sc.max_batch_tokens)
-    bar = tqdm(total=len(requests), desc=f"serve-bench {policy}", unit="req", dynamic_ncols=True)
+    bar = progress_bar(cfg.progress, total=len(requests), desc=f"serve-bench {policy}", unit="req")
     start = time.time()
     try:
         with engine:
@@ -224,8 +225,6 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
                     predictor_dir: Path | None, exact_lengths: list[int] | None = None) -> dict:
     """The same workload in vLLM (`trail_probe.serving.vllm_engine`): vLLM's FCFS, its priority policy
     fed BERT's estimate, or TRAIL's scheduler; the scheduler's step log comes back over vLLM's utility channel."""
-    from tqdm import tqdm
-
     from trail_probe.runtime import BertLengthPredictor
     from trail_probe.runtime.models import plain_hf_folder
     from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
@@ -233,13 +232,15 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     sc, refine = cfg.serve, cfg.refine
     name = base_name(policy)
     trail = name not in ("fifo", "priority")
+    # BERT's estimate: the first distribution (bert), or TRAIL's release's initial number (last_token)
+    uses_bert = sc.initial == "bert" or (sc.initial == "last_token" and cfg.paths.serve_bert.is_dir())
     engine_settings = trail_settings(
-        predictor_dir, policy=policy, bert=cfg.paths.serve_bert if sc.initial == "bert" else None, initial=sc.initial,
+        predictor_dir, policy=policy, bert=cfg.paths.serve_bert if uses_bert else None, initial=sc.initial,
         max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
-        preemption_c=refine.preemption_c, aging=refine.aging) if trail else None
+        preemption_c=refine.preemption_c, aging=refine.aging, cadence=refine.cadence) if trail else None
     priorities = probs = None
     bert_s = 0.0
-    if policy == "priority" or (trail and sc.initial == "bert" and name != "oracle"):
+    if policy == "priority" or (trail and uses_bert and name != "oracle"):
         # BERT before the engine, as an API server would run it: vLLM's priority (smaller runs first)
         # is its estimate; TRAIL gets its distribution (the scheduler would run BERT itself without it)
         bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
@@ -253,7 +254,7 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
             probs = probs.tolist()
     kwargs = {"max_num_seqs": sc.max_batch, "max_num_batched_tokens": sc.max_batch_tokens, "dtype": sc.vllm_dtype,
               "kv_cache_bytes": int(sc.vllm_kv_cache_gb * (1 << 30)), "seed": sc.seed}
-    bar = tqdm(total=len(requests), desc=f"serve-bench vllm {policy}", unit="req", dynamic_ncols=True)
+    bar = progress_bar(cfg.progress, total=len(requests), desc=f"serve-bench vllm {policy}", unit="req")
     start = time.time()
     try:
         with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, **kwargs) as engine:
@@ -286,12 +287,13 @@ def _settings(cfg: RecipeConfig, requests, arrivals) -> dict:
 
 
 TRAIL_ONLY = ("initial", "predictor", "prompt_predictor", "bert")  # serve keys; the refine section too
+ADDED_REFINE = {"aging": 0.0, "cadence": "per_request"}  # refine keys added since runs were recorded: their defaults
 
 
 def _relevant(settings: dict | None, policy: str) -> dict | None:
     """The settings a policy's results depend on: FIFO's do not change with the TRAIL-only keys."""
-    if isinstance(settings, dict) and isinstance(settings.get("refine"), dict):  # runs from before refine.aging
-        settings = {**settings, "refine": {"aging": 0.0, **settings["refine"]}}
+    if isinstance(settings, dict) and isinstance(settings.get("refine"), dict):  # runs from before these keys
+        settings = {**settings, "refine": {**ADDED_REFINE, **settings["refine"]}}
     if not isinstance(settings, dict) or policy != "fifo":
         return settings
     kept = {k: v for k, v in settings.items() if k != "refine"}

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trail_probe.atomic import atomic_path, atomic_write_json
+from trail_probe.atomic import atomic_path, atomic_write_json, temp_files_in
 from trail_probe.choices import Task, options
 from trail_probe.config import RecipeConfig, config_sha256, resolve_layers, save_config
 from trail_probe.errors import UserError
@@ -202,10 +202,11 @@ def _loggers(cfg: RecipeConfig, spec: ProbeSpec) -> list:
 
 
 class _DropDeviceInfo(logging.Filter):
-    """Lightning prints device availability and a tip for every Trainer; a sweep builds dozens of them."""
+    """Lightning prints device availability, a tip and "fit stopped" for every Trainer; a sweep builds dozens."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(("GPU available", "TPU available", "HPU available", "💡 Tip"))
+        return not record.getMessage().startswith(("GPU available", "TPU available", "HPU available", "💡 Tip",
+                                                   "`Trainer.fit` stopped"))
 
 
 _DROP_DEVICE_INFO = _DropDeviceInfo()
@@ -236,7 +237,7 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     own_bar = progress is None
     if own_bar:
         progress = EpochProgress(progress_bar(cfg.progress, total=t.epochs, desc=f"train {spec.task} {spec.name}",
-                                              unit="epoch", disable=not _rank_zero()), f"{spec.task} {spec.name}")
+                                              unit="epoch"), f"{spec.task} {spec.name}")
     say = progress.bar.write
     folder = cfg.paths.probe(spec.task, spec.name)
     recipe = {key: getattr(t, key) for key in ("epochs", "batch_size", "seed", "decode_samples_per_request")}
@@ -313,11 +314,6 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     return _write_probe(cfg, spec, folder, module, checkpoint.best_model_path, context, say)
 
 
-def _rank_zero() -> bool:
-    """Whether this process is DDP rank 0 (or not in DDP): the one that reports progress."""
-    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK"))
-
-
 def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, context: dict, say=print) -> dict:
     best = torch.load(best_path, map_location="cpu", weights_only=False)
     weights = {k.removeprefix("probe."): v.contiguous() for k, v in best["state_dict"].items() if k.startswith("probe.")}
@@ -362,8 +358,8 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
 
     results, epochs = [], cfg.train.epochs
     best = {task: StageBest() for task in options(Task)}
-    with progress_bar(cfg.progress, total=len(specs) * epochs, desc="train", unit="epoch",
-                      disable=not _rank_zero()) as bar:
+    with temp_files_in(cfg.paths.checkpoints), \
+            progress_bar(cfg.progress, total=len(specs) * epochs, desc="train", unit="epoch") as bar:
         for i, spec in enumerate(specs):
             progress = EpochProgress(bar, f"{spec.task} {spec.name} ({i + 1}/{len(specs)})", offset=i * epochs,
                                      best=best[spec.task], name=f"{spec.task} {spec.name}")
