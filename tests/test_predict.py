@@ -121,8 +121,8 @@ def test_predict_on_smollm2_with_the_committed_predictor(capsys, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     recipe = str(repo / "recipes" / "smollm2_alpaca.yaml")
     predictor = repo / "checkpoints" / "smollm2_alpaca" / "predictor"
-    args = ["predict", recipe, "Name three primary colours.", "--json", "generation.max_new_tokens=40",
-            f"serve.predictor={predictor}", f"serve.bert={tmp_path / 'none'}"]
+    args = ["predict", recipe, "Name three primary colours.", "generation.max_new_tokens=40",
+            f"serve.predictor={predictor}", f"serve.bert={tmp_path / 'none'}", "--json"]
     assert main(args) == 0
     (rec,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert rec["layer"] == 19 and 0 < rec["output_tokens"] <= 40 and rec["answer"].strip()

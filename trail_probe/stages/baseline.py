@@ -147,7 +147,8 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
     module = BaselineModule(model, bins, max_new_tokens, bcfg.lr, bcfg.weight_decay, bcfg.warmup_fraction, bcfg.seed)
     bar = progress_bar(cfg.progress, total=bcfg.epochs * len(loaders["train"]), desc="train-baseline", unit="batch",
                        disable=not show_progress)
-    progress = EpochProgress(bar, f"{Path(where).name}, {len(train_idx)} prompts", per_batch=True)
+    progress = EpochProgress(bar, f"{bcfg.model.rstrip('/').rsplit('/', 1)[-1]}, {len(train_idx)} prompts", per_batch=True,
+                             name="this run")
     trainer = L.Trainer(
         max_epochs=bcfg.epochs, accelerator=bcfg.accelerator, devices=bcfg.devices, precision=bcfg.precision,
         logger=False, callbacks=[*callbacks(work, tokenizer, bins), progress], num_sanity_val_steps=0,

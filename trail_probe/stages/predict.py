@@ -166,10 +166,11 @@ def run(cfg: RecipeConfig, args) -> None:
         def show(generated: int, estimate: float) -> None:
             print(f"\r  token {generated:>4}: ~{estimate:.0f} tokens left   ", end="", flush=True)
 
+        head = f"prompt: {text}" if pid == "prompt" else f"prompt {pid}: {text}"
         if live:
-            print(f"prompt {pid}: {text}")
+            print(head)
         rec = predict_one(cfg, model, tokenizer, predictors, text, on_refine=show if live else None)
         if args.json:
             print(json.dumps({"id": pid, **rec}), flush=True)
         else:
-            print(("\r" if live else "") + f"prompt {pid}: {text}\n{rec['answer']}\n" + format_record(rec) + "\n", flush=True)
+            print(("\r" if live else "") + f"{head}\n{rec['answer']}\n" + format_record(rec) + "\n", flush=True)

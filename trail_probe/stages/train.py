@@ -206,7 +206,7 @@ class _DropDeviceInfo(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(("GPU available", "TPU available", "HPU available", "💡 Tip",
-                                                   "`Trainer.fit` stopped"))
+                                                   "`Trainer.fit` stopped", "Loading `train_dataloader` to estimate"))
 
 
 _DROP_DEVICE_INFO = _DropDeviceInfo()
