@@ -17,7 +17,11 @@ from pathlib import Path
 
 from trail_probe.atomic import atomic_write_json
 from trail_probe.config import load_recipe
-from trail_probe.offline.serve_report import fit_engine_cost, served_engine, served_workload
+from trail_probe.offline.serve_report import (
+    fit_engine_cost,
+    served_engine,
+    served_workload,
+)
 from trail_probe.serving import simulator
 from trail_probe.serving.policies import make_policy
 

@@ -107,6 +107,20 @@ def test_global_cadence_and_last_token_initial_reproduce_the_release(predictor):
     assert any(not torch.allclose(default.tracker.posteriors([rid])[0], release.post[rid]) for rid in "abc")
 
 
+def test_before_its_prefill_a_last_token_request_is_ranked_by_berts_number(predictor):
+    bins = predictor.bins
+    dists = {"short": torch.eye(10)[0] * 0.9 + 0.01, "long": torch.eye(10)[9] * 0.9 + 0.01}
+    rt = TrailRuntime("trail", predictor=predictor, text_predictor=Bert(bins, dists), initial="last_token",
+                      max_new_tokens=BUDGET, refine_interval=K)
+    rt.prompt_texts.update({"short": "short", "long": "long"})
+    rt.admit(["long", "short"])
+    numbers = {r: max(1.0, float(bins.expectation(d[None].double())[0])) for r, d in dists.items()}
+    est = rt.tracker.estimates(["short", "long"], [0, 0]).tolist()
+    assert est == pytest.approx([min(numbers["short"], BUDGET), min(numbers["long"], BUDGET)])
+    assert est[0] < est[1]  # the short one ranks first although the long one arrived first
+    assert torch.count_nonzero(rt.tracker.posteriors(["short"])) == 0  # BERT is not in the posterior
+
+
 def test_last_token_without_bert_takes_the_probes_number(predictor):
     rt = TrailRuntime("trail", predictor=predictor, initial="last_token", max_new_tokens=BUDGET, refine_interval=K)
     rt.admit(["a"])

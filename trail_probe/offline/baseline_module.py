@@ -61,7 +61,7 @@ class BaselineModule(L.LightningModule):
         # Dropout draws from (seed, epoch, batch) alone, as the data order does (EpochShuffle): a run
         # resumed at an epoch boundary trains the same weights as an uninterrupted one, whatever else
         # drew from the global generator in between (a resumed fit builds its loaders in another order).
-        torch.manual_seed(epoch_seed(self.seed, self.current_epoch) * 100_003 + batch_idx)
+        torch.manual_seed(epoch_seed(self.seed, self.current_epoch, batch_idx + 1))
 
     def training_step(self, batch, batch_idx):
         loss = torch.nn.functional.cross_entropy(self._logits(batch), batch["labels"])
@@ -106,8 +106,9 @@ class BaselineModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
+def epoch_seed(seed: int, epoch: int, batch: int = 0) -> int:
+    """One seed per (seed, epoch[, batch]), within torch's 64-bit seed range."""
+    return ((seed * 1_000_003 + epoch) * 100_003 + batch) % (1 << 63)
 
 
 class EpochShuffle(torch.utils.data.Sampler):

@@ -191,7 +191,8 @@ class LengthTracker:
             raise UserError("generated is below the count at a request's last refinement; pass tokens generated so far")
         left = (self._budget[slots] - gen).clamp_min(0).double()
         counted = count_down(self._post[slots] @ self._midpoints, gen - at, left)
-        return torch.where(self._has[slots], counted, left)
+        # no distribution yet: the initial number (the budget unless one was given), counted down
+        return torch.where(self._has[slots], counted, count_down(self._initial[slots], gen - at, left))
 
     def initial_estimates(self, ids: Sequence[Hashable]) -> torch.Tensor:
         """Each request's first estimate of its total length (TRAIL's limited preemption allows

@@ -128,8 +128,9 @@ class TrailRuntime:
         """New requests join the tracker with their initial distribution (BERT on the prompt text)."""
         t0 = time.perf_counter()
         if self.initial == "last_token":  # BERT gives the number only; the distribution comes at prefill
-            self._admit_bert_number(ids)
-            self.tracker.add(ids)
+            self._admit_bert_number(ids)  # ranks the request until its prefill gives the distribution
+            self.tracker.add(ids, initial_estimates=torch.tensor([self._bert_number.get(i, math.nan) for i in ids],
+                                                                 dtype=torch.float64))
             for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
                 self.initial_estimates[i] = self._bert_number.get(i, e)
             self.initial_s += time.perf_counter() - t0
