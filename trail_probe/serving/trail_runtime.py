@@ -239,6 +239,7 @@ class TrailRuntime:
             self.tracker.remove([request_id])
         self._prompt_sums.pop(request_id, None)
         self._bert_number.pop(request_id, None)
+        self.prompt_texts.pop(request_id, None)  # a request aborted before it was admitted
         self.exact_lengths.pop(request_id, None)
         self.initial_probs.pop(request_id, None)
 
