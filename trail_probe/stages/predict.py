@@ -95,7 +95,9 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
                            initial=initial, max_new_tokens=cfg.generation.max_new_tokens,
                            refine_interval=cfg.refine.interval, likelihood=cfg.refine.likelihood,
                            cadence=cfg.refine.cadence)
-    runtime.prompt_texts[REQUEST_ID] = text
+    bert_probs = bert.probs([text])[0] if bert is not None else None  # once: the runtime takes it as given
+    if bert_probs is not None:
+        runtime.initial_probs[REQUEST_ID] = bert_probs.tolist()
     runtime.admit([REQUEST_ID])
     prompt_ids = encode_prompt(tokenizer, text)
     eos = sorted(eos_token_ids(model, tokenizer))
@@ -130,7 +132,7 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
     elapsed = time.perf_counter() - start
     ended = bool(new_tokens) and new_tokens[-1] in eos
     n = len(new_tokens) - 1 if ended else len(new_tokens)  # as extraction counts an answer: without its EOS
-    bert_estimate = float(bert.predict([text])[0]) if bert is not None else None
+    bert_estimate = float(bert.bins.expectation(bert_probs[None])[0]) if bert is not None else None
     refined = [{"generated": g, "estimate_left": e, "actual_left": n - g, "error": e - (n - g)}
                for g, e in runtime.trace.get(REQUEST_ID, []) if g <= n]
     return {"prompt": text, "answer": tokenizer.decode(new_tokens[:n], skip_special_tokens=True),

@@ -141,6 +141,12 @@ def _check(cfg: RecipeConfig, only: str | None) -> list[str]:
     return policies
 
 
+def uses_bert(cfg: RecipeConfig) -> bool:
+    """Whether TRAIL's runs take BERT's estimate: the first distribution (initial=bert), or the initial
+    number of TRAIL's release (initial=last_token, when a baseline is trained)."""
+    return cfg.serve.initial == "bert" or (cfg.serve.initial == "last_token" and cfg.paths.serve_bert.is_dir())
+
+
 def make_runtime(cfg: RecipeConfig, policy: str):
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor
     from trail_probe.serving.trail_runtime import TrailRuntime
@@ -154,14 +160,12 @@ def make_runtime(cfg: RecipeConfig, policy: str):
         raise UserError(f"no predictor at '{predictor_dir}'; run 'trail-probe export RECIPE' or set serve.predictor")
     predictor = LengthPredictor.from_pretrained(predictor_dir, device="cpu")
     text_predictor = prompt_predictor = None
-    if sc.initial == "last_token" and cfg.paths.serve_bert.is_dir():  # the release's initial number, when trained
+    if sc.initial == "bert" and not cfg.paths.serve_bert.is_dir():
+        raise UserError(f"no BERT predictor at '{cfg.paths.serve_bert}'; run 'trail-probe train-baseline RECIPE', set serve.bert, "
+                        "or use serve.initial=prompt_probe")
+    if uses_bert(cfg):
         text_predictor = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
-    if sc.initial == "bert":
-        bert = cfg.paths.serve_bert
-        if not bert.is_dir():
-            raise UserError(f"no BERT predictor at '{bert}'; run 'trail-probe train-baseline RECIPE', set serve.bert, or use serve.initial=prompt_probe")
-        text_predictor = BertLengthPredictor.from_pretrained(bert, device="cpu")
-    elif sc.initial == "prompt_probe":
+    if sc.initial == "prompt_probe":
         if not sc.prompt_predictor:
             raise UserError("serve.initial=prompt_probe needs serve.prompt_predictor (a prompt probe exported with 'trail-probe export RECIPE export.task=prompt')")
         prompt_predictor = LengthPredictor.from_pretrained(sc.prompt_predictor, device="cpu")
@@ -232,15 +236,13 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     sc, refine = cfg.serve, cfg.refine
     name = base_name(policy)
     trail = name not in ("fifo", "priority")
-    # BERT's estimate: the first distribution (bert), or TRAIL's release's initial number (last_token)
-    uses_bert = sc.initial == "bert" or (sc.initial == "last_token" and cfg.paths.serve_bert.is_dir())
     engine_settings = trail_settings(
-        predictor_dir, policy=policy, bert=cfg.paths.serve_bert if uses_bert else None, initial=sc.initial,
+        predictor_dir, policy=policy, bert=cfg.paths.serve_bert if uses_bert(cfg) else None, initial=sc.initial,
         max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
         preemption_c=refine.preemption_c, aging=refine.aging, cadence=refine.cadence) if trail else None
     priorities = probs = None
     bert_s = 0.0
-    if policy == "priority" or (trail and uses_bert and name != "oracle"):
+    if policy == "priority" or (trail and uses_bert(cfg) and name != "oracle"):
         # BERT before the engine, as an API server would run it: vLLM's priority (smaller runs first)
         # is its estimate; TRAIL gets its distribution (the scheduler would run BERT itself without it)
         bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
