@@ -21,10 +21,8 @@ import cProfile
 import os
 import platform
 import pstats
-import random
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 from trail_probe.atomic import atomic_write_json
 
@@ -33,109 +31,24 @@ MAX_RUNNING = 64
 WAITING = (0, 100, 300, 600, 900)
 
 
-class StandIn:
-    """The fields of a vLLM `Request` the TRAIL scheduler reads."""
-
-    def __init__(self, rid: str, arrival: float, length: int):
-        self.request_id, self.arrival_time, self.length = rid, arrival, length
-        self.num_output_tokens = 0
-        self.num_computed_tokens = 100
-        from trail_probe.serving.vllm_scheduler import (
-            EXACT_LENGTH_KEY,
-            INITIAL_PROBS_KEY,
-        )
-
-        rng = random.Random(rid)
-        probs = [rng.random() ** 4 for _ in range(10)]
-        self.sampling_params = SimpleNamespace(extra_args={INITIAL_PROBS_KEY: [p / sum(probs) for p in probs],
-                                                           EXACT_LENGTH_KEY: length})
-
-
-def make_scheduler(policy: str, waiting: int, seed: int = 0):
-    """A TrailVLLMScheduler without an engine: its state set as __init__ would, vLLM's FCFS queue."""
-    import torch
-    from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
-
-    from trail_probe.runtime.bins import Bins
-    from trail_probe.runtime.predictor import LengthPredictor
-    from trail_probe.runtime.probe import LengthProbe
-    from trail_probe.serving.trail_runtime import TrailRuntime
-    from trail_probe.serving.vllm_scheduler import TrailVLLMScheduler
-
-    torch.manual_seed(seed)
-    s = TrailVLLMScheduler.__new__(TrailVLLMScheduler)
-    predictor = None if policy == "oracle" else LengthPredictor(LengthProbe(576), Bins(10, 512), layer=19)
-    # BERT's distribution comes from the client (as in the README's runs): random ones here
-    bert = SimpleNamespace(bins=Bins(10, 512))
-    s.runtime = TrailRuntime(policy, predictor=predictor, text_predictor=bert, initial="bert", max_new_tokens=512)
-    s.settings, s.step_log, s.requests = {}, [], {}
-    s.running, s.waiting = [], create_request_queue(SchedulingPolicy.FCFS)
-    s.max_num_running_reqs = MAX_RUNNING
-    s._init_state()
-    rng = random.Random(seed)
-    for i in range(waiting + MAX_RUNNING):
-        r = StandIn(f"r{i}", float(i), rng.randint(1, 512))
-        s.requests[r.request_id] = r
-        s.waiting.add_request(r)
-        s.track(r)
-    return s
-
-
-def fake_vllm_schedule(self, *args, **kwargs):
-    """vLLM's part of a step: admit from the front while a slot is free, one token per running request."""
-    while self.waiting and len(self.running) < self.max_num_running_reqs:
-        self.running.append(self.waiting.pop_request())
-    for r in self.running:
-        r.num_output_tokens += 1
-    return SimpleNamespace(num_scheduled_tokens={r.request_id: 1 for r in self.running})
-
-
-def fake_vllm_update(self, scheduler_output, model_runner_output):
-    return {}
-
-
 def time_steps(policy: str, waiting: int, steps: int, warmup: int) -> dict:
     """Median ranking and refinement seconds per step, and the mean number of paused requests."""
-    import torch
-    from vllm.v1.core.sched.scheduler import Scheduler
+    from trail_probe.serving.vllm_dry_run import (
+        arrive,
+        dry_scheduler,
+        dry_step,
+        vllm_steps_replaced,
+    )
 
-    from trail_probe.serving.vllm_worker import STATES_ATTR
-
-    s = make_scheduler(policy, waiting)
-    patched = {"schedule": fake_vllm_schedule, "update_from_output": fake_vllm_update}
-    originals = {name: getattr(Scheduler, name) for name in patched}
-    for name, fn in patched.items():
-        setattr(Scheduler, name, fn)
-    gen = torch.Generator().manual_seed(0)
-    try:
+    s = dry_scheduler(policy, MAX_RUNNING)
+    arrive(s, waiting + MAX_RUNNING)
+    with vllm_steps_replaced():
         for _ in range(warmup + steps):
-            s.schedule()
-            # the states the worker would attach: one row per request that ran this step
-            batch = [r for r in s.running if r.request_id not in s._paused]
-            ids = [r.request_id for r in batch]
-            for r in batch:  # update_from_output sees the count before this step's token
-                r.num_output_tokens -= 1
-            states = torch.randn(len(ids), 576, generator=gen)
-            s.update_from_output(None, SimpleNamespace(req_ids=ids, sampled_token_ids=[[1]] * len(ids),
-                                                       **{STATES_ATTR: (ids, states)}))
-            for r in batch:
-                r.num_output_tokens += 1
-            for r in [r for r in s.running if r.num_output_tokens >= r.length]:  # finished: freed as vLLM does
-                s.running.remove(r)
-                s.forget(r.request_id)
             # open loop: two arrivals per step, the oldest waiting dropped to hold the queue at its size
-            for _ in range(2):
-                i = len(s.requests)
-                r = StandIn(f"r{i}", float(i), random.Random(i).randint(1, 512))
-                s.requests[r.request_id] = r
-                s.waiting.add_request(r)
-                s.track(r)
+            dry_step(s, arrivals=2)
             while len(s.waiting) > waiting:
                 old = s.waiting.pop_request()
                 s.forget(old.request_id)
-    finally:
-        for name, fn in originals.items():
-            setattr(Scheduler, name, fn)
     log = s.step_log[warmup:]
     return {"rank_ms": 1e3 * statistics.median(x["rank_s"] for x in log),
             "observe_ms": 1e3 * statistics.median(x["observe_s"] for x in log),

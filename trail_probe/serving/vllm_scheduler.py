@@ -175,6 +175,8 @@ class TrailVLLMScheduler(RecordingScheduler):
         initial_s = self._admit_new()
         rt, policy, limit = self.runtime, self.runtime.policy, self.max_num_running_reqs
         in_running = {r.request_id for r in self.running}
+        if self._everyone_runs(in_running, limit):
+            return self._schedule_unranked(t0, initial_s, args, kwargs)
         active = [r for r in self.running if r.request_id in self._views and r.request_id not in self._paused]
         # started before and back in vLLM's waiting queue (vLLM's own recompute preemption)
         recomputed = [self.requests[rid] for rid in self._ran if rid not in in_running]
@@ -220,7 +222,33 @@ class TrailVLLMScheduler(RecordingScheduler):
             running_now = {r.request_id for r in self.running}
             self.running = self.running + [r for r in held_running if r.request_id not in running_now]
         self._log_step(t0, out, rank_s)
-        self.step_log[-1].update(paused=len(self._paused), rank_s=rank_s, observe_s=0.0, initial_s=initial_s)
+        self.step_log[-1].update(paused=len(self._paused), rank_s=rank_s, observe_s=0.0, initial_s=initial_s, ranked=True)
+        return out
+
+    def _everyone_runs(self, in_running: set[str], limit: int) -> bool:
+        """No queue: nothing paused, nothing vLLM preempted, and every waiting request fits beside the
+        running ones. `policies.schedule` would then start them all and preempt no one, so the ranking
+        decides nothing and the step skips it (at light load it is most of TRAIL's cost per step; the
+        refinements still run, so the estimates are current when a queue forms)."""
+        if self._paused or len(in_running) + len(self._fresh) > limit:
+            return False
+        return all(rid in in_running for rid in self._ran)
+
+    def _schedule_unranked(self, t0: float, initial_s: float, args, kwargs):
+        """vLLM's own step over the running list as it stands and the fresh requests in TRAIL's order
+        (all of them start, token budget permitting; one left waiting is ranked at the next step)."""
+        admit = [self.requests[rid] for _, rid in self._fresh]
+        self._fresh.clear()
+        self._fresh_key.clear()
+        self._ran.update(r.request_id for r in admit)
+        if len(admit) > 1:
+            self.waiting.remove_requests(admit)
+            for r in reversed(admit):
+                self.waiting.prepend_request(r)
+        rank_s = time.perf_counter() - t0 - initial_s
+        out = Scheduler.schedule(self, *args, **kwargs)
+        self._log_step(t0, out, rank_s)
+        self.step_log[-1].update(paused=0, rank_s=rank_s, observe_s=0.0, initial_s=initial_s, ranked=False)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
