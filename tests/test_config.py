@@ -17,7 +17,9 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_recipe(recipe)
     assert cfg.run_name and cfg.generation.max_new_tokens == 512
     assert cfg.bins.num_bins == 10 and cfg.bins.max_len == 512
-    assert cfg.train.epochs == 30 and cfg.train.batch_size == 32 and cfg.train.lr == 0.01
+    assert cfg.train.epochs == 30 and cfg.train.batch_size == 32
+    if "\nbase:" not in recipe.read_text():  # the paper's recipe; a recipe on a base says what it changes
+        assert cfg.train.lr == 0.01 and cfg.train.validation_fraction == 0.0
     assert cfg.train.train_fraction == 0.75
     num_layers = 30 if "smollm2" in recipe.name else 32
     for spec in (cfg.extract.prompt_layers, cfg.extract.decode_layers, cfg.train.layers):
@@ -64,6 +66,30 @@ def test_layer_specs(spec, expected):
 def test_bad_layer_specs(spec):
     with pytest.raises(UserError):
         resolve_layers(spec, 4)
+
+
+def test_a_recipe_on_a_base_changes_only_its_own_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("run_name: a\ntrain:\n  lr: 0.01\n  epochs: 7\nbins:\n  num_bins: 12\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../base.yaml\nrun_name: b\ntrain:\n  lr: 0.001\n")
+    cfg = load_recipe(tmp_path / "sub" / "child.yaml", ["train.epochs=3"])
+    assert (cfg.run_name, cfg.train.lr, cfg.train.epochs, cfg.bins.num_bins) == ("b", 0.001, 3, 12)
+    assert load_recipe(tmp_path / "base.yaml").train.epochs == 7
+    (tmp_path / "base.yaml").write_text("base: sub/child.yaml\n")
+    with pytest.raises(UserError, match="leads back to itself"):
+        load_recipe(tmp_path / "sub" / "child.yaml")
+    (tmp_path / "sub" / "child.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match="nowhere.yaml' not found"):
+        load_recipe(tmp_path / "sub" / "child.yaml")
+
+
+def test_tuned_recipe_is_the_paper_recipe_plus_the_validation_choices():
+    root = Path(RECIPES[0]).parent
+    paper, tuned = load_recipe(root / "smollm2_alpaca.yaml"), load_recipe(root / "smollm2_alpaca_tuned.yaml")
+    assert tuned.paths.data == paper.paths.data and tuned.paths.checkpoints != paper.paths.checkpoints
+    assert tuned.train.validation_fraction > 0 and tuned.train.standardize
+    assert (tuned.train.epochs, tuned.train.batch_size, tuned.bins, tuned.generation) == \
+        (paper.train.epochs, paper.train.batch_size, paper.bins, paper.generation)
 
 
 def test_missing_recipe_file():

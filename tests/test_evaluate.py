@@ -428,3 +428,30 @@ def test_rank_agreement_and_confusion_from_scipy_and_sklearn():
     for t, p in zip(bins.label(truth).tolist(), [0, 1, 1, 2, 3, 3]):
         expected[t, p] += 1
     assert torch.equal(confusion(probs, truth, bins).long(), expected)
+
+
+def test_eval_on_the_validation_side_scores_only_it_and_refuses_probes_that_saw_it(tmp_path):
+    from trail_probe.config import load_recipe as reload
+    from trail_probe.offline.split import selection_split
+    from trail_probe.stages.evaluate import evaluate
+
+    cfg, extraction = make_run(tmp_path, overrides=["train.validation_fraction=0.3", "eval.split=validation"])
+    validation = selection_split(cfg, load_or_make_split(cfg, extraction))  # writes validation.json
+    with pytest.raises(UserError, match="not trained with this validation split"):
+        evaluate(cfg)  # the probes of make_run say nothing of it: they could have been fitted on it
+    chosen = {"side": "validation", "path": validation["path"], "sha256": file_sha256(validation["path"])}
+    for task in ("prompt", "decode"):
+        folder = cfg.paths.checkpoints / "probes" / task / "layer-1"
+        meta = json.loads((folder / "probe.json").read_text())
+        (folder / "probe.json").write_text(json.dumps({**meta, "selected_on": chosen}))
+    report = evaluate(cfg)
+    held_ids = json.loads(cfg.paths.split.read_text())["val_ids"]
+    assert report["scored_side"] == "validation" and cfg.paths.eval.name == "eval_validation"
+    assert report["held_out"]["requests"] == len(validation["val_ids"]) != len(held_ids)
+    predicted = json.loads((cfg.paths.eval / "predictions.json").read_text())
+    ids = set(predicted["requests"]) if isinstance(predicted.get("requests"), dict) else {r["id"] for r in predicted["requests"]}
+    assert ids == set(validation["val_ids"]) and not ids & set(held_ids)
+    no_validation = reload(None, [f"extract.out_dir={extraction.root}", f"train.out_dir={cfg.paths.checkpoints}",
+                                  f"model.name_or_path={SYNTHETIC_MODEL}", "eval.layer=1", "eval.split=validation"])
+    with pytest.raises(UserError, match="train.validation_fraction is 0"):
+        evaluate(no_validation)

@@ -28,6 +28,9 @@ InitialSource = Literal["bert", "prompt_probe", "last_token", "none"]
 # per_request: a request refines at its own generated = 1, 1 + k, ...; global: every k forward passes
 # of the whole batch, each request's prior advanced by T^k whatever it generated (TRAIL's release)
 RefineCadence = Literal["per_request", "global"]
+# eval: the held-out 25% (scored once, at the end), or the validation split carved out of the training
+# side (for choosing refinement settings without looking at the held-out side)
+EvalSplit = Literal["held_out", "validation"]
 EnginePolicy = Literal["fifo", "trail", "trail_bert", "sjf_bert"]  # fifo: the engine's own scheduler
 ServeEngineName = Literal["hf", "vllm"]  # serve-bench: transformers continuous batching, or vLLM
 # vLLM adds its own priority policy, fed BERT's estimate (what a user could do without trail_probe)

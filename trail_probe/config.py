@@ -25,6 +25,7 @@ import yaml
 
 from trail_probe.atomic import atomic_write_text
 from trail_probe.choices import (
+    EvalSplit,
     InitialSource,
     Likelihood,
     Logger,
@@ -170,7 +171,8 @@ class EvalConfig:
     all_layers: bool = False
     curve_step: int = 32  # tokens generated between points of the MAE-vs-progress curve
     batch_size: int = 64  # prompts per BERT forward pass
-    out_dir: str = ""  # default: checkpoints/<run_name>/eval
+    split: EvalSplit = "held_out"  # validation: score on train.validation_fraction's side, to choose settings
+    out_dir: str = ""  # default: checkpoints/<run_name>/eval (eval_validation with split=validation)
 
 
 @dataclass
@@ -368,20 +370,39 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
-    """Load a YAML recipe (None: all defaults) and apply dotted overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"recipe '{path}' not found; pass a YAML file such as recipes/smollm2_alpaca.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"recipe '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    """Load a YAML recipe (None: all defaults) and apply dotted overrides. A recipe may start from
+    another (`base: other.yaml`, relative to its own folder) and change only some keys of it."""
+    data = {} if path is None else _read_recipe(Path(path), ())
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     return _build(RecipeConfig, data, "")
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict:
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' not found; pass a YAML file such as recipes/smollm2_alpaca.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{path}' is not a mapping of sections; see recipes/smollm2_alpaca.yaml")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise UserError(f"recipe '{path}': base '{base}' leads back to itself; point base at another recipe")
+    return _merged(_read_recipe(base_path, seen + (path.resolve(),)), data)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied: sections merge key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict:

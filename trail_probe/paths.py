@@ -22,7 +22,7 @@ class RunPaths:
     data: Path  # extract: the extraction (extract.out_dir, default data/<run_name>)
     checkpoints: Path  # train and everything after it (train.out_dir, default checkpoints/<run_name>)
     baseline: Path  # train-baseline (baseline.out_dir)
-    eval: Path  # eval (eval.out_dir)
+    eval: Path  # eval (eval.out_dir; eval_validation when it scores the validation side)
     predictor: Path  # export (export.out_dir)
     simulate: Path  # simulate (simulate.out_dir)
     predictions: Path  # simulate's input (simulate.predictions, default eval's predictions.json)
@@ -35,7 +35,7 @@ class RunPaths:
         data = Path(cfg.extract.out_dir or f"data/{cfg.run_name}")
         ck = Path(cfg.train.out_dir or f"checkpoints/{cfg.run_name}")
         baseline = Path(cfg.baseline.out_dir or ck / "baseline")
-        eval_dir = Path(cfg.eval.out_dir or ck / "eval")
+        eval_dir = Path(cfg.eval.out_dir or ck / ("eval" if cfg.eval.split == "held_out" else "eval_validation"))
         predictor = Path(cfg.export.out_dir or ck / "predictor")
         return cls(data=data, checkpoints=ck, baseline=baseline, eval=eval_dir, predictor=predictor,
                    simulate=Path(cfg.simulate.out_dir or ck / "simulate"),

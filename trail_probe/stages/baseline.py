@@ -179,7 +179,8 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
         "num_train": len(train_idx),
         "num_val": len(val_idx),
         "split": {"path": str(split_file), "sha256": identity["split_sha256"]},
-        "selected_on": {"side": split["side"], "path": split["path"], "requests": len(val_idx)},
+        "selected_on": {"side": split["side"], "path": split["path"], "requests": len(val_idx),
+                        "sha256": file_sha256(split["path"])},
         "extraction": {"path": str(extraction.root), "manifest_sha256": identity["extraction_manifest_sha256"]},
         "model": extraction.model,  # the serving model whose output lengths it predicts
         "config": config_to_dict(bcfg),

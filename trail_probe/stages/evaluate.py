@@ -120,6 +120,29 @@ def held_out_requests(split: dict, extraction: Extraction, where: Path) -> HeldO
     return HeldOut(rows, val, extraction.output_tokens[rows])
 
 
+def scored_side(cfg: RecipeConfig, split: dict, chosen_on: dict) -> dict:
+    """What eval scores: the held-out side of split.json, or (eval.split=validation) the validation
+    side that `selection_split` carved out of the training side, as {"train_ids", "val_ids", "path"}."""
+    if cfg.eval.split == "held_out":
+        return {**split, "path": str(cfg.paths.split)}
+    if chosen_on["side"] != "validation":
+        raise UserError("eval.split=validation scores the validation side, but train.validation_fraction is 0; set it to "
+                        "the fraction the probes and the baseline were trained with (e.g. train.validation_fraction=0.2)")
+    return chosen_on
+
+
+def check_unseen(meta: dict, what: str, sides: dict) -> None:
+    """Refuse to score a probe or baseline on validation requests it was fitted on: one trained without
+    this validation split (train.validation_fraction = 0, or another fraction or seed) saw them."""
+    if sides["scored"] is not sides["chosen_on"]:
+        return  # the held-out side: check_artifact's split check covers it
+    want = file_sha256(Path(sides["chosen_on"]["path"]))
+    got = (meta.get("selected_on") or {}).get("sha256")
+    if got != want:
+        raise UserError(f"{what} was not trained with this validation split ('{sides['chosen_on']['path']}'), so it may "
+                        "have been fitted on the requests scored here; retrain it with the same train.validation_fraction")
+
+
 def choose_layer(cfg: RecipeConfig) -> tuple[int, str]:
     """(layer, where the choice came from): eval.layer, else `artifacts.best_layer` for decode."""
     if cfg.eval.layer is not None:
@@ -230,7 +253,9 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     if not split_file.is_file():
         raise UserError(f"no split in '{split_file}', so no probe was trained for this run; run 'trail-probe train' first")
     split = load_or_make_split(cfg, extraction)
-    held = held_out_requests(split, extraction, split_file)
+    chosen_on = selection_split(cfg, split)
+    scored = scored_side(cfg, split, chosen_on)
+    held = held_out_requests(scored, extraction, Path(scored["path"]))
     bins = Bins.from_config(cfg.bins)
     max_new = int(extraction.manifest["generation"]["max_new_tokens"])
     manifest_sha, split_sha = manifest_sha256(extraction), file_sha256(split_file)
@@ -240,15 +265,19 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
                         f"{layer_source}); train it ('trail-probe train ... train.layers={layer}') or set eval.layer")
     layers = sorted(set(trained_layers(cfg)) | {layer}) if e.all_layers else [layer]
     notes: list[str] = []
-    chosen_on = selection_split(cfg, split)
-    notes.append(f"epochs and layer chosen on the {chosen_on['side']} side ({len(chosen_on['val_ids'])} requests, "
-                 f"{chosen_on['path']}); scored here on the {len(split['val_ids'])} held-out requests"
-                 + (" (the same ones: train.validation_fraction=0)." if chosen_on["side"] == "held-out" else ", once."))
+    if e.split == "validation":
+        notes.append(f"scored on the {len(held.ids)} validation requests ({chosen_on['path']}), which chose the probes' "
+                     "epochs: for choosing settings; the held-out side is not read (eval.split=held_out scores it).")
+    else:
+        notes.append(f"epochs and layer chosen on the {chosen_on['side']} side ({len(chosen_on['val_ids'])} requests, "
+                     f"{chosen_on['path']}); scored here on the {len(split['val_ids'])} held-out requests"
+                     + (" (the same ones: train.validation_fraction=0)." if chosen_on["side"] == "held-out" else ", once."))
     hashes = {"extraction_manifest": manifest_sha, "split": split_sha, "probes": {}, "baseline_weights": None}
+    sides = {"scored": scored, "chosen_on": chosen_on}
 
-    # The bin frequencies the decode probe was trained on, for the prior-corrected update.
-    label_prior = artifact_label_prior(extraction, split, bins) if refine.likelihood == "prior_corrected" else None
-    bert_probs, bert_meta = _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes)
+    # The bin frequencies the decode probe was trained on (its fit side), for the prior-corrected update.
+    label_prior = artifact_label_prior(extraction, chosen_on, bins) if refine.likelihood == "prior_corrected" else None
+    bert_probs, bert_meta = _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, sides)
     totals = {}
     if bert_probs is not None:
         totals["bert"] = estimate(bert_probs, bins, max_new)
@@ -256,7 +285,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     results, details = {}, {}
     for L in layers:
         results[L], details[L] = _evaluate_layer(cfg, L, extraction, held, bins, max_new, manifest_sha, split_sha,
-                                                 bert_probs, label_prior, hashes, notes)
+                                                 bert_probs, label_prior, hashes, notes, sides)
         print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
     chosen = details[layer]
     if chosen["prompt_probs"] is not None:
@@ -271,6 +300,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
         "layer": layer, "layer_source": layer_source, "layers": layers,
         "refine_interval": refine.interval, "decode_stride": stride, "max_new_tokens": max_new,
         "bins": bins.to_dict(),
+        "scored_side": cfg.eval.split,
         "held_out": {"requests": len(held.ids), "decode_steps": _count(chosen["decode"])},
         "methods": results[layer],
         "headline": headline_ratios(results[layer]),
@@ -297,7 +327,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     return report
 
 
-def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes):
+def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, sides):
     """(probs [n, K], baseline.json) of the baseline on the held-out prompts, or (None, None) with a note."""
     folder = cfg.paths.baseline
     if not (folder / "baseline.json").is_file():
@@ -305,6 +335,7 @@ def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes):
         return None, None
     meta = json.loads((folder / "baseline.json").read_text())
     check_artifact(meta, f"baseline '{folder}'", extraction, manifest_sha, split_sha, bins)
+    check_unseen(meta, f"baseline '{folder}'", sides)
     bert = BertLengthPredictor.from_pretrained(folder, device="cpu")  # the serving runtime's own inference
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     hashes["baseline_weights"] = {w.name: file_sha256(w) for w in weights}
@@ -312,7 +343,7 @@ def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes):
     return bert.probs(texts, batch_size=cfg.eval.batch_size), meta
 
 
-def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, hashes):
+def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, hashes, sides):
     folder = cfg.paths.probe(task, probe_name((layer,)))
     if not (folder / "probe.json").is_file():
         return None
@@ -321,15 +352,16 @@ def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, h
     if meta["task"] != task or meta["layers"] != [layer] or meta["multi_layer"] != "none":
         raise UserError(f"{what} says it is a {meta['task']} probe of layers {meta['layers']}; retrain it")
     check_artifact(meta, what, extraction, manifest_sha, split_sha, bins)
+    check_unseen(meta, what, sides)
     hashes["probes"][str(folder / "probe.safetensors")] = file_sha256(folder / "probe.safetensors")
     return probe
 
 
 def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, split_sha, bert_probs, label_prior,
-                    hashes, notes):
+                    hashes, notes, sides):
     """(metrics of every method at `layer`, the raw predictions used for curves and pictures)."""
-    prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes)
-    decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes)
+    prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes, sides)
+    decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes, sides)
     truth = held.output_tokens
     metrics = {m: None for m in METHODS}
     prompt_probs = decode = None

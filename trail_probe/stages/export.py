@@ -38,6 +38,7 @@ from trail_probe.atomic import atomic_dir, atomic_write_json
 from trail_probe.config import RecipeConfig, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.artifacts import best_layer, label_prior, probe_name
+from trail_probe.offline.split import load_or_make_split, selection_split
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.models import file_sha256
@@ -161,8 +162,9 @@ def _label_prior(cfg: RecipeConfig, bins: Bins) -> list[float] | None:
         print(f"# no extraction at '{cfg.paths.data}' (or no split): the export carries no label prior, so the "
               "runtime can only use TRAIL's own refinement rule (likelihood='posterior')")
         return None
-    split = json.loads(cfg.paths.split.read_text())
-    return label_prior(Extraction(cfg.paths.data), split, bins).tolist()
+    extraction = Extraction(cfg.paths.data)
+    fitted_on = selection_split(cfg, load_or_make_split(cfg, extraction))  # without the validation side, if any
+    return label_prior(extraction, fitted_on, bins).tolist()
 
 
 def read_probe(folder: Path) -> tuple[dict, dict]:

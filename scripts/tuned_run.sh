@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 14: the tuned recipe's run, every choice made on the validation split (20% of the training
+# side) and the held-out 25% scored once, at the end. Each step resumes; about 80 min on 2 cores.
+#   bash scripts/tuned_run.sh                # all steps
+#   bash scripts/tuned_run.sh sweep bert     # some of them: sweep bert rows final seeds
+# Reads the base run's extraction (data/smollm2_alpaca). Writes checkpoints/smollm2_alpaca_tuned/
+# and, with scripts/tuned_report.py, reports/smollm2_alpaca_tuned/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=recipes/smollm2_alpaca_tuned.yaml
+CK=checkpoints/smollm2_alpaca_tuned
+TP=(python -m trail_probe.cli)
+BERT_LRS=(3e-5 1e-4 3e-4)
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(sweep bert rows final seeds)
+has() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+layer() { python -c "from trail_probe.config import load_recipe; from trail_probe.offline.artifacts import best_layer; print(best_layer(load_recipe('$R'), 'decode')[0])"; }
+bert_lr() { python scripts/tuned_report.py --best-bert-lr; }
+
+if has sweep; then  # 1. the layer sweep: both tasks, all 30 layers, epochs and layer chosen on validation
+  "${TP[@]}" train "$R"
+fi
+if has bert; then  # 2. BERT tuned the same way: a few learning rates, the best epoch of each on validation
+  for lr in "${BERT_LRS[@]}"; do
+    "${TP[@]}" train-baseline "$R" baseline.lr="$lr" baseline.out_dir="$CK/bert_grid/lr$lr"
+  done
+fi
+L=$(layer)
+if has rows; then  # 3. refinement rows at the chosen layer, scored on validation (python scripts/tuned_report.py --rows)
+  python scripts/tuned_report.py --rows --layer "$L"
+fi
+if has final; then  # 4. the held-out 25%, once: the tuned recipe, and the paper recipe on the same split
+  B="$CK/bert_grid/lr$(bert_lr)"
+  "${TP[@]}" eval "$R" eval.layer="$L" baseline.out_dir="$B"
+  "${TP[@]}" train "$R" train.lr=0.01 train.standardize=false train.layers="$L" train.multi_layer=none \
+    train.out_dir="$CK/paper_recipe"
+  "${TP[@]}" eval "$R" train.lr=0.01 train.standardize=false train.layers="$L" train.multi_layer=none \
+    train.out_dir="$CK/paper_recipe" eval.layer="$L" baseline.out_dir="$B"
+fi
+if has seeds; then  # 5. robustness: the same comparison on two more split seeds (new 75/25 and validation splits)
+  for seed in 1 2; do
+    S="$CK/seed$seed"
+    "${TP[@]}" train "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S"
+    "${TP[@]}" train-baseline "$R" train.split_seed=$seed train.out_dir="$S" baseline.lr="$(bert_lr)"
+    "${TP[@]}" eval "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S" eval.layer="$L"
+  done
+fi
