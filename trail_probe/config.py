@@ -41,6 +41,7 @@ from trail_probe.choices import (
 )
 from trail_probe.errors import UserError
 from trail_probe.paths import RunPaths
+from trail_probe.recipe_files import read_recipe_file, set_override
 
 # A layer selection: "all", a range string "10-15", one layer index, or a list of layer indices.
 LayerSpec = Union[str, int, list[int]]
@@ -347,62 +348,13 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         raise UserError(str(e)) from None
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise UserError(f"override '{dotted}' goes into '{k}', which is not a section")
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=0.001` -> ("train.lr", 0.001); values are parsed as YAML scalars/lists."""
-    if "=" not in text or text.startswith("="):
-        raise UserError(f"override '{text}' is not of the form key=value, e.g. train.epochs=5")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
     """Load a YAML recipe (None: all defaults) and apply dotted overrides. A recipe may start from
     another (`base: other.yaml`, relative to its own folder) and change only some keys of it."""
-    data = {} if path is None else _read_recipe(Path(path), ())
+    data = {} if path is None else read_recipe_file(Path(path))
     for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
+        set_override(data, text)
     return _build(RecipeConfig, data, "")
-
-
-def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict:
-    if not path.is_file():
-        raise UserError(f"recipe '{path}' not found; pass a YAML file such as recipes/smollm2_alpaca.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
-    if not isinstance(data, dict):
-        raise UserError(f"recipe '{path}' is not a mapping of sections; see recipes/smollm2_alpaca.yaml")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    base_path = (path.parent / str(base)).resolve()
-    if base_path in seen or base_path == path.resolve():
-        raise UserError(f"recipe '{path}': base '{base}' leads back to itself; point base at another recipe")
-    return _merged(_read_recipe(base_path, seen + (path.resolve(),)), data)
-
-
-def _merged(base: dict, changes: dict) -> dict:
-    """`base` with `changes` applied: sections merge key by key, any other value replaces."""
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def config_to_dict(cfg: Any) -> dict:
