@@ -29,6 +29,9 @@ ROWS = {  # name -> (what changes against the tuned recipe's refinement, overrid
     "prior_none": ("no prior (uniform before the first refinement)", ["refine.prior=none"]),
     "trail_rule+prior_bert": ("TRAIL's rule with BERT's prior", ["refine.likelihood=posterior", "refine.prior=bert"]),
     "interval16": ("refine every 16 tokens", ["refine.interval=16"]),
+    "global": ("TRAIL's release cadence: every 8 passes of the batch, prior advanced by T^8 (phase 0: stride 8)",
+               ["refine.cadence=global"]),
+    "global_interval16": ("the release's cadence every 16 passes (phases 0 and 8)", ["refine.cadence=global", "refine.interval=16"]),
 }
 
 

@@ -455,3 +455,38 @@ def test_eval_on_the_validation_side_scores_only_it_and_refuses_probes_that_saw_
                                   f"model.name_or_path={SYNTHETIC_MODEL}", "eval.layer=1", "eval.split=validation"])
     with pytest.raises(UserError, match="train.validation_fraction is 0"):
         evaluate(no_validation)
+
+
+def test_global_cadence_refines_each_request_at_its_phase_and_keeps_the_prior_before(tmp_path):
+    """TRAIL's release (refine.cadence=global): request r refines at j = 1 + phase_r + 16 i; before its
+    first refinement it keeps the prompt probe's estimate, counted down."""
+    from trail_probe.offline.refine_scoring import phase_of
+    from trail_probe.stages.evaluate import evaluate
+
+    cfg, extraction = make_run(tmp_path, overrides=["refine.interval=16", "refine.cadence=global"])
+    report = evaluate(cfg)
+    rows, _ = held_out(cfg, extraction)
+    ids = [extraction.ids[i] for i in rows.tolist()]
+    phase = dict(zip(rows.tolist(), phase_of(ids, 16, 8).tolist()))
+    assert set(phase.values()) == {0, 8}  # the stride-8 extraction shows two phases of k = 16
+    request, j, remaining = decode_steps(extraction, rows)
+    n = extraction.output_tokens[request]
+    p = torch.tensor([phase[r] for r in request.tolist()])
+    started = j >= 1 + p
+    j0 = torch.where(started, 1 + p + (j - 1 - p).clamp_min(0) // 16 * 16, torch.zeros_like(j))
+    want = torch.where(started, count_down(quantised(n - j0, MAX_NEW - j0), j - j0, MAX_NEW - j),
+                       count_down(quantised(n, MAX_NEW), j, MAX_NEW - j))
+    refined = report["methods"]["refined"]["remaining"]
+    assert report["methods"]["refined"]["cadence"] == "global"
+    assert refined["mae"] == pytest.approx(mae(want, remaining), abs=1e-3)
+    per_request = evaluate(load_recipe(None, [f"extract.out_dir={extraction.root}", f"train.out_dir={cfg.paths.checkpoints}",
+                                              f"model.name_or_path={SYNTHETIC_MODEL}", "eval.layer=1", "refine.interval=16"]))
+    assert per_request["methods"]["refined"]["remaining"]["mae"] != pytest.approx(refined["mae"], abs=1e-3)
+
+
+def test_global_cadence_needs_a_prior(tmp_path):
+    from trail_probe.stages.evaluate import evaluate
+
+    cfg, _ = make_run(tmp_path, overrides=["refine.cadence=global", "refine.prior=none"])
+    with pytest.raises(UserError, match="cadence=global .* give it a prior"):
+        evaluate(cfg)

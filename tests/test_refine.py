@@ -163,3 +163,23 @@ def test_prior_corrected_likelihood_removes_the_label_prior():
     raw = refine_sequence(steps, generated, powers, initial=initial)
     assert not torch.allclose(raw[-1], expected, atol=1e-3)
     assert torch.equal(step_likelihood(steps), steps)  # no prior: TRAIL's rule unchanged
+
+
+def test_refine_sequence_with_fixed_steps_advances_by_them_whatever_was_generated():
+    from trail_probe.runtime.refine import (
+        TransitionPowers,
+        bayes_update,
+        refine_sequence,
+    )
+
+    powers = TransitionPowers(10, 51.2)
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(3, 10, generator=g), -1).double()
+    prior = torch.softmax(torch.randn(10, generator=g), -1).double()
+    post = refine_sequence(p, [3, 11, 19], powers, initial=prior, initial_generated=0, steps=8)
+    q = prior
+    for s in range(3):
+        q = bayes_update(powers.advance(q[None], 8)[0], p[s])
+        assert torch.allclose(post[s], q)
+    own = refine_sequence(p, [3, 11, 19], powers, initial=prior, initial_generated=0)
+    assert not torch.allclose(own[0], post[0])  # its own first advance is 3 tokens, not 8

@@ -80,7 +80,7 @@ def test_changed_settings_run_again_and_one_policy_alone(recipe, monkeypatch):
     (("serve.initial=prompt_probe",), "prompt_predictor"),
     (("serve.policies=[fifo,oracle]",), "not one of fifo"),  # the oracle runs on vLLM only
     (("serve.engine=vllm", "serve.policies=[oracle,trail]"), "add fifo to serve.policies"),
-    (("serve.engine=vllm", "serve.initial=prompt_probe"), "not available on engine vllm"),
+    (("serve.engine=vllm", "serve.initial=prompt_probe"), "prompt_predictor"),
 ])
 def test_bad_settings_fail_in_one_line(recipe, override, message):
     with pytest.raises(UserError, match=message):

@@ -168,6 +168,37 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
 
 
 @pytest.mark.slow
+def test_prompt_probe_initial_estimates_in_vllm_are_hf_prompt_means_over_chunked_prefills(vllm_llama, vllm_predictor, tmp_path):
+    """initial='prompt_probe': the worker sums each prefill chunk's states at the prompt probe's layer
+    (16-token chunks here), and the initial estimate is the prompt probe on the mean, as with HF."""
+    from conftest import trail_weights, write_trail_dir
+    from transformers import AutoModelForCausalLM
+
+    from trail_probe.runtime import LengthPredictor, LengthTracker
+    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
+
+    prompt_dir = write_trail_dir(tmp_path / "prompt", trail_weights(d=128, seed=3), hidden_size=128, probe_layer_idx=0,
+                                 max_len=MAX_NEW, device="cpu")
+    reqs = _requests(vllm_llama)
+    assert max(len(ids) for _, ids, _ in reqs) > 16  # some prompts take more than one chunk
+    settings = trail_settings(vllm_predictor, initial="prompt_probe", prompt_predictor=prompt_dir, max_new_tokens=MAX_NEW)
+    with VLLMEngine(vllm_llama, "trail", settings, max_num_seqs=3, max_num_batched_tokens=16, dtype="float32",
+                    kv_cache_bytes=128 << 20, max_model_len=512) as engine:
+        results, _ = engine.replay(reqs, [0.0] * len(reqs), max_new_tokens=8)
+        log = engine.scheduler_log()
+    assert len(results) == len(reqs)
+    model = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32).eval()
+    prompt = LengthPredictor.from_pretrained(prompt_dir, device="cpu")
+    tracker = LengthTracker(LengthPredictor.from_pretrained(vllm_predictor, device="cpu"), max_new_tokens=MAX_NEW)
+    for rid, ids, _ in reqs:
+        with torch.no_grad():
+            mean = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0].mean(0)
+        tracker.add([rid], initial_probs=prompt.probs(mean[None]))
+        assert log["initial_estimates"][rid] == pytest.approx(float(tracker.initial_estimates([rid])[0]), abs=1e-3), rid
+    assert len({round(e, 3) for e in log["initial_estimates"].values()}) > 1  # not all the budget
+
+
+@pytest.mark.slow
 def test_serve_bench_on_vllm_runs_fcfs_priority_trail_and_oracle(vllm_llama, vllm_predictor, tmp_path):
     from conftest import make_tiny_bert_predictor, write_prompts
 

@@ -155,7 +155,7 @@ class RefineConfig:
     prior: RefinePrior = "auto"  # eval: before the first decode step (auto: the prompt probe when trained)
     preemption_c: float = 0.8  # limited preemption: preemptible while generated <= C * initial estimate
     aging: float = 0.0  # ranked policies: predicted length - aging * seconds since arrival (0: TRAIL's rule)
-    cadence: RefineCadence = "per_request"  # serving: per_request, or global as TRAIL's release (choices.py)
+    cadence: RefineCadence = "per_request"  # per_request, or global as TRAIL's release (choices.py); eval scores both
 
     def __post_init__(self) -> None:
         from trail_probe.runtime.estimates import check_interval

@@ -94,18 +94,20 @@ def step_likelihood(step_probs: torch.Tensor, label_prior: torch.Tensor | None =
 
 def refine_sequence(step_probs: torch.Tensor, generated: list[int] | torch.Tensor,
                     powers: TransitionPowers, initial: torch.Tensor | None = None,
-                    initial_generated: int = 0) -> torch.Tensor:
+                    initial_generated: int = 0, steps: int | None = None) -> torch.Tensor:
     """Posteriors [S, K] of one request refined over its decode samples.
 
     step_probs[s] is the probe's distribution at the s-th sample, taken after generated[s] tokens.
     `initial` (optional) is the prior before the first sample, made after `initial_generated`
     tokens (e.g. the prompt-time prediction at 0); without it the first sample is taken as is.
+    `steps`: advance the prior by this many tokens at every sample, whatever was generated in between
+    (TRAIL's release, refine.cadence=global); by default by the tokens generated since the last one.
     """
     generated = torch.as_tensor(generated).tolist()
     post = torch.empty_like(step_probs, dtype=torch.float64)
     q, last = (initial.double(), initial_generated) if initial is not None else (None, None)
     for s, j in enumerate(generated):
         p = step_probs[s].double()
-        q = p / p.sum() if q is None else bayes_update(powers.advance(q[None], j - last)[0], p)
+        q = p / p.sum() if q is None else bayes_update(powers.advance(q[None], j - last if steps is None else steps)[0], p)
         post[s], last = q, j
     return post

@@ -180,10 +180,15 @@ class TrailRuntime:
             if done:
                 self._initial_from_last_token([request_id], states[-1:])
             return
+        self.add_prompt_sum(request_id, states.float().sum(0), states.shape[0], done)
+
+    def add_prompt_sum(self, request_id: str, total: torch.Tensor, count: int, done: bool) -> None:
+        """`add_prompt_states` for an engine that sums a chunk's states itself (vLLM's worker): the sum
+        [d] of `count` prompt tokens' states."""
         if self.initial != "prompt_probe":
             return
-        total, count = self._prompt_sums.get(request_id, (0.0, 0))
-        self._prompt_sums[request_id] = (states.float().sum(0) + total, count + states.shape[0])
+        so_far, seen = self._prompt_sums.get(request_id, (0.0, 0))
+        self._prompt_sums[request_id] = (total.float() + so_far, seen + int(count))
         if done:
             total, count = self._prompt_sums.pop(request_id)
             probs = self.prompt_predictor.probs((total / count)[None])

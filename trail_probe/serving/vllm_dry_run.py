@@ -125,7 +125,7 @@ def dry_step(s, arrivals: int = 0) -> list[str]:
         r.num_output_tokens -= 1
     states = torch.stack([_state(rid, r.num_output_tokens) for rid, r in zip(ids, batch)]) if ids else torch.empty(0, HIDDEN)
     s.update_from_output(None, SimpleNamespace(req_ids=ids, sampled_token_ids=[[1]] * len(ids),
-                                               **{STATES_ATTR: (ids, states)}))
+                                               **{STATES_ATTR: (ids, states.numpy())}))  # as the worker sends them
     for r in batch:
         r.num_output_tokens += 1
     for r in [r for r in s.running if r.num_output_tokens >= r.length]:  # finished: freed as vLLM does

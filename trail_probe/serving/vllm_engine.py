@@ -59,9 +59,16 @@ def check_vllm() -> str:
 def trail_settings(predictor: str | Path | None, *, policy: str = "trail", bert: str | Path | None = None,
                    initial: str = "bert", max_new_tokens: int = 512, refine_interval: int = 8,
                    likelihood: str = "posterior", preemption_c: float = 0.8, aging: float = 0.0,
-                   cadence: str = "per_request", record_states: bool = False) -> dict:
-    """What the engine-core process needs to build the TrailRuntime (plain JSON: it crosses processes)."""
+                   cadence: str = "per_request", record_states: bool = False,
+                   prompt_predictor: str | Path | None = None) -> dict:
+    """What the engine-core process needs to build the TrailRuntime (plain JSON: it crosses processes).
+    initial='prompt_probe' needs `prompt_predictor` (an export with export.task=prompt): the worker then
+    also sends each prefill chunk's state sums at its layer."""
+    if initial == "prompt_probe" and prompt_predictor is None:
+        raise UserError("initial='prompt_probe' needs prompt_predictor= (a prompt probe exported with "
+                        "'trail-probe export RECIPE export.task=prompt'); or use initial='bert'")
     return {"policy": policy, "predictor": None if predictor is None else str(predictor), "bert": None if bert is None else str(bert),
+            "prompt_predictor": None if prompt_predictor is None else str(prompt_predictor),
             "initial": initial, "max_new_tokens": max_new_tokens, "refine_interval": refine_interval,
             "likelihood": likelihood, "preemption_c": preemption_c, "aging": aging, "cadence": cadence,
             "record_states": record_states}
@@ -71,10 +78,13 @@ def runtime_from_settings(settings: dict) -> TrailRuntime:
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor
 
     predictor = settings.get("predictor") and LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
-    bert = None
+    bert = prompt = None
     if settings["initial"] in ("bert", "last_token") and settings.get("bert"):
         bert = BertLengthPredictor.from_pretrained(settings["bert"], device="cpu")
-    return TrailRuntime(settings["policy"], predictor=predictor, text_predictor=bert, initial=settings["initial"],
+    if settings["initial"] == "prompt_probe" and settings.get("prompt_predictor"):
+        prompt = LengthPredictor.from_pretrained(settings["prompt_predictor"], device="cpu")
+    return TrailRuntime(settings["policy"], predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
+                        initial=settings["initial"],
                         max_new_tokens=settings["max_new_tokens"], refine_interval=settings["refine_interval"],
                         preemption_c=settings["preemption_c"], likelihood=settings["likelihood"],
                         aging=settings.get("aging", 0.0), cadence=settings.get("cadence", "per_request"))
@@ -129,12 +139,15 @@ class VLLMEngine:
 
     def __init__(self, model: str | Path, policy: str, settings: dict | None = None, **kwargs):
         check_vllm()
-        self.predictor = None
+        self.predictor = self.prompt_predictor = None
         if settings is not None and settings.get("predictor"):
             from trail_probe.runtime import LengthPredictor
 
             self.predictor = LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
             check_predictor(model, self.predictor)
+            if settings.get("initial") == "prompt_probe" and settings.get("prompt_predictor"):
+                self.prompt_predictor = LengthPredictor.from_pretrained(settings["prompt_predictor"], device="cpu")
+                check_predictor(model, self.prompt_predictor)
         self.policy, self.settings = policy, settings
         self.kwargs = engine_kwargs(model, policy, settings, **kwargs)
         self.engine = None
@@ -146,7 +159,8 @@ class VLLMEngine:
 
         self.engine = LLMEngine.from_engine_args(EngineArgs(**self.kwargs))
         if self.predictor is not None:
-            self.model_shape = self.engine.collective_rpc("trail_probe_attach", args=(self.predictor.layer,))[0]
+            prompt_layer = None if self.prompt_predictor is None else self.prompt_predictor.layer
+            self.model_shape = self.engine.collective_rpc("trail_probe_attach", args=(self.predictor.layer, prompt_layer))[0]
         return self
 
     def __exit__(self, *exc) -> None:

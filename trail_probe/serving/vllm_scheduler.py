@@ -35,13 +35,15 @@ import bisect
 import itertools
 import time
 
+import numpy as np
+import torch
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from trail_probe.runtime.estimates import refines_at
 from trail_probe.serving.cost_model import iteration_features
 from trail_probe.serving.policies import RequestQueue, schedule
 from trail_probe.serving.trail_runtime import RequestView
-from trail_probe.serving.vllm_worker import STATES_ATTR
+from trail_probe.serving.vllm_worker import PROMPT_ATTR, STATES_ATTR
 
 SETTINGS_KEY = "trail_probe"  # in vllm_config.additional_config
 LOG_UTILITY = "trail_probe_scheduler_log"  # an EngineCore utility method: the client asks for the log
@@ -120,6 +122,7 @@ class TrailVLLMScheduler(RecordingScheduler):
         self._paused_sorted: list[tuple[tuple, str]] = []
         self._paused: dict[str, tuple] = {}
         self._ran: set[str] = set()  # started at least once and not finished
+        self._awaiting_prompt: set[str] = set()  # initial='prompt_probe': prefill not complete yet
         self.observed: list[tuple[str, int, list[float]]] = []  # with settings["record_states"]: for parity tests
 
     # -- requests come and go --
@@ -140,6 +143,8 @@ class TrailVLLMScheduler(RecordingScheduler):
             self.runtime.initial_probs[rid] = list(extra[INITIAL_PROBS_KEY])
         self._views[rid] = RequestView(rid, next(self._counter), request.arrival_time)
         self._new.append(rid)
+        if self.runtime.initial == "prompt_probe":
+            self._awaiting_prompt.add(rid)
 
     def _admit_new(self) -> float:
         """The initial estimates of the requests that arrived since the last step, in one batch (BERT
@@ -161,6 +166,7 @@ class TrailVLLMScheduler(RecordingScheduler):
     def forget(self, rid: str) -> None:
         self._views.pop(rid, None)
         self._ran.discard(rid)
+        self._awaiting_prompt.discard(rid)
         _remove(self._fresh, self._fresh_key, rid)
         _remove(self._paused_sorted, self._paused, rid)
         self.runtime.remove(rid)
@@ -251,11 +257,28 @@ class TrailVLLMScheduler(RecordingScheduler):
         self.step_log[-1].update(paused=0, rank_s=rank_s, observe_s=0.0, initial_s=initial_s, ranked=False)
         return out
 
+    def _prompt_chunks(self, model_runner_output) -> None:
+        """initial='prompt_probe': each prefill chunk's state sum at the prompt probe's layer; the
+        chunk that completes the prompt gives the request its initial estimate (the prompt probe on
+        the mean). With prefix caching, the mean is over the tokens computed, as in the HF engine."""
+        payload = getattr(model_runner_output, PROMPT_ATTR, None)
+        if payload is None or not self._awaiting_prompt:
+            return
+        for rid, total, count in zip(*payload):
+            if rid in self._awaiting_prompt and self.runtime.tracks(rid) and count > 0:
+                request = self.requests[rid]
+                done = request.num_computed_tokens >= request.num_prompt_tokens  # vLLM counted this chunk at schedule
+                self.runtime.add_prompt_sum(rid, torch.from_numpy(total), int(count), done)
+                if done:
+                    self._awaiting_prompt.discard(rid)
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        t0 = time.perf_counter()
+        self._prompt_chunks(model_runner_output)
         payload = getattr(model_runner_output, STATES_ATTR, None)
         if payload is not None and self.runtime.needs_states:
-            t0 = time.perf_counter()
             req_ids, states = payload
+            states = torch.from_numpy(states) if isinstance(states, np.ndarray) else states
             produced = {rid for rid, toks in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids) if toks}
             keep = [i for i, rid in enumerate(req_ids) if rid in produced and self.runtime.tracks(rid)]
             if keep:

@@ -6,7 +6,7 @@ The hook goes in right after the worker loads the model, by a vLLM general plugi
 `TrailWorkerExtension.trail_probe_attach` does the same on demand through `collective_rpc`. A
 forward hook on the probe's decoder layer keeps that layer's output of the flattened batch, and every
 `ModelRunnerOutput` the worker returns carries `trail_probe_states`: (request ids in batch order,
-[requests, d] float32 on the CPU, the state of each request's last scheduled token). The output
+[requests, d] float32 numpy array, the state of each request's last scheduled token). The output
 travels to the scheduler's process pickled (vLLM's multiprocess executor), attribute included, so
 this works in vLLM's default multiprocess engine and in-process alike.
 
@@ -30,26 +30,38 @@ from trail_probe.runtime.capture import LayerCapture, residual_sum
 from trail_probe.runtime.models import decoder_layers
 
 STATES_ATTR = "trail_probe_states"
+PROMPT_ATTR = "trail_probe_prompt_sums"  # with a prompt probe: (request ids, [requests, d] sums, [requests] token counts)
 
 
-def attach(runner, layer: int) -> dict:
+def attach(runner, layer: int, prompt_layer: int | None = None) -> dict:
     """Hook decoder layer `layer` of the runner's model and attach its last-token states to every
-    output the runner returns (once per runner); returns the model's shape, and whether the hook was
-    already there (put in by the plugin when the model loaded)."""
+    output the runner returns (once per runner); with `prompt_layer` (a prompt probe's layer), also
+    the sum and count of each request's states over the tokens it ran in the pass, which the
+    scheduler averages over the prefill chunks of a prompt. Returns the model's shape, and whether
+    the hook was already there (put in by the plugin when the model loaded)."""
     model = runner.model
     attached_before = getattr(runner, "_trail_probe_capture", None) is not None
     if not attached_before:
-        capture = runner._trail_probe_capture = LayerCapture(model, [layer], states_of=residual_sum)
+        layers = [layer] + ([] if prompt_layer is None else [prompt_layer])
+        capture = runner._trail_probe_capture = LayerCapture(model, layers, states_of=residual_sum)
         original = runner.sample_tokens
 
         def sample_tokens(*args, **kwargs):
             out = original(*args, **kwargs)
             states = capture.take(layer)
+            prompt = states if prompt_layer in (None, layer) else capture.take(prompt_layer)
             req_ids = getattr(out, "req_ids", None)
             if states is not None and req_ids:
                 n = len(req_ids)
-                last = torch.as_tensor(runner.query_start_loc.np[1:n + 1] - 1, dtype=torch.long, device=states.device)
-                setattr(out, STATES_ATTR, (list(req_ids), states.index_select(0, last).float().cpu()))
+                bounds = torch.as_tensor(runner.query_start_loc.np[:n + 1], dtype=torch.long, device=states.device)
+                # numpy arrays: pickled as one buffer (a torch tensor pickles through torch.save, ~8x slower)
+                setattr(out, STATES_ATTR, (list(req_ids), states.index_select(0, bounds[1:] - 1).float().cpu().numpy()))
+                if prompt_layer is not None and prompt is not None:
+                    counts = bounds[1:] - bounds[:-1]
+                    rows = torch.repeat_interleave(torch.arange(n, device=states.device), counts)
+                    sums = torch.zeros(n, prompt.shape[-1], dtype=torch.float32, device=states.device)
+                    sums.index_add_(0, rows, prompt[: int(bounds[-1])].float())
+                    setattr(out, PROMPT_ATTR, (list(req_ids), sums.cpu().numpy(), counts.cpu().numpy()))
             return out
 
         runner.sample_tokens = sample_tokens
@@ -61,8 +73,8 @@ def attach(runner, layer: int) -> dict:
 class TrailWorkerExtension:
     """Methods vLLM adds to its worker (`worker_extension_cls`); prefixed so they never clash with its own."""
 
-    def trail_probe_attach(self, layer: int) -> dict:
-        return attach(self.model_runner, layer)
+    def trail_probe_attach(self, layer: int, prompt_layer: int | None = None) -> dict:
+        return attach(self.model_runner, layer, prompt_layer)
 
 
 def register() -> None:
@@ -88,7 +100,9 @@ def register() -> None:
             if settings.get("predictor"):
                 from trail_probe.runtime.predictor import read_predictor_config
 
-                attach(self, read_predictor_config(Path(settings["predictor"]))["probe_layer_idx"])
+                prompt = settings.get("prompt_predictor") if settings.get("initial") == "prompt_probe" else None
+                attach(self, read_predictor_config(Path(settings["predictor"]))["probe_layer_idx"],
+                       None if prompt is None else read_predictor_config(Path(prompt))["probe_layer_idx"])
 
         load_model._trail_probe = True
         cls.load_model = load_model

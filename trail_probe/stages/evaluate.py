@@ -11,7 +11,9 @@ Every method is scored on the same held-out requests (the val side of `<checkpoi
   (d) refined       the decode probe refined by Bayes over the steps (TRAIL_NOTES section 2, via
                     trail_probe.runtime.refine): refined every k = refine.interval tokens, starting from
                     the prompt probe's distribution (refine.prior), and counted down by one per
-                    token in between, as TRAIL's runtime does.
+                    token in between, as TRAIL's runtime does. refine.cadence=global scores TRAIL's
+                    release instead: every k passes of the batch, each request at its own phase
+                    (`phase_of`), its prior advanced by T^k at each refinement.
 An estimate is the expectation over bin midpoints, clamped to [0, max_new_tokens - generated]. MAE
 is in tokens, averaged over requests for total length and over stored decode steps for remaining
 length; accuracy is the most likely bin against the true bin (for (d) between refinements: the
@@ -59,6 +61,7 @@ from trail_probe.offline.eval_report import (
     write_figures,
 )
 from trail_probe.offline.metrics import confusion, mae, summary
+from trail_probe.offline.refine_scoring import DecodeResult, phase_of, refine_decode
 from trail_probe.offline.split import (
     load_or_make_split,
     manifest_sha256,
@@ -66,14 +69,9 @@ from trail_probe.offline.split import (
 )
 from trail_probe.offline.store import Extraction
 from trail_probe.runtime.bins import Bins
-from trail_probe.runtime.estimates import count_down, estimate, refines_at
+from trail_probe.runtime.estimates import count_down, estimate
 from trail_probe.runtime.models import file_sha256
 from trail_probe.runtime.predictor import BertLengthPredictor
-from trail_probe.runtime.refine import (
-    TransitionPowers,
-    refine_sequence,
-    step_likelihood,
-)
 
 HELP = "score BERT, the prompt probe and the decode probe (per step and refined) on the held-out requests"
 EXAMPLES = """examples:
@@ -155,52 +153,6 @@ def choose_layer(cfg: RecipeConfig) -> tuple[int, str]:
 def probe_probs(probe: torch.nn.Module, states: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     return torch.cat([torch.softmax(probe(states[i:i + batch]).float(), -1) for i in range(0, len(states), batch)]
                      or [torch.zeros(0, probe.num_labels)])
-
-
-@dataclass
-class DecodeResult:
-    """One layer's decode probe on the held-out decode steps, sorted by (request, generated)."""
-
-    request: torch.Tensor  # [M] index into HeldOut
-    generated: torch.Tensor  # [M] tokens generated so far (j)
-    remaining: torch.Tensor  # [M] true tokens still to come
-    step_probs: torch.Tensor  # [M, K] the probe on this step alone
-    step_est: torch.Tensor  # [M]
-    refined_probs: torch.Tensor  # [M, K] latest posterior, moved forward by T^(tokens since it)
-    refined_est: torch.Tensor  # [M] latest refined estimate, counted down since
-    is_refinement: torch.Tensor  # [M] bool: a refinement happens at this step
-
-
-def refine_decode(step_probs: torch.Tensor, request: torch.Tensor, generated: torch.Tensor,
-                  remaining: torch.Tensor, bins: Bins, max_new_tokens: int, interval: int,
-                  prior: torch.Tensor | None = None, label_prior: torch.Tensor | None = None) -> DecodeResult:
-    """Per-step and refined predictions of every decode step. Refinements happen at j = 1, 1+k,
-    1+2k, ... (stored steps are j = 1, 1+stride, ...; k is a multiple of the stride); `prior` [n, K]
-    is each request's distribution at j = 0 (the prompt probe), or None to start from the first step."""
-    if len(generated):
-        order = torch.argsort(request * (int(generated.max()) + 1) + generated)
-        request, generated, remaining, step_probs = request[order], generated[order], remaining[order], step_probs[order]
-    caps = (max_new_tokens - generated).double()
-    is_refinement = refines_at(generated, interval)
-    powers = TransitionPowers(bins.num_bins, bins.width)
-    refined_probs = torch.empty_like(step_probs, dtype=torch.float64)
-    refined_est = torch.empty(len(generated), dtype=torch.float64)
-    counts = torch.bincount(request)
-    starts = torch.cumsum(counts, 0) - counts
-    for r in torch.nonzero(counts).flatten().tolist():
-        rows = torch.arange(int(starts[r]), int(starts[r] + counts[r]))
-        points = rows[is_refinement[rows]]
-        if len(points) == 0 or points[0] != rows[0]:
-            raise ValueError(f"request {r}: decode steps do not start at j = 1; the extraction is malformed")
-        post = refine_sequence(step_likelihood(step_probs[points], label_prior), generated[points], powers,
-                               initial=None if prior is None else prior[r], initial_generated=0)
-        at_point = estimate(post, bins, caps[points])
-        latest = torch.searchsorted(generated[points], generated[rows], right=True) - 1
-        since = generated[rows] - generated[points][latest]
-        refined_est[rows] = count_down(at_point[latest], since, caps[rows])
-        refined_probs[rows] = powers.advance(post[latest], since)
-    step_est = estimate(step_probs, bins, caps)
-    return DecodeResult(request, generated, remaining, step_probs, step_est, refined_probs, refined_est, is_refinement)
 
 
 def progress_curve(output_tokens: torch.Tensor, max_new_tokens: int, step: int, totals: dict[str, torch.Tensor],
@@ -383,15 +335,16 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
             raise UserError("refine.prior=bert but there is no trained BERT baseline; run 'trail-probe train-baseline RECIPE' "
                             "or set refine.prior=auto")
         prior = {"none": None, "bert": bert_probs}.get(cfg.refine.prior, prompt_probs)
+        phases = phase_of(held.ids, cfg.refine.interval, extraction.decode_stride) if cfg.refine.cadence == "global" else None
         decode = refine_decode(probe_probs(decode_probe, ds.states[keep]), local[ds.request[keep]],
                                ds.generated[keep], ds.remaining[keep], bins, max_new, cfg.refine.interval, prior,
-                               label_prior)
+                               label_prior, phases)
         metrics["per_step"] = {"remaining": summary(decode.step_est, decode.remaining, decode.step_probs, bins,
                                                     decode.generated)}
         metrics["refined"] = {"remaining": summary(decode.refined_est, decode.remaining, decode.refined_probs, bins,
                                                    decode.generated),
                               "prior": "none" if prior is None else ("bert" if cfg.refine.prior == "bert" else "prompt_probe"),
-                              "likelihood": cfg.refine.likelihood}
+                              "likelihood": cfg.refine.likelihood, "cadence": cfg.refine.cadence}
     else:
         notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")
     for method, probs in totals.items():

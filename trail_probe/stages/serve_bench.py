@@ -128,9 +128,6 @@ def _check(cfg: RecipeConfig, only: str | None) -> list[str]:
             raise UserError(f"serve policy '{p}': @C and ~A (aging) settings apply to TRAIL's policies, not to {base_name(p)}")
     if any(base_name(p) == "oracle" for p in policies) and "fifo" not in sc.policies:
         raise UserError("the oracle policy takes each request's exact length from the fifo run; add fifo to serve.policies")
-    if sc.engine == "vllm" and sc.initial == "prompt_probe":
-        raise UserError("serve.initial=prompt_probe is not available on engine vllm yet (the worker sends decode states only); "
-                        "use serve.initial=bert or none")
     if not (isinstance(sc.rate, (int, float)) and math.isfinite(sc.rate) and sc.rate > 0):
         raise UserError(f"serve.rate = {sc.rate!r} must be a positive number of requests per second")
     for name in ("max_batch", "max_batch_tokens", "page_size", "num_blocks", "threads"):
@@ -239,7 +236,8 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     engine_settings = trail_settings(
         predictor_dir, policy=policy, bert=cfg.paths.serve_bert if uses_bert(cfg) else None, initial=sc.initial,
         max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
-        preemption_c=refine.preemption_c, aging=refine.aging, cadence=refine.cadence) if trail else None
+        preemption_c=refine.preemption_c, aging=refine.aging, cadence=refine.cadence,
+        prompt_predictor=(sc.prompt_predictor or None) if sc.initial == "prompt_probe" else None) if trail else None
     priorities = probs = None
     bert_s = 0.0
     if policy == "priority" or (trail and uses_bert(cfg) and name != "oracle"):

@@ -299,7 +299,7 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
         num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
         default_root_dir=folder)
     say(f"[{spec.task} {spec.name}] {len(data.train)} training samples ({data.num_train_requests} requests), "
-        f"{len(data.val)} held-out ({data.num_val_requests} requests), {t.epochs} epochs")
+        f"{len(data.val)} {context['selected_on']['side']} ({data.num_val_requests} requests), {t.epochs} epochs")
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     finally:
