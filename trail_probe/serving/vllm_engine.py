@@ -17,6 +17,7 @@ Supported vLLM: `SUPPORTED_VLLM`; another version is refused in one line.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,34 @@ def engine_kwargs(model: str | Path, policy: str, settings: dict | None, *, max_
     }
 
 
+def reserved_cpus(vllm_config) -> set[int]:
+    """The CPUs vLLM's CPU backend reserves for the processes outside its worker (the engine core, the
+    client), by its own rule (`OMPProcessManager`, VLLM_CPU_NUM_OF_RESERVED_CPU); empty on a GPU, with
+    a user-given VLLM_CPU_OMP_THREADS_BIND, or in-process mode (the model runs in this process)."""
+    import vllm.envs
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        return set()
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    manager = OMPProcessManager(vllm_config)
+    return set(getattr(manager, "reserved_cpu_list", []) or []) & os.sched_getaffinity(0)
+
+
+def pin_outside_the_worker(vllm_config) -> set[int] | None:
+    """Keep this process (the engine core, or the client) on the CPUs vLLM reserves for it: vLLM binds
+    its worker's threads to the other cores but leaves these processes free to run there, where a
+    step's Python work (TRAIL's more than FCFS's) then delays the forward pass. Returns the previous
+    affinity (None: nothing changed)."""
+    cpus = reserved_cpus(vllm_config)
+    before = os.sched_getaffinity(0)
+    if not cpus or cpus == before:
+        return None
+    os.sched_setaffinity(0, cpus)
+    return before
+
+
 @dataclass
 class VLLMResult:
     request_id: str
@@ -158,6 +187,7 @@ class VLLMEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         self.engine = LLMEngine.from_engine_args(EngineArgs(**self.kwargs))
+        self._affinity = pin_outside_the_worker(self.engine.vllm_config)  # the worker keeps its own cores
         if self.predictor is not None:
             prompt_layer = None if self.prompt_predictor is None else self.prompt_predictor.layer
             self.model_shape = self.engine.collective_rpc("trail_probe_attach", args=(self.predictor.layer, prompt_layer))[0]
@@ -167,6 +197,9 @@ class VLLMEngine:
         if self.engine is not None:
             self.engine.engine_core.shutdown()
             self.engine = None
+        if getattr(self, "_affinity", None):
+            os.sched_setaffinity(0, self._affinity)
+            self._affinity = None
 
     def scheduler_log(self) -> dict:
         """The scheduler's step log (and TRAIL's counters, trace and estimates), fetched from the

@@ -75,6 +75,9 @@ class RecordingScheduler(Scheduler):
         self.settings = self.vllm_config.additional_config.get(SETTINGS_KEY) or {}
         self.step_log: list[dict] = []
         install_log_utility()
+        from trail_probe.serving.vllm_engine import pin_outside_the_worker
+
+        pin_outside_the_worker(self.vllm_config)  # every policy alike: the engine core off the worker's cores
 
     def _log_step(self, t0: float, out, probe_s: float) -> None:
         batch = [(n, self.requests[rid].num_computed_tokens - n) for rid, n in out.num_scheduled_tokens.items()]
