@@ -5,7 +5,7 @@ size squared and decode context, from the first folder's fifo run).
     python scripts/step_residuals.py checkpoints/smollm2_alpaca/serve_vllm_rate2.1_200a ..._200b
 
 Residual percentiles show whether a policy's steps are slower at the same batch everywhere (a
-shifted median) or now and then (a heavier tail). Writes <first folder>/step_residuals.json.
+shifted median) or now and then (a heavier tail). Writes reports/<run>/<first folder>_step_residuals.json.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ def main() -> None:
             print(f"{folder.name:28s} {f.stem:8s} mean latency {lat:6.2f} s  step {row['mean_step_ms']:5.1f} ms at batch "
                   f"{row['mean_batch']:4.1f}  TRAIL code {row['rank_ms']:.2f} + {row['observe_ms']:.2f} ms  residual "
                   f"p50 {r[50]:+.1f} p90 {r[90]:+.1f} p99 {r[99]:+.1f} ms, {row['steps_over_10ms']} steps > +10 ms")
-    atomic_write_json(folders[0] / "step_residuals.json", {"fit_on": str(folders[0] / "fifo.json"), "rows": rows})
+    run = json.loads((folders[0] / "summary.json").read_text())["config"]["run_name"]
+    out = Path(__file__).resolve().parents[1] / "reports" / run / f"{folders[0].name}_step_residuals.json"
+    atomic_write_json(out, {"command": "python scripts/step_residuals.py " + " ".join(sys.argv[1:]),
+                            "fit_on": str(folders[0] / "fifo.json"), "rows": rows})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -357,3 +357,21 @@ def test_temporary_files_stay_inside_the_run_folder(extraction_dir, tmp_path, mo
     assert seen and all(Path(d).parent == tmp_path for d in seen), seen  # every checkpoint write went through it
     assert not stale.exists() and not list(tmp_path.glob(".tmp-*"))  # the killed run's leftovers, and ours, removed
     assert tempfile.gettempdir() != seen[0] and os.environ.get("TMPDIR") != seen[0]  # restored afterwards
+
+
+def test_temp_folders_of_another_host_on_a_shared_folder_are_left_alone(tmp_path):
+    """On a folder several nodes share, a pid from another host says nothing about that process."""
+    import os
+    import socket
+
+    from trail_probe.atomic import temp_files_in
+
+    host = socket.gethostname()
+    dead_here, legacy = tmp_path / f".tmp-{host}-999999999", tmp_path / ".tmp-999999998"
+    elsewhere = tmp_path / ".tmp-node-7.cluster-999999999"  # a hostname with dashes and dots
+    for d in (dead_here, legacy, elsewhere):
+        d.mkdir(parents=True)
+    with temp_files_in(tmp_path) as mine:
+        assert mine.name == f".tmp-{host}-{os.getpid()}" and mine.is_dir()
+        assert not dead_here.exists() and not legacy.exists() and elsewhere.is_dir()
+    assert not mine.exists() and elsewhere.is_dir()

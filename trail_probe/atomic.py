@@ -83,18 +83,24 @@ def _alive(pid: int) -> bool:
 def temp_files_in(folder: str | os.PathLike) -> Iterator[Path]:
     """Keep every temporary file of this process inside the run's `folder` while the block runs:
     Python's `tempfile` (which Lightning's checkpoint writes go through) and `TMPDIR` for child
-    processes point at `folder/.tmp-<pid>`. Folders left by processes that are gone (a kill -9 during
-    a checkpoint write) are removed first; this one is removed when the block ends."""
+    processes point at `folder/.tmp-<host>-<pid>`. Folders left by processes of this host that are
+    gone (a kill -9 during a checkpoint write) are removed first; another host's are left alone (on
+    a folder shared by several nodes, a pid means nothing here); this one is removed when the block ends."""
     import shutil
+    import socket
     import tempfile
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname().replace("/", "_")
     for old in root.glob(".tmp-*"):
-        pid = old.name.removeprefix(".tmp-")
-        if old.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        owner, dash, pid = old.name.removeprefix(".tmp-").rpartition("-")
+        if not dash:  # `.tmp-<pid>`, as written before hosts were recorded: this host's
+            owner = host
+        if (old.is_dir() and owner == host and pid.isdigit() and int(pid) != os.getpid()
+                and not _alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
-    mine = root / f".tmp-{os.getpid()}"
+    mine = root / f".tmp-{host}-{os.getpid()}"
     mine.mkdir(exist_ok=True)
     saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir, os.environ["TMPDIR"] = str(mine), str(mine)
