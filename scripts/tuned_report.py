@@ -1,6 +1,7 @@
 """Issue 14's selection report for recipes/smollm2_alpaca_tuned.yaml (run by scripts/tuned_run.sh).
 
-    python scripts/tuned_report.py --best-bert-lr          # the BERT grid's best learning rate (validation)
+    python scripts/tuned_report.py --best-bert              # the BERT grid's best point (validation): its folder
+    python scripts/tuned_report.py --best-bert-overrides    # ... as baseline.lr=... baseline.epochs=...
     python scripts/tuned_report.py --rows --layer 19       # refinement rows on validation (runs eval)
     python scripts/tuned_report.py                         # reports/smollm2_alpaca_tuned/selection.{md,json}
 
@@ -37,13 +38,13 @@ ROWS = {  # name -> (what changes against the tuned recipe's refinement, overrid
 
 def grid() -> list[dict]:
     rows = []
-    for folder in sorted((CK / "bert_grid").glob("lr*")):
+    for folder in sorted((CK / "bert_grid").iterdir() if (CK / "bert_grid").is_dir() else []):
         meta_file = folder / "baseline.json"
         if meta_file.is_file():
             meta = json.loads(meta_file.read_text())
-            rows.append({"lr": folder.name[2:], "val_mae": meta["metrics"]["val/mae"], "best_epoch": meta["metrics"].get("best_epoch"),
-                         "epochs": meta["config"]["epochs"] if "epochs" in meta.get("config", {}) else None,
-                         "selected_on": meta.get("selected_on", {}).get("side"), "folder": str(folder.relative_to(REPO))})
+            rows.append({"lr": meta["config"]["lr"], "epochs": meta["config"]["epochs"], "val_mae": meta["metrics"]["val/mae"],
+                         "best_epoch": meta["metrics"].get("best_epoch"), "selected_on": meta.get("selected_on", {}).get("side"),
+                         "folder": str(folder.relative_to(REPO))})
     return rows
 
 
@@ -105,9 +106,10 @@ def report() -> None:
              "## Choices (validation side)", "",
              f"- Layer: decode {sweep['best_layer'].get('decode')}, prompt {sweep['best_layer'].get('prompt')} "
              "(the sweep's best validation MAE; `checkpoints/smollm2_alpaca_tuned/sweep/layer_sweep.json`).",
-             "- BERT (all-MiniLM-L6-v2, 8 epochs, best epoch on validation):", "",
-             "| lr | val MAE (total length) | best epoch |", "| --- | --- | --- |"]
-    lines += [f"| {r['lr']}{' (chosen)' if r is best or r['lr'] == best['lr'] else ''} | {f1(r['val_mae'])} | {r['best_epoch']} |" for r in bert_rows]
+             "- BERT (all-MiniLM-L6-v2; linear decay to 0 over the epochs; the best epoch on validation):", "",
+             "| lr | epochs | val MAE (total length) | best epoch (0-based) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['lr']:g}{' (chosen)' if r['folder'] == best['folder'] else ''} | {r['epochs']} | {f1(r['val_mae'])} | {r['best_epoch']} |"
+              for r in bert_rows]
     lines += ["", f"- Refinement at layer {rows[0]['layer']} (validation, {rows[0]['requests']} requests; MAE of the remaining length over decode steps):", "",
               "| row | change | refined | per-step | BERT counted down | Kendall tau (refined) |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['row']} | {r['change']} | {f1(r['refined_mae'])} | {f1(r['per_step_mae'])} | {f1(r['bert_mae'])} | "
@@ -133,12 +135,16 @@ def report() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--best-bert-lr", action="store_true")
+    ap.add_argument("--best-bert", action="store_true")
+    ap.add_argument("--best-bert-overrides", action="store_true")
     ap.add_argument("--rows", action="store_true")
     ap.add_argument("--layer", type=int)
     args = ap.parse_args()
-    if args.best_bert_lr:
-        print(best_bert()["lr"])
+    if args.best_bert:
+        print(best_bert()["folder"])
+    elif args.best_bert_overrides:
+        b = best_bert()
+        print(f"baseline.lr={b['lr']} baseline.epochs={b['epochs']}")
     elif args.rows:
         run_rows(args.layer)
     else:

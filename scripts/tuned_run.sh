@@ -10,19 +10,22 @@ cd "$(dirname "$0")/.."
 R=recipes/smollm2_alpaca_tuned.yaml
 CK=checkpoints/smollm2_alpaca_tuned
 TP=(python -m trail_probe.cli)
-BERT_LRS=(3e-5 1e-4 3e-4)
+BERT_GRID=("3e-5 8" "1e-4 8" "3e-4 8" "1e-4 16")  # learning rate, epochs
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(sweep bert rows final seeds)
 has() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 layer() { python -c "from trail_probe.config import load_recipe; from trail_probe.offline.artifacts import best_layer; print(best_layer(load_recipe('$R'), 'decode')[0])"; }
-bert_lr() { python scripts/tuned_report.py --best-bert-lr; }
+bert_folder() { python scripts/tuned_report.py --best-bert; }
+bert_overrides() { python scripts/tuned_report.py --best-bert-overrides; }
 
 if has sweep; then  # 1. the layer sweep: both tasks, all 30 layers, epochs and layer chosen on validation
   "${TP[@]}" train "$R"
 fi
-if has bert; then  # 2. BERT tuned the same way: a few learning rates, the best epoch of each on validation
-  for lr in "${BERT_LRS[@]}"; do
-    "${TP[@]}" train-baseline "$R" baseline.lr="$lr" baseline.out_dir="$CK/bert_grid/lr$lr"
+if has bert; then  # 2. BERT tuned the same way: learning rates and epoch counts, the best epoch of each on validation
+  for point in "${BERT_GRID[@]}"; do
+    read -r lr epochs <<< "$point"
+    name="lr$lr"; [ "$epochs" = 8 ] || name="lr${lr}_ep$epochs"
+    "${TP[@]}" train-baseline "$R" baseline.lr="$lr" baseline.epochs="$epochs" baseline.out_dir="$CK/bert_grid/$name"
   done
 fi
 L=$(layer)
@@ -30,18 +33,20 @@ if has rows; then  # 3. refinement rows at the chosen layer, scored on validatio
   python scripts/tuned_report.py --rows --layer "$L"
 fi
 if has final; then  # 4. the held-out 25%, once: the tuned recipe, and the paper recipe on the same split
-  B="$CK/bert_grid/lr$(bert_lr)"
+  B="$(bert_folder)"
   "${TP[@]}" eval "$R" eval.layer="$L" baseline.out_dir="$B"
   "${TP[@]}" train "$R" train.lr=0.01 train.standardize=false train.layers="$L" train.multi_layer=none \
     train.out_dir="$CK/paper_recipe"
   "${TP[@]}" eval "$R" train.lr=0.01 train.standardize=false train.layers="$L" train.multi_layer=none \
     train.out_dir="$CK/paper_recipe" eval.layer="$L" baseline.out_dir="$B"
+  "${TP[@]}" export "$R" export.layer="$L"   # checkpoints/smollm2_alpaca_tuned/predictor (standardization folded into fc1)
 fi
 if has seeds; then  # 5. robustness: the same comparison on two more split seeds (new 75/25 and validation splits)
   for seed in 1 2; do
     S="$CK/seed$seed"
     "${TP[@]}" train "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S"
-    "${TP[@]}" train-baseline "$R" train.split_seed=$seed train.out_dir="$S" baseline.lr="$(bert_lr)"
+    # shellcheck disable=SC2046
+    "${TP[@]}" train-baseline "$R" train.split_seed=$seed train.out_dir="$S" $(bert_overrides)
     "${TP[@]}" eval "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S" eval.layer="$L"
   done
 fi
