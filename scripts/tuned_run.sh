@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 R=recipes/smollm2_alpaca_tuned.yaml
 CK=checkpoints/smollm2_alpaca_tuned
 TP=(python -m trail_probe.cli)
-BERT_GRID=("3e-5 8" "1e-4 8" "3e-4 8" "1e-4 16")  # learning rate, epochs
+BERT_GRID=("3e-5 8" "1e-4 8" "3e-4 8" "3e-4 16")  # learning rate, epochs
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(sweep bert rows final seeds)
 has() { [[ " ${steps[*]} " == *" $1 "* ]]; }
