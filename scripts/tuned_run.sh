@@ -19,13 +19,13 @@ bert_folder() { python scripts/tuned_report.py --best-bert; }
 bert_overrides() { python scripts/tuned_report.py --best-bert-overrides; }
 
 if has sweep; then  # 1. the layer sweep: both tasks, all 30 layers, epochs and layer chosen on validation
-  "${TP[@]}" train "$R"
+  "${TP[@]}" train --resume "$R"
 fi
 if has bert; then  # 2. BERT tuned the same way: learning rates and epoch counts, the best epoch of each on validation
   for point in "${BERT_GRID[@]}"; do
     read -r lr epochs <<< "$point"
     name="lr$lr"; [ "$epochs" = 8 ] || name="lr${lr}_ep$epochs"
-    "${TP[@]}" train-baseline "$R" baseline.lr="$lr" baseline.epochs="$epochs" baseline.out_dir="$CK/bert_grid/$name"
+    "${TP[@]}" train-baseline --resume "$R" baseline.lr="$lr" baseline.epochs="$epochs" baseline.out_dir="$CK/bert_grid/$name"
   done
 fi
 L=$(layer)
@@ -35,7 +35,7 @@ fi
 if has final; then  # 4. the held-out 25%, once: the tuned recipe, and the paper recipe on the same split
   B="$(bert_folder)"
   "${TP[@]}" eval "$R" eval.layer="$L" baseline.out_dir="$B"
-  "${TP[@]}" train "$R" train.lr=0.01 train.standardize=false train.layers="$L" train.multi_layer=none \
+  "${TP[@]}" train --resume "$R" train.lr=0.01 train.standardize=false train.layers="$L" train.multi_layer=none \
     train.out_dir="$CK/paper_recipe"
   "${TP[@]}" eval "$R" train.lr=0.01 train.standardize=false train.layers="$L" train.multi_layer=none \
     train.out_dir="$CK/paper_recipe" eval.layer="$L" baseline.out_dir="$B"
@@ -44,9 +44,9 @@ fi
 if has seeds; then  # 5. robustness: the same comparison on two more split seeds (new 75/25 and validation splits)
   for seed in 1 2; do
     S="$CK/seed$seed"
-    "${TP[@]}" train "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S"
+    "${TP[@]}" train --resume "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S"
     # shellcheck disable=SC2046
-    "${TP[@]}" train-baseline "$R" train.split_seed=$seed train.out_dir="$S" $(bert_overrides)
+    "${TP[@]}" train-baseline --resume "$R" train.split_seed=$seed train.out_dir="$S" $(bert_overrides)
     "${TP[@]}" eval "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S" eval.layer="$L"
   done
 fi
