@@ -46,7 +46,8 @@ if has seeds; then  # 5. robustness: the same comparison on two more split seeds
     S="$CK/seed$seed"
     "${TP[@]}" train --resume "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S"
     # shellcheck disable=SC2046
-    "${TP[@]}" train-baseline --resume "$R" train.split_seed=$seed train.out_dir="$S" $(bert_overrides)
-    "${TP[@]}" eval "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S" eval.layer="$L"
+    "${TP[@]}" train-baseline --resume "$R" train.split_seed=$seed train.out_dir="$S" $(bert_overrides) baseline.out_dir="$S/baseline"
+    "${TP[@]}" eval "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S" eval.layer="$L" \
+      baseline.out_dir="$S/baseline"
   done
 fi
