@@ -27,7 +27,7 @@ ROWS = {  # name -> (what changes against the tuned recipe's refinement, overrid
     "prior_corrected": ("the recipe: prior-corrected update, prompt-probe prior, every 8 tokens", []),
     "trail_rule": ("TRAIL's update rule (the probe's output as the likelihood)", ["refine.likelihood=posterior"]),
     "prior_bert": ("BERT's distribution as the prior (the initial estimate from BERT)", ["refine.prior=bert"]),
-    "prior_none": ("no prior (uniform before the first refinement)", ["refine.prior=none"]),
+    "prior_none": ("no prior: the first step's distribution as it is", ["refine.prior=none"]),
     "trail_rule+prior_bert": ("TRAIL's rule with BERT's prior", ["refine.likelihood=posterior", "refine.prior=bert"]),
     "interval16": ("refine every 16 tokens", ["refine.interval=16"]),
     "global": ("TRAIL's release cadence: every 8 passes of the batch, prior advanced by T^8 (phase 0: stride 8)",
@@ -84,6 +84,8 @@ def heldout(folder: Path) -> dict | None:
     return {"layer": r["layer"], "bert_remaining": g("bert", "remaining"), "bert_total": g("bert", "total"),
             "prompt_probe_total": g("prompt_probe", "total"), "per_step": g("per_step", "remaining"),
             "refined": g("refined", "remaining"), "refined_tau": (m.get("refined") or {}).get("remaining", {}).get("kendall_tau"),
+            "refined_tau_same_step": (m.get("refined") or {}).get("remaining", {}).get("kendall_tau_same_step"),
+            "bert_tau_same_step": (m.get("bert") or {}).get("remaining", {}).get("kendall_tau_same_step"),
             "ratio": r["headline"]["bert_over_refined_decode"], "step0_ratio": r["headline"]["bert_over_prompt_probe_step0"],
             "requests": r["held_out"]["requests"], "selection": r["split"]["selection"]["side"], "command": r["command"]}
 
@@ -91,7 +93,8 @@ def heldout(folder: Path) -> dict | None:
 def report() -> None:
     sweep = json.loads((CK / "sweep" / "layer_sweep.json").read_text())
     bert_rows, best = grid(), best_bert()
-    rows = json.loads((CK / "eval_validation" / "rows.json").read_text())["rows"]
+    rows = [{**r, "change": ROWS.get(r["row"], (r["change"],))[0]}
+            for r in json.loads((CK / "eval_validation" / "rows.json").read_text())["rows"]]
     final = {"tuned": heldout(CK / "eval"), "paper_recipe": heldout(CK / "paper_recipe" / "eval")}
     seeds = {"0": final["tuned"], **{s: heldout(CK / f"seed{s}" / "eval") for s in ("1", "2")}}
     result = {"sweep_best_layer": sweep.get("best_layer"), "bert_grid": bert_rows, "bert_chosen": best,
@@ -111,16 +114,17 @@ def report() -> None:
     lines += [f"| {r['lr']:g}{' (chosen)' if r['folder'] == best['folder'] else ''} | {r['epochs']} | {f1(r['val_mae'])} | {r['best_epoch']} |"
               for r in bert_rows]
     lines += ["", f"- Refinement at layer {rows[0]['layer']} (validation, {rows[0]['requests']} requests; MAE of the remaining length over decode steps):", "",
-              "| row | change | refined | per-step | BERT counted down | Kendall tau (refined) |", "| --- | --- | --- | --- | --- | --- |"]
+              "| row | change | refined | per-step | BERT counted down | Kendall tau (refined, all steps) |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['row']} | {r['change']} | {f1(r['refined_mae'])} | {f1(r['per_step_mae'])} | {f1(r['bert_mae'])} | "
               f"{tau(r['refined_tau'])} |" for r in rows]
     lines += ["", "## Held-out 25% (scored once)", "",
-              "| run | layer | BERT (remaining) | prompt probe (total) | BERT (total) | per-step | refined | BERT / refined | step 0: BERT / prompt probe |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| run | layer | BERT (remaining) | prompt probe (total) | BERT (total) | per-step | refined | BERT / refined | step 0: BERT / prompt probe | Kendall tau among requests at the same step: BERT, refined |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, h in {**final, **{f"tuned, split seed {s}": seeds[s] for s in ("1", "2")}}.items():
         if h is not None:
             lines.append(f"| {name} | {h['layer']} | {f1(h['bert_remaining'])} | {f1(h['prompt_probe_total'])} | {f1(h['bert_total'])} | "
-                         f"{f1(h['per_step'])} | {f1(h['refined'])} | {h['ratio']:.2f}x | {h['step0_ratio']:.2f}x |")
+                         f"{f1(h['per_step'])} | {f1(h['refined'])} | {h['ratio']:.2f}x | {h['step0_ratio']:.2f}x | "
+                         f"{tau(h['bert_tau_same_step'])}, {tau(h['refined_tau_same_step'])} |")
     ratios = [h["ratio"] for h in seeds.values() if h is not None]
     if len(ratios) > 1:
         spread = (max(ratios) - min(ratios)) / min(ratios)
