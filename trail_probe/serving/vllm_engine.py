@@ -75,6 +75,13 @@ def trail_settings(predictor: str | Path | None, *, policy: str = "trail", bert:
             "record_states": record_states}
 
 
+def prompt_predictor_path(settings: dict | None) -> str | None:
+    """The prompt probe the settings ask for (initial='prompt_probe'), else None: the one rule the
+    scheduler, the worker's hook and the client read."""
+    settings = settings or {}
+    return settings.get("prompt_predictor") if settings.get("initial") == "prompt_probe" else None
+
+
 def runtime_from_settings(settings: dict) -> TrailRuntime:
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor
 
@@ -82,8 +89,8 @@ def runtime_from_settings(settings: dict) -> TrailRuntime:
     bert = prompt = None
     if settings["initial"] in ("bert", "last_token") and settings.get("bert"):
         bert = BertLengthPredictor.from_pretrained(settings["bert"], device="cpu")
-    if settings["initial"] == "prompt_probe" and settings.get("prompt_predictor"):
-        prompt = LengthPredictor.from_pretrained(settings["prompt_predictor"], device="cpu")
+    if prompt_predictor_path(settings):
+        prompt = LengthPredictor.from_pretrained(prompt_predictor_path(settings), device="cpu")
     return TrailRuntime(settings["policy"], predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
                         initial=settings["initial"],
                         max_new_tokens=settings["max_new_tokens"], refine_interval=settings["refine_interval"],
@@ -174,8 +181,8 @@ class VLLMEngine:
 
             self.predictor = LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
             check_predictor(model, self.predictor)
-            if settings.get("initial") == "prompt_probe" and settings.get("prompt_predictor"):
-                self.prompt_predictor = LengthPredictor.from_pretrained(settings["prompt_predictor"], device="cpu")
+            if prompt_predictor_path(settings):
+                self.prompt_predictor = LengthPredictor.from_pretrained(prompt_predictor_path(settings), device="cpu")
                 check_predictor(model, self.prompt_predictor)
         self.policy, self.settings = policy, settings
         self.kwargs = engine_kwargs(model, policy, settings, **kwargs)

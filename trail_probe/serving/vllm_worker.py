@@ -99,8 +99,9 @@ def register() -> None:
             settings = (self.vllm_config.additional_config or {}).get("trail_probe") or {}
             if settings.get("predictor"):
                 from trail_probe.runtime.predictor import read_predictor_config
+                from trail_probe.serving.vllm_engine import prompt_predictor_path
 
-                prompt = settings.get("prompt_predictor") if settings.get("initial") == "prompt_probe" else None
+                prompt = prompt_predictor_path(settings)
                 attach(self, read_predictor_config(Path(settings["predictor"]))["probe_layer_idx"],
                        None if prompt is None else read_predictor_config(Path(prompt))["probe_layer_idx"])
 

@@ -129,15 +129,15 @@ def scored_side(cfg: RecipeConfig, split: dict, chosen_on: dict) -> dict:
     return chosen_on
 
 
-def check_unseen(meta: dict, what: str, sides: dict) -> None:
+def check_unseen(meta: dict, what: str, validation: dict | None) -> None:
     """Refuse to score a probe or baseline on validation requests it was fitted on: one trained without
-    this validation split (train.validation_fraction = 0, or another fraction or seed) saw them."""
-    if sides["scored"] is not sides["chosen_on"]:
-        return  # the held-out side: check_artifact's split check covers it
-    want = file_sha256(Path(sides["chosen_on"]["path"]))
-    got = (meta.get("selected_on") or {}).get("sha256")
-    if got != want:
-        raise UserError(f"{what} was not trained with this validation split ('{sides['chosen_on']['path']}'), so it may "
+    this validation split (train.validation_fraction = 0, or another fraction or seed) saw them.
+    `validation`: {"path", "sha256"} of the scored validation split, None when scoring the held-out
+    side (check_artifact's split check covers that)."""
+    if validation is None:
+        return
+    if (meta.get("selected_on") or {}).get("sha256") != validation["sha256"]:
+        raise UserError(f"{what} was not trained with this validation split ('{validation['path']}'), so it may "
                         "have been fitted on the requests scored here; retrain it with the same train.validation_fraction")
 
 
@@ -225,11 +225,11 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
                      f"{chosen_on['path']}); scored here on the {len(split['val_ids'])} held-out requests"
                      + (" (the same ones: train.validation_fraction=0)." if chosen_on["side"] == "held-out" else ", once."))
     hashes = {"extraction_manifest": manifest_sha, "split": split_sha, "probes": {}, "baseline_weights": None}
-    sides = {"scored": scored, "chosen_on": chosen_on}
+    validation = None if e.split == "held_out" else {"path": chosen_on["path"], "sha256": file_sha256(Path(chosen_on["path"]))}
 
     # The bin frequencies the decode probe was trained on (its fit side), for the prior-corrected update.
     label_prior = artifact_label_prior(extraction, chosen_on, bins) if refine.likelihood == "prior_corrected" else None
-    bert_probs, bert_meta = _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, sides)
+    bert_probs, bert_meta = _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, validation)
     totals = {}
     if bert_probs is not None:
         totals["bert"] = estimate(bert_probs, bins, max_new)
@@ -237,7 +237,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     results, details = {}, {}
     for L in layers:
         results[L], details[L] = _evaluate_layer(cfg, L, extraction, held, bins, max_new, manifest_sha, split_sha,
-                                                 bert_probs, label_prior, hashes, notes, sides)
+                                                 bert_probs, label_prior, hashes, notes, validation)
         print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
     chosen = details[layer]
     if chosen["prompt_probs"] is not None:
@@ -279,7 +279,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     return report
 
 
-def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, sides):
+def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, validation):
     """(probs [n, K], baseline.json) of the baseline on the held-out prompts, or (None, None) with a note."""
     folder = cfg.paths.baseline
     if not (folder / "baseline.json").is_file():
@@ -287,7 +287,7 @@ def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, s
         return None, None
     meta = json.loads((folder / "baseline.json").read_text())
     check_artifact(meta, f"baseline '{folder}'", extraction, manifest_sha, split_sha, bins)
-    check_unseen(meta, f"baseline '{folder}'", sides)
+    check_unseen(meta, f"baseline '{folder}'", validation)
     bert = BertLengthPredictor.from_pretrained(folder, device="cpu")  # the serving runtime's own inference
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     hashes["baseline_weights"] = {w.name: file_sha256(w) for w in weights}
@@ -295,7 +295,7 @@ def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, s
     return bert.probs(texts, batch_size=cfg.eval.batch_size), meta
 
 
-def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, hashes, sides):
+def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, hashes, validation):
     folder = cfg.paths.probe(task, probe_name((layer,)))
     if not (folder / "probe.json").is_file():
         return None
@@ -304,16 +304,16 @@ def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, h
     if meta["task"] != task or meta["layers"] != [layer] or meta["multi_layer"] != "none":
         raise UserError(f"{what} says it is a {meta['task']} probe of layers {meta['layers']}; retrain it")
     check_artifact(meta, what, extraction, manifest_sha, split_sha, bins)
-    check_unseen(meta, what, sides)
+    check_unseen(meta, what, validation)
     hashes["probes"][str(folder / "probe.safetensors")] = file_sha256(folder / "probe.safetensors")
     return probe
 
 
 def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, split_sha, bert_probs, label_prior,
-                    hashes, notes, sides):
+                    hashes, notes, validation):
     """(metrics of every method at `layer`, the raw predictions used for curves and pictures)."""
-    prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes, sides)
-    decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes, sides)
+    prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes, validation)
+    decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes, validation)
     truth = held.output_tokens
     metrics = {m: None for m in METHODS}
     prompt_probs = decode = None
