@@ -1,7 +1,12 @@
-"""Useful generated tokens/s of `trail-probe extract` (capture on) against plain `model.generate`.
+"""Useful generated tokens/s of `trail-probe extract` (capture on) against plain generation, in both engines.
 
     python benchmarks/extract_throughput.py                      # 64 shared prompts, batch 32, 512 tokens
-    python benchmarks/extract_throughput.py --num-prompts 128 --batch-sizes 32,64
+    python benchmarks/extract_throughput.py --num-prompts 128 --batch-sizes 32,64 --vllm-dtype bfloat16
+
+Modes: `generate` (plain transformers `model.generate`), `extract` (the transformers extractor),
+`vllm_generate` (plain vLLM: its default engine, compiled, prefix caching on, no trail_probe code)
+and `vllm_extract` (`extract.engine=vllm`: eager, prefix caching off, every layer captured), the
+vLLM modes at each batch size as `max_num_seqs`, in `--vllm-dtype`.
 
 "Useful" tokens are those up to EOS (EOS not counted), summed over requests, divided by wall time.
 Plain `generate` keeps decoding finished rows until the longest answer of its batch ends, so much
@@ -81,9 +86,61 @@ def run_extract(num_prompts: int, batch_size: int) -> dict:
             "stored_decode_positions": stored_positions, "captured_layers": len(layers)}
 
 
-def child(mode: str, num_prompts: int, batch_size: int) -> None:
+def _vllm_setup(num_prompts: int):
+    from trail_probe.config import load_recipe
+    from trail_probe.offline.generation import prepare_prompts
+    from trail_probe.offline.prompts import load_prompts
+    from trail_probe.offline.vllm_generation import load_for_vllm
+
+    cfg = load_recipe(REPO / "recipes" / "smollm2_alpaca.yaml")
+    folder, tokenizer, _, eos = load_for_vllm(cfg.model)
+    prompts, _ = load_prompts(str(REPO.parent / "shared" / "data" / "alpaca_prompts.jsonl"))
+    ready, _ = prepare_prompts(prompts[:num_prompts], tokenizer, 512, 8192, "skip")
+    return cfg, folder, tokenizer, eos, ready
+
+
+def run_vllm_generate(num_prompts: int, batch_size: int, dtype: str) -> dict:
+    from vllm import LLM, SamplingParams
+
+    cfg, folder, _, eos, ready = _vllm_setup(num_prompts)
+    llm = LLM(model=str(folder), dtype=dtype, max_num_seqs=batch_size, kv_cache_memory_bytes=4 << 30, seed=0,
+              max_model_len=max(len(ids) for _, ids, _ in ready) + 512)
+    params = SamplingParams(temperature=0.0, max_tokens=512, stop_token_ids=sorted(eos), detokenize=False)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": ids} for _, ids, _ in ready], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    useful = 0
+    for o in outs:
+        tokens = list(o.outputs[0].token_ids)
+        useful += len(tokens) - (1 if tokens and tokens[-1] in eos else 0)  # EOS not counted, as extract counts
+    return {"useful_tokens": useful, "computed_tokens": int(useful), "wall_s": wall, "dtype": dtype}
+
+
+def run_vllm_extract(num_prompts: int, batch_size: int, dtype: str) -> dict:
+    from trail_probe.config import resolve_layers
+    from trail_probe.offline.vllm_generation import generate_with_vllm
+
+    cfg, folder, tokenizer, eos, ready = _vllm_setup(num_prompts)
+    cfg.generation.batch_size = batch_size
+    layers = resolve_layers(cfg.extract.decode_layers, 30)
+    useful = stored_positions = 0
+    stats: dict = {}
+    for req in generate_with_vllm(folder, tokenizer, eos, ready, cfg.generation, layers, layers,
+                                  cfg.extract.decode_stride, torch.float16, dtype=dtype, kv_cache_gb=4.0, stats=stats):
+        useful += req.record["output_tokens"]
+        stored_positions += req.decode_generated.numel()
+        last = time.perf_counter()  # the engine's shutdown after the last request is left out, as for vllm_generate
+    wall = last - stats["generation_start"]  # from the first request, as vllm_generate is timed
+    return {"useful_tokens": useful, "computed_tokens": useful, "wall_s": wall, "dtype": dtype,
+            "stored_decode_positions": stored_positions, "captured_layers": len(layers)}
+
+
+def child(mode: str, num_prompts: int, batch_size: int, dtype: str) -> None:
     torch.set_num_threads(torch.get_num_threads())
-    result = (run_generate if mode == "generate" else run_extract)(num_prompts, batch_size)
+    if mode.startswith("vllm"):
+        result = (run_vllm_generate if mode == "vllm_generate" else run_vllm_extract)(num_prompts, batch_size, dtype)
+    else:
+        result = (run_generate if mode == "generate" else run_extract)(num_prompts, batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -92,16 +149,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--batch-sizes", default="32", help="comma list; plain generate runs at the first")
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "N", "B"), help=argparse.SUPPRESS)
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM modes' dtype (float32 is transformers')")
+    parser.add_argument("--no-vllm", action="store_true", help="only the transformers modes")
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "N", "B", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])
         return
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     runs = [("generate", sizes[0])] + [("extract", b) for b in sizes]
+    if not args.no_vllm:
+        runs += [(mode, b) for b in sizes for mode in ("vllm_generate", "vllm_extract")]
     rows = []
     for mode, batch in runs:
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, str(args.num_prompts), str(batch)],
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, str(args.num_prompts), str(batch),
+                               args.vllm_dtype],
                               capture_output=True, text=True, cwd=REPO)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -112,10 +174,10 @@ def main() -> None:
         print(f"  {mode:8s} batch {batch:3d}: {r['useful_tok_s']:6.1f} useful tok/s, {r['wall_s']:.0f}s, "
               f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
     base = rows[0]["useful_tok_s"]
-    print(f"\n{'mode':10s}{'batch':>6s}{'useful tok/s':>14s}{'x generate':>12s}{'wall s':>9s}{'useful/computed':>17s}{'peak MB':>9s}")
+    print(f"\n{'mode':14s}{'batch':>6s}{'useful tok/s':>14s}{'x generate':>12s}{'wall s':>9s}{'useful/computed':>17s}{'peak MB':>9s}")
     for r in rows:
         r["speedup_vs_generate"] = r["useful_tok_s"] / base
-        print(f"{r['mode']:10s}{r['batch_size']:>6d}{r['useful_tok_s']:>14.1f}{r['speedup_vs_generate']:>12.2f}"
+        print(f"{r['mode']:14s}{r['batch_size']:>6d}{r['useful_tok_s']:>14.1f}{r['speedup_vs_generate']:>12.2f}"
               f"{r['wall_s']:>9.0f}{r['useful_tokens'] / r['computed_tokens']:>17.2f}{r['peak_rss_mb']:>9.0f}")
     same_batch = next(r for r in rows if r["mode"] == "extract" and r["batch_size"] == sizes[0])
     result = {
@@ -128,6 +190,17 @@ def main() -> None:
         "target": "extract >= 2x the useful tokens/s of plain generate at the same batch size",
         "target_met": same_batch["speedup_vs_generate"] >= 2.0,
     }
+    for b in sizes:  # the vLLM targets: extraction with capture >= 450 useful tok/s, within 15% of plain vLLM
+        plain = next((r for r in rows if r["mode"] == "vllm_generate" and r["batch_size"] == b), None)
+        ours = next((r for r in rows if r["mode"] == "vllm_extract" and r["batch_size"] == b), None)
+        if plain and ours:
+            ratio = ours["useful_tok_s"] / plain["useful_tok_s"]
+            result.setdefault("vllm", []).append({
+                "batch_size": b, "dtype": args.vllm_dtype, "extract_useful_tok_s": round(ours["useful_tok_s"], 1),
+                "plain_useful_tok_s": round(plain["useful_tok_s"], 1), "extract_over_plain": round(ratio, 3),
+                "target_met": ours["useful_tok_s"] >= 450 and ratio >= 0.85})
+            print(f"vLLM batch {b} ({args.vllm_dtype}): extraction {ours['useful_tok_s']:.0f} useful tok/s = "
+                  f"{ratio:.2f}x plain vLLM's {plain['useful_tok_s']:.0f} (target >= 450 and >= 0.85x)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {RESULTS.relative_to(REPO)}; target (>= 2x at batch {sizes[0]}) met: {result['target_met']}")

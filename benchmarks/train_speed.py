@@ -78,6 +78,7 @@ def run_one(epochs: int, threads: int, num_requests: int, per_request: int, dim:
         data = synthetic_decode_data(num_requests, per_request, dim, cfg.train.train_fraction)
         context = {"bins": Bins().to_dict(), "model": {"name_or_path": "benchmark"},
                    "extraction": {"path": "synthetic", "manifest_sha256": "-"}, "split": {"path": "-", "sha256": "-"},
+                   "selected_on": {"side": "held-out", "path": "-", "requests": 500, "sha256": "-"},
                    "config_sha256": "-", "layer_numbering": "-"}
         timer = EpochTimer()
         start, cpu_start = time.perf_counter(), time.process_time()

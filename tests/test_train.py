@@ -375,3 +375,48 @@ def test_temp_folders_of_another_host_on_a_shared_folder_are_left_alone(tmp_path
         assert mine.name == f".tmp-{host}-{os.getpid()}" and mine.is_dir()
         assert not dead_here.exists() and not legacy.exists() and elsewhere.is_dir()
     assert not mine.exists() and elsewhere.is_dir()
+
+
+# -- the sweep as one batched model ---------------------------------------------------------------
+@pytest.mark.parametrize("extra", [(), ("train.standardize=true", "train.loss=balanced_ce", "train.label_smoothing=0.1")])
+def test_a_stacked_sweep_equals_one_run_per_layer(extraction_dir, tmp_path, extra):
+    """Every layer's probe trained in one batched model (stacks of 3 over 4 layers: a stack of 3 and a
+    lone layer) ends with the weights, history and best epoch of training that layer alone."""
+    common = ("train.task=both", "train.layers=all", "train.epochs=3", *extra)
+    alone = train(config(extraction_dir, tmp_path / "alone", *common))
+    stacked = train(config(extraction_dir, tmp_path / "stacked", *common, "train.stack_layers=3"))
+    key = lambda m: (m["task"], tuple(m["layers"]))  # noqa: E731
+    assert sorted(map(key, alone)) == sorted(map(key, stacked)) and len(alone) == 8
+    assert {m.get("trained_in") for m in stacked if m["layers"] != [3]} == {"stack-0-2"}
+    ref = {key(m): m for m in alone}
+    for meta in stacked:
+        one = ref[key(meta)]
+        assert meta["metrics"]["best_epoch"] == one["metrics"]["best_epoch"], key(meta)
+        assert meta["metrics"]["val/mae"] == pytest.approx(one["metrics"]["val/mae"], rel=1e-4, abs=1e-3)
+        for a, b in zip(meta["history"], one["history"]):
+            assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4) and a["val/acc"] == pytest.approx(b["val/acc"])
+        name = f"probes/{meta['task']}/layer-{meta['layers'][0]}/probe.safetensors"
+        w_stack, w_alone = load_file(tmp_path / "stacked" / name), load_file(tmp_path / "alone" / name)
+        assert w_stack.keys() == w_alone.keys()
+        for k in w_alone:
+            torch.testing.assert_close(w_stack[k], w_alone[k], atol=2e-5, rtol=1e-4)
+    probe, _ = load_probe(tmp_path / "stacked" / "probes" / "decode" / "layer-1")  # an ordinary probe folder
+    assert probe(torch.zeros(2, 8)).shape == (2, 10)
+
+
+def test_a_stacked_sweep_resumes_and_keeps_what_it_wrote(extraction_dir, tmp_path, capsys):
+    cfg = config(extraction_dir, tmp_path, "train.layers=0-2", "train.epochs=3", "train.stack_layers=3")
+    with pytest.raises(_Interrupt):
+        train(cfg, callbacks=(_InterruptAt(epoch=1, batch=2),))
+    assert not (tmp_path / "probes/decode/layer-0/probe.json").exists()
+    counter = _CountEpochs()
+    resumed = train(cfg, resume=True, callbacks=(counter,))
+    assert counter.epochs == [1, 2]
+    whole = train(config(extraction_dir, tmp_path / "whole", "train.layers=0-2", "train.epochs=3", "train.stack_layers=3"))
+    for a, b in zip(resumed, whole):
+        assert a["history"] == b["history"]
+    stamp = (tmp_path / "probes/decode/layer-0/probe.safetensors").stat().st_mtime_ns
+    assert [m["layers"] for m in train(cfg, resume=True)] == [[0], [1], [2]]
+    assert (tmp_path / "probes/decode/layer-0/probe.safetensors").stat().st_mtime_ns == stamp
+    code, errors = cli(capsys, extraction_dir, tmp_path, "train.layers=0-2", "train.epochs=3", "train.stack_layers=3")
+    assert code == 2 and "--resume" in errors[0]

@@ -80,7 +80,8 @@ def _requests(folder):
     return [(f"r{i}", encode_prompt(tok, t), t) for i, t in enumerate(TEXTS)]
 
 
-def test_bad_setups_fail_in_one_line_before_vllm_starts(vllm_llama, tiny_llama, vllm_predictor, tmp_path, monkeypatch):
+def test_bad_setups_fail_in_one_line_before_vllm_starts(vllm_llama, tiny_llama, vllm_predictor, tmp_path, monkeypatch,
+                                                        capsys):
     from conftest import trail_weights, write_trail_dir
 
     from trail_probe.errors import UserError
@@ -105,6 +106,25 @@ def test_bad_setups_fail_in_one_line_before_vllm_starts(vllm_llama, tiny_llama, 
     (other / "trail_probe.json").write_text(json.dumps({"serving_model": {"name_or_path": "elsewhere", "weights_sha256": "0" * 64}}))
     with pytest.raises(UserError, match="trained on 'elsewhere'"):
         VLLMEngine(vllm_llama, "trail", trail_settings(other, initial="none"))
+    # A probe trained on states transformers computed in fp32, served by vLLM in bf16: refused when asked,
+    # else a warning on stderr; one extracted by vLLM in the serving dtype passes silently.
+    from trail_probe.runtime import LengthPredictor
+    from trail_probe.serving.vllm_engine import check_predictor
+
+    hf32 = write_trail_dir(tmp_path / "hf32", trail_weights(d=128), hidden_size=128, probe_layer_idx=1, device="cpu")
+    (hf32 / "trail_probe.json").write_text(json.dumps({"serving_model": {"name_or_path": "x", "dtype": "float32",
+                                                                         "engine": "hf"}}))
+    with pytest.raises(UserError, match="transformers computed in float32, but this engine is vLLM in bfloat16"):
+        VLLMEngine(vllm_llama, "trail", trail_settings(hf32, initial="none"), extraction_check="refuse", dtype="bfloat16")
+    predictor = LengthPredictor.from_pretrained(hf32, device="cpu")
+    check_predictor(vllm_llama, predictor, "bfloat16", "warn")
+    assert "extract.engine=vllm model.dtype=bfloat16" in capsys.readouterr().err
+    check_predictor(vllm_llama, predictor, "bfloat16", "off")
+    (hf32 / "trail_probe.json").write_text(json.dumps({"serving_model": {"dtype": "bfloat16", "engine": "vllm"}}))
+    check_predictor(vllm_llama, LengthPredictor.from_pretrained(hf32, device="cpu"), "bfloat16", "refuse")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UserError, match="vllm_extraction_check = 'maybe' is not one of warn, refuse, off"):
+        check_predictor(vllm_llama, predictor, "bfloat16", "maybe")
     import vllm
 
     monkeypatch.setattr(vllm, "__version__", "0.40.1")

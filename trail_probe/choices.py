@@ -32,7 +32,9 @@ RefineCadence = Literal["per_request", "global"]
 # side (for choosing refinement settings without looking at the held-out side)
 EvalSplit = Literal["held_out", "validation"]
 EnginePolicy = Literal["fifo", "trail", "trail_bert", "sjf_bert"]  # fifo: the engine's own scheduler
-ServeEngineName = Literal["hf", "vllm"]  # serve-bench: transformers continuous batching, or vLLM
+# vLLM serving a probe trained on states another engine or dtype computed: say so, refuse, or say nothing
+ExtractionCheck = Literal["warn", "refuse", "off"]
+EngineName = Literal["hf", "vllm"]  # extract and serve-bench: transformers (the reference), or vLLM's V1 engine
 # vLLM adds its own priority policy, fed BERT's estimate (what a user could do without trail_probe)
 VLLMPolicy = Literal["fifo", "priority", "trail", "trail_bert", "sjf_bert", "oracle"]  # oracle: lengths from the fifo run
 PausedCache = Literal["keep", "discard"]  # simulator: what a preempted request's KV cache does

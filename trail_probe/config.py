@@ -25,7 +25,9 @@ import yaml
 
 from trail_probe.atomic import atomic_write_text
 from trail_probe.choices import (
+    EngineName,
     EvalSplit,
+    ExtractionCheck,
     InitialSource,
     Likelihood,
     Logger,
@@ -34,7 +36,6 @@ from trail_probe.choices import (
     ProbeLoss,
     RefineCadence,
     RefinePrior,
-    ServeEngineName,
     Task,
     TaskSelection,
     TooLong,
@@ -89,6 +90,10 @@ class ExtractConfig:
     shard_size: int = 32  # requests per shard file
     num_workers: int = 1
     worker_index: int = 0
+    # hf: transformers (any HF causal LM or GGUF, the reference); vllm: vLLM's engine (offline/vllm_generation)
+    engine: EngineName = "hf"
+    vllm_kv_cache_gb: float = 4.0  # vllm: KV cache (on CPU, bytes of memory); room for generation.batch_size answers
+    vllm_max_batch_tokens: int = 2048  # vllm: tokens per forward pass (prefill chunks)
 
 
 @dataclass
@@ -104,6 +109,9 @@ class TrainConfig:
     multi_layer: MultiLayer = "none"  # also train one probe on the whole layer set
     multi_layer_layers: LayerSpec = ""  # layers the multi-layer probe reads; "" = train.layers
     hidden_dim: int = 512
+    # >1: the sweep's single-layer probes of a task trained that many layers at a time as one batched model
+    # (offline/probe_stack.py; the same results as one run per layer); 0 or 1: one Lightning run per probe
+    stack_layers: int = 0
     standardize: bool = False  # per-feature mean/std of the training states before fc1 (folded into fc1 at export)
     loss: ProbeLoss = "ce"  # the paper's cross-entropy, or balanced_ce (weighted by inverse training bin frequency)
     label_smoothing: float = 0.0  # in [0, 1): cross-entropy against smoothed targets (training loss only)
@@ -211,7 +219,7 @@ class SimulateConfig:
 class ServeConfig:
     """`trail-probe serve-bench`: a real engine (transformers continuous batching, or vLLM) under load."""
 
-    engine: ServeEngineName = "hf"  # hf: transformers continuous batching; vllm: vLLM's V1 engine
+    engine: EngineName = "hf"  # hf: transformers continuous batching; vllm: vLLM's V1 engine
 
     policies: list[str] = field(default_factory=lambda: ["fifo", "trail"])  # fifo | trail | trail_bert | sjf_bert
     num_requests: int = 200  # held-out prompts, sampled without replacement (the same ones for every policy)
@@ -228,6 +236,7 @@ class ServeConfig:
     threads: int = 2  # torch threads for the engine (hf)
     vllm_dtype: str = "bfloat16"  # vllm: the serving dtype (vLLM's CPU build serves bf16 fastest)
     vllm_kv_cache_gb: float = 2.0  # vllm: KV cache size (on CPU, bytes of memory)
+    vllm_extraction_check: ExtractionCheck = "warn"  # vllm: a probe extracted by another engine or dtype
     seed: int = 0
     out_dir: str = ""  # default: checkpoints/<run_name>/serve
 

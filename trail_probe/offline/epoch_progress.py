@@ -28,8 +28,9 @@ class EpochProgress(L.Callback):
     its postfix: `label`, the epoch, this epoch's val MAE and the stage's best so far."""
 
     def __init__(self, bar, label: str, offset: int = 0, per_batch: bool = False, best: StageBest | None = None,
-                 monitor: str = "val/mae", name: str | None = None):
+                 monitor: str = "val/mae", name: str | None = None, probes: int = 1):
         self.bar, self.label, self.offset, self.per_batch = bar, label, offset, per_batch
+        self.probes = probes  # probes trained together (a stack): each epoch counts that many probe-epochs
         self.name = name or label  # what the stage's best is called by
         self.best, self.monitor = best or StageBest(), monitor
         self.last_mae: float | None = None
@@ -48,7 +49,8 @@ class EpochProgress(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:  # a resumed run starts past its finished epochs
-            self._advance_to(self.offset + trainer.current_epoch * (trainer.num_training_batches if self.per_batch else 1))
+            self._advance_to(self.offset + trainer.current_epoch * (trainer.num_training_batches if self.per_batch
+                                                                    else self.probes))
             self._postfix(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -63,5 +65,5 @@ class EpochProgress(L.Callback):
             self.last_mae = float(value)
             self.best.offer(self.last_mae, self.name)
         if not self.per_batch:
-            self._advance_to(self.offset + trainer.current_epoch + 1)
+            self._advance_to(self.offset + (trainer.current_epoch + 1) * self.probes)
         self._postfix(trainer)

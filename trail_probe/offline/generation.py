@@ -219,21 +219,10 @@ def generate_with_capture(
     positions = torch.zeros(gen.batch_size, dtype=torch.long, device=device)
 
     def finish(row: _Row, n: int, hit_cap: bool) -> ExtractedRequest:
-        states = torch.stack(row.states, 1) if row.states else torch.zeros(
-            len(decode_layers), 0, row.prompt_states.shape[-1], dtype=storage_dtype)
-        record = {
-            "id": row.prompt.id,
-            "prompt": row.prompt.text,
-            "response": tokenizer.decode(row.tokens[:n], skip_special_tokens=True),
-            "prompt_tokens": row.prompt_len,
-            "output_tokens": n,
-            "hit_cap": hit_cap,
-            "truncated": row.truncated,
-        }
         if progress is not None:
             progress.update(1)
-        return ExtractedRequest(record, row.prompt_states, states, torch.tensor(row.generated, dtype=torch.long),
-                                row.tokens)
+        return extracted_request(tokenizer, row.prompt, row.prompt_len, row.truncated, row.tokens, n, hit_cap,
+                                 row.prompt_states, row.states, row.generated, len(decode_layers), storage_dtype)
 
     with packed_gqa_attention(model), LayerCapture(model, set(prompt_layers) | set(decode_layers)) as capture:
         while True:
@@ -286,6 +275,26 @@ def generate_with_capture(
                     slots[i] = None
                     batch.release(i)
             next_tokens, positions = chosen, positions + 1
+
+
+def extracted_request(tokenizer, prompt: Prompt, prompt_len: int, truncated: bool, tokens: list[int], n: int,
+                      hit_cap: bool, prompt_states: torch.Tensor, states: list[torch.Tensor], generated: list[int],
+                      num_decode_layers: int, storage_dtype: torch.dtype) -> ExtractedRequest:
+    """One finished request as the store keeps it, whichever engine generated it: `tokens` are the
+    generated ids (the EOS included when it ended the answer), `n` the answer's length without it,
+    `states` one [Ld, d] state per sampled position `generated`."""
+    decode = torch.stack(states, 1) if states else torch.zeros(num_decode_layers, 0, prompt_states.shape[-1],
+                                                                 dtype=storage_dtype)
+    record = {
+        "id": prompt.id,
+        "prompt": prompt.text,
+        "response": tokenizer.decode(tokens[:n], skip_special_tokens=True),
+        "prompt_tokens": prompt_len,
+        "output_tokens": n,
+        "hit_cap": hit_cap,
+        "truncated": truncated,
+    }
+    return ExtractedRequest(record, prompt_states, decode, torch.tensor(generated, dtype=torch.long), list(tokens))
 
 
 def validate_generation(gen, decode_stride: int) -> None:

@@ -42,11 +42,12 @@ class LayerCapture:
     """Forward hooks that keep the latest output of the requested decoder layers only.
     `on_forward(layer, states)`, when given, runs after each hooked layer's forward pass; `states_of`
     turns a layer's raw output into the residual stream (`first_output` for Hugging Face models,
-    `residual_sum` for vLLM's)."""
+    `residual_sum` for vLLM's); `keep=False` keeps nothing (the callback consumes each output, so no
+    layer's activations outlive the forward pass)."""
 
     def __init__(self, model: nn.Module, layers: Iterable[int],
                  on_forward: Callable[[int, torch.Tensor], None] | None = None,
-                 states_of: Callable[[object], torch.Tensor] = first_output):
+                 states_of: Callable[[object], torch.Tensor] = first_output, keep: bool = True):
         blocks = decoder_layers(model)
         layers = sorted(set(layers))
         bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
@@ -57,6 +58,7 @@ class LayerCapture:
         self.outputs: dict[int, torch.Tensor] = {}
         self._on_forward = on_forward
         self._states_of = states_of
+        self._keep = keep
         self._handles = []
         try:
             for layer in layers:
@@ -68,7 +70,8 @@ class LayerCapture:
     def _hook(self, layer: int):
         def hook(module, inputs, output):
             states = self._states_of(output)
-            self.outputs[layer] = states
+            if self._keep:
+                self.outputs[layer] = states
             if self._on_forward is not None:
                 self._on_forward(layer, states)
 

@@ -127,7 +127,9 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
+    """The tokens that end an answer: the generation config's EOS ids and the tokenizer's. `model` is
+    a model or its `GenerationConfig` (an engine that loads the weights itself)."""
+    ids = getattr(getattr(model, "generation_config", model), "eos_token_id", None)
     ids = ids if isinstance(ids, list) else [ids]
     ids = {i for i in ids if i is not None}
     if tokenizer.eos_token_id is not None:
@@ -280,17 +282,25 @@ def weights_sha256(name_or_path: str | os.PathLike) -> str | None:
     return digest.hexdigest()
 
 
-def model_fingerprint(cfg, model: nn.Module) -> dict:
-    """What identifies the serving model in every output: id, weight-file hash, shape."""
-    config = model.config
+def model_fingerprint(cfg, model: nn.Module, engine: str = "hf") -> dict:
+    """What identifies the serving model in every output: id, weight-file hash, shape, dtype, and the
+    engine that computed its states (hf: transformers; vllm)."""
+    return config_fingerprint(cfg, model.config, type(model).__name__, len(decoder_layers(model)), engine)
+
+
+def config_fingerprint(cfg, config, architecture: str | None = None, num_layers: int | None = None,
+                       engine: str = "hf") -> dict:
+    """`model_fingerprint` from the model's config alone (an engine that loads the weights itself)."""
     return {
         "name_or_path": cfg.name_or_path,
         "weights_sha256": weights_sha256(cfg.name_or_path) or getattr(config, "_commit_hash", None),
-        "architecture": type(model).__name__,
-        "num_layers": len(decoder_layers(model)),
+        "architecture": architecture or (getattr(config, "architectures", None) or ["?"])[0],
+        "num_layers": int(num_layers if num_layers is not None else
+                          getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")),
         "hidden_size": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
         "max_position_embeddings": int(
             getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0) or 0
         ),
         "dtype": cfg.dtype,
+        "engine": engine,
     }

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trail_probe.choices import ExtractionCheck, check_choice
 from trail_probe.errors import UserError
 from trail_probe.serving.policies import base_name
 from trail_probe.serving.trail_runtime import TrailRuntime
@@ -37,6 +39,7 @@ SCHEDULERS = {
     "oracle": "trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",  # needs replay(exact_lengths=...)
 }
 WORKER_EXTENSION = "trail_probe.serving.vllm_worker.TrailWorkerExtension"
+ENGINE_NAMES = {"hf": "transformers", "vllm": "vLLM"}  # an extraction's `engine`, in words
 
 
 def check_vllm() -> str:
@@ -158,32 +161,50 @@ class VLLMResult:
     tokens: list[int] = field(default_factory=list)
 
 
-def check_predictor(model: str | Path, predictor) -> None:
+def check_predictor(model: str | Path, predictor, dtype: str | None = None, extraction_check: str = "warn") -> None:
     """Refuse, before vLLM starts, a predictor made for another serving model: a layer outside the
-    model, another hidden width, or (for our exports) another weight hash."""
+    model, another hidden width, or (for our exports) another weight hash. A probe trained on states
+    another engine or dtype computed (the export's `serving_model.engine` / `dtype`) is warned about,
+    refused, or let through (`extraction_check`: warn | refuse | off)."""
     from transformers import AutoConfig
 
     from trail_probe.runtime.predictor import check_trained_on
 
+    check_choice(extraction_check, ExtractionCheck, "serve.vllm_extraction_check")
     config = AutoConfig.from_pretrained(str(model))
     predictor.check_serving_model(int(config.num_hidden_layers), int(config.hidden_size))
     check_trained_on(predictor, model)
+    trained = predictor.metadata.get("serving_model") or {}
+    if not trained or extraction_check == "off" or dtype is None:  # TRAIL's release records neither
+        return
+    engine, trained_dtype = trained.get("engine", "hf"), trained.get("dtype")
+    if engine == "vllm" and trained_dtype == dtype:
+        return
+    message = (f"the predictor's probe was trained on states that {ENGINE_NAMES.get(engine, engine)} computed in "
+               f"{trained_dtype}, but this engine is vLLM in {dtype} (README: how much that moves answers and MAE); "
+               f"extract with 'trail-probe extract RECIPE extract.engine=vllm model.dtype={dtype}' and train again, "
+               "or set serve.vllm_extraction_check=off")
+    if extraction_check == "refuse":
+        raise UserError(message)
+    print(f"trail-probe: warning: {message}", file=sys.stderr)
 
 
 class VLLMEngine:
     """vLLM's `LLMEngine` with a TRAIL (or a recording FCFS / priority) scheduler; a context manager."""
 
-    def __init__(self, model: str | Path, policy: str, settings: dict | None = None, **kwargs):
+    def __init__(self, model: str | Path, policy: str, settings: dict | None = None, extraction_check: str = "warn",
+                 **kwargs):
         check_vllm()
         self.predictor = self.prompt_predictor = None
         if settings is not None and settings.get("predictor"):
             from trail_probe.runtime import LengthPredictor
 
+            dtype = kwargs.get("dtype", "bfloat16")
             self.predictor = LengthPredictor.from_pretrained(settings["predictor"], device="cpu")
-            check_predictor(model, self.predictor)
+            check_predictor(model, self.predictor, dtype, extraction_check)
             if prompt_predictor_path(settings):
                 self.prompt_predictor = LengthPredictor.from_pretrained(prompt_predictor_path(settings), device="cpu")
-                check_predictor(model, self.prompt_predictor)
+                check_predictor(model, self.prompt_predictor, dtype, extraction_check)
         self.policy, self.settings = policy, settings
         self.kwargs = engine_kwargs(model, policy, settings, **kwargs)
         self.engine = None

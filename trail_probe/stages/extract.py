@@ -42,7 +42,12 @@ from trail_probe.offline.store import (
     write_shard,
 )
 from trail_probe.progress import progress_bar
-from trail_probe.runtime.models import dtype_of, load_causal_lm, model_fingerprint
+from trail_probe.runtime.models import (
+    config_fingerprint,
+    dtype_of,
+    load_causal_lm,
+    model_fingerprint,
+)
 
 HELP = "Generate answers with the serving model and dump per-layer hidden states + lengths."
 
@@ -54,6 +59,9 @@ EXAMPLES = """examples:
   # 8 GPUs, one worker each (same out_dir; read back as one dataset):
   for i in 0 1 2 3 4 5 6 7; do CUDA_VISIBLE_DEVICES=$i trail-probe extract recipes/llama3_8b_alpaca.yaml \\
       --num-workers 8 --worker-index $i & done; wait
+  # the same on a Ray cluster (one task per GPU, any number of nodes sharing the folder):
+  trail-probe extract recipes/llama3_8b_alpaca.yaml --ray              # $RAY_ADDRESS, else a local cluster
+  trail-probe extract recipes/llama3_8b_alpaca.yaml --ray ray://head:10001 --num-workers 16
 Interrupt at any time (Ctrl-C or kill) and run the same command again to resume."""
 
 
@@ -61,6 +69,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an extraction made with a different config")
     parser.add_argument("--num-workers", type=int, default=None, help="split the prompts over N independent workers")
     parser.add_argument("--worker-index", type=int, default=None, help="which worker this is (0..N-1)")
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                        help="run the workers as Ray tasks (one per GPU, or per --cpus-per-worker CPUs) on the Ray "
+                             "cluster at ADDRESS (default: $RAY_ADDRESS, else a local one)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1, help="with --ray and no GPUs: CPUs per worker")
     parser.add_argument("--verify", action="store_true",
                         help="check every shard of the extraction (readable, checksum, finite) and exit; changes nothing")
 
@@ -74,6 +86,7 @@ def _identity(cfg: RecipeConfig, model_info: dict, prompt_layers, decode_layers,
     gen.pop("batch_size")  # batching changes speed, not results
     return {
         "model": {k: model_info[k] for k in ("name_or_path", "weights_sha256", "dtype")},
+        "engine": model_info["engine"],
         "prompts": {k: v for k, v in config_to_dict(cfg.prompts).items()},
         "generation": gen,
         "prompt_layers": prompt_layers,
@@ -104,8 +117,14 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     mine = worker_slice(selected, num_workers, worker_index)
     storage_dtype = dtype_of(cfg.extract.storage_dtype)
 
-    model, tokenizer = load_causal_lm(cfg.model)
-    model_info = model_fingerprint(cfg.model, model)
+    if cfg.extract.engine == "vllm":  # vLLM loads the weights in its own worker; here only the config
+        from trail_probe.offline.vllm_generation import load_for_vllm
+
+        folder, tokenizer, config, eos = load_for_vllm(cfg.model)
+        model_info = config_fingerprint(cfg.model, config, engine="vllm")
+    else:
+        model, tokenizer = load_causal_lm(cfg.model)
+        model_info = model_fingerprint(cfg.model, model)
     num_layers = model_info["num_layers"]
     prompt_layers = resolve_layers(cfg.extract.prompt_layers, num_layers, "prompt layer")
     decode_layers = resolve_layers(cfg.extract.decode_layers, num_layers, "decode layer")
@@ -114,6 +133,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
+        old.setdefault("identity", {}).setdefault("engine", "hf")  # folders from before extract.engine existed
         if old.get("identity") != identity:
             if not overwrite:
                 diff = _describe_difference(old.get("identity", {}), identity)
@@ -198,15 +218,28 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
             buffer = []
 
     bar = progress_bar(cfg.progress, total=len(todo), desc="extract", unit="req", disable=not show_progress)
+    stream = None
     try:
-        for req in generate_with_capture(model, tokenizer, todo, cfg.generation, prompt_layers, decode_layers,
-                                         cfg.extract.decode_stride, storage_dtype, progress=bar):
+        if cfg.extract.engine == "vllm":
+            from trail_probe.offline.vllm_generation import generate_with_vllm
+
+            stream = generate_with_vllm(folder, tokenizer, eos, todo, cfg.generation, prompt_layers, decode_layers,
+                                        cfg.extract.decode_stride, storage_dtype, dtype=cfg.model.dtype,
+                                        kv_cache_gb=cfg.extract.vllm_kv_cache_gb,
+                                        max_batch_tokens=cfg.extract.vllm_max_batch_tokens,
+                                        fetch_every=cfg.extract.shard_size, progress=bar)
+        else:
+            stream = generate_with_capture(model, tokenizer, todo, cfg.generation, prompt_layers, decode_layers,
+                                           cfg.extract.decode_stride, storage_dtype, progress=bar)
+        for req in stream:
             buffer.append(req)
             useful_tokens += req.record["output_tokens"]
             bar.set_postfix(tok_s=f"{useful_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
             if len(buffer) >= cfg.extract.shard_size:
                 flush()
     finally:
+        if stream is not None:
+            stream.close()  # the engine (vLLM's processes) stops here, also on Ctrl-C
         flush()  # finished requests are kept even on Ctrl-C
         bar.close()
     elapsed = time.time() - start
@@ -278,8 +311,77 @@ def verify_extraction(cfg: RecipeConfig) -> int:
     return len(shards)
 
 
+# --------------------------------------------------------------------------------------------
+# Many workers on a Ray cluster
+# --------------------------------------------------------------------------------------------
+def _ray_worker(cfg: RecipeConfig, num_workers: int, worker_index: int, threads: int, cwd: str) -> dict:
+    """One Ray task: worker `worker_index` of `num_workers`, resuming its own shards like any worker;
+    run in the driver's folder, so the recipe's relative paths mean the same on every node."""
+    os.chdir(cwd)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        run_extract(cfg, num_workers=num_workers, worker_index=worker_index, show_progress=False)
+    except UserError as e:  # crosses back to the driver as a plain message, not a remote traceback
+        return {"worker_index": worker_index, "error": str(e)}
+    return json.loads((cfg.paths.data / "workers" / f"worker-{worker_index}.json").read_text())
+
+
+def run_extract_ray(cfg: RecipeConfig, address: str | None = "auto", num_workers: int | None = None,
+                    cpus_per_worker: int = 1, overwrite: bool = False) -> Path:
+    """Extract with one Ray task per worker (a GPU each, else `cpus_per_worker` CPUs) into one folder,
+    which every node must see (a shared file system). Each task is an ordinary `--worker-index` worker:
+    its own slice of the prompts, shards and status file, resumed where it stopped, so every prompt is
+    extracted exactly once; Ray re-runs a task whose node dies (it resumes), and the same command
+    again finishes what an interrupted run left."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install 'ray>=2.40' (bash scripts/install.sh installs it), "
+                        "or run the workers yourself with --num-workers N --worker-index i") from None
+    if overwrite and cfg.paths.data.exists():
+        shutil.rmtree(cfg.paths.data)
+    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        address = None  # no cluster named: start a local one
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        num_workers = num_workers or (gpus or max(1, int(resources.get("CPU", 1)) // cpus_per_worker))
+        options = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
+        task = ray.remote(max_retries=3, **options)(_ray_worker)
+        print(f"extract: {num_workers} Ray workers ({'1 GPU' if gpus else f'{cpus_per_worker} CPU'} each) "
+              f"on {ray.get_runtime_context().gcs_address} -> {cfg.paths.data}")
+        start = time.time()
+        pending = [task.remote(cfg, num_workers, i, 0 if gpus else cpus_per_worker, os.getcwd())
+                   for i in range(num_workers)]
+        statuses = []
+        prompts, _ = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.skip_bad_rows)
+        total = len(select_prompts(prompts, cfg.prompts.num_prompts, cfg.prompts.seed))
+        with progress_bar(cfg.progress, total=total, desc="extract (ray)", unit="req") as bar:
+            while pending:
+                ready, pending = ray.wait(pending, timeout=5.0)
+                statuses += ray.get(ready)
+                done = sum(json.loads(f.read_text()).get("done", 0)
+                           for f in (cfg.paths.data / "workers").glob("worker-*.json")) if cfg.paths.data.exists() else 0
+                bar.update(done - bar.n)
+    finally:
+        ray.shutdown()
+    errors = [st for st in statuses if "error" in st]
+    if errors:
+        raise UserError(f"worker {errors[0]['worker_index']}: {errors[0]['error']}")
+    tokens = sum(st.get("useful_tokens_this_run", 0) for st in statuses)
+    elapsed = time.time() - start
+    print(f"extract: {num_workers} Ray workers complete: {sum(st['expected'] for st in statuses)} requests, "
+          f"{tokens} new tokens in {elapsed:.0f}s ({tokens / max(elapsed, 1e-9):.1f} useful tok/s)")
+    return cfg.paths.data
+
+
 def run(cfg: RecipeConfig, args) -> None:
     if getattr(args, "verify", False):
         verify_extraction(cfg)
+        return
+    if getattr(args, "ray", None):
+        run_extract_ray(cfg, args.ray, args.num_workers, args.cpus_per_worker, args.overwrite)
         return
     run_extract(cfg, overwrite=args.overwrite, num_workers=args.num_workers, worker_index=args.worker_index)

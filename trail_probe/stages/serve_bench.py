@@ -257,7 +257,7 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     bar = progress_bar(cfg.progress, total=len(requests), desc=f"serve-bench vllm {policy}", unit="req")
     start = time.time()
     try:
-        with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, **kwargs) as engine:
+        with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, sc.vllm_extraction_check, **kwargs) as engine:
             engine.replay(requests[:2], [0.0, 0.0], max_new_tokens=8,  # warm-up, left out of the log below
                           exact_lengths=None if exact_lengths is None else exact_lengths[:2],
                           initial_probs=None if probs is None else probs[:2])

@@ -21,11 +21,14 @@ config.yaml. Logs go to `<checkpoint_dir>/logs/<task>/<name>/`. With several lay
 sweep), `<checkpoint_dir>/sweep/layer_sweep.{csv,json,png}` show val MAE and accuracy by layer,
 multi-layer probes beside them, and name the best layer per task.
 
-Why one probe at a time, not all layers stacked in one batched model: on CPU a step of 30 stacked
-probes (d=576) took 63 ms against 1.4 ms for one probe, i.e. slower than 30 separate steps, because
-one probe's weights and AdamW state stay in cache and 30 probes' do not. Separate runs are also
-exactly the single-layer recipe, have their own best epoch, checkpoints and resume, and a sweep
-interrupted at layer 17 resumes at layer 17.
+A sweep's single-layer probes can also train `train.stack_layers` layers at a time as one batched
+model (`offline/probe_stack.py`, `fit_stack`): the same batches, initial weights and schedule as one
+run per layer, so the same results (a test checks weights, histories and best epochs), with the
+Lightning step paid once per stack. On this 2-core CPU that buys little (benchmarks/sweep_speed.py:
+one epoch of a 30-layer decode sweep takes 39.5 s one probe at a time, 24.1 s in stacks of 5 on
+2 threads): a probe step is compute- and memory-bound, and 30 probes' weights and AdamW state do not
+stay in cache; on a GPU the stack's batched products replace 30 small steps by one. Each layer still
+gets its own best epoch and probe folder; the stack's `last.ckpt` resumes it.
 
 Several devices (`train.strategy=ddp train.devices=N`): each rank takes every N-th batch of the same
 (seed, epoch) order, so `train.batch_size` is per device, as usual in Lightning; every rank scores
@@ -35,10 +38,7 @@ the whole held-out set and only rank 0 writes files.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from trail_probe.choices import Task, options
 from trail_probe.config import RecipeConfig, config_sha256, resolve_layers, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.artifacts import PROBE_FORMAT, probe_name
+from trail_probe.offline.probe_fit import fit_module, latest_checkpoint, quiet_lightning
 from trail_probe.offline.split import (
     load_or_make_split,
     manifest_sha256,
@@ -59,7 +60,7 @@ from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.sweep_report import print_results, write_sweep
 from trail_probe.progress import progress_bar
 from trail_probe.runtime.bins import Bins
-from trail_probe.runtime.models import file_sha256
+from trail_probe.runtime.models import dtype_of, file_sha256
 
 HELP = "Train the length probe on extracted hidden states; sweep layers to find the best one."
 EXAMPLES = """examples:
@@ -146,6 +147,26 @@ def plan_probes(cfg: RecipeConfig, extraction: Extraction) -> list[ProbeSpec]:
     return specs
 
 
+def stack_runs(specs: list[ProbeSpec], stack_layers: int) -> list[ProbeSpec]:
+    """The runs that train `specs`: with `stack_layers` > 1, a task's single-layer probes go in stacks
+    of up to that many consecutive layers (mode "stack", `fit_stack`); everything else alone."""
+    if stack_layers <= 1:
+        return list(specs)
+    runs, pending = [], {}
+    for spec in specs:
+        if spec.mode != "none":
+            runs.append(spec)
+            continue
+        group = pending.setdefault(spec.task, [])
+        group.append(spec.layers[0])
+        if len(group) == stack_layers:
+            runs.append(ProbeSpec(spec.task, tuple(pending.pop(spec.task)), "stack"))
+    for task, group in pending.items():
+        runs.append(ProbeSpec(task, tuple(group), "stack") if len(group) > 1 else ProbeSpec(task, (group[0],)))
+    order = {spec.task: i for i, spec in reversed(list(enumerate(specs)))}
+    return sorted(runs, key=lambda r: order[r.task])  # stable: each task's runs in layer order, tasks as planned
+
+
 def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, per_request: int,
               seed: int) -> ProbeData:
     """The probe's inputs, labels and true lengths as in-memory tensors, split by request."""
@@ -161,10 +182,12 @@ def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, 
         request = torch.arange(len(tokens))
         cap = torch.full((len(tokens),), max_new)
     else:
-        decodes = [extraction.decode(layer) for layer in spec.layers]
-        states = [d.states for d in decodes]
-        tokens, request = decodes[0].remaining, decodes[0].request
-        cap = max_new - decodes[0].generated.float()  # the runtime never predicts past max_new_tokens
+        # a stack holds many layers in memory at once: kept in the storage dtype (exact), fp32 per batch
+        keep = dtype_of(extraction.manifest.get("storage_dtype", "float32")) if spec.mode == "stack" else torch.float32
+        first = extraction.decode(spec.layers[0])
+        states = [first.states.to(keep)] + [extraction.decode(layer).states.to(keep) for layer in spec.layers[1:]]
+        tokens, request = first.remaining, first.request
+        cap = max_new - first.generated.float()  # the runtime never predicts past max_new_tokens
     x = states[0] if spec.mode == "none" else torch.stack(states, 1)
     rows = TensorRows(x, bins.label(tokens), tokens.float(), cap)
     train_rows = torch.nonzero(is_train[request]).squeeze(1)
@@ -182,34 +205,39 @@ def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, 
         num_train_requests=int(is_train.sum()), num_val_requests=int(is_val.sum()))
 
 
-def _loggers(cfg: RecipeConfig, spec: ProbeSpec) -> list:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-
-    save_dir, name = str(cfg.paths.logs), f"{spec.task}/{spec.name}"
-    loggers = []
-    for kind in cfg.train.loggers:
-        if kind == "csv":
-            loggers.append(CSVLogger(save_dir, name=name))
-        elif kind == "tensorboard":
-            loggers.append(TensorBoardLogger(save_dir, name=name, default_hp_metric=False))
-        else:  # wandb goes online only when the user asked for a project and has a key
-            online = bool(cfg.train.wandb_project) and bool(os.environ.get("WANDB_API_KEY"))
-            if not online:
-                os.environ["WANDB_MODE"] = "offline"
-            loggers.append(WandbLogger(project=cfg.train.wandb_project or "trail_probe", name=f"{cfg.run_name}/{name}",
-                                       group=cfg.run_name, save_dir=save_dir, offline=not online))
-    return loggers
+def _hparams(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict) -> dict:
+    t = cfg.train
+    recipe = {key: getattr(t, key) for key in ("epochs", "batch_size", "seed", "decode_samples_per_request")}
+    recipe.update(split_sha256=context["split"]["sha256"],
+                  extraction_manifest_sha256=context["extraction"]["manifest_sha256"])
+    if context["selected_on"]["side"] == "validation":  # (absent otherwise: probes trained before it stay resumable)
+        recipe["validation_sha256"] = context["selected_on"]["sha256"]
+    return dict(task=spec.task, layers=list(spec.layers), **({} if spec.mode == "stack" else {"multi_layer": spec.mode}),
+                input_dim=data.input_dim, hidden_dim=t.hidden_dim, num_bins=cfg.bins.num_bins, max_len=cfg.bins.max_len,
+                lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, recipe=recipe, standardize=t.standardize,
+                loss=t.loss, label_smoothing=t.label_smoothing)
 
 
-class _DropDeviceInfo(logging.Filter):
-    """Lightning prints device availability, a tip and "fit stopped" for every Trainer; a sweep builds dozens."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(("GPU available", "TPU available", "HPU available", "💡 Tip",
-                                                   "`Trainer.fit` stopped", "Loading `train_dataloader` to estimate"))
-
-
-_DROP_DEVICE_INFO = _DropDeviceInfo()
+def _resume_point(folder: Path, hparams: dict, epochs: int, resume: bool, overwrite: bool, fast_dev_run: bool,
+                  finished: Path) -> tuple[Path | None, bool]:
+    """(checkpoint to continue from, whether `folder` already holds the finished run: `finished` exists)."""
+    if fast_dev_run:
+        return None, False
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+    if not (folder / "last.ckpt").is_file():
+        return None, False
+    if not resume:
+        raise UserError(f"'{folder}' already holds a probe; add --resume to continue it (finished probes are kept) "
+                        "or --overwrite to train it again")
+    # Our own checkpoint; Lightning stores hparams as an AttributeDict, which weights_only refuses.
+    saved = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+    for key, value in hparams.items():
+        # settings added after a checkpoint was written count as their defaults
+        if saved["hyper_parameters"].get(key, ADDED_HPARAMS.get(key)) != value:
+            raise UserError(f"'{folder / 'last.ckpt'}' was trained with {key}={saved['hyper_parameters'].get(key)!r} "
+                            f"but the config gives {value!r}; restore the old settings or use --overwrite")
+    return folder / "last.ckpt", finished.is_file() and saved["epoch"] + 1 >= epochs
 
 
 def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict, resume: bool = False,
@@ -218,115 +246,108 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     """Train one probe into its contract-1 folder; returns its probe.json metadata (None on non-zero ranks).
     `progress`: the stage bar's `EpochProgress` callback (None: a bar of this probe alone)."""
     import lightning as L
-    from lightning.pytorch.callbacks import (
-        LearningRateMonitor,
-        ModelCheckpoint,
-        TQDMProgressBar,
-    )
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from trail_probe.offline.epoch_progress import EpochProgress
-    from trail_probe.offline.probe_module import ProbeModule, make_loader
+    from trail_probe.offline.probe_module import ProbeModule
 
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_DEVICE_INFO)
-    # The feed is in memory (no workers needed); epoch metrics are torchmetrics values that compute()
-    # already reduced over DDP ranks; the pytree note is Lightning's own deprecation.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
-    warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
-    t = cfg.train
+    quiet_lightning()
     own_bar = progress is None
     if own_bar:
-        progress = EpochProgress(progress_bar(cfg.progress, total=t.epochs, desc=f"train {spec.task} {spec.name}",
+        progress = EpochProgress(progress_bar(cfg.progress, total=cfg.train.epochs, desc=f"train {spec.task} {spec.name}",
                                               unit="epoch"), f"{spec.task} {spec.name}")
     say = progress.bar.write
     folder = cfg.paths.probe(spec.task, spec.name)
-    recipe = {key: getattr(t, key) for key in ("epochs", "batch_size", "seed", "decode_samples_per_request")}
-    recipe.update(split_sha256=context["split"]["sha256"],
-                  extraction_manifest_sha256=context["extraction"]["manifest_sha256"])
-    if context["selected_on"]["side"] == "validation":  # (absent otherwise: probes trained before it stay resumable)
-        recipe["validation_sha256"] = context["selected_on"]["sha256"]
-    hparams = dict(task=spec.task, layers=list(spec.layers), multi_layer=spec.mode, input_dim=data.input_dim,
-                   hidden_dim=t.hidden_dim, num_bins=cfg.bins.num_bins, max_len=cfg.bins.max_len, lr=t.lr,
-                   min_lr=t.min_lr, weight_decay=t.weight_decay, recipe=recipe, standardize=t.standardize,
-                   loss=t.loss, label_smoothing=t.label_smoothing)
-    ckpt_path = None
-    if overwrite and folder.exists() and not fast_dev_run:
-        shutil.rmtree(folder)
-    if (folder / "last.ckpt").is_file() and not fast_dev_run:
-        if not resume:
-            raise UserError(f"'{folder}' already holds a probe; add --resume to continue it (finished probes are kept) "
-                            "or --overwrite to train it again")
-        # Our own checkpoint; Lightning stores hparams as an AttributeDict, which weights_only refuses.
-        saved = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-        for key, value in hparams.items():
-            # settings added after a checkpoint was written count as their defaults
-            if saved["hyper_parameters"].get(key, ADDED_HPARAMS.get(key)) != value:
-                raise UserError(f"'{folder / 'last.ckpt'}' was trained with {key}={saved['hyper_parameters'].get(key)!r} "
-                                f"but the config gives {value!r}; restore the old settings or use --overwrite")
-        if (folder / "probe.json").is_file() and saved["epoch"] + 1 >= t.epochs:
-            say(f"[{spec.task} {spec.name}] already trained; kept")
-            meta = json.loads((folder / "probe.json").read_text())
-            progress.best.offer(meta["metrics"]["val/mae"], progress.name)
-            return meta
-        ckpt_path = folder / "last.ckpt"
-
-    L.seed_everything(t.seed, workers=True, verbose=False)  # same initial weights for every run of this recipe
+    hparams = _hparams(cfg, spec, data, context)
+    ckpt_path, done = _resume_point(folder, hparams, cfg.train.epochs, resume, overwrite, fast_dev_run,
+                                    folder / "probe.json")
+    if done:
+        say(f"[{spec.task} {spec.name}] already trained; kept")
+        meta = json.loads((folder / "probe.json").read_text())
+        progress.best.offer(meta["metrics"]["val/mae"], progress.name)
+        return meta
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # same initial weights for every run of this recipe
     module = ProbeModule(**hparams)
-    if t.standardize:  # from the training side only; a resumed run recomputes the same values
-        module.probe.set_input_stats(data.train.tensors[0])
-    if t.loss == "balanced_ce":
-        module.set_class_weights(data.train.tensors[1])
-    train_loader = make_loader(data.train, t.batch_size, t.seed, True, data.train_groups, t.decode_samples_per_request)
-    val_loader = make_loader(data.val, t.batch_size, t.seed, False)
     checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/mae", mode="min", save_top_k=1,
                                  enable_version_counter=False)
-    # Lightning's save_last=True copies "last" only when a best checkpoint is saved, so last.ckpt would
-    # be the best epoch, not the latest; an unmonitored checkpoint rewritten every epoch is the latest.
-    latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                             enable_version_counter=False)
-    loggers = [] if fast_dev_run else _loggers(cfg, spec)
-    # Trainer(deterministic=True) switches torch to deterministic algorithms for the whole process;
-    # switch back afterwards so later stages in the same process (eval on CUDA) are not refused ops.
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    trainer = L.Trainer(
-        max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
-        deterministic=t.deterministic, logger=loggers or False, fast_dev_run=fast_dev_run,
-        callbacks=[*([] if fast_dev_run else [checkpoint, latest]), progress,
-                   *([TQDMProgressBar(refresh_rate=10)] if cfg.progress.lightning_bars else []),
-                   *([LearningRateMonitor("epoch")] if loggers else []), *callbacks],
-        enable_progress_bar=cfg.progress.lightning_bars,
-        num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
-        default_root_dir=folder)
-    say(f"[{spec.task} {spec.name}] {len(data.train)} training samples ({data.num_train_requests} requests), "
-        f"{len(data.val)} {context['selected_on']['side']} ({data.num_val_requests} requests), {t.epochs} epochs")
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        trainer = fit_module(cfg, spec, module, data, folder, ckpt_path, [checkpoint, latest_checkpoint(folder)], progress, callbacks,
+                       fast_dev_run, context)
     finally:
-        torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
         if own_bar:
             progress.bar.close()
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()  # else the next probe's logger would reuse this wandb run
     if fast_dev_run or not trainer.is_global_zero:
         return None
-    return _write_probe(cfg, spec, folder, module, checkpoint.best_model_path, context, say)
-
-
-def _write_probe(cfg, spec: ProbeSpec, folder: Path, module, best_path: str, context: dict, say=print) -> dict:
-    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
     weights = {k.removeprefix("probe."): v.contiguous() for k, v in best["state_dict"].items() if k.startswith("probe.")}
-    with atomic_path(folder / "probe.safetensors") as tmp:
-        save_file(weights, str(tmp))
     entry = next(h for h in module.history if h["epoch"] == best["epoch"])
+    return _write_probe(cfg, spec, folder, weights, module.history, entry, data.input_dim, context, say)
+
+
+def fit_stack(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict, resume: bool = False,
+              overwrite: bool = False, fast_dev_run: bool = False, callbacks: tuple = (),
+              progress=None) -> list[dict]:
+    """Train the single-layer probes of `spec.layers` as one `ProbeStack` (`offline/probe_stack.py`);
+    each layer's best epoch goes into its own probe folder, as `fit_probe` writes it. The stack's own
+    folder (`<task>/stack-<first>-<last>/`) holds its last.ckpt for --resume."""
+    import lightning as L
+
+    from trail_probe.offline.epoch_progress import EpochProgress
+    from trail_probe.offline.probe_stack import StackModule
+
+    quiet_lightning()
+    if progress is None:  # a bar of this stack alone (the stage passes its own)
+        progress = EpochProgress(progress_bar(cfg.progress, total=cfg.train.epochs * len(spec.layers),
+                                              desc=f"train {spec.task} {spec.name}", unit="epoch"),
+                                 f"{spec.task} {spec.name}", probes=len(spec.layers))
+    say = progress.bar.write
+    folder = cfg.paths.probe(spec.task, spec.name)
+    members = [ProbeSpec(spec.task, (layer,)) for layer in spec.layers]
+    member_dirs = [cfg.paths.probe(m.task, m.name) for m in members]
+    if overwrite and not fast_dev_run:
+        for d in member_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    taken = [d for d in member_dirs if (d / "probe.json").is_file()]
+    if taken and not (resume or fast_dev_run) and not (folder / "last.ckpt").is_file():
+        raise UserError(f"'{taken[0]}' already holds a probe; add --resume to keep finished probes "
+                        "or --overwrite to train them again")
+    hparams = _hparams(cfg, spec, data, context)
+    ckpt_path, done = _resume_point(folder, hparams, cfg.train.epochs, resume, overwrite, fast_dev_run,
+                                    folder / "written.json")
+    if done and all((d / "probe.json").is_file() for d in member_dirs):
+        say(f"[{spec.task} {spec.name}] already trained; kept")
+        metas = [json.loads((d / "probe.json").read_text()) for d in member_dirs]
+        for m, meta in zip(members, metas):
+            progress.best.offer(meta["metrics"]["val/mae"], f"{m.task} {m.name}")
+        return metas
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # each layer's initial weights as alone
+    module = StackModule(**hparams)
+    trainer = fit_module(cfg, spec, module, data, folder, ckpt_path, [latest_checkpoint(folder)], progress, callbacks, fast_dev_run,
+                   context)
+    if fast_dev_run or not trainer.is_global_zero:
+        return []
+    metas = []
+    for i, (member, member_dir) in enumerate(zip(members, member_dirs)):
+        weights, entry = module.best_state(i)
+        metas.append(_write_probe(cfg, member, member_dir, weights, module.layer_history(i), entry, data.input_dim,
+                                  context, say, trained_in=spec.name))
+    atomic_write_json(folder / "written.json", {"probes": [str(d) for d in member_dirs]})
+    return metas
+
+
+def _write_probe(cfg, spec: ProbeSpec, folder: Path, weights: dict, history: list[dict], entry: dict, input_dim: int,
+                 context: dict, say=print, trained_in: str | None = None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "probe.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
     meta = {
         "format": PROBE_FORMAT, "task": spec.task, "layers": list(spec.layers), "multi_layer": spec.mode,
-        "input_dim": module.hparams.input_dim, "hidden_dim": cfg.train.hidden_dim, "num_labels": cfg.bins.num_bins,
-        "standardize": bool(module.hparams.standardize),
+        "input_dim": input_dim, "hidden_dim": cfg.train.hidden_dim, "num_labels": cfg.bins.num_bins,
+        "standardize": bool(cfg.train.standardize),
         **context, "metrics": {"val/mae": entry["val/mae"], "val/acc": entry["val/acc"], "val/loss": entry["val/loss"],
                                "best_epoch": entry["epoch"]},
-        "epochs": cfg.train.epochs, "history": module.history,
+        "epochs": cfg.train.epochs, "history": history,
+        **({"trained_in": trained_in} if trained_in else {}),
     }
     save_config(cfg, folder)
     atomic_write_json(folder / "probe.json", meta)
@@ -358,17 +379,23 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
 
     results, epochs = [], cfg.train.epochs
     best = {task: StageBest() for task in options(Task)}
+    runs = stack_runs(specs, cfg.train.stack_layers)
     with temp_files_in(cfg.paths.checkpoints), \
             progress_bar(cfg.progress, total=len(specs) * epochs, desc="train", unit="epoch") as bar:
-        for i, spec in enumerate(specs):
-            progress = EpochProgress(bar, f"{spec.task} {spec.name} ({i + 1}/{len(specs)})", offset=i * epochs,
-                                     best=best[spec.task], name=f"{spec.task} {spec.name}")
+        done = 0  # probes finished before this run
+        for i, spec in enumerate(runs):
+            size = len(spec.layers) if spec.mode == "stack" else 1
+            progress = EpochProgress(bar, f"{spec.task} {spec.name} ({i + 1}/{len(runs)})", offset=done * epochs,
+                                     best=best[spec.task], name=f"{spec.task} {spec.name}", probes=size)
             data = load_data(extraction, spec, split, bins, cfg.train.decode_samples_per_request, cfg.train.seed)
-            meta = fit_probe(cfg, spec, data, context, resume, overwrite, fast_dev_run, callbacks, progress)
-            if bar.n < (i + 1) * epochs:  # a kept probe, or fast_dev_run
-                bar.update((i + 1) * epochs - bar.n)
-            if meta is not None:
-                results.append(meta)
+            if spec.mode == "stack":
+                results += fit_stack(cfg, spec, data, context, resume, overwrite, fast_dev_run, callbacks, progress)
+            else:
+                meta = fit_probe(cfg, spec, data, context, resume, overwrite, fast_dev_run, callbacks, progress)
+                results += [] if meta is None else [meta]
+            done += size
+            if bar.n < done * epochs:  # a kept probe, or fast_dev_run
+                bar.update(done * epochs - bar.n)
     if not results:  # fast_dev_run, or a non-zero DDP rank
         return results
     sweep = any(sum(m["task"] == task and m["multi_layer"] == "none" for m in results) > 1 for task in options(Task))
