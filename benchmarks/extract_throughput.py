@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -103,6 +104,7 @@ def run_vllm_generate(num_prompts: int, batch_size: int, dtype: str) -> dict:
     from vllm import LLM, SamplingParams
 
     cfg, folder, _, eos, ready = _vllm_setup(num_prompts)
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # every core to the model, as extract.engine=vllm does
     llm = LLM(model=str(folder), dtype=dtype, max_num_seqs=batch_size, kv_cache_memory_bytes=4 << 30, seed=0,
               max_model_len=max(len(ids) for _, ids, _ in ready) + 512)
     params = SamplingParams(temperature=0.0, max_tokens=512, stop_token_ids=sorted(eos), detokenize=False)
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="32", help="comma list; plain generate runs at the first")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM modes' dtype (float32 is transformers')")
     parser.add_argument("--no-vllm", action="store_true", help="only the transformers modes")
+    parser.add_argument("--modes", default="", help="run only these modes (comma list); keep the other rows of the last run")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "N", "B", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -161,6 +164,11 @@ def main() -> None:
     if not args.no_vllm:
         runs += [(mode, b) for b in sizes for mode in ("vllm_generate", "vllm_extract")]
     rows = []
+    if args.modes:  # rerun some modes; the others' rows are kept from the last run, marked as such
+        keep = set(args.modes.split(","))
+        old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+        rows = [{**r, "from_previous_run": old.get("command")} for r in old["runs"] if r["mode"] not in keep]
+        runs = [(m, b) for m, b in runs if m in keep]
     for mode, batch in runs:
         proc = subprocess.run([sys.executable, __file__, "--child", mode, str(args.num_prompts), str(batch),
                                args.vllm_dtype],
@@ -173,6 +181,7 @@ def main() -> None:
         rows.append(r)
         print(f"  {mode:8s} batch {batch:3d}: {r['useful_tok_s']:6.1f} useful tok/s, {r['wall_s']:.0f}s, "
               f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    rows.sort(key=lambda r: (["generate", "extract", "vllm_generate", "vllm_extract"].index(r["mode"]), r["batch_size"]))
     base = rows[0]["useful_tok_s"]
     print(f"\n{'mode':14s}{'batch':>6s}{'useful tok/s':>14s}{'x generate':>12s}{'wall s':>9s}{'useful/computed':>17s}{'peak MB':>9s}")
     for r in rows:

@@ -30,6 +30,7 @@ states of chosen layers on the runner's output, as `pooler_output` is for poolin
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -247,6 +248,10 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
     check_vllm()
     if not prompts:
         return
+    # An offline job whose client does little: on a CPU, vLLM's worker gets every core instead of
+    # leaving one to the engine core and the client (432 against 337 useful tok/s here, 30 layers
+    # captured); a value the user set wins. (No effect on a GPU.)
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     max_model_len = max(len(ids) for _, ids, _ in prompts) + gen.max_new_tokens
     stats = {} if stats is None else stats
     began = time.perf_counter()
@@ -286,6 +291,4 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
     finally:
         engine.engine_core.shutdown()
         if affinity:
-            import os
-
             os.sched_setaffinity(0, affinity)
