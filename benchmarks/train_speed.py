@@ -15,15 +15,13 @@ CPU seconds ("process_cpu_s") are the better guide to what a quiet machine does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results_file import run_facts, write_results
 
 from trail_probe.config import load_recipe
 from trail_probe.offline.probe_module import TensorRows
@@ -109,13 +107,9 @@ def main(argv=None) -> None:
               f"{r['samples_per_s']:>10.0f} {r['epoch_s_median']:>8.2f} {r['val_mae_best']:>8.1f} "
               f"{r['loadavg_1min_before']:>5.1f}")
     result = {"benchmark": "train_speed", "task": "decode", "requests": args.requests, "samples_per_request":
-              args.per_request, "hidden_size": args.dim, "batch_size": 32, "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "python": platform.python_version(),
-              "background_load": any(r["background_load"] for r in runs), "runs": runs,
-              "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+              args.per_request, "hidden_size": args.dim, "batch_size": 32,
+              "background_load": any(r["background_load"] for r in runs), "runs": runs, **run_facts(argv)}
+    write_results(RESULTS, result)
 
 
 if __name__ == "__main__":
