@@ -249,8 +249,8 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
     if not prompts:
         return
     # An offline job whose client does little: on a CPU, vLLM's worker gets every core instead of
-    # leaving one to the engine core and the client (432 against 337 useful tok/s here, 30 layers
-    # captured); a value the user set wins. (No effect on a GPU.)
+    # leaving one to the engine core and the client (by default it binds one of this machine's two
+    # and reserves the other); a value the user set wins. (No effect on a GPU.)
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     max_model_len = max(len(ids) for _, ids, _ in prompts) + gen.max_new_tokens
     stats = {} if stats is None else stats
