@@ -42,7 +42,7 @@ import torch
 from trail_probe.offline.generation import extracted_request, validate_generation
 from trail_probe.offline.prompts import Prompt
 from trail_probe.offline.store import ExtractedRequest
-from trail_probe.runtime.capture import LayerCapture, first_output
+from trail_probe.runtime.capture import LayerCapture, first_output, residual_parts
 from trail_probe.runtime.estimates import refines_at
 
 EXTENSION = "trail_probe.offline.vllm_generation.ExtractionWorkerExtension"
@@ -70,9 +70,8 @@ class _Pass:
 def _rows(output, rows: torch.Tensor) -> torch.Tensor:
     """The residual stream after a vLLM decoder layer at `rows` of the flattened batch: its
     (mlp output, residual) pair added on those rows only (`capture.residual_sum`, row by row)."""
-    if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
-        return output[0].index_select(0, rows) + output[1].index_select(0, rows)
-    return first_output(output).index_select(0, rows)
+    parts = [part.index_select(0, rows) for part in residual_parts(output)]
+    return parts[0] + parts[1] if len(parts) > 1 else parts[0]
 
 
 def _to_wire(t: torch.Tensor) -> tuple[str, list[int], bytes]:
@@ -143,8 +142,7 @@ class _Capture:
             return
         p = self.pass_ = self.pass_ or self._plan()
         if len(p.prompt_reqs) and layer in self.prompt_index:
-            parts = output if isinstance(output, tuple) and len(output) > 1 and output[1] is not None else (
-                first_output(output),)
+            parts = residual_parts(output)
             if p.prompt_sums is None:
                 p.prompt_sums = torch.zeros(len(self.prompt_index), len(p.prompt_reqs), parts[0].shape[-1],
                                             dtype=torch.float32, device=parts[0].device)

@@ -30,12 +30,19 @@ def first_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def residual_parts(output) -> tuple[torch.Tensor, ...]:
+    """The tensors whose sum is a decoder layer's residual stream: vLLM's (mlp output, residual) pair,
+    or the one output of a Hugging Face layer."""
+    if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+        return output[0], output[1]
+    return (first_output(output),)
+
+
 def residual_sum(output) -> torch.Tensor:
     """A vLLM decoder layer's residual stream: it returns (mlp output, residual) so that the next layer
     can fuse the add into its norm; their sum is Hugging Face's `hidden_states[L + 1]`."""
-    if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
-        return output[0] + output[1]
-    return first_output(output)
+    parts = residual_parts(output)
+    return parts[0] + parts[1] if len(parts) > 1 else parts[0]
 
 
 class LayerCapture:
