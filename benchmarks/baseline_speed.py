@@ -41,13 +41,15 @@ def load(max_length: int):
 
 
 def padding_share(lengths: torch.Tensor, batch: int, grouped: bool, seed: int = 0) -> float:
-    """Padding slots / all slots over one epoch of batches (random order, or sorted within chunks of 50 batches)."""
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
-    if grouped:
-        chunks = order.split(batch * 50)
-        order = torch.cat([c[lengths[c].argsort()] for c in chunks])
+    """Padding slots / all slots over one epoch of batches: random order (the default) or
+    `baseline.group_by_length`'s batches (the same LengthGroupedBatches train-baseline uses)."""
+    from trail_probe.offline.baseline_module import EpochShuffle, LengthGroupedBatches
+
+    sampler = EpochShuffle(len(lengths), seed)
+    batches = (LengthGroupedBatches(lengths, batch, sampler).batches() if grouped
+               else torch.tensor(list(iter(sampler))).split(batch))
     slots = real = 0
-    for b in order.split(batch):
+    for b in batches:
         slots += int(lengths[b].max()) * len(b)
         real += int(lengths[b].sum())
     return 1 - real / slots

@@ -60,8 +60,9 @@ def step_time(n: int, stacked: bool, threads: int, steps: int, dim: int = 576, b
     return (time.perf_counter() - start) / steps
 
 
-def sweep_epoch(stack: int, threads: int, layers: int = 30) -> dict:
-    """One epoch of a `layers`-layer decode sweep through train's real code (synthetic data)."""
+def sweep_epoch(stack: int, threads: int, layers: int = 30, precision: str = "32-true") -> dict:
+    """One epoch of a `layers`-layer decode sweep through train's real code (synthetic data), at
+    Lightning precision `precision` (train.precision)."""
     from train_speed import EpochTimer, synthetic_decode_data
 
     from trail_probe.config import load_recipe
@@ -83,7 +84,8 @@ def sweep_epoch(stack: int, threads: int, layers: int = 30) -> dict:
                "selected_on": {"side": "held-out", "path": "-", "requests": 500, "sha256": "-"},
                "config_sha256": "-", "layer_numbering": "-"}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_recipe(None, [f"train.out_dir={tmp}", "train.epochs=1", "train.loggers=[csv]"])
+        cfg = load_recipe(None, [f"train.out_dir={tmp}", "train.epochs=1", "train.loggers=[csv]",
+                                 f"train.precision={precision}"])
         timer = EpochTimer()
         start = time.perf_counter()
         with progress_bar(cfg.progress, total=layers, desc="sweep", unit="epoch", disable=True) as bar:
@@ -96,7 +98,8 @@ def sweep_epoch(stack: int, threads: int, layers: int = 30) -> dict:
                     fit_stack(cfg, ProbeSpec("decode", group, "stack"), stacked(len(group)), context,
                               callbacks=(timer.callback,), progress=progress)
         wall = time.perf_counter() - start
-    return {"stack_layers": stack, "torch_threads": threads, "layers": layers, "epoch_wall_s": round(wall, 2),
+    return {"stack_layers": stack, "torch_threads": threads, "precision": precision, "layers": layers,
+            "epoch_wall_s": round(wall, 2),
             "train_samples": len(one.train), "val_samples": len(one.val)}
 
 
@@ -105,7 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--stacks", default="1,2,4,8,15,30", help="layers per stack to time")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--sweep", default="", help="stack sizes to run one real sweep epoch with, e.g. 0,5,30 (0: per layer)")
+    parser.add_argument("--sweep", default="", help="real sweep epochs to run, each STACK[@THREADS[@PRECISION]], e.g. 1@1,5@2,5@2@bf16-mixed "
+                        "(stack 0 or 1: one probe at a time)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     steps = []
@@ -122,14 +126,15 @@ def main(argv=None) -> None:
               f"{r['stacked_ms_per_layer']:>9.3f} {r['speedup']:>8.2f}x")
     sweeps = []
     for spec in filter(None, args.sweep.split(",")):
-        stack, _, threads = spec.partition("@")
-        sweeps.append(sweep_epoch(max(1, int(stack)), int(threads or 1)))
+        parts = spec.split("@")
+        stack, threads, precision = parts[0], (parts[1:] or ["1"])[0], (parts[2:] or ["32-true"])[0]
+        sweeps.append(sweep_epoch(max(1, int(stack)), int(threads or 1), precision=precision))
     if sweeps:
-        print(f"\n{'stack':>5} {'threads':>7} {'1 epoch, 30 layers s':>21} {'projected sweep min':>20}")
+        print(f"\n{'stack':>5} {'threads':>7} {'precision':>10} {'1 epoch, 30 layers s':>21} {'projected sweep min':>20}")
         for r in sweeps:
             # 30 epochs; the prompt task has ~1/16 of the decode task's samples per epoch
             r["projected_sweep_min"] = round(r["epoch_wall_s"] * 30 * (1 + 1 / 16) / 60, 1)
-            print(f"{r['stack_layers']:>5} {r['torch_threads']:>7} {r['epoch_wall_s']:>21.1f} {r['projected_sweep_min']:>20.1f}")
+            print(f"{r['stack_layers']:>5} {r['torch_threads']:>7} {r['precision']:>10} {r['epoch_wall_s']:>21.1f} {r['projected_sweep_min']:>20.1f}")
     result = {"benchmark": "sweep_speed", "batch_size": 32, "hidden_size": 576, "probe_hidden": 512, "bins": 10,
               "loadavg_1min_before": round(load_before, 2), "steps": steps, "sweep_epochs": sweeps, **run_facts(argv)}
     write_results(RESULTS, result)

@@ -28,6 +28,11 @@ ROWS = {  # name -> (what changes, overrides)
     "smoothing0.1": ("label smoothing 0.1", ["train.label_smoothing=0.1"]),
     "all_samples": ("every stored decode position per request (not 16)", ["train.decode_samples_per_request=0"]),
     "standardize+lr0.001": ("standardization and lr 0.001 together", ["train.standardize=true", "train.lr=0.001"]),
+    "bf16": ("bf16 autocast (train.precision=bf16-mixed: a speed lever, here for its effect on the error)",
+             ["train.precision=bf16-mixed"]),
+    "emd": ("ordinal loss: squared earth mover's distance between predicted and true bin CDFs", ["train.loss=emd"]),
+    "standardize+lr0.001+emd": ("the ordinal loss on top of standardization and lr 0.001 (the tuned recipe)",
+                                ["train.standardize=true", "train.lr=0.001", "train.loss=emd"]),
 }
 
 

@@ -3,6 +3,8 @@
 # side) and the held-out 25% scored once, at the end. Each step resumes; about 80 min on 2 cores.
 #   bash scripts/tuned_run.sh                # all steps
 #   bash scripts/tuned_run.sh sweep bert     # some of them: sweep bert rows final seeds
+#   bash scripts/tuned_run.sh emd            # after the others: the ordinal loss (train.loss=emd, chosen on the
+#                                            # ablation's validation rows) at the chosen layer, on all three split seeds
 # Reads the base run's extraction (data/smollm2_alpaca). Writes checkpoints/smollm2_alpaca_tuned/
 # and, with scripts/tuned_report.py, reports/smollm2_alpaca_tuned/.
 set -euo pipefail
@@ -12,7 +14,7 @@ CK=checkpoints/smollm2_alpaca_tuned
 TP=(python -m trail_probe.cli)
 BERT_GRID=("3e-5 8" "1e-4 8" "3e-4 8" "3e-4 16")  # learning rate, epochs
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(sweep bert rows final seeds)
+[ ${#steps[@]} -gt 0 ] || steps=(sweep bert rows final seeds emd)
 has() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 layer() { python -c "from trail_probe.config import load_recipe; from trail_probe.offline.artifacts import best_layer; print(best_layer(load_recipe('$R'), 'decode')[0])"; }
 bert_folder() { python scripts/tuned_report.py --best-bert; }
@@ -49,5 +51,13 @@ if has seeds; then  # 5. robustness: the same comparison on two more split seeds
     "${TP[@]}" train-baseline --resume "$R" train.split_seed=$seed train.out_dir="$S" $(bert_overrides) baseline.out_dir="$S/baseline"
     "${TP[@]}" eval "$R" train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S" eval.layer="$L" \
       baseline.out_dir="$S/baseline"
+  done
+fi
+if has emd; then  # 6. the same comparison with the ordinal loss, BERT as above (each seed's own), on every split seed
+  for seed in 0 1 2; do
+    S="$CK/emd/seed$seed"; B="$(bert_folder)"; [ "$seed" = 0 ] || B="$CK/seed$seed/baseline"
+    "${TP[@]}" train --resume "$R" train.loss=emd train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S"
+    "${TP[@]}" eval "$R" train.loss=emd train.split_seed=$seed train.layers="$L" train.multi_layer=none train.out_dir="$S" \
+      eval.layer="$L" baseline.out_dir="$B"
   done
 fi

@@ -77,6 +77,34 @@ def test_trains_end_to_end_and_saves_what_trails_runtime_loads(tmp_path):
     assert rescored == pytest.approx(meta["metrics"]["val/mae"], abs=1e-2)
 
 
+def test_length_grouped_batches_cover_every_prompt_once_with_less_padding(tmp_path):
+    from trail_probe.offline.baseline_module import EpochShuffle, LengthGroupedBatches
+    from trail_probe.stages.baseline import train_baseline
+
+    lengths = torch.randint(3, 200, (1000,), generator=torch.Generator().manual_seed(0))
+    sampler = EpochShuffle(len(lengths), seed=5)
+    grouped = LengthGroupedBatches(lengths, 32, sampler, chunk=10)
+    epochs = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        batches = list(grouped)
+        assert len(batches) == len(grouped) == 32 and sorted(sum(batches, [])) == list(range(1000))
+        epochs.append(batches)
+    assert epochs[0] == epochs[2] and epochs[0] != epochs[1]  # a function of (seed, epoch) alone
+
+    def padding(batches):
+        return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
+
+    sampler.set_epoch(0)
+    assert padding(epochs[0]) < 0.2 * padding(list(torch.tensor(list(iter(sampler))).split(32)))
+    val = list(LengthGroupedBatches(lengths, 32))  # no sampler: one pass sorted by length
+    assert sorted(sum(val, [])) == list(range(1000)) and lengths[val[0]].max() <= lengths[val[1]].min()
+
+    meta = json.loads((train_baseline(tiny_recipe(tmp_path, "baseline.group_by_length=true"), show_progress=False)
+                       / "baseline.json").read_text())
+    assert meta["config"]["group_by_length"] is True and len(meta["history"]) == 2
+
+
 def test_refuses_to_replace_a_trained_baseline_without_overwrite(tmp_path):
     from trail_probe.stages.baseline import train_baseline
 

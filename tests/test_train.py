@@ -221,7 +221,7 @@ def test_balanced_and_smoothed_losses_train_and_older_checkpoints_resume(extract
     assert module.class_weight.tolist() == pytest.approx([3 / 7, 9 / 7, 0.0, 9 / 7])  # 5/3, 5, -, 5 over their mean
     assert "class_weight" not in module.state_dict()
     plain = train(config(extraction_dir, tmp_path / "ce", "train.epochs=1"))[0]
-    for extra in (("train.loss=balanced_ce",), ("train.label_smoothing=0.1",)):
+    for extra in (("train.loss=balanced_ce",), ("train.label_smoothing=0.1",), ("train.loss=emd",)):
         (meta,) = train(config(extraction_dir, tmp_path / extra[0].split("=")[1], "train.epochs=1", *extra))
         assert meta["history"][0]["train/loss"] != plain["history"][0]["train/loss"]
     # a checkpoint written before these settings existed resumes as the defaults
@@ -232,6 +232,21 @@ def test_balanced_and_smoothed_losses_train_and_older_checkpoints_resume(extract
     torch.save(saved, ckpt)
     (again,) = train(config(extraction_dir, tmp_path / "ce", "train.epochs=1"), resume=True)
     assert again["metrics"] == plain["metrics"]
+
+
+def test_the_ordinal_loss_charges_by_distance_in_bins():
+    from trail_probe.offline.probe_module import emd_loss
+
+    labels = torch.tensor([2, 2, 2])
+    logits = torch.full((3, 5), -30.0)
+    logits[0, 2] = logits[1, 3] = logits[2, 0] = 30.0  # all mass on the true bin, one bin off, two bins off
+    loss = emd_loss(logits, labels)
+    assert loss[0] == pytest.approx(0.0, abs=1e-6)
+    assert loss[1] == pytest.approx(1.0, abs=1e-5) and loss[2] == pytest.approx(2.0, abs=1e-5)
+    stacked = emd_loss(torch.stack([logits, logits.flip(0)], 1), labels[:, None])  # [B, n] for a stack
+    assert stacked.shape == (3, 2) and torch.allclose(stacked[:, 0], loss)
+    with pytest.raises(UserError, match="label_smoothing"):
+        train(config(Path("/nonexistent"), Path("/nonexistent"), "train.loss=emd", "train.label_smoothing=0.1"))
 
 
 # -- layer sweep ------------------------------------------------------------------------------
@@ -378,7 +393,8 @@ def test_temp_folders_of_another_host_on_a_shared_folder_are_left_alone(tmp_path
 
 
 # -- the sweep as one batched model ---------------------------------------------------------------
-@pytest.mark.parametrize("extra", [(), ("train.standardize=true", "train.loss=balanced_ce", "train.label_smoothing=0.1")])
+@pytest.mark.parametrize("extra", [(), ("train.standardize=true", "train.loss=balanced_ce", "train.label_smoothing=0.1"),
+                                   ("train.loss=emd",)])
 def test_a_stacked_sweep_equals_one_run_per_layer(extraction_dir, tmp_path, extra):
     """Every layer's probe trained in one batched model (stacks of 3 over 4 layers: a stack of 3 and a
     lone layer) ends with the weights, history and best epoch of training that layer alone."""

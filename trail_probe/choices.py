@@ -16,7 +16,9 @@ Task = Literal["prompt", "decode"]  # prompt: mean prompt state -> total length;
 TaskSelection = Literal["prompt", "decode", "both"]
 MultiLayer = Literal["none", "concat", "weighted_mean"]
 Logger = Literal["csv", "tensorboard", "wandb"]
-ProbeLoss = Literal["ce", "balanced_ce"]  # cross-entropy over bins; balanced: weighted by inverse bin frequency
+# cross-entropy over bins; balanced: weighted by inverse bin frequency; emd: an ordinal loss on the same
+# softmax (squared earth mover's distance between predicted and true bin CDFs)
+ProbeLoss = Literal["ce", "balanced_ce", "emd"]
 TooLong = Literal["skip", "truncate"]  # prompts that leave no room for max_new_tokens
 # The per-step factor of the Bayes update: TRAIL's rule (the probe's output as it is), or the same
 # with the training labels' bin frequencies divided out (refine.step_likelihood).

@@ -68,8 +68,12 @@ class ProbeModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, labels, _, _ = batch
         hp = self.hparams
-        loss = F.cross_entropy(self.probe(x).float(), labels, label_smoothing=hp.label_smoothing,
-                               weight=self.class_weight if hp.loss == "balanced_ce" else None)
+        logits = self.probe(x).float()
+        if hp.loss == "emd":
+            loss = emd_loss(logits, labels).mean()
+        else:
+            loss = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing,
+                                   weight=self.class_weight if hp.loss == "balanced_ce" else None)
         self.train_loss.update(loss.detach(), labels.numel())
         return loss
 
@@ -113,6 +117,16 @@ class ProbeModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = list(checkpoint.get("history", []))
+
+
+def emd_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample ordinal loss [...]: the squared earth mover's distance between the predicted bin
+    distribution and the true bin (Hou et al. 2016, "Squared EMD loss"): sum over bins of
+    (CDF_pred - CDF_true)^2, so mass one bin off costs less than mass far off. Same softmax head,
+    same export; `logits` [..., K], `labels` [...] (broadcast against logits' leading dims)."""
+    cdf = logits.float().softmax(-1).cumsum(-1)
+    target = (torch.arange(logits.shape[-1], device=logits.device) >= labels[..., None]).float()
+    return ((cdf - target) ** 2).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trail_probe.offline.probe_module import emd_loss
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import estimate
 from trail_probe.runtime.probe import LengthProbe
@@ -115,6 +116,8 @@ class StackModule(L.LightningModule):
         """[n]: each layer's cross-entropy, reduced as `F.cross_entropy(..., reduction="mean")` reduces
         it; the training loss with `ProbeModule`'s class weights and label smoothing, validation's plain."""
         hp, n = self.hparams, logits.shape[1]
+        if training and hp.loss == "emd":
+            return emd_loss(logits.float(), labels[:, None]).mean(0)
         weight = self.class_weight if training and hp.loss == "balanced_ce" else None
         smoothing = hp.label_smoothing if training else 0.0
         per = F.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, n), weight=weight,

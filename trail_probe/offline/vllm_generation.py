@@ -255,7 +255,7 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
     began = time.perf_counter()
     engine = LLMEngine.from_engine_args(EngineArgs(**engine_arguments(folder, gen, dtype, max_model_len, kv_cache_gb,
                                                                       max_batch_tokens)))
-    affinity = None if __import__("os").environ.get("TP_NOPIN") else pin_outside_the_worker(engine.vllm_config)  # TEMP
+    affinity = pin_outside_the_worker(engine.vllm_config)
     try:
         storage = str(storage_dtype).removeprefix("torch.")
         engine.collective_rpc("trail_probe_extract_attach", args=(list(prompt_layers), list(decode_layers),

@@ -143,7 +143,9 @@ def pin_outside_the_worker(vllm_config) -> set[int] | None:
     """Keep this process (the engine core, or the client) on the CPUs vLLM reserves for it: vLLM binds
     its worker's threads to the other cores but leaves these processes free to run there, where a
     step's Python work (TRAIL's more than FCFS's) then delays the forward pass. Returns the previous
-    affinity (None: nothing changed)."""
+    affinity (None: nothing changed). TRAIL_PROBE_VLLM_PIN=0 leaves every process where the OS puts it."""
+    if os.environ.get("TRAIL_PROBE_VLLM_PIN", "1") == "0":
+        return None
     cpus = reserved_cpus(vllm_config)
     before = os.sched_getaffinity(0)
     if not cpus or cpus == before:

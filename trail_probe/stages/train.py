@@ -113,6 +113,8 @@ def check_train_config(cfg: RecipeConfig) -> None:
         raise UserError(f"train.lr = {t.lr} and train.min_lr = {t.min_lr} need 0 <= min_lr <= lr and lr > 0")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise UserError(f"train.label_smoothing = {t.label_smoothing} must be in [0, 1), e.g. 0.1")
+    if t.loss == "emd" and t.label_smoothing:
+        raise UserError("train.label_smoothing smooths cross-entropy's targets; set it to 0 with train.loss=emd")
     if t.standardize and t.multi_layer == "weighted_mean":
         raise UserError("train.standardize needs a fixed probe input; use train.multi_layer=concat or none with it")
     if t.decode_samples_per_request < 0:
