@@ -28,6 +28,8 @@ ROWS = {  # name -> (what changes against the tuned recipe's refinement, overrid
     "trail_rule": ("TRAIL's update rule (the probe's output as the likelihood)", ["refine.likelihood=posterior"]),
     "prior_bert": ("BERT's distribution as the prior (the initial estimate from BERT)", ["refine.prior=bert"]),
     "prior_none": ("no prior: the first step's distribution as it is", ["refine.prior=none"]),
+    "prior_last_token": ("TRAIL's release: the decode probe on the last prompt token's state as the prior",
+                         ["refine.prior=last_token"]),
     "trail_rule+prior_bert": ("TRAIL's rule with BERT's prior", ["refine.likelihood=posterior", "refine.prior=bert"]),
     "interval16": ("refine every 16 tokens", ["refine.interval=16"]),
     "global": ("TRAIL's release cadence: every 8 passes of the batch, prior advanced by T^8 (phase 0: stride 8)",

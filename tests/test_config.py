@@ -95,3 +95,14 @@ def test_tuned_recipe_is_the_paper_recipe_plus_the_validation_choices():
 def test_missing_recipe_file():
     with pytest.raises(UserError, match="not found"):
         load_recipe("recipes/nope.yaml")
+
+
+def test_overrides_may_follow_a_commands_options(tmp_path, capsys):
+    from trail_probe.cli import main
+
+    missing = tmp_path / "nowhere"
+    assert main(["extract", "recipes/smollm2_alpaca.yaml", "--verify", f"extract.out_dir={missing}"]) == 2
+    assert str(missing) in capsys.readouterr().err  # the override reached the config, not argparse
+    with pytest.raises(SystemExit):
+        main(["extract", "recipes/smollm2_alpaca.yaml", "--verify", "not-an-override"])
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err

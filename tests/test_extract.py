@@ -353,3 +353,41 @@ def test_an_unreachable_hub_id_fails_at_once_in_one_line(prompts_file, tmp_path,
     code, err = _run_cli(capsys, "model.name_or_path=nobody-here/no-such-model", f"prompts.source={prompts_file}",
                          f"extract.out_dir={tmp_path / 'o'}")
     assert code == 2 and "cannot be reached" in err and len(err.splitlines()) == 1
+
+
+def test_last_prompt_states_use_the_extractions_tokens_and_layer_numbering(tiny_llama, prompts_file, tmp_path):
+    """refine.prior=last_token's states (offline.prefill_states): the last position of the same pass
+    whose mean over the prompt is the extraction's stored prompt state, layer for layer."""
+    from trail_probe.offline.prefill_states import last_prompt_states
+    from trail_probe.runtime.models import encode_prompt
+
+    cfg = _cfg(tiny_llama, prompts_file, tmp_path / "ex")
+    ex = Extraction(run_extract(cfg, show_progress=False))
+    states = last_prompt_states(cfg.model, ex.records[:4], [0, 2], show_progress=False)
+    model, tokenizer = load_causal_lm(cfg.model)
+    model.get_decoder().norm = torch.nn.Identity()  # hidden_states' last entry is normed; layer L is not
+    for i, record in enumerate(ex.records[:4]):
+        ids = torch.tensor([encode_prompt(tokenizer, record["prompt"])])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for L in (0, 2):  # 2: the last layer
+            torch.testing.assert_close(hidden[L + 1][0].mean(0), ex.prompt_states(L)[i].float(), atol=2e-3, rtol=1e-2)
+            torch.testing.assert_close(states[L][i], hidden[L + 1][0, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(states[0], states[2])
+    wrong = [{**ex.records[0], "prompt_tokens": ex.records[0]["prompt_tokens"] + 1}]
+    with pytest.raises(UserError, match="extraction's own model"):
+        last_prompt_states(cfg.model, wrong, [0], show_progress=False)
+    with pytest.raises(UserError, match="outside the model"):
+        last_prompt_states(cfg.model, ex.records[:1], [3], show_progress=False)
+    # eval refine.prior=last_token: the decode probe on those states is the refined method's prior
+    from trail_probe.stages.evaluate import evaluate
+    from trail_probe.stages.train import train
+
+    common = ("train.epochs=3", "train.layers=0", f"train.out_dir={tmp_path / 'ck'}", "eval.layer=0",
+              "bins.max_len=24", "bins.num_bins=4", "train.lr=0.05")
+    train(_cfg(tiny_llama, prompts_file, tmp_path / "ex", *common))
+    reports = {prior: evaluate(_cfg(tiny_llama, prompts_file, tmp_path / "ex", *common, f"refine.prior={prior}",
+                                    f"eval.out_dir={tmp_path / prior}"))["methods"]["refined"]
+               for prior in ("last_token", "none")}
+    assert reports["last_token"]["prior"] == "last_token"
+    assert reports["last_token"]["remaining"]["mae"] != reports["none"]["remaining"]["mae"]

@@ -23,7 +23,9 @@ TooLong = Literal["skip", "truncate"]  # prompts that leave no room for max_new_
 # The per-step factor of the Bayes update: TRAIL's rule (the probe's output as it is), or the same
 # with the training labels' bin frequencies divided out (refine.step_likelihood).
 Likelihood = Literal["posterior", "prior_corrected"]
-RefinePrior = Literal["auto", "prompt_probe", "bert", "none"]  # eval: the distribution before the first decode step
+# eval: the distribution before the first decode step; last_token: the decode probe on the last prompt
+# token's state (TRAIL's release; recomputed by offline.prefill_states, the extraction does not store it)
+RefinePrior = Literal["auto", "prompt_probe", "bert", "last_token", "none"]
 # serving: where a request's first estimate comes from; last_token is TRAIL's release: the decode probe
 # on the last prompt token's state is the first distribution, BERT (when given) only the initial number
 InitialSource = Literal["bert", "prompt_probe", "last_token", "none"]

@@ -75,7 +75,14 @@ def _first_doc_line(module_name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow a command's options (`extract R --ray --num-workers 2 a.b=c`),
+    # where argparse has already closed the positional list
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not OVERRIDE.match(a)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 1

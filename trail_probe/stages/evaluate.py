@@ -10,8 +10,10 @@ Every method is scored on the same held-out requests (the val side of `<checkpoi
   (c) per_step      the decode probe at every stored decode step, each on its own (remaining length)
   (d) refined       the decode probe refined by Bayes over the steps (TRAIL_NOTES section 2, via
                     trail_probe.runtime.refine): refined every k = refine.interval tokens, starting from
-                    the prompt probe's distribution (refine.prior), and counted down by one per
-                    token in between, as TRAIL's runtime does. refine.cadence=global scores TRAIL's
+                    the prompt probe's distribution (refine.prior: or BERT's, none, or last_token:
+                    the decode probe on the last prompt token's state, TRAIL's release at prefill,
+                    recomputed with the serving model by offline.prefill_states), and counted down
+                    by one per token in between, as TRAIL's runtime does. refine.cadence=global scores TRAIL's
                     release instead: every k passes of the batch, each request at its own phase
                     (`phase_of`), its prior advanced by T^k at each refinement.
 An estimate is the expectation over bin midpoints, clamped to [0, max_new_tokens - generated]. MAE
@@ -234,10 +236,18 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     if bert_probs is not None:
         totals["bert"] = estimate(bert_probs, bins, max_new)
 
+    last_states = {}
+    if refine.prior == "last_token":  # TRAIL's release at prefill: not stored by the extraction, so recomputed
+        from trail_probe.offline.prefill_states import last_prompt_states
+
+        last_states = last_prompt_states(cfg.model, [extraction.records[i] for i in held.rows], layers, cfg.progress)
+        notes.append(f"refine.prior=last_token: the last prompt token's states recomputed by transformers in "
+                     f"{cfg.model.dtype} (the extraction: {extraction.model.get('engine', 'hf')}, "
+                     f"{extraction.model.get('dtype', cfg.model.dtype)}).")
     results, details = {}, {}
     for L in layers:
         results[L], details[L] = _evaluate_layer(cfg, L, extraction, held, bins, max_new, manifest_sha, split_sha,
-                                                 bert_probs, label_prior, hashes, notes, validation)
+                                                 bert_probs, label_prior, hashes, notes, validation, last_states.get(L))
         print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
     chosen = details[layer]
     if chosen["prompt_probs"] is not None:
@@ -310,8 +320,9 @@ def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, h
 
 
 def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, split_sha, bert_probs, label_prior,
-                    hashes, notes, validation):
-    """(metrics of every method at `layer`, the raw predictions used for curves and pictures)."""
+                    hashes, notes, validation, last_states=None):
+    """(metrics of every method at `layer`, the raw predictions used for curves and pictures);
+    `last_states` [held, d]: the last prompt token's states, for refine.prior=last_token."""
     prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes, validation)
     decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes, validation)
     truth = held.output_tokens
@@ -335,6 +346,8 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
             raise UserError("refine.prior=bert but there is no trained BERT baseline; run 'trail-probe train-baseline RECIPE' "
                             "or set refine.prior=auto")
         prior = {"none": None, "bert": bert_probs}.get(cfg.refine.prior, prompt_probs)
+        if cfg.refine.prior == "last_token":
+            prior = probe_probs(decode_probe, last_states)
         phases = phase_of(held.ids, cfg.refine.interval, extraction.decode_stride) if cfg.refine.cadence == "global" else None
         decode = refine_decode(probe_probs(decode_probe, ds.states[keep]), local[ds.request[keep]],
                                ds.generated[keep], ds.remaining[keep], bins, max_new, cfg.refine.interval, prior,
@@ -343,7 +356,8 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
                                                     decode.generated)}
         metrics["refined"] = {"remaining": summary(decode.refined_est, decode.remaining, decode.refined_probs, bins,
                                                    decode.generated),
-                              "prior": "none" if prior is None else ("bert" if cfg.refine.prior == "bert" else "prompt_probe"),
+                              "prior": "none" if prior is None else (cfg.refine.prior if cfg.refine.prior in ("bert", "last_token")
+                                                                     else "prompt_probe"),
                               "likelihood": cfg.refine.likelihood, "cadence": cfg.refine.cadence}
     else:
         notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")
