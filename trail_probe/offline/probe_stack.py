@@ -114,7 +114,8 @@ class StackModule(L.LightningModule):
 
     def _layer_losses(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
         """[n]: each layer's cross-entropy, reduced as `F.cross_entropy(..., reduction="mean")` reduces
-        it; the training loss with `ProbeModule`'s class weights and label smoothing, validation's plain."""
+        it; the training loss with `ProbeModule`'s class weights and label smoothing (or its ordinal
+        `emd_loss` with train.loss=emd), validation's plain."""
         hp, n = self.hparams, logits.shape[1]
         if training and hp.loss == "emd":
             return emd_loss(logits.float(), labels[:, None]).mean(0)

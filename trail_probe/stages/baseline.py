@@ -9,8 +9,8 @@ probe and learns prompt text -> bin of the serving model's total output length, 
 train/val split as the probe (`<checkpoint_dir>/split.json`, made here if `train` has not run yet).
 Every prompt is tokenized once up front and kept in memory; each batch is trimmed to its longest
 prompt, and `baseline.group_by_length=true` batches prompts of similar length together (far less
-padding; `baseline.precision=bf16-mixed` halves the step again on CPUs with bf16 units). Lightning runs the loop: cross-entropy,
-AdamW with linear decay, validation after every epoch; the epoch with the lowest validation MAE (of
+padding; `baseline.precision=bf16-mixed` halves the step again on CPUs with bf16 units). Lightning
+runs the loop: cross-entropy, AdamW with linear decay, validation after every epoch; the epoch with the lowest validation MAE (of
 the expected length, in tokens) is kept. The result is
 
     <checkpoint_dir>/baseline/   save_pretrained model + tokenizer; config.json has num_labels,
