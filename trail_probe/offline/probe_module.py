@@ -34,7 +34,40 @@ from trail_probe.runtime.estimates import estimate
 from trail_probe.runtime.probe import LengthProbe, MultiLayerProbe
 
 
-class ProbeModule(L.LightningModule):
+class RecipeModule(L.LightningModule):
+    """The paper recipe's pieces every probe module shares (`ProbeModule`, the stacked sweep's
+    `StackModule`): inverse-frequency class weights, fused AdamW with the per-batch cosine schedule,
+    and the per-epoch `history` carried in checkpoints. Subclasses register `class_weight`, set
+    `history` and save the hyperparameters `num_bins`, `lr`, `min_lr` and `weight_decay`."""
+
+    def set_class_weights(self, labels: torch.Tensor) -> None:
+        """Inverse-frequency bin weights from the training labels, mean 1 over the bins present."""
+        counts = torch.bincount(labels, minlength=self.hparams.num_bins).double()
+        weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+        self.class_weight.copy_((weight / weight[counts > 0].mean()).float())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # Fused AdamW: same update as the default, one kernel for all tensors (about 2x faster per step here).
+        fused = self.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def cosine(step: int) -> float:
+            progress = min(step, total) / total
+            return (hp.min_lr + (hp.lr - hp.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / hp.lr
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("history", []))
+
+
+class ProbeModule(RecipeModule):
     def __init__(self, task: str, layers: list[int], multi_layer: str, input_dim: int, hidden_dim: int,
                  num_bins: int, max_len: int, lr: float, min_lr: float, weight_decay: float,
                  recipe: dict | None = None, standardize: bool = False, loss: str = "ce",
@@ -58,12 +91,6 @@ class ProbeModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probe(x)
-
-    def set_class_weights(self, labels: torch.Tensor) -> None:
-        """Inverse-frequency bin weights from the training labels, mean 1 over the bins present."""
-        counts = torch.bincount(labels, minlength=self.hparams.num_bins).double()
-        weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
-        self.class_weight.copy_((weight / weight[counts > 0].mean()).float())
 
     def training_step(self, batch, batch_idx):
         x, labels, _, _ = batch
@@ -97,27 +124,6 @@ class ProbeModule(L.LightningModule):
         self.train_loss.reset()
         self.log_dict(metrics, prog_bar=True)
         self.history.append({"epoch": self.current_epoch, **{k: float(v) for k, v in metrics.items()}})
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        # Fused AdamW: same update as the default, one kernel for all tensors (about 2x faster per step here).
-        fused = self.device.type in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-
-        def cosine(step: int) -> float:
-            progress = min(step, total) / total
-            return (hp.min_lr + (hp.lr - hp.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / hp.lr
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["history"] = self.history
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.history = list(checkpoint.get("history", []))
-
 
 def emd_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample ordinal loss [...]: the squared earth mover's distance between the predicted bin

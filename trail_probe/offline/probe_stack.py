@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trail_probe.offline.probe_module import emd_loss
+from trail_probe.offline.probe_module import RecipeModule, emd_loss
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import estimate
 from trail_probe.runtime.probe import LengthProbe
@@ -88,8 +87,8 @@ class ProbeStack(nn.Module):
         return state
 
 
-class StackModule(L.LightningModule):
-    """`ProbeModule`'s recipe (cross-entropy over bins, AdamW, cosine per batch) for a `ProbeStack`."""
+class StackModule(RecipeModule):
+    """The paper recipe (cross-entropy over bins, AdamW, cosine per batch: `RecipeModule`) for a `ProbeStack`."""
 
     def __init__(self, task: str, layers: list[int], input_dim: int, hidden_dim: int, num_bins: int, max_len: int,
                  lr: float, min_lr: float, weight_decay: float, recipe: dict | None = None, standardize: bool = False,
@@ -106,11 +105,6 @@ class StackModule(L.LightningModule):
             self.register_buffer(f"best_{name}", p.detach().clone())
         self._sums, self._val_n, self._train, self._train_n = None, 0, None, 0  # this epoch's sums
         self.history: list[dict] = []  # per epoch: {"epoch", metric: [one value per layer]}
-
-    def set_class_weights(self, labels: torch.Tensor) -> None:
-        from trail_probe.offline.probe_module import ProbeModule
-
-        ProbeModule.set_class_weights(self, labels)
 
     def _layer_losses(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
         """[n]: each layer's cross-entropy, reduced as `F.cross_entropy(..., reduction="mean")` reduces
@@ -172,13 +166,3 @@ class StackModule(L.LightningModule):
     def layer_history(self, i: int) -> list[dict]:
         return [{k: (v if k == "epoch" else v[i]) for k, v in h.items()} for h in self.history]
 
-    def configure_optimizers(self):
-        from trail_probe.offline.probe_module import ProbeModule
-
-        return ProbeModule.configure_optimizers(self)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["history"] = self.history
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.history = list(checkpoint.get("history", []))
