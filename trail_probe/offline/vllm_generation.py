@@ -42,7 +42,12 @@ import torch
 from trail_probe.offline.generation import extracted_request, validate_generation
 from trail_probe.offline.prompts import Prompt
 from trail_probe.offline.store import ExtractedRequest
-from trail_probe.runtime.capture import LayerCapture, first_output, residual_parts
+from trail_probe.runtime.capture import (
+    LayerCapture,
+    first_output,
+    residual_parts,
+    residual_sum,
+)
 from trail_probe.runtime.estimates import refines_at
 
 EXTENSION = "trail_probe.offline.vllm_generation.ExtractionWorkerExtension"
@@ -70,8 +75,7 @@ class _Pass:
 def _rows(output, rows: torch.Tensor) -> torch.Tensor:
     """The residual stream after a vLLM decoder layer at `rows` of the flattened batch: its
     (mlp output, residual) pair added on those rows only (`capture.residual_sum`, row by row)."""
-    parts = [part.index_select(0, rows) for part in residual_parts(output)]
-    return parts[0] + parts[1] if len(parts) > 1 else parts[0]
+    return residual_sum(tuple(part.index_select(0, rows) for part in residual_parts(output)))
 
 
 def _to_wire(t: torch.Tensor) -> tuple[str, list[int], bytes]:
