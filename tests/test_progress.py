@@ -2,7 +2,7 @@
 
 import io
 import json
-import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,34 +49,66 @@ def test_a_terminal_gets_tqdm_and_a_disabled_bar_writes_nothing():
     assert quiet.getvalue() == ""
 
 
-def test_iterating_counts_items(monkeypatch):
+def test_iterating_counts_items_and_ends_with_one_line():
     out = io.StringIO()
     assert list(progress_bar(None, [1, 2, 3], desc="verify", unit="shard", file=out)) == [1, 2, 3]
+    (line,) = out.getvalue().splitlines()  # no line between items (30 s interval), one when the loop ends
+    assert line.startswith("verify: 3/3 shard (100%), ")
+    every = io.StringIO()
+    list(progress_bar(SimpleNamespace(every_s=0.0), "abcd", desc="verify", unit="shard", file=every))
+    assert [line.split(",")[0] for line in every.getvalue().splitlines()] == [
+        "verify: 1/4 shard (25%)", "verify: 2/4 shard (50%)", "verify: 3/4 shard (75%)", "verify: 4/4 shard (100%)"]
 
 
-def test_pipeline_timings_keep_the_interrupted_runs(tmp_path, monkeypatch):
+class Clock:
+    """Seconds now, moved by hand: the stage timings are checked exactly, with no sleep."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class OneBeat:
+    """The heartbeat thread's wait: one interval passes, then the stage ends."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def wait(self, timeout) -> bool:
+        self.waits += 1
+        return self.waits > 1
+
+
+def test_pipeline_timings_keep_the_interrupted_runs(tmp_path):
     path = tmp_path / "pipeline_timings.json"
+    clock = Clock()
     with pytest.raises(KeyboardInterrupt):
-        with pipeline._StageClock(path, {}, "train"):
-            time.sleep(0.05)
+        with pipeline._StageClock(path, {}, "train", clock=clock):
+            clock.now += 0.5
             raise KeyboardInterrupt
     saved = json.loads(path.read_text())["train"]
-    assert saved["runs"][0]["interrupted"] and saved["runs"][0]["seconds"] >= 0.05 and "finished" not in saved
-    with pipeline._StageClock(path, json.loads(path.read_text()), "train"):
-        time.sleep(0.05)
+    assert saved == {"runs": [{"seconds": 0.5, "interrupted": True}]}
+    with pipeline._StageClock(path, json.loads(path.read_text()), "train", clock=clock):
+        clock.now += 0.3
     done = json.loads(path.read_text())["train"]
-    assert [r.get("interrupted", False) for r in done["runs"]] == [True, False]
-    assert done["seconds"] == pytest.approx(sum(r["seconds"] for r in done["runs"]), abs=0.11) and done["seconds"] >= 0.1
+    assert done["runs"] == [{"seconds": 0.5, "interrupted": True}, {"seconds": 0.3}]
+    assert done["seconds"] == 0.8  # each run once: 0.5 + 0.3
+    with pipeline._StageClock(path, done, "train", clock=clock):  # a finished stage run again starts afresh
+        clock.now += 2.0
+    assert json.loads(path.read_text())["train"]["runs"] == [{"seconds": 2.0}]
 
 
-def test_a_killed_stage_leaves_a_heartbeat_that_counts(tmp_path, monkeypatch):
+def test_a_killed_stage_leaves_a_heartbeat_that_counts(tmp_path):
     path = tmp_path / "pipeline_timings.json"
-    monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.02)
-    with pipeline._StageClock(path, {}, "extract"):
-        time.sleep(0.15)
-        assert json.loads(path.read_text())["extract"]["running"]["seconds"] > 0  # what a kill -9 would leave
-    path.write_text(json.dumps({"extract": {"runs": [], "running": {"seconds": 7.0}}}))  # killed after 7 s
-    with pipeline._StageClock(path, json.loads(path.read_text()), "extract"):
-        pass
+    clock = Clock()
+    stage = pipeline._StageClock(path, {}, "extract", clock=clock)
+    stage._stop = OneBeat()
+    clock.now += 7.0
+    stage._beat()  # the heartbeat thread's loop: one beat after 7 s, then the stage ends
+    assert json.loads(path.read_text())["extract"] == {"runs": [], "running": {"seconds": 7.0}}  # what a kill -9 leaves
+    with pipeline._StageClock(path, json.loads(path.read_text()), "extract", clock=clock):
+        clock.now += 1.5
     done = json.loads(path.read_text())["extract"]
-    assert done["runs"][0] == {"seconds": 7.0, "interrupted": True} and 7.0 <= done["seconds"] < 8.0
+    assert done["runs"] == [{"seconds": 7.0, "interrupted": True}, {"seconds": 1.5}] and done["seconds"] == 8.5

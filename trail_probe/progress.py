@@ -43,6 +43,7 @@ class PlainProgress:
         for item in self.iterable:
             yield item
             self.update(1)
+        self.close()  # as tqdm does: a finished loop shows its last line
 
     def __enter__(self) -> "PlainProgress":
         return self
@@ -60,12 +61,6 @@ class PlainProgress:
 
     def set_postfix(self, refresh: bool = True, **values) -> None:
         self.set_postfix_str(", ".join(f"{k}={v}" for k, v in values.items()))
-
-    def set_description(self, desc: str, refresh: bool = True) -> None:
-        self.desc = desc
-
-    def refresh(self) -> None:
-        self._maybe_show()
 
     def write(self, s: str) -> None:
         if not self.disable:

@@ -202,15 +202,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise UserError(f"cannot find the decoder layers of {type(model).__name__}; it is not a supported decoder-only model")
 
 
-def final_norm(model: nn.Module) -> nn.Module | None:
-    """The norm HF applies to the last entry of `hidden_states` (Llama: model.norm, GPT-2: ln_f)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for attr in ("norm", "ln_f", "final_layernorm"):
-        if isinstance(getattr(base, attr, None), nn.Module):
-            return getattr(base, attr)
-    return None
-
-
 PLAIN_SOURCE_FILE = "trail_probe_source.json"  # in a converted folder: what it was converted from
 
 

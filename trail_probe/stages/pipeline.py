@@ -56,21 +56,21 @@ HEARTBEAT_S = 30.0  # a running stage's seconds so far reach pipeline_timings.js
 class _StageClock:
     """Wall time of one stage across interruptions: a run that was stopped (Ctrl-C, an error, or
     kill -9, seen through the heartbeat it left) is kept in the stage's `runs`, and `seconds` is the
-    sum of the runs that completed the stage."""
+    sum of the runs that completed the stage. `clock`: seconds now (tests pass one they move by hand)."""
 
-    def __init__(self, path, timings: dict, name: str):
-        self.path, self.timings, self.name = path, timings, name
+    def __init__(self, path, timings: dict, name: str, clock=time.time):
+        self.path, self.timings, self.name, self.clock = path, timings, name, clock
         entry = timings.get(name) or {}
         # interrupted runs since the stage last completed (a heartbeat left by kill -9 is one of them)
         self.runs = [] if "finished" in entry else [r for r in entry.get("runs", []) if r.get("interrupted")]
         if "running" in entry:
             self.runs.append({**entry["running"], "interrupted": True})
-        self.start = time.time()
+        self.start = clock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _write(self, running: dict | None = None, done: bool = False, interrupted: bool = False) -> None:
-        seconds = round(time.time() - self.start, 1)
+        seconds = round(self.clock() - self.start, 1)
         entry = {"runs": self.runs}
         if running is not None:
             entry["running"] = running
@@ -85,7 +85,7 @@ class _StageClock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self._write(running={"seconds": round(time.time() - self.start, 1)})
+            self._write(running={"seconds": round(self.clock() - self.start, 1)})
 
     def __enter__(self) -> "_StageClock":
         self._write(running={"seconds": 0.0})
