@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from trail_probe.cli import main
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
-from trail_probe.offline.artifacts import load_probe
+from trail_probe.offline.artifacts import best_layer, load_probe
 from trail_probe.offline.probe_module import EpochRows, TensorBatches, sample_per_group
 from trail_probe.offline.split import load_or_make_split
 from trail_probe.offline.store import Extraction
@@ -436,3 +436,82 @@ def test_a_stacked_sweep_resumes_and_keeps_what_it_wrote(extraction_dir, tmp_pat
     assert (tmp_path / "probes/decode/layer-0/probe.safetensors").stat().st_mtime_ns == stamp
     code, errors = cli(capsys, extraction_dir, tmp_path, "train.layers=0-2", "train.epochs=3", "train.stack_layers=3")
     assert code == 2 and "--resume" in errors[0]
+
+
+# -- the layer search ---------------------------------------------------------------------------
+PEAK = 10
+
+
+@pytest.fixture(scope="module")
+def peaked_dir(tmp_path_factory):
+    """16 layers; the length signal peaks at layer 10 and halves with every layer away from it."""
+    return make_synthetic_extraction(tmp_path_factory.mktemp("peak") / "ext", num_requests=160, hidden_size=8,
+                                     num_layers=16, noise=0.3, gains={layer: 4.0 * 0.5 ** abs(layer - PEAK)
+                                                                      for layer in range(16)})
+
+
+def _trained(folder, task="decode"):
+    return sorted(int(p.parent.name.removeprefix("layer-")) for p in (folder / "probes" / task).glob("layer-*/probe.json"))
+
+
+def test_a_layer_search_finds_the_best_layer_with_fewer_probes_than_the_sweep(peaked_dir, tmp_path, capsys):
+    cfg = config(peaked_dir, tmp_path, "train.layers=search")
+    results = train(cfg)
+    sweep = json.loads((tmp_path / "sweep" / "layer_sweep.json").read_text())
+    search = sweep["search"]["decode"]
+    assert sweep["best_layer"]["decode"] == PEAK == search["best_layer"]
+    assert best_layer(cfg, "decode") == (PEAK, f"best decode layer of {tmp_path / 'sweep' / 'layer_sweep.json'}")
+    assert search["rounds"][0] == [0, 3, 6, 9, 12, 15] and search["candidates"] == list(range(16))
+    trained = _trained(tmp_path)
+    assert trained == search["trained"] == sorted(m["layers"][0] for m in results) and len(trained) < 16
+    assert {PEAK - 2, PEAK - 1, PEAK + 1, PEAK + 2} <= set(trained)  # every layer near the best was tried
+    assert len((tmp_path / "sweep" / "layer_sweep.csv").read_text().splitlines()) == 1 + len(trained)
+    out = capsys.readouterr().out
+    assert f"best decode layer: {PEAK} (layer search: {len(trained)} of 16 layers trained" in out
+
+
+class _InterruptInRun(L.Callback):
+    """Stop the `run`-th Lightning run of a train call (0-based) at its second epoch."""
+
+    def __init__(self, run):
+        self.run, self.started = run, -1
+
+    def on_train_start(self, trainer, module):
+        self.started += 1
+
+    def on_train_epoch_start(self, trainer, module):
+        if self.started == self.run and trainer.current_epoch == 1:
+            raise _Interrupt()
+
+
+def test_a_stacked_layer_search_resumes_to_the_choice_of_an_uninterrupted_one(peaked_dir, tmp_path):
+    """Stacks of 4: the first round is a stack of 4 layers far apart plus a stack of 2; the search's later
+    rounds come from their results, so a resumed search must make the same rounds and keep round 1."""
+    cfg = config(peaked_dir, tmp_path / "parts", "train.layers=search", "train.stack_layers=4", "train.task=both")
+    with pytest.raises(_Interrupt):
+        train(cfg, callbacks=(_InterruptInRun(2),))  # runs 0 and 1 are the prompt search's first round
+    assert not (tmp_path / "parts" / "sweep").exists()
+    kept = tmp_path / "parts" / "probes" / "prompt" / "layer-0" / "probe.safetensors"
+    stamp = kept.stat().st_mtime_ns
+    resumed = train(cfg, resume=True)
+    assert kept.stat().st_mtime_ns == stamp  # round 1 was kept, not trained again
+    assert (tmp_path / "parts" / "probes" / "prompt" / "stack-0_3_6_9").is_dir()
+    whole = train(config(peaked_dir, tmp_path / "whole", "train.layers=search", "train.stack_layers=4", "train.task=both"))
+    alone = train(config(peaked_dir, tmp_path / "alone", "train.layers=search", "train.task=both"))
+    sweeps = [json.loads((tmp_path / d / "sweep" / "layer_sweep.json").read_text()) for d in ("parts", "whole", "alone")]
+    assert sweeps[0]["search"] == sweeps[1]["search"] == sweeps[2]["search"]
+    assert sweeps[0]["best_layer"] == {"prompt": PEAK, "decode": PEAK}
+    key = lambda m: (m["task"], m["layers"][0])  # noqa: E731
+    for a, b, c in zip(sorted(resumed, key=key), sorted(whole, key=key), sorted(alone, key=key)):
+        assert key(a) == key(b) == key(c) and a["history"] == b["history"]
+        assert a["metrics"]["val/mae"] == pytest.approx(c["metrics"]["val/mae"], rel=1e-4, abs=1e-3)
+
+
+def test_a_layer_search_refuses_what_it_cannot_do(peaked_dir, tmp_path, capsys):
+    code, errors = cli(capsys, peaked_dir, tmp_path, "train.layers=search", "train.devices=2", "train.strategy=ddp")
+    assert code == 2 and "use train.layers=all there" in errors[0]
+    code, errors = cli(capsys, peaked_dir, tmp_path, "train.layers=search", "train.search_points=1")
+    assert code == 2 and "train.search_points = 1" in errors[0]
+    with pytest.raises(UserError, match="names none; run 'trail-probe train' first"):
+        best_layer(config(peaked_dir, tmp_path, "train.layers=search"), "decode")
+    assert not (tmp_path / "probes").exists()

@@ -105,7 +105,9 @@ class BinsConfig:
 @dataclass
 class TrainConfig:
     task: TaskSelection = "decode"
-    layers: LayerSpec = "11"  # one layer, or several (a sweep), e.g. "all" or "8-15"
+    layers: LayerSpec = "11"  # one layer, or several (a sweep), e.g. "all" or "8-15"; "search": a layer search
+    search_points: int = 6  # train.layers=search: the coarse grid's layers, spread over the extracted ones
+    search_radius: int = 2  # then every layer this close to the best so far, until none of them is better
     multi_layer: MultiLayer = "none"  # also train one probe on the whole layer set
     multi_layer_layers: LayerSpec = ""  # layers the multi-layer probe reads; "" = train.layers
     hidden_dim: int = 512
@@ -134,6 +136,11 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads for training; None = 1 (see trail_probe/stages/train.py)
     deterministic: bool = True  # Lightning Trainer(deterministic=...): same seed + data, same weights
     out_dir: str = ""  # default: checkpoints/<run_name>
+
+    @property
+    def layer_search(self) -> bool:
+        """train.layers=search: a coarse grid of layers, then the neighbours of the best (offline/layer_search.py)."""
+        return isinstance(self.layers, str) and self.layers.strip().lower() == "search"
 
 
 @dataclass

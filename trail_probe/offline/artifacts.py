@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from trail_probe.config import RecipeConfig, resolve_layers
+from trail_probe.atomic import atomic_path, atomic_write_json
+from trail_probe.config import RecipeConfig, resolve_layers, save_config
 from trail_probe.errors import UserError
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.probe import LengthProbe, MultiLayerProbe
@@ -55,6 +56,30 @@ def load_probe(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     return probe.eval(), meta
 
 
+def write_probe(cfg: RecipeConfig, spec, folder: Path, weights: dict, history: list[dict], entry: dict, input_dim: int,
+                context: dict, say=print, trained_in: str | None = None) -> dict:
+    """Write one probe folder (probe.safetensors, probe.json, config.yaml) from its best epoch; its probe.json.
+    `spec`: the probe's task, layers, mode and name (`train.ProbeSpec`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "probe.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+    meta = {
+        "format": PROBE_FORMAT, "task": spec.task, "layers": list(spec.layers), "multi_layer": spec.mode,
+        "input_dim": input_dim, "hidden_dim": cfg.train.hidden_dim, "num_labels": cfg.bins.num_bins,
+        "standardize": bool(cfg.train.standardize),
+        **context, "metrics": {"val/mae": entry["val/mae"], "val/acc": entry["val/acc"], "val/loss": entry["val/loss"],
+                               "best_epoch": entry["epoch"]},
+        "epochs": cfg.train.epochs, "history": history,
+        **({"trained_in": trained_in} if trained_in else {}),
+    }
+    save_config(cfg, folder)
+    atomic_write_json(folder / "probe.json", meta)
+    m = meta["metrics"]
+    say(f"[{spec.task} {spec.name}] best epoch {m['best_epoch']}: val/mae {m['val/mae']:.1f} tokens, "
+        f"val/acc {m['val/acc']:.3f}")
+    return meta
+
+
 def best_layer(cfg: RecipeConfig, task: str) -> tuple[int, str]:
     """(layer, where the choice came from): the sweep's best layer for `task` when a sweep ran, else
     the first of train.layers ("all" -> 0). Stages with a layer setting of their own check it first."""
@@ -63,6 +88,11 @@ def best_layer(cfg: RecipeConfig, task: str) -> tuple[int, str]:
         best = json.loads(sweep.read_text()).get("best_layer", {}).get(task)
         if isinstance(best, int):
             return best, f"best {task} layer of {sweep}"
+    if cfg.train.layer_search:
+        raise UserError(f"train.layers=search chooses the {task} layer in the sweep, and '{sweep}' names none; run "
+                        "'trail-probe train' first, or name the layer (eval.layer / export.layer)")
+    if str(cfg.train.layers).strip().lower() == "all":
+        return 0, "first of train.layers"
     # Only the first layer is needed, and it does not depend on the model's depth.
     return resolve_layers(cfg.train.layers, num_layers=1 << 30, what="train.layers")[0], "first of train.layers"
 

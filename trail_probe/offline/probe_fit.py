@@ -1,15 +1,20 @@
 """The Lightning side of training a probe (or a stack of them), shared by `trail-probe train`'s runs:
-the recipe's `Trainer` over the in-memory feed, its loggers, the every-epoch `last.ckpt`, and quieter
-Lightning output (a sweep builds dozens of Trainers)."""
+the recipe's `Trainer` over the in-memory feed, its loggers, the every-epoch `last.ckpt` and where a
+run resumes from it, and quieter Lightning output (a sweep builds dozens of Trainers)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
+
+from trail_probe.errors import UserError
+
+ADDED_HPARAMS = {"standardize": False, "loss": "ce", "label_smoothing": 0.0}  # what older checkpoints lack
 
 
 def make_loggers(cfg, spec) -> list:
@@ -99,3 +104,25 @@ def latest_checkpoint(folder: Path):
     # be the best epoch, not the latest; an unmonitored checkpoint rewritten every epoch is the latest.
     return ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
+
+
+def resume_point(folder: Path, hparams: dict, epochs: int, resume: bool, overwrite: bool, fast_dev_run: bool,
+                 finished: Path) -> tuple[Path | None, bool]:
+    """(checkpoint to continue from, whether `folder` already holds the finished run: `finished` exists)."""
+    if fast_dev_run:
+        return None, False
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+    if not (folder / "last.ckpt").is_file():
+        return None, False
+    if not resume:
+        raise UserError(f"'{folder}' already holds a probe; add --resume to continue it (finished probes are kept) "
+                        "or --overwrite to train it again")
+    # Our own checkpoint; Lightning stores hparams as an AttributeDict, which weights_only refuses.
+    saved = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+    for key, value in hparams.items():
+        # settings added after a checkpoint was written count as their defaults
+        if saved["hyper_parameters"].get(key, ADDED_HPARAMS.get(key)) != value:
+            raise UserError(f"'{folder / 'last.ckpt'}' was trained with {key}={saved['hyper_parameters'].get(key)!r} "
+                            f"but the config gives {value!r}; restore the old settings or use --overwrite")
+    return folder / "last.ckpt", finished.is_file() and saved["epoch"] + 1 >= epochs

@@ -2,7 +2,9 @@
 
     <checkpoint_dir>/sweep/layer_sweep.csv   one row per probe: val MAE, accuracy, loss, best epoch
     <checkpoint_dir>/sweep/layer_sweep.json  the same, plus the best layer per task (what eval and
-                                             export choose by, `artifacts.best_layer`)
+                                             export choose by, `artifacts.best_layer`) and, after
+                                             `train.layers=search`, the search: its rounds and the
+                                             layers it trained, per task (`search`; null after a sweep)
     <checkpoint_dir>/sweep/layer_sweep.png   val MAE and accuracy by layer, multi-layer probes beside
 """
 
@@ -16,8 +18,9 @@ from trail_probe.offline.artifacts import probe_name
 from trail_probe.offline.store import LAYER_NUMBERING
 
 
-def write_sweep(cfg: RecipeConfig, results: list[dict]) -> dict:
-    """layer_sweep.{csv,json,png} from the trained probes' metadata; the JSON names the best layer per task."""
+def write_sweep(cfg: RecipeConfig, results: list[dict], search: dict | None = None) -> dict:
+    """layer_sweep.{csv,json,png} from the trained probes' metadata; the JSON names the best layer per task.
+    `search`: task -> what a layer search did (`layer_search.SearchResult.summary`), when it chose the layers."""
     rows = [{"task": m["task"], "probe": probe_name(m["layers"], m["multi_layer"]),
              "layers": m["layers"], "multi_layer": m["multi_layer"], **m["metrics"]} for m in results]
     tasks = {}
@@ -28,18 +31,18 @@ def write_sweep(cfg: RecipeConfig, results: list[dict]) -> dict:
                        "layers": [dict(r, layer=r["layers"][0]) for r in singles],
                        "multi_layer": [r for r in rows if r["task"] == task and r["multi_layer"] != "none"]}
     summary = {"metric": "val/mae", "best_layer": {task: s["best_layer"] for task, s in tasks.items()}, "tasks": tasks,
-               "layer_numbering": LAYER_NUMBERING, "config_sha256": config_sha256(cfg)}
+               "search": search, "layer_numbering": LAYER_NUMBERING, "config_sha256": config_sha256(cfg)}
     out = cfg.paths.sweep
     columns = ["task", "probe", "val/mae", "val/acc", "val/loss", "best_epoch"]
     lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]
     atomic_write_text(out / "layer_sweep.csv", "\n".join(lines) + "\n")
     atomic_write_json(cfg.paths.sweep_summary, summary)
-    _plot_sweep(tasks, out / "layer_sweep.png")
+    _plot_sweep(tasks, out / "layer_sweep.png", search)
     save_config(cfg, out)
     return summary
 
 
-def _plot_sweep(tasks: dict, path: Path) -> None:
+def _plot_sweep(tasks: dict, path: Path, search: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,7 +63,9 @@ def _plot_sweep(tasks: dict, path: Path) -> None:
         ax.set_xlabel("layer L (residual after decoder layer L)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_title("Held-out MAE by layer (star: best layer)")
+    searched = "; ".join(f"{task}: {len(x['trained'])} of {len(x['candidates'])} layers searched"
+                         for task, x in (search or {}).items())
+    axes[0].set_title("Held-out MAE by layer (star: best layer)" + (f"\n{searched}" if searched else ""))
     axes[1].set_title("Held-out bin accuracy by layer")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -79,4 +84,7 @@ def print_results(results: list[dict], summary: dict | None) -> None:
         print(f"{m['task']:<7} {name:<20} {x['val/mae']:>8.1f} {x['val/acc']:>8.3f} {x['best_epoch']:>10}{mark}")
     if summary:
         for task, layer in summary["best_layer"].items():
-            print(f"best {task} layer: {layer}")
+            found = (summary.get("search") or {}).get(task)
+            how = f" (layer search: {len(found['trained'])} of {len(found['candidates'])} layers trained, rounds " \
+                f"{' -> '.join(','.join(map(str, r)) for r in found['rounds'])})" if found else ""
+            print(f"best {task} layer: {layer}{how}")

@@ -4,6 +4,8 @@ Used by fast tests and benchmarks of the stages after `extract` (no model needed
 listed as `informative`, a fixed random direction of the hidden state carries the (total or
 remaining) length, plus Gaussian noise; the other layers carry only noise. So a probe trained on an
 informative layer must beat a constant predictor, and a layer sweep must find those layers.
+`gains` ({layer: strength}, instead of `informative`) gives each layer its own signal strength, so
+that one layer is clearly best and its neighbours next best, as a layer search expects.
 
     python -m trail_probe.offline.synthetic data/synthetic   # writes a small one for experiments
 """
@@ -30,8 +32,10 @@ SYNTHETIC_MODEL = "synthetic://linear-length"
 def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_size: int = 16,
                               num_layers: int = 4, informative: tuple[int, ...] = (1, 2),
                               decode_stride: int = 8, max_new_tokens: int = 512, noise: float = 0.05,
-                              shard_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+                              shard_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float16,
+                              gains: dict[int, float] | None = None) -> Path:
     root = Path(root)
+    gains = {layer: 4.0 for layer in informative} if gains is None else gains
     g = torch.Generator().manual_seed(seed)
     direction = torch.randn(hidden_size, generator=g)
     direction /= direction.norm()
@@ -40,9 +44,9 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
     def states(length: torch.Tensor) -> torch.Tensor:
         """[L, n, d]: length/max along `direction` in informative layers, noise everywhere."""
         out = torch.randn(num_layers, len(length), hidden_size, generator=g) * noise
-        signal = (length.float() / max_new_tokens)[:, None] * direction * 4.0
-        for layer in informative:
-            out[layer] += signal
+        signal = (length.float() / max_new_tokens)[:, None] * direction
+        for layer, gain in gains.items():
+            out[layer] += signal * gain
         return out.to(dtype)
 
     lengths = torch.randint(0, max_new_tokens + 1, (num_requests,), generator=g)
@@ -65,7 +69,7 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
         "decode_stride": decode_stride, "storage_dtype": str(dtype).removeprefix("torch."),
         "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
         "prompts": {"source": "synthetic", "num_available": num_requests, "num_selected": num_requests},
-        "num_workers": 1, "config": {"synthetic": {"informative": list(informative), "noise": noise}},
+        "num_workers": 1, "config": {"synthetic": {"gains": {str(k): v for k, v in gains.items()}, "noise": noise}},
     }
     atomic_write_json(root / "manifest.json", manifest)
     for seq, start in enumerate(range(0, num_requests, shard_size)):

@@ -1,6 +1,6 @@
 """Train TRAIL's length probe on an extraction, one probe per layer and task (`trail-probe train`).
 
-    trail-probe train recipes/smollm2_alpaca.yaml                    # the recipe: sweep both tasks
+    trail-probe train recipes/smollm2_alpaca.yaml                    # the recipe: a layer search, both tasks
     trail-probe train recipes/smollm2_alpaca.yaml train.task=decode train.layers=11 train.multi_layer=none
     trail-probe train recipes/smollm2_alpaca.yaml --resume           # continue an interrupted run
 
@@ -21,14 +21,16 @@ config.yaml. Logs go to `<checkpoint_dir>/logs/<task>/<name>/`. With several lay
 sweep), `<checkpoint_dir>/sweep/layer_sweep.{csv,json,png}` show val MAE and accuracy by layer,
 multi-layer probes beside them, and name the best layer per task.
 
-A sweep's single-layer probes can also train `train.stack_layers` layers at a time as one batched
-model (`offline/probe_stack.py`, `fit_stack`): the same batches, initial weights and schedule as one
-run per layer, so the same results (a test checks weights, histories and best epochs), with the
-Lightning step paid once per stack. On this 2-core CPU that buys little (benchmarks/sweep_speed.py:
-one epoch of a 30-layer decode sweep takes 39.5 s one probe at a time, 24.1 s in stacks of 5 on
-2 threads): a probe step is compute- and memory-bound, and 30 probes' weights and AdamW state do not
-stay in cache; on a GPU the stack's batched products replace 30 small steps by one. Each layer still
-gets its own best epoch and probe folder; the stack's `last.ckpt` resumes it.
+`train.layers=search` trains fewer: a coarse grid of layers, then the layers near the best so far
+until none of them is better (`offline/layer_search.py`); its sweep files list the layers it trained
+and record the search (`search` in layer_sweep.json), so eval and export choose the same way.
+
+A sweep's (or a search round's) single-layer probes can also train `train.stack_layers` layers at a
+time as one batched model (`offline/probe_stack.py`, `fit_stack`): the same batches, initial weights
+and schedule as one run per layer, so the same results (a test checks weights, histories and best
+epochs), with the Lightning step paid once per stack (benchmarks/sweep_speed.py: 1.6x on this 2-core
+CPU; on a GPU the stack's batched products replace many small steps by one). Each layer still gets
+its own best epoch and probe folder; the stack's `last.ckpt` resumes it.
 
 Several devices (`train.strategy=ddp train.devices=N`): each rank takes every N-th batch of the same
 (seed, epoch) order, so `train.batch_size` is per device, as usual in Lightning; every rank scores
@@ -37,25 +39,21 @@ the whole held-out set and only rank 0 writes files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from trail_probe.atomic import atomic_path, atomic_write_json, temp_files_in
+from trail_probe.atomic import atomic_write_json, temp_files_in
 from trail_probe.choices import Task, options
-from trail_probe.config import RecipeConfig, config_sha256, resolve_layers, save_config
+from trail_probe.config import RecipeConfig, config_sha256, resolve_layers
 from trail_probe.errors import UserError
-from trail_probe.offline.artifacts import PROBE_FORMAT, probe_name
-from trail_probe.offline.probe_fit import fit_module, latest_checkpoint, quiet_lightning
-from trail_probe.offline.split import (
-    load_or_make_split,
-    manifest_sha256,
-    selection_split,
-)
+from trail_probe.offline.artifacts import probe_name, write_probe
+from trail_probe.offline.layer_search import best_of, coarse_grid, expected_probes, search_layers
+from trail_probe.offline.probe_fit import fit_module, latest_checkpoint, quiet_lightning, resume_point
+from trail_probe.offline.split import load_or_make_split, manifest_sha256, selection_split
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.sweep_report import print_results, write_sweep
 from trail_probe.progress import progress_bar
@@ -67,10 +65,10 @@ EXAMPLES = """examples:
   trail-probe train recipes/smollm2_alpaca.yaml
   trail-probe train recipes/smollm2_alpaca.yaml train.task=decode train.layers=11 train.multi_layer=none
   trail-probe train recipes/smollm2_alpaca.yaml train.multi_layer=weighted_mean train.multi_layer_layers=8-15
-  trail-probe train recipes/smollm2_alpaca.yaml train.accelerator=gpu train.devices=4 train.strategy=ddp
+  trail-probe train recipes/smollm2_alpaca.yaml train.layers=all          # every layer, not a search
+  trail-probe train recipes/smollm2_alpaca.yaml train.layers=all train.accelerator=gpu train.devices=4 train.strategy=ddp
   trail-probe train recipes/smollm2_alpaca.yaml train.loggers=[csv,tensorboard] --resume
 Interrupt at any time and add --resume to continue from each probe's last.ckpt."""
-
 
 
 def add_arguments(parser) -> None:
@@ -87,6 +85,8 @@ class ProbeSpec:
 
     @property
     def name(self) -> str:
+        if self.mode == "stack" and list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):
+            return "stack-" + "_".join(map(str, self.layers))  # a search's stack of layers apart: its own folder
         return probe_name(self.layers, self.mode)
 
 
@@ -98,9 +98,6 @@ class ProbeData:
     input_dim: int
     num_train_requests: int
     num_val_requests: int
-
-
-ADDED_HPARAMS = {"standardize": False, "loss": "ce", "label_smoothing": 0.0}  # what older checkpoints lack
 
 
 def check_train_config(cfg: RecipeConfig) -> None:
@@ -119,11 +116,17 @@ def check_train_config(cfg: RecipeConfig) -> None:
         raise UserError("train.standardize needs a fixed probe input; use train.multi_layer=concat or none with it")
     if t.decode_samples_per_request < 0:
         raise UserError("train.decode_samples_per_request must be >= 0 (0 = every stored decode position)")
+    if t.layer_search and (t.search_points < 2 or t.search_radius < 1):
+        raise UserError(f"train.search_points = {t.search_points} and train.search_radius = {t.search_radius} need "
+                        "at least 2 and 1 (the recipe's 6 and 2)")
+    if t.layer_search and (str(t.devices) != "1" or "ddp" in str(t.strategy)):
+        raise UserError("train.layers=search picks each round's layers from the last round's results, which only rank "
+                        "0 of a multi-device run holds; use train.layers=all there, or train.devices=1")
 
 
 def _select_layers(spec, available: list[int], num_layers: int, task: str) -> list[int]:
-    if isinstance(spec, str) and spec.strip().lower() == "all":
-        return list(available)  # every layer that was extracted for this task
+    if isinstance(spec, str) and spec.strip().lower() in ("all", "search"):
+        return list(available)  # every layer that was extracted for this task (a search's candidates)
     layers = resolve_layers(spec, num_layers, what="train layer")
     missing = [layer for layer in layers if layer not in available]
     if missing:
@@ -220,28 +223,6 @@ def _hparams(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict)
                 loss=t.loss, label_smoothing=t.label_smoothing)
 
 
-def _resume_point(folder: Path, hparams: dict, epochs: int, resume: bool, overwrite: bool, fast_dev_run: bool,
-                  finished: Path) -> tuple[Path | None, bool]:
-    """(checkpoint to continue from, whether `folder` already holds the finished run: `finished` exists)."""
-    if fast_dev_run:
-        return None, False
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
-    if not (folder / "last.ckpt").is_file():
-        return None, False
-    if not resume:
-        raise UserError(f"'{folder}' already holds a probe; add --resume to continue it (finished probes are kept) "
-                        "or --overwrite to train it again")
-    # Our own checkpoint; Lightning stores hparams as an AttributeDict, which weights_only refuses.
-    saved = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-    for key, value in hparams.items():
-        # settings added after a checkpoint was written count as their defaults
-        if saved["hyper_parameters"].get(key, ADDED_HPARAMS.get(key)) != value:
-            raise UserError(f"'{folder / 'last.ckpt'}' was trained with {key}={saved['hyper_parameters'].get(key)!r} "
-                            f"but the config gives {value!r}; restore the old settings or use --overwrite")
-    return folder / "last.ckpt", finished.is_file() and saved["epoch"] + 1 >= epochs
-
-
 def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict, resume: bool = False,
               overwrite: bool = False, fast_dev_run: bool = False, callbacks: tuple = (),
               progress=None) -> dict | None:
@@ -261,7 +242,7 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     say = progress.bar.write
     folder = cfg.paths.probe(spec.task, spec.name)
     hparams = _hparams(cfg, spec, data, context)
-    ckpt_path, done = _resume_point(folder, hparams, cfg.train.epochs, resume, overwrite, fast_dev_run,
+    ckpt_path, done = resume_point(folder, hparams, cfg.train.epochs, resume, overwrite, fast_dev_run,
                                     folder / "probe.json")
     if done:
         say(f"[{spec.task} {spec.name}] already trained; kept")
@@ -283,7 +264,7 @@ def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
     weights = {k.removeprefix("probe."): v.contiguous() for k, v in best["state_dict"].items() if k.startswith("probe.")}
     entry = next(h for h in module.history if h["epoch"] == best["epoch"])
-    return _write_probe(cfg, spec, folder, weights, module.history, entry, data.input_dim, context, say)
+    return write_probe(cfg, spec, folder, weights, module.history, entry, data.input_dim, context, say)
 
 
 def fit_stack(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict, resume: bool = False,
@@ -314,7 +295,7 @@ def fit_stack(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
         raise UserError(f"'{taken[0]}' already holds a probe; add --resume to keep finished probes "
                         "or --overwrite to train them again")
     hparams = _hparams(cfg, spec, data, context)
-    ckpt_path, done = _resume_point(folder, hparams, cfg.train.epochs, resume, overwrite, fast_dev_run,
+    ckpt_path, done = resume_point(folder, hparams, cfg.train.epochs, resume, overwrite, fast_dev_run,
                                     folder / "written.json")
     if done and all((d / "probe.json").is_file() for d in member_dirs):
         say(f"[{spec.task} {spec.name}] already trained; kept")
@@ -331,37 +312,101 @@ def fit_stack(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict
     metas = []
     for i, (member, member_dir) in enumerate(zip(members, member_dirs)):
         weights, entry = module.best_state(i)
-        metas.append(_write_probe(cfg, member, member_dir, weights, module.layer_history(i), entry, data.input_dim,
+        metas.append(write_probe(cfg, member, member_dir, weights, module.layer_history(i), entry, data.input_dim,
                                   context, say, trained_in=spec.name))
     atomic_write_json(folder / "written.json", {"probes": [str(d) for d in member_dirs]})
     return metas
 
 
-def _write_probe(cfg, spec: ProbeSpec, folder: Path, weights: dict, history: list[dict], entry: dict, input_dim: int,
-                 context: dict, say=print, trained_in: str | None = None) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "probe.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    meta = {
-        "format": PROBE_FORMAT, "task": spec.task, "layers": list(spec.layers), "multi_layer": spec.mode,
-        "input_dim": input_dim, "hidden_dim": cfg.train.hidden_dim, "num_labels": cfg.bins.num_bins,
-        "standardize": bool(cfg.train.standardize),
-        **context, "metrics": {"val/mae": entry["val/mae"], "val/acc": entry["val/acc"], "val/loss": entry["val/loss"],
-                               "best_epoch": entry["epoch"]},
-        "epochs": cfg.train.epochs, "history": history,
-        **({"trained_in": trained_in} if trained_in else {}),
-    }
-    save_config(cfg, folder)
-    atomic_write_json(folder / "probe.json", meta)
-    m = meta["metrics"]
-    say(f"[{spec.task} {spec.name}] best epoch {m['best_epoch']}: val/mae {m['val/mae']:.1f} tokens, "
-        f"val/acc {m['val/acc']:.3f}")
-    return meta
+@dataclass
+class _Session:
+    """What every run of one `train` call shares, and the stage bar's count of probes done."""
+
+    cfg: RecipeConfig
+    extraction: Extraction
+    split: dict
+    bins: Bins
+    context: dict
+    flags: tuple  # (resume, overwrite, fast_dev_run, callbacks)
+    bar: object
+    best: dict  # task -> StageBest
+    done: int = 0  # probes finished before the current run
+    later: int = 0  # probes still planned after the current round (a search's bar total grows as it goes)
+
+    def fit(self, specs: list[ProbeSpec], where: str = "") -> list[dict]:
+        """Train `specs` (in stacks when the recipe stacks them); their probe.json metadata."""
+        from trail_probe.offline.epoch_progress import EpochProgress
+
+        cfg, epochs, results = self.cfg, self.cfg.train.epochs, []
+        runs = stack_runs(specs, cfg.train.stack_layers)
+        for i, spec in enumerate(runs):
+            size = len(spec.layers) if spec.mode == "stack" else 1
+            if self.bar.total is not None and (self.done + size + self.later) * epochs > self.bar.total:
+                self.bar.total = (self.done + size + self.later) * epochs
+            progress = EpochProgress(self.bar, f"{spec.task} {spec.name} ({where or f'{i + 1}/{len(runs)}'})",
+                                     offset=self.done * epochs, best=self.best[spec.task], name=f"{spec.task} {spec.name}",
+                                     probes=size)
+            data = load_data(self.extraction, spec, self.split, self.bins, cfg.train.decode_samples_per_request,
+                             cfg.train.seed)
+            if spec.mode == "stack":
+                results += fit_stack(cfg, spec, data, self.context, *self.flags, progress)
+            else:
+                meta = fit_probe(cfg, spec, data, self.context, *self.flags, progress)
+                results += [] if meta is None else [meta]
+            self.done += size
+            if self.bar.n < self.done * epochs:  # a kept probe, or fast_dev_run
+                self.bar.update(self.done * epochs - self.bar.n)
+        return results
+
+    def search(self, task: str, layers: list[int]) -> tuple[list[dict], dict]:
+        """`train.layers=search` for one task over `layers`: the probes it trained, in layer order, and
+        what the sweep records about it (`offline/layer_search.py`)."""
+        t, metas, rounds = self.cfg.train, {}, itertools.count(1)
+
+        def train_round(todo: list[int]) -> dict[int, float]:
+            number = next(rounds)
+            metas.update({m["layers"][0]: m for m in self.fit([ProbeSpec(task, (layer,)) for layer in todo],
+                                                              where=f"search round {number}")})
+            scores = {layer: m["metrics"]["val/mae"] for layer, m in metas.items()}
+            if scores:
+                best = best_of(scores)
+                self.bar.write(f"[{task}] layer search round {number}: layers {', '.join(map(str, todo))}; "
+                               f"best so far layer {best} (val MAE {scores[best]:.1f})")
+            return {layer: scores[layer] for layer in todo if layer in scores}
+
+        found = search_layers(layers, t.search_points, t.search_radius, train_round)
+        return [metas[layer] for layer in sorted(metas)], found.summary(t.search_points, t.search_radius)
+
+    def search_then_fit(self, specs: list[ProbeSpec]) -> tuple[list[dict], dict]:
+        """Each task's layer search over the layers of its single-layer specs, then the other (multi-layer)
+        probes; (their metadata, task -> what the sweep records about its search)."""
+        t = self.cfg.train
+        tasks = list(dict.fromkeys(spec.task for spec in specs))
+        layers = {task: [s.layers[0] for s in specs if s.task == task and s.mode == "none"] for task in tasks}
+        others = [spec for spec in specs if spec.mode != "none"]
+        results, searched = [], {}
+        for i, task in enumerate(tasks):
+            self.later = len(others) + sum(len(coarse_grid(layers[k], t.search_points)) for k in tasks[i + 1:])
+            metas, searched[task] = self.search(task, layers[task])
+            results += metas
+        self.later = 0
+        return results + self.fit(others), searched
+
+
+def planned_probes(cfg: RecipeConfig, specs: list[ProbeSpec]) -> int:
+    """How many probes `train` trains: every spec, or for a search an estimate (the stage bar grows past it)."""
+    if not cfg.train.layer_search:
+        return len(specs)
+    singles = {}
+    for spec in specs:
+        singles.setdefault(spec.task, []).extend(spec.layers if spec.mode == "none" else [])
+    return sum(spec.mode != "none" for spec in specs) + sum(
+        expected_probes(layers, cfg.train.search_points, cfg.train.search_radius) for layers in singles.values())
 
 
 def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast_dev_run: bool = False,
           callbacks: tuple = ()) -> list[dict]:
-    """Train every probe the config asks for; write the sweep when a task has several layers."""
+    """Train every probe the config asks for; write the sweep when a task has several layers (or searched)."""
     check_train_config(cfg)
     # One thread unless asked: a probe's matmuls (32 x 576 x 512) gain little from more, and with another
     # job on the cores two threads ran an epoch 19x slower than one (benchmarks/train_speed.py).
@@ -377,31 +422,19 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
                "selected_on": {"side": split["side"], "path": split["path"], "requests": len(split["val_ids"]),
                                "sha256": file_sha256(split["path"])},
                "config_sha256": config_sha256(cfg), "layer_numbering": LAYER_NUMBERING}
-    from trail_probe.offline.epoch_progress import EpochProgress, StageBest
+    from trail_probe.offline.epoch_progress import StageBest
 
-    results, epochs = [], cfg.train.epochs
-    best = {task: StageBest() for task in options(Task)}
-    runs = stack_runs(specs, cfg.train.stack_layers)
     with temp_files_in(cfg.paths.checkpoints), \
-            progress_bar(cfg.progress, total=len(specs) * epochs, desc="train", unit="epoch") as bar:
-        done = 0  # probes finished before this run
-        for i, spec in enumerate(runs):
-            size = len(spec.layers) if spec.mode == "stack" else 1
-            progress = EpochProgress(bar, f"{spec.task} {spec.name} ({i + 1}/{len(runs)})", offset=done * epochs,
-                                     best=best[spec.task], name=f"{spec.task} {spec.name}", probes=size)
-            data = load_data(extraction, spec, split, bins, cfg.train.decode_samples_per_request, cfg.train.seed)
-            if spec.mode == "stack":
-                results += fit_stack(cfg, spec, data, context, resume, overwrite, fast_dev_run, callbacks, progress)
-            else:
-                meta = fit_probe(cfg, spec, data, context, resume, overwrite, fast_dev_run, callbacks, progress)
-                results += [] if meta is None else [meta]
-            done += size
-            if bar.n < done * epochs:  # a kept probe, or fast_dev_run
-                bar.update(done * epochs - bar.n)
+            progress_bar(cfg.progress, total=planned_probes(cfg, specs) * cfg.train.epochs, desc="train",
+                         unit="epoch") as bar:
+        session = _Session(cfg, extraction, split, bins, context, (resume, overwrite, fast_dev_run, callbacks), bar,
+                           {task: StageBest() for task in options(Task)})
+        results, searched = session.search_then_fit(specs) if cfg.train.layer_search else (session.fit(specs), {})
     if not results:  # fast_dev_run, or a non-zero DDP rank
         return results
-    sweep = any(sum(m["task"] == task and m["multi_layer"] == "none" for m in results) > 1 for task in options(Task))
-    summary = write_sweep(cfg, results) if sweep else None
+    sweep = searched or any(sum(m["task"] == task and m["multi_layer"] == "none" for m in results) > 1
+                            for task in options(Task))
+    summary = write_sweep(cfg, results, searched or None) if sweep else None
     print_results(results, summary)
     if summary:
         print(f"sweep table and plot: {cfg.paths.sweep}/layer_sweep.{{csv,json,png}}")
