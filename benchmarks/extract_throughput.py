@@ -39,7 +39,7 @@ def _setup(num_prompts: int):
     from trail_probe.offline.prompts import load_prompts
     from trail_probe.runtime.models import load_causal_lm
 
-    cfg = load_recipe(REPO / "recipes" / "smollm2_alpaca.yaml")
+    cfg = load_recipe(REPO / "recipes" / "smollm2_alpaca_hf.yaml")
     model, tokenizer = load_causal_lm(cfg.model)
     prompts, _ = load_prompts(str(REPO.parent / "shared" / "data" / "alpaca_prompts.jsonl"))
     ready, _ = prepare_prompts(prompts[:num_prompts], tokenizer, 512, 8192, "skip")
@@ -93,7 +93,7 @@ def _vllm_setup(num_prompts: int):
     from trail_probe.offline.prompts import load_prompts
     from trail_probe.offline.vllm_generation import load_for_vllm
 
-    cfg = load_recipe(REPO / "recipes" / "smollm2_alpaca.yaml")
+    cfg = load_recipe(REPO / "recipes" / "smollm2_alpaca_hf.yaml")
     folder, tokenizer, _, eos = load_for_vllm(cfg.model)
     prompts, _ = load_prompts(str(REPO.parent / "shared" / "data" / "alpaca_prompts.jsonl"))
     ready, _ = prepare_prompts(prompts[:num_prompts], tokenizer, 512, 8192, "skip")

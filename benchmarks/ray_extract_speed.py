@@ -29,7 +29,7 @@ RESULTS = REPO / "benchmarks" / "results" / "ray_extract_speed.json"
 
 
 def extract(out: Path, overrides: list[str], extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "trail_probe.cli", "extract", "recipes/smollm2_alpaca.yaml", *extra,
+    cmd = [sys.executable, "-m", "trail_probe.cli", "extract", "recipes/smollm2_alpaca_hf.yaml", *extra,
            f"extract.out_dir={out}", *overrides]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)

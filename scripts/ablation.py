@@ -38,7 +38,7 @@ ROWS = {  # name -> (what changes, overrides)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipe", default="recipes/smollm2_alpaca.yaml")
+    ap.add_argument("--recipe", default="recipes/smollm2_alpaca_hf.yaml")
     ap.add_argument("--layer", type=int, default=19)
     ap.add_argument("--validation-fraction", type=float, default=0.2)
     ap.add_argument("--rows", default=",".join(ROWS))

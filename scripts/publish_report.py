@@ -1,6 +1,7 @@
 """Publish a finished run's report into the repository: reports/<run_name>/.
 
-    python scripts/publish_report.py recipes/smollm2_alpaca.yaml
+    python scripts/publish_report.py recipes/smollm2_alpaca.yaml      # the default run: reports/smollm2_alpaca_vllm/
+    python scripts/publish_report.py recipes/smollm2_alpaca_hf.yaml   # the transformers run: reports/smollm2_alpaca/
 
 Copies the eval report (Markdown, JSON, figures), the layer sweep and the simulation results, and
 adds what the eval report does not draw: the output-length distribution of the serving model and

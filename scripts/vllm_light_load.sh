@@ -13,6 +13,6 @@ reps=("$@")
 [ ${#reps[@]} -gt 0 ] || reps=(a b)
 for rep in "${reps[@]}"; do
   out=checkpoints/smollm2_alpaca/serve_vllm_rate2.1_200$rep
-  python -m trail_probe.cli serve-bench recipes/smollm2_alpaca.yaml "${COMMON[@]}" serve.out_dir="$out"
+  python -m trail_probe.cli serve-bench recipes/smollm2_alpaca_hf.yaml "${COMMON[@]}" serve.out_dir="$out"
   python scripts/publish_serve.py "$out"
 done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The vLLM load benchmarks of the README ("In vLLM"): 1,000 held-out requests per policy (the 500
+# The vLLM load benchmarks of docs/results.md ("In vLLM"): 1,000 held-out requests per policy (the 500
 # held-out prompts, each sent twice: serve.repeat_prompts), 64 running, 2,048 tokens per step, 2 GiB
-# of KV cache, bf16, BERT's initial estimate. One folder per load under checkpoints/smollm2_alpaca/,
+# of KV cache, bf16, BERT's initial estimate, the committed predictor of the transformers run
+# (recipes/smollm2_alpaca_hf.yaml). One folder per load under checkpoints/smollm2_alpaca/,
 # each published into reports/ when it finishes; a finished policy is kept when the script runs again.
 #   bash scripts/vllm_loads.sh                 # all loads, in the order below
 #   bash scripts/vllm_loads.sh rate3.0         # one of them
@@ -9,7 +10,7 @@
 #   SUFFIX=_pinned POLICIES=[fifo,trail] bash scripts/vllm_loads.sh rate2.1   # only some policies
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RECIPE=recipes/smollm2_alpaca.yaml
+RECIPE=recipes/smollm2_alpaca_hf.yaml
 COMMON=(serve.engine=vllm serve.num_requests=1000 serve.repeat_prompts=true serve.max_batch=64
         serve.max_batch_tokens=2048 serve.vllm_kv_cache_gb=2 serve.vllm_dtype=bfloat16 serve.initial=bert)
 ALL=(burst1000 rate3.0 rate2.5 rate2.1)

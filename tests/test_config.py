@@ -22,7 +22,7 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
         assert cfg.train.lr == 0.01 and cfg.train.validation_fraction == 0.0
     assert cfg.train.train_fraction == 0.75
     num_layers = 30 if "smollm2" in recipe.name else 32
-    for spec in (cfg.extract.prompt_layers, cfg.extract.decode_layers, cfg.train.layers):
+    for spec in (cfg.extract.prompt_layers, cfg.extract.decode_layers, *([] if cfg.train.layer_search else [cfg.train.layers])):
         assert resolve_layers(spec, num_layers)
     # the recipe's first line comment shows how to run it
     assert recipe.read_text().startswith("#") and "trail-probe" in recipe.read_text().split("\n\n")[0]
@@ -30,7 +30,7 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
 
 def test_recipes_cover_the_embedded_and_the_paper_setup():
     names = {p.name for p in RECIPES}
-    assert {"smollm2_alpaca.yaml", "llama3_8b_alpaca.yaml"} <= names
+    assert {"smollm2_alpaca.yaml", "smollm2_alpaca_hf.yaml", "llama3_8b_alpaca.yaml"} <= names
     paper = load_recipe(Path(RECIPES[0]).parent / "llama3_8b_alpaca.yaml")
     assert paper.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert paper.model.dtype == "bfloat16" and paper.model.device == "cuda"
@@ -83,9 +83,24 @@ def test_a_recipe_on_a_base_changes_only_its_own_keys(tmp_path):
         load_recipe(tmp_path / "sub" / "child.yaml")
 
 
+def test_the_default_is_the_fast_path_and_the_fallback_the_transformers_one():
+    """The names say which is the default; each keeps the run folder its committed report and predictor live in."""
+    root = Path(RECIPES[0]).parent
+    fast, hf = load_recipe(root / "smollm2_alpaca.yaml"), load_recipe(root / "smollm2_alpaca_hf.yaml")
+    assert (fast.extract.engine, fast.model.dtype, fast.train.layer_search, fast.train.stack_layers) == \
+        ("vllm", "bfloat16", True, 5)
+    assert fast.baseline.group_by_length and fast.baseline.precision == "bf16-mixed"
+    assert (hf.extract.engine, hf.model.dtype, hf.train.layers, hf.train.stack_layers) == ("hf", "float32", "all", 0)
+    assert not hf.baseline.group_by_length and hf.baseline.precision == "32-true"
+    assert fast.prompts == hf.prompts and (fast.train.lr, fast.train.epochs) == (hf.train.lr, hf.train.epochs)
+    repo = root.parent
+    assert (repo / "reports" / fast.run_name / "report.md").is_file() and fast.run_name == "smollm2_alpaca_vllm"
+    assert (repo / "reports" / hf.run_name / "report.md").is_file() and (hf.paths.predictor / "config.json").is_file()
+
+
 def test_tuned_recipe_is_the_paper_recipe_plus_the_validation_choices():
     root = Path(RECIPES[0]).parent
-    paper, tuned = load_recipe(root / "smollm2_alpaca.yaml"), load_recipe(root / "smollm2_alpaca_tuned.yaml")
+    paper, tuned = load_recipe(root / "smollm2_alpaca_hf.yaml"), load_recipe(root / "smollm2_alpaca_tuned.yaml")
     assert tuned.paths.data == paper.paths.data and tuned.paths.checkpoints != paper.paths.checkpoints
     assert tuned.train.validation_fraction > 0 and tuned.train.standardize
     assert (tuned.train.epochs, tuned.train.batch_size, tuned.bins, tuned.generation) == \

@@ -67,7 +67,7 @@ def test_captured_states_equal_teacher_forced_pass(arch, request):
 
 def test_extract_end_to_end_and_manifest(tiny_llama, prompts_file, tmp_path, capsys):
     out = tmp_path / "ex"
-    code = main(["extract", "recipes/smollm2_alpaca.yaml", f"model.name_or_path={tiny_llama}",
+    code = main(["extract", "recipes/smollm2_alpaca_hf.yaml", f"model.name_or_path={tiny_llama}",
                  f"prompts.source={prompts_file}", f"extract.out_dir={out}", "extract.prompt_layers=all",
                  "extract.decode_layers=1-2", "extract.decode_stride=4", "generation.max_new_tokens=24",
                  "generation.batch_size=4", "extract.shard_size=3"])
@@ -132,7 +132,7 @@ def test_workers_take_disjoint_slices_and_read_back_as_one(tiny_llama, prompts_f
 
 
 def _run_cli(capsys, *args):
-    code = main(["extract", "recipes/smollm2_alpaca.yaml", *args])
+    code = main(["extract", "recipes/smollm2_alpaca_hf.yaml", *args])
     # HF's weight-loading progress bar also writes to stderr; the error is our own line(s)
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trail-probe")]
     return code, "\n".join(ours)
@@ -203,7 +203,7 @@ def test_incompatible_folder_is_refused_unless_overwrite(tiny_llama, prompts_fil
     code, err = _run_cli(capsys, *base[:-1], "prompts.num_prompts=4")
     assert code == 2 and "different config" in err and "num_prompts" in err
     assert sorted(p.name for p in (out / "shards").iterdir()) == before  # nothing lost
-    assert main(["extract", "recipes/smollm2_alpaca.yaml", *base[:-1], "prompts.num_prompts=4", "--overwrite"]) == 0
+    assert main(["extract", "recipes/smollm2_alpaca_hf.yaml", *base[:-1], "prompts.num_prompts=4", "--overwrite"]) == 0
     assert len(Extraction(out).records) == 4
 
 
@@ -211,7 +211,7 @@ def test_incompatible_folder_is_refused_unless_overwrite(tiny_llama, prompts_fil
 def test_real_smollm2_on_shared_prompts(tmp_path):
     from conftest import SHARED_PROMPTS
 
-    out = run_extract(load_recipe("recipes/smollm2_alpaca.yaml", [
+    out = run_extract(load_recipe("recipes/smollm2_alpaca_hf.yaml", [
         f"prompts.source={SHARED_PROMPTS}", "prompts.num_prompts=4", "generation.max_new_tokens=48",
         f"extract.out_dir={tmp_path / 'real'}", "extract.decode_layers=10-12"]), show_progress=False)
     ex = Extraction(out)
@@ -247,7 +247,7 @@ def test_packed_gqa_decoding_equals_plain_sdpa_and_is_undone(tiny_llama):
 
 # -- damaged data and concurrent workers (issue 16) --------------------------------------------
 def _verify_cli(capsys, cfg_args):
-    code = main(["extract", "recipes/smollm2_alpaca.yaml", *cfg_args, "--verify"])
+    code = main(["extract", "recipes/smollm2_alpaca_hf.yaml", *cfg_args, "--verify"])
     return code, capsys.readouterr()
 
 
@@ -262,7 +262,7 @@ def test_a_damaged_shard_is_named_set_aside_and_extracted_again(tiny_llama, prom
 
     out = tmp_path / "ex"
     args = _args(tiny_llama, prompts_file, out)
-    assert main(["extract", "recipes/smollm2_alpaca.yaml", *args]) == 0
+    assert main(["extract", "recipes/smollm2_alpaca_hf.yaml", *args]) == 0
     reference = {r["id"]: r["output_tokens"] for r in Extraction(out).records}
     status = json.loads((out / "workers" / "worker-0.json").read_text())
     shards = sorted((out / "shards").glob("shard-*.safetensors"))
@@ -298,7 +298,7 @@ def test_a_damaged_shard_is_named_set_aside_and_extracted_again(tiny_llama, prom
     (tmp_path / "cut").rename(cut)
     (tmp_path / "flipped").rename(flipped)
 
-    assert main(["extract", "recipes/smollm2_alpaca.yaml", *args]) == 0  # resume: set aside, extracted again
+    assert main(["extract", "recipes/smollm2_alpaca_hf.yaml", *args]) == 0  # resume: set aside, extracted again
     assert len(list((out / "damaged").iterdir())) == 3
     again = Extraction(out)
     assert {r["id"]: r["output_tokens"] for r in again.records} == reference

@@ -26,9 +26,9 @@ def _overrides(model, prompts, out):
 def test_two_ray_workers_extract_every_prompt_once_as_one_worker_does(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=9)
-    one = run_extract(load_recipe("recipes/smollm2_alpaca.yaml", _overrides(tiny_llama, prompts, tmp_path / "one")), show_progress=False)
+    one = run_extract(load_recipe("recipes/smollm2_alpaca_hf.yaml", _overrides(tiny_llama, prompts, tmp_path / "one")), show_progress=False)
     out = tmp_path / "ray"
-    assert main(["extract", "recipes/smollm2_alpaca.yaml", *_overrides(tiny_llama, prompts, out), "--ray", "--num-workers", "2"]) == 0
+    assert main(["extract", "recipes/smollm2_alpaca_hf.yaml", *_overrides(tiny_llama, prompts, out), "--ray", "--num-workers", "2"]) == 0
     a, b = Extraction(one), Extraction(out)
     assert b.manifest["num_workers"] == 2
     statuses = [json.loads((out / "workers" / f"worker-{i}.json").read_text()) for i in range(2)]
@@ -42,5 +42,5 @@ def test_two_ray_workers_extract_every_prompt_once_as_one_worker_does(tiny_llama
     torch.testing.assert_close(b.prompt_states(1), a.prompt_states(1)[order], atol=1e-5, rtol=1e-5)
     # The same command again: every worker is complete, nothing is extracted twice.
     stamp = sorted(p.stat().st_mtime_ns for p in (out / "shards").iterdir())
-    assert main(["extract", "recipes/smollm2_alpaca.yaml", *_overrides(tiny_llama, prompts, out), "--ray", "--num-workers", "2"]) == 0
+    assert main(["extract", "recipes/smollm2_alpaca_hf.yaml", *_overrides(tiny_llama, prompts, out), "--ray", "--num-workers", "2"]) == 0
     assert sorted(p.stat().st_mtime_ns for p in (out / "shards").iterdir()) == stamp

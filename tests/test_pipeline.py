@@ -12,7 +12,7 @@ from trail_probe.cli import main
 def test_pipeline_end_to_end_then_resumes(tiny_llama, prompts_file, tmp_path, capsys):
     bert = make_tiny_bert_encoder(tmp_path / "bert")
     ckpt = tmp_path / "ckpt"
-    args = ["pipeline", "recipes/smollm2_alpaca.yaml", f"model.name_or_path={tiny_llama}",
+    args = ["pipeline", "recipes/smollm2_alpaca_hf.yaml", f"model.name_or_path={tiny_llama}",
             f"prompts.source={prompts_file}", f"extract.out_dir={tmp_path / 'data'}", f"train.out_dir={ckpt}",
             "generation.max_new_tokens=24", "generation.batch_size=4", "extract.decode_stride=2",
             "train.epochs=2", "train.layers=all", "train.multi_layer=none", "train.train_fraction=0.6",

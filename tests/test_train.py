@@ -20,7 +20,7 @@ from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extrac
 from trail_probe.runtime.bins import Bins
 from trail_probe.stages.train import ProbeSpec, load_data, train
 
-RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_alpaca.yaml")
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_alpaca_hf.yaml")
 
 
 @pytest.fixture(scope="module")
