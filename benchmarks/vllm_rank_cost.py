@@ -6,9 +6,9 @@
 `TrailVLLMScheduler.schedule` runs as in the engine (the same code, vLLM's own request queue and
 running list) on stand-in requests; only vLLM's `Scheduler.schedule`, which TRAIL's step calls after
 ranking, is replaced by one that admits from the front of the waiting queue and gives every running
-request one token, as a decode step would. 64 run at once (`max_num_seqs`, as in the README's vLLM
-runs); every running request past its first token is preemptible, so paused requests pile up as in
-a burst. Per queue size, the median `rank_s` of the step log over the steps after a warm-up.
+request one token, as a decode step would. 64 run at once (`max_num_seqs`, as in the vLLM runs of
+docs/results.md); every running request past its first token is preemptible, so paused requests pile
+up as in a burst. Per queue size, the median `rank_s` of the step log over the steps after a warm-up.
 
 Target (issue 13): TRAIL's code under 2% of a mean step (the vLLM runs' steps are 96-130 ms, so
 ranking should stay well under 1 ms). Prints a table and writes benchmarks/results/vllm_rank_cost.json.

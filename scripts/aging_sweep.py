@@ -40,7 +40,7 @@ def sweep(folder: Path, policy: str, agings: list[float]) -> tuple[list[dict], d
         sys.exit(f"{folder} has no TRAIL run whose estimates the simulator can replay; run serve-bench with trail first")
     engine, cost = served_engine(cfg), fit_engine_cost(runs)
     rate = cfg.serve.rate
-    mode = "burst" if rate >= 100 else "poisson"  # the README's burst is serve.rate=1000: all within a second
+    mode = "burst" if rate >= 100 else "poisson"  # docs/results.md's burst is serve.rate=1000: all within a second
     rows = []
     for spec in ["fcfs"] + [policy if a == 0 else f"{policy}~{a:g}" for a in agings]:
         p = make_policy(spec, cfg.refine.preemption_c)
