@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 
 import pytest
 import torch
@@ -89,19 +89,48 @@ def test_fifo_scheduler_logs_every_step(fifo_run):
     assert all(r.arrival <= r.first_token <= r.finish for r in results.values())
 
 
-def wait_for_steps(eng, n: int) -> None:
-    """Until the engine has run `n` forward passes: an event, not a wall-clock guess (30 s at most)."""
-    deadline = time.time() + 30
-    while (eng.scheduler is None or len(eng.scheduler.steps) < n) and time.time() < deadline:
-        time.sleep(0.001)
+def count_steps(eng, n: int) -> threading.Event:
+    """An event the engine's scheduler sets when it logs its n-th step (install before the engine starts)."""
+    reached, base = threading.Event(), eng.factory.cls
+
+    class Counting(base):
+        def _log_step(self, *args, **kwargs):
+            super()._log_step(*args, **kwargs)
+            if len(self.steps) >= n:
+                reached.set()
+
+    eng.factory.cls = Counting
+    return reached
+
+
+def check_engine_can_still_deliver(eng, idle_before: bool) -> bool:
+    """Fail at once when the engine has stopped, or has had no work left at two checks in a row
+    (requests taken from its input queue are briefly in neither place); return whether it is idle now."""
+    manager = eng.manager
+    assert manager.is_running() and manager.background_thread_status.fatal_error is None, "the engine stopped"
+    s = eng.scheduler
+    idle = manager.input_queue.empty() and (s is None or not (s.active_requests or s.waiting_requests))
+    assert not (idle and idle_before), "the engine has nothing left to do, so what the test waits for never comes"
+    return idle
+
+
+def wait_for(event: threading.Event, eng) -> None:
+    """Until `event` is set; the engine's own state, not a deadline, decides that it never will be."""
+    idle = False
+    while not event.wait(0.2):  # how often the engine is looked at, not a limit
+        idle = check_engine_can_still_deliver(eng, idle)
 
 
 def collect(eng, n: int) -> dict:
-    done = {}
+    """`n` finished requests, failing (not hanging) when the engine stops or loses one."""
+    done, idle = {}, False
     while len(done) < n:
-        r = eng.result(timeout=1.0)
-        if r is not None:
-            done[r.request_id] = r
+        r = eng.result(timeout=0.2)
+        if r is None:
+            idle = check_engine_can_still_deliver(eng, idle)
+            continue
+        idle = False
+        done[r.request_id] = r
     return done
 
 
@@ -115,10 +144,12 @@ def test_trail_gives_every_request_the_same_tokens_as_fifo(llm, fifo_run, tmp_pa
     rt = runtime(make_predictor(tmp_path / "p", favour_bin=9),
                  bin_of={text[k]: (9 if i < 6 else 0) for i, k in enumerate(by_length)})
     reqs = {rid: (ids, t) for rid, ids, t in requests(llm[1])}
-    with engine(llm, "trail", rt) as eng:
+    eng = engine(llm, "trail", rt)
+    decoding = count_steps(eng, 5)
+    with eng:
         for rid in by_length[:6]:
             eng.submit(rid, *reqs[rid])
-        wait_for_steps(eng, 5)  # the long six are decoding (the shortest of them has >= 5 tokens left)
+        wait_for(decoding, eng)  # the long six are decoding (the shortest of them has >= 5 tokens left)
         for rid in by_length[6:]:
             eng.submit(rid, *reqs[rid])
         results = collect(eng, len(TEXTS))
@@ -165,9 +196,11 @@ def _two_requests(llm, fifo_run, policy, rt, bins: tuple[int, int]):
     text = {f"r{i}": t for i, t in enumerate(TEXTS)}
     if rt is not None:
         rt.text_predictor.bin_of.update({text[long_id]: bins[0], text[short_id]: bins[1]})
-    with engine(llm, policy, rt, max_batch=1) as eng:
+    eng = engine(llm, policy, rt, max_batch=1)
+    decoding = count_steps(eng, 5)
+    with eng:
         eng.submit(long_id, encode_prompt(tok, text[long_id]), text[long_id])
-        wait_for_steps(eng, 5)
+        wait_for(decoding, eng)
         eng.submit(short_id, encode_prompt(tok, text[short_id]), text[short_id])
         done = collect(eng, 2)
     assert done[long_id].tokens == fifo[long_id].tokens and done[short_id].tokens == fifo[short_id].tokens
