@@ -152,34 +152,41 @@ def test_prior_corrected_likelihood_removes_the_label_prior():
     prior divided out, refinement keeps the (moved) initial prior; TRAIL's raw update does not."""
     from trail_probe.runtime.refine import step_likelihood
 
-    label_prior = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
+    label_prior = [0.5, 0.2, 0.1, 0.1, 0.1]
     powers = TransitionPowers(5, 10.0)
-    initial = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
-    steps = label_prior.repeat(4, 1)
+    initial = [0.0, 0.0, 0.0, 0.0, 1.0]
+    steps = torch.tensor([label_prior] * 4, dtype=torch.float64)
     generated = [1, 9, 17, 25]
-    corrected = refine_sequence(step_likelihood(steps, label_prior), generated, powers, initial=initial)
-    expected = powers.advance(initial[None], 25)[0]
-    assert torch.allclose(corrected[-1], expected, atol=1e-9)
-    raw = refine_sequence(steps, generated, powers, initial=initial)
-    assert not torch.allclose(raw[-1], expected, atol=1e-3)
+    corrected = refine_sequence(step_likelihood(steps, torch.tensor(label_prior, dtype=torch.float64)), generated,
+                                powers, initial=torch.tensor(initial, dtype=torch.float64))
+    # the reference divides each step's distribution by the label prior, then refines loop by loop
+    flat = [[p / q for p, q in zip(row, label_prior)] for row in steps.tolist()]
+    expected = reference_refine(flat, generated, 10.0, prior=initial, prior_j=0)
+    moved = initial
+    for _ in range(25):
+        moved = reference_step(moved, 10.0)
+    assert expected[-1] == pytest.approx(moved, abs=1e-12)  # flat evidence: the prior, moved 25 tokens
+    for s in range(len(generated)):
+        assert corrected[s].tolist() == pytest.approx(expected[s], abs=1e-9)
+    raw = refine_sequence(steps, generated, powers, initial=torch.tensor(initial, dtype=torch.float64))
+    assert raw[-1].tolist() == pytest.approx(reference_refine(steps.tolist(), generated, 10.0, prior=initial)[-1], abs=1e-9)
+    assert raw[-1].tolist() != pytest.approx(moved, abs=1e-3)
     assert torch.equal(step_likelihood(steps), steps)  # no prior: TRAIL's rule unchanged
 
 
 def test_refine_sequence_with_fixed_steps_advances_by_them_whatever_was_generated():
-    from trail_probe.runtime.refine import (
-        TransitionPowers,
-        bayes_update,
-        refine_sequence,
-    )
-
-    powers = TransitionPowers(10, 51.2)
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(torch.randn(3, 10, generator=g), -1).double()
-    prior = torch.softmax(torch.randn(10, generator=g), -1).double()
-    post = refine_sequence(p, [3, 11, 19], powers, initial=prior, initial_generated=0, steps=8)
-    q = prior
+    rng = random.Random(0)
+    k, w = 10, 51.2
+    powers = TransitionPowers(k, w)
+    p = [random_dist(rng, k) for _ in range(3)]
+    prior = random_dist(rng, k)
+    post = refine_sequence(torch.tensor(p, dtype=torch.float64), [3, 11, 19], powers,
+                           initial=torch.tensor(prior, dtype=torch.float64), initial_generated=0, steps=8)
+    # the reference: 8 single-token moves before each update, whatever the generated counts say
+    expected = reference_refine(p, [8, 16, 24], w, prior=prior, prior_j=0)
     for s in range(3):
-        q = bayes_update(powers.advance(q[None], 8)[0], p[s])
-        assert torch.allclose(post[s], q)
-    own = refine_sequence(p, [3, 11, 19], powers, initial=prior, initial_generated=0)
-    assert not torch.allclose(own[0], post[0])  # its own first advance is 3 tokens, not 8
+        assert post[s].tolist() == pytest.approx(expected[s], rel=1e-9, abs=1e-12)
+    own = refine_sequence(torch.tensor(p, dtype=torch.float64), [3, 11, 19], powers,
+                          initial=torch.tensor(prior, dtype=torch.float64), initial_generated=0)
+    assert own[0].tolist() == pytest.approx(reference_refine(p, [3], w, prior=prior)[0], rel=1e-9, abs=1e-12)
+    assert own[0].tolist() != pytest.approx(post[0].tolist(), abs=1e-6)  # its own first advance is 3 tokens, not 8

@@ -1,7 +1,7 @@
 """TRAIL's public runtime (its SGLang patch), reproduced as named options of ours.
 
 `Release` below re-implements the release's rules from their description (issue 16), independently
-of `TrailRuntime`: one global decode-pass counter that refines every request in the batch every K
+of `TrailRuntime` and of `runtime.refine` (its transition matrix is built here from the rule): one global decode-pass counter that refines every request in the batch every K
 passes with T^K whatever it generated; at prefill the decode probe on the last prompt token's state
 is the first distribution, and BERT only gives the initial number, floored at 1. `TrailRuntime`
 with `cadence="global", initial="last_token"` must agree with it exactly; with the defaults it must
@@ -15,16 +15,28 @@ import torch
 from conftest import trail_weights, write_trail_dir
 
 from trail_probe.runtime import LengthPredictor
-from trail_probe.runtime.refine import transition_matrix
 from trail_probe.serving.trail_runtime import TrailRuntime
 
 K, D, BUDGET = 4, 64, 96
 
 
+def release_transition(num_bins: int, width: float, tokens: int) -> torch.Tensor:
+    """T^tokens from the release's rule, built here: per token, each bin i > 0 keeps 1 - 1/width of its
+    mass and passes 1/width to bin i - 1; bin 0 keeps all of it."""
+    t = torch.zeros(num_bins, num_bins, dtype=torch.float64)
+    t[0, 0] = 1.0
+    for i in range(1, num_bins):
+        t[i, i], t[i, i - 1] = 1 - 1 / width, 1 / width
+    out = torch.eye(num_bins, dtype=torch.float64)
+    for _ in range(tokens):
+        out = out @ t
+    return out
+
+
 class Release:
     def __init__(self, probs, bins, bert_numbers):
         self.probs, self.bins, self.bert = probs, bins, bert_numbers
-        self.t_k = torch.linalg.matrix_power(transition_matrix(bins.num_bins, bins.width), K)
+        self.t_k = release_transition(bins.num_bins, bins.width, K)
         self.post, self.initial, self.passes = {}, {}, 0
 
     def prefill(self, rid, last_state):
