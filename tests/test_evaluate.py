@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
 from trail_probe.offline.artifacts import PROBE_FORMAT
-from trail_probe.offline.metrics import accuracy, confusion, mae, summary
+from trail_probe.offline.metrics import accuracy, confusion, kendall_tau, mae, summary
 from trail_probe.offline.split import load_or_make_split
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
@@ -45,7 +45,10 @@ def test_metric_functions_match_hand_computations():
     assert c[0, 0] == 1 and c[2, 9] == 1 and c[1, 0] == 1 and c.sum() == 3
     s = summary(est, truth, probs, BINS)
     assert {k: s[k] for k in ("mae", "n", "acc")} == {"mae": pytest.approx(8.1333, abs=1e-3), "n": 3, "acc": pytest.approx(1 / 3)}
-    assert -1.0 <= s["kendall_tau"] <= 1.0
+    assert s["kendall_tau"] == pytest.approx(1.0)  # 25.6 < 51.2 < 100 orders as 20 < 60 < 110: 3 of 3 pairs agree
+    # tau-b by hand: one of six pairs swapped, (5 - 1) / 6; a tie in the estimates, 2 / sqrt((3 - 1) * 3)
+    assert kendall_tau(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(2 / 3)
+    assert kendall_tau(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(2 / math.sqrt(6))
 
 
 # -- a tiny synthetic run -------------------------------------------------------------------------
@@ -449,8 +452,8 @@ def test_eval_on_the_validation_side_scores_only_it_and_refuses_probes_that_saw_
     assert report["scored_side"] == "validation" and cfg.paths.eval.name == "eval_validation"
     assert report["held_out"]["requests"] == len(validation["val_ids"]) != len(held_ids)
     predicted = json.loads((cfg.paths.eval / "predictions.json").read_text())
-    ids = set(predicted["requests"]) if isinstance(predicted.get("requests"), dict) else {r["id"] for r in predicted["requests"]}
-    assert ids == set(validation["val_ids"]) and not ids & set(held_ids)
+    assert [r["id"] for r in predicted["requests"]] == validation["val_ids"]  # a list, in the split's order
+    assert not set(validation["val_ids"]) & set(held_ids)
     no_validation = reload(None, [f"extract.out_dir={extraction.root}", f"train.out_dir={cfg.paths.checkpoints}",
                                   f"model.name_or_path={SYNTHETIC_MODEL}", "eval.layer=1", "eval.split=validation"])
     with pytest.raises(UserError, match="train.validation_fraction is 0"):
