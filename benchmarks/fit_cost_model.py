@@ -8,10 +8,11 @@ prefills of a few prompt lengths, a prefill chunk after a cached context, and de
 batch sizes and context lengths (random KV caches, so no long prefill is needed to set them up).
 Each timing becomes the simulator's iteration features (tokens, decode_context, prefill_pairs) and
 `trail_probe.serving.cost_model.fit_cost_model` fits t = a + b*tokens + c*decode_context + d*prefill_pairs.
-Prints measured against fitted times and writes benchmarks/results/cost_model_cpu.json; copy its
-coefficients into trail_probe/serving/cost_model.py (MEASURED_CPU), which
-`simulate.cost_preset=measured_cpu` loads. Timings taken while other work shares the CPU (e.g. an
-extraction) are slower than an idle machine: re-run the fit on an idle machine before quoting it.
+Prints measured against fitted times and writes benchmarks/results/cost_model_cpu.json and, with the
+default --out, the same file as the package's `measured_cpu` preset
+(trail_probe/serving/data/cost_model_cpu.json, which `simulate.cost_preset=measured_cpu` loads).
+Timings taken while other work shares the CPU (e.g. an extraction) are slower than an idle machine:
+re-run the fit on an idle machine before quoting it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import torch
 from trail_probe.atomic import atomic_write_json
 from trail_probe.config import ModelConfig
 from trail_probe.runtime.models import load_causal_lm
-from trail_probe.serving.cost_model import fit_cost_model, iteration_features
+from trail_probe.serving.cost_model import MEASURED_CPU_FILE, fit_cost_model, iteration_features
 
 OUT = Path(__file__).resolve().parent / "results" / "cost_model_cpu.json"
+PRESET = MEASURED_CPU_FILE  # the package's copy: the measured_cpu preset
 PREFILL_LENGTHS = [16, 64, 160, 320]
 CHUNK = (64, 256)  # a 64-token prefill chunk after 256 cached tokens
 DECODE_BATCHES = [1, 4, 16]
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{fitted * 1e3:>11.1f}{fitted / t['seconds'] - 1:>+8.0%}")
     print(f"\nfixed {cost.fixed_s * 1e3:.2f} ms, per token {cost.per_token_s * 1e3:.3f} ms, per decode-context "
           f"token {cost.per_context_token_s * 1e9:.1f} ns, per prefill pair {cost.per_prefill_pair_s * 1e9:.2f} ns")
-    atomic_write_json(args.out, {
+    result = {
         "cost_model": {"fixed_s": cost.fixed_s, "per_token_s": cost.per_token_s,
                        "per_context_token_s": cost.per_context_token_s, "per_prefill_pair_s": cost.per_prefill_pair_s,
                        "source": cost.source},
@@ -113,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         "note": "HF eager forward passes with logits_to_keep=1; random KV caches; median of repeats. "
                 "Timings on a shared machine are pessimistic: re-run on an idle one.",
         "timings": timings,
-    })
-    print(f"# wrote {args.out} ({time.perf_counter() - start:.0f} s in all)")
+    }
+    for path in [args.out] + ([PRESET] if args.out == OUT else []):  # another --out leaves the preset alone
+        atomic_write_json(path, result)
+        print(f"# wrote {path}")
+    print(f"# {time.perf_counter() - start:.0f} s in all")
     return 0
 
 

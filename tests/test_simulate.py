@@ -1,6 +1,7 @@
 """The serving simulator: queueing theory, a hand-worked schedule per policy, KV overflow, the CLI."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,12 @@ from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
 from trail_probe.serving.cost_model import (
     COST_PRESETS,
+    MEASURED_CPU_FILE,
     CostModel,
     fit_cost_model,
     iteration_features,
     load_cost_model,
+    measured_cost_model,
 )
 from trail_probe.serving.policies import make_policy
 from trail_probe.serving.simulator import (
@@ -227,11 +230,24 @@ def test_fit_cost_model_recovers_parameters():
         assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=1e-4)
 
 
-def test_measured_cpu_preset_is_the_committed_benchmark_fit():
-    fitted = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cost_model_cpu.json").read_text())
+def test_measured_cpu_preset_is_the_benchmarks_fit_shipped_as_package_data(tmp_path):
+    """The preset is read from the package's copy of fit_cost_model.py's results, which the benchmark
+    writes with benchmarks/results/cost_model_cpu.json (so a re-run changes both, and no number is
+    copied into code), and which the wheel ships (pyproject's package-data)."""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    root = Path(__file__).resolve().parents[1]
+    shipped = json.loads(MEASURED_CPU_FILE.read_text())
+    assert shipped == json.loads((root / "benchmarks" / "results" / "cost_model_cpu.json").read_text())
     preset = COST_PRESETS["measured_cpu"]
     for name in ("fixed_s", "per_token_s", "per_context_token_s", "per_prefill_pair_s"):
-        assert getattr(preset, name) == fitted["cost_model"][name], name
+        assert getattr(preset, name) == shipped["cost_model"][name], name
+    other = {**shipped, "cost_model": {**shipped["cost_model"], "fixed_s": 0.5, "per_token_s": 0.25}}
+    (tmp_path / "fit.json").write_text(json.dumps(other))
+    rerun = measured_cost_model(tmp_path / "fit.json")
+    assert (rerun.fixed_s, rerun.per_token_s) == (0.5, 0.25) and rerun.source.startswith("measured_cpu: ")
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = root / "trail_probe" / "serving"
+    assert any(MEASURED_CPU_FILE in package.glob(pattern) for pattern in package_data["trail_probe.serving"])
 
 
 def test_cost_presets_and_json(tmp_path):

@@ -5,14 +5,13 @@
 
 The simulator (`trail_probe.serving.simulator`) charges each iteration `CostModel.iteration_time`;
 `benchmarks/fit_cost_model.py` times real SmolLM2 iterations here and fits the coefficients, and the
-`measured_cpu` preset is that fit, written into this module (so an installed wheel has it too; a test
-keeps it equal to `benchmarks/results/cost_model_cpu.json`).
+`measured_cpu` preset is that fit, read from the copy of its results shipped in `serving/data/`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +52,18 @@ class CostModel:
 LLAMA3_8B_A100 = CostModel(10.2e-3, 85.8e-6, 83.5e-9, 2.8e-9,
                            source="llama3_8b_a100: roofline calibrated on a published vLLM A100 measurement (see cost_model.py)")
 
-# SmolLM2-135M-Instruct (fp32, Hugging Face eager forward passes, 2 torch threads) on this project's
-# 2-core CPU machine: benchmarks/fit_cost_model.py --threads 2 of 2026-11-24, copied from
-# benchmarks/results/cost_model_cpu.json (tests/test_simulate.py checks the two agree).
-MEASURED_CPU = CostModel(0.056736829686766396, 0.0016812188279770781, 6.15418766400993e-06, 3.7345708364726363e-07,
-                         source="measured_cpu: SmolLM2-135M on the 2-core CPU, benchmarks/results/cost_model_cpu.json")
+# SmolLM2-135M-Instruct (fp32, Hugging Face eager forward passes) on this project's 2-core CPU machine:
+# the fit benchmarks/fit_cost_model.py wrote last. It writes benchmarks/results/cost_model_cpu.json and
+# this copy, shipped as package data (pyproject's package-data), so an installed wheel has it too and
+# re-running the benchmark updates the preset.
+MEASURED_CPU_FILE = Path(__file__).with_name("data") / "cost_model_cpu.json"
 
-COST_PRESETS = {"llama3_8b_a100": LLAMA3_8B_A100, "measured_cpu": MEASURED_CPU}
+
+def measured_cost_model(path: str | Path = MEASURED_CPU_FILE) -> CostModel:
+    """The `measured_cpu` preset: the cost model of a fit_cost_model.py results file."""
+    data = json.loads(Path(path).read_text())
+    return replace(cost_model_from_json(path), source=f"measured_cpu: {data.get('model', '?')}, {data.get('threads', '?')} "
+                   f"torch threads, fitted {str(data.get('date', '?'))[:10]} (benchmarks/results/cost_model_cpu.json)")
 
 
 def cost_model_from_json(path: str | Path) -> CostModel:
@@ -72,6 +76,9 @@ def cost_model_from_json(path: str | Path) -> CostModel:
                          source=f"{path} ({params.get('source', 'fitted')})")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"cost model file '{path}' is not readable ({e}); re-run benchmarks/fit_cost_model.py") from None
+
+
+COST_PRESETS = {"llama3_8b_a100": LLAMA3_8B_A100, "measured_cpu": measured_cost_model()}
 
 
 def load_cost_model(preset: str) -> CostModel:
