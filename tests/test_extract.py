@@ -391,3 +391,29 @@ def test_last_prompt_states_use_the_extractions_tokens_and_layer_numbering(tiny_
                for prior in ("last_token", "none")}
     assert reports["last_token"]["prior"] == "last_token"
     assert reports["last_token"]["remaining"]["mae"] != reports["none"]["remaining"]["mae"]
+    # Each request's first refined estimate (j = 1), rebuilt here from the states this test computed
+    # itself: prior = the decode probe on the last prompt token's state, moved one token (1/w of each
+    # bin's mass one bin down), times the probe on the stored state at j = 1, normalised, as an
+    # expectation over the bin midpoints capped at the 23 tokens left.
+    from trail_probe.offline.artifacts import load_probe, probe_name
+
+    cfg = _cfg(tiny_llama, prompts_file, tmp_path / "ex", *common)
+    probe, _ = load_probe(cfg.paths.probe("decode", probe_name((0,))))
+    width, mids = 24 / 4, torch.tensor([3.0, 9.0, 15.0, 21.0], dtype=torch.float64)
+    decode, row = ex.decode(0), {r["id"]: i for i, r in enumerate(ex.records)}
+    predictions = json.loads((tmp_path / "last_token" / "predictions.json").read_text())["requests"]
+    assert predictions and all(r["refined"] for r in predictions)
+    for request in predictions:
+        ids = torch.tensor([encode_prompt(tokenizer, ex.records[row[request["id"]]]["prompt"])])
+        with torch.no_grad():
+            last = model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1]
+            prior = torch.softmax(probe(last[None]).float(), -1)[0].double().tolist()
+            at_1 = decode.states[(decode.request == row[request["id"]]) & (decode.generated == 1)]
+            p1 = torch.softmax(probe(at_1).float(), -1)[0].double()
+        moved = [prior[0]] + [0.0] * 3
+        for i in range(1, 4):
+            moved[i] += prior[i] * (1 - 1 / width)
+            moved[i - 1] += prior[i] / width
+        post = torch.tensor(moved, dtype=torch.float64) * p1
+        expected = min(float((post / post.sum() * mids).sum()), 24 - 1)
+        assert request["refined"][0][0] == 1 and request["refined"][0][1] == pytest.approx(expected, abs=2e-3), request["id"]
