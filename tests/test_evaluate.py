@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256
 from trail_probe.offline.artifacts import PROBE_FORMAT
 from trail_probe.offline.metrics import accuracy, confusion, kendall_tau, mae, summary
 from trail_probe.offline.split import load_or_make_split
@@ -21,7 +22,6 @@ from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.synthetic import SYNTHETIC_MODEL, make_synthetic_extraction
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import count_down, estimate
-from trail_probe.runtime.models import file_sha256
 from trail_probe.runtime.probe import LengthProbe
 
 BINS = Bins(10, 512)

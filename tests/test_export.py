@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from trail_probe.cli import main
 from trail_probe.config import load_recipe
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256
 from trail_probe.runtime import BertLengthPredictor, LengthPredictor
 from trail_probe.runtime.bins import Bins
-from trail_probe.runtime.models import file_sha256
 from trail_probe.runtime.probe import LengthProbe
 from trail_probe.stages.export import export_predictor
 

@@ -229,7 +229,8 @@ def test_packed_gqa_decoding_equals_plain_sdpa_and_is_undone(tiny_llama):
     import inspect
 
     from trail_probe.config import ModelConfig
-    from trail_probe.runtime.models import encode_prompt, packed_gqa_attention
+    from trail_probe.offline.packed_gqa import packed_gqa_attention
+    from trail_probe.runtime.models import encode_prompt
 
     model, tok = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama)))
     assert model.model.layers[0].self_attn.num_key_value_groups == 2 and model.config._attn_implementation == "sdpa"

@@ -25,15 +25,12 @@ from torch import nn
 
 from trail_probe.choices import TooLong, check_choice
 from trail_probe.errors import UserError
+from trail_probe.offline.packed_gqa import packed_gqa_attention
 from trail_probe.offline.prompts import Prompt
 from trail_probe.offline.store import ExtractedRequest
 from trail_probe.runtime.capture import LayerCapture
 from trail_probe.runtime.estimates import refines_at
-from trail_probe.runtime.models import (
-    encode_prompt,
-    eos_token_ids,
-    packed_gqa_attention,
-)
+from trail_probe.runtime.models import encode_prompt, eos_token_ids
 
 
 @dataclass

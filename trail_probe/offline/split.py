@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trail_probe.atomic import atomic_write_json
 from trail_probe.errors import UserError
-from trail_probe.runtime.models import file_sha256
+from trail_probe.model_files import file_sha256
 
 
 def _unit_interval(seed: int, request_id: str) -> float:

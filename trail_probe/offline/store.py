@@ -34,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from trail_probe.errors import UserError
+from trail_probe.model_files import weights_sha256
+from trail_probe.runtime.models import decoder_layers
 
 FORMAT = "trail_probe.extraction/1"
 LAYER_NUMBERING = (
@@ -41,6 +43,30 @@ LAYER_NUMBERING = (
     "i.e. Hugging Face hidden_states[L + 1] without the final norm"
 )
 
+
+
+def model_fingerprint(cfg, model: torch.nn.Module, engine: str = "hf") -> dict:
+    """What identifies the serving model in every output (the manifest's `model`): id, weight-file
+    hash, shape, dtype, and the engine that computed its states (hf: transformers; vllm)."""
+    return config_fingerprint(cfg, model.config, type(model).__name__, len(decoder_layers(model)), engine)
+
+
+def config_fingerprint(cfg, config, architecture: str | None = None, num_layers: int | None = None,
+                       engine: str = "hf") -> dict:
+    """`model_fingerprint` from the model's config alone (an engine that loads the weights itself)."""
+    return {
+        "name_or_path": cfg.name_or_path,
+        "weights_sha256": weights_sha256(cfg.name_or_path) or getattr(config, "_commit_hash", None),
+        "architecture": architecture or (getattr(config, "architectures", None) or ["?"])[0],
+        "num_layers": int(num_layers if num_layers is not None else
+                          getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")),
+        "hidden_size": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+        "max_position_embeddings": int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0) or 0
+        ),
+        "dtype": cfg.dtype,
+        "engine": engine,
+    }
 
 @dataclass
 class ExtractedRequest:

@@ -208,7 +208,8 @@ def load_for_vllm(model_cfg) -> tuple[Path, object, object, set[int]]:
     """(plain HF folder vLLM loads, tokenizer, model config, EOS ids), without loading the weights here."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from trail_probe.runtime.models import eos_token_ids, plain_hf_folder
+    from trail_probe.model_files import plain_hf_folder
+    from trail_probe.runtime.models import eos_token_ids
     from trail_probe.serving.vllm_engine import check_vllm
 
     check_vllm()  # before any conversion: a missing or unsupported vLLM fails in one line

@@ -30,9 +30,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.capture import ProbeLayerCapture, capture_layer
-from trail_probe.runtime.models import DTYPES, decoder_layers, file_sha256
+from trail_probe.runtime.models import DTYPES, decoder_layers
 from trail_probe.runtime.probe import LengthProbe
 
 CONFIG_FILE = "config.json"
@@ -208,7 +209,7 @@ class LengthPredictor:
 def check_trained_on(predictor: LengthPredictor, name_or_path) -> None:
     """Refuse a predictor whose export names other serving-model weights than `name_or_path`'s (the
     weight hash every output records); silent when either side has no hash (a hub id, TRAIL's release)."""
-    from trail_probe.runtime.models import weights_sha256
+    from trail_probe.model_files import weights_sha256
 
     trained_on = (predictor.metadata.get("serving_model") or {}).get("weights_sha256")
     served = weights_sha256(name_or_path)

@@ -37,6 +37,7 @@ import torch
 from trail_probe.atomic import atomic_write_json, atomic_write_text, temp_files_in
 from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256, resolve_model_path
 from trail_probe.offline.baseline_module import (
     BEST_FILE,
     BaselineModule,
@@ -55,7 +56,6 @@ from trail_probe.offline.split import (
 from trail_probe.offline.store import Extraction
 from trail_probe.progress import progress_bar
 from trail_probe.runtime.bins import Bins
-from trail_probe.runtime.models import file_sha256, resolve_model_path
 
 HELP = "fine-tune the BERT baseline: prompt text -> output-length bin, on the probe's split"
 

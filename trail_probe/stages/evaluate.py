@@ -45,6 +45,7 @@ from trail_probe.atomic import atomic_write_json, atomic_write_text
 from trail_probe.choices import Task, options
 from trail_probe.config import RecipeConfig, config_to_dict, save_config
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256
 from trail_probe.offline.artifacts import (
     best_layer,
     check_artifact,
@@ -72,7 +73,6 @@ from trail_probe.offline.split import (
 from trail_probe.offline.store import Extraction
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import count_down, estimate
-from trail_probe.runtime.models import file_sha256
 from trail_probe.runtime.predictor import BertLengthPredictor
 
 HELP = "score BERT, the prompt probe and the decode probe (per step and refined) on the held-out requests"

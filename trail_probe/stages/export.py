@@ -37,11 +37,11 @@ from trail_probe import __version__
 from trail_probe.atomic import atomic_dir, atomic_write_json
 from trail_probe.config import RecipeConfig, save_config
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256
 from trail_probe.offline.artifacts import best_layer, label_prior, probe_name
 from trail_probe.offline.split import load_or_make_split, selection_split
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.runtime.bins import Bins
-from trail_probe.runtime.models import file_sha256
 from trail_probe.runtime.predictor import (
     CONFIG_FILE,
     METADATA_FILE,

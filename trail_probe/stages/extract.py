@@ -35,6 +35,8 @@ from trail_probe.offline.store import (
     FORMAT,
     LAYER_NUMBERING,
     ExtractedRequest,
+    config_fingerprint,
+    model_fingerprint,
     read_shard_records,
     shard_name,
     verify_shard,
@@ -42,12 +44,7 @@ from trail_probe.offline.store import (
     write_shard,
 )
 from trail_probe.progress import progress_bar
-from trail_probe.runtime.models import (
-    config_fingerprint,
-    dtype_of,
-    load_causal_lm,
-    model_fingerprint,
-)
+from trail_probe.runtime.models import dtype_of, load_causal_lm
 
 HELP = "Generate answers with the serving model and dump per-layer hidden states + lengths."
 

@@ -50,6 +50,7 @@ from trail_probe.atomic import atomic_write_json, temp_files_in
 from trail_probe.choices import Task, options
 from trail_probe.config import RecipeConfig, config_sha256, resolve_layers
 from trail_probe.errors import UserError
+from trail_probe.model_files import file_sha256
 from trail_probe.offline.artifacts import probe_name, write_probe
 from trail_probe.offline.layer_search import best_of, coarse_grid, expected_probes, search_layers
 from trail_probe.offline.probe_fit import fit_module, latest_checkpoint, quiet_lightning, resume_point
@@ -58,7 +59,7 @@ from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.sweep_report import print_results, write_sweep
 from trail_probe.progress import progress_bar
 from trail_probe.runtime.bins import Bins
-from trail_probe.runtime.models import dtype_of, file_sha256
+from trail_probe.runtime.models import dtype_of
 
 HELP = "Train the length probe on extracted hidden states; sweep layers to find the best one."
 EXAMPLES = """examples:
