@@ -26,6 +26,7 @@ from results_file import run_facts, write_results
 from trail_probe.config import load_recipe
 from trail_probe.offline.probe_module import TensorRows
 from trail_probe.offline.split import make_split
+from trail_probe.offline.synthetic import LengthSignal
 from trail_probe.runtime.bins import Bins
 from trail_probe.stages.train import ProbeData, ProbeSpec, fit_probe
 
@@ -34,12 +35,10 @@ RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
 def synthetic_decode_data(num_requests: int, per_request: int, dim: int, train_fraction: float, seed: int = 0):
     """Decode-task tensors of the benchmark's shape; the remaining length is linear in one direction."""
-    g = torch.Generator().manual_seed(seed)
+    signal = LengthSignal(dim, 512, noise=0.1, generator=torch.Generator().manual_seed(seed))  # the tests' rule
     request = torch.arange(num_requests).repeat_interleave(per_request)
-    remaining = torch.randint(0, 512, (len(request),), generator=g)
-    direction = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
-    # noise 0.1 per dimension, as trail_probe.offline.synthetic: learnable, so val MAE shows the run is sane
-    x = torch.randn(len(request), dim, generator=g) * 0.1 + (remaining.float() / 512)[:, None] * direction * 4
+    remaining = torch.randint(0, 512, (len(request),), generator=signal.generator)
+    x = signal.states(remaining)[0]  # learnable, so val MAE shows the run is sane
     bins = Bins()
     rows = (x, bins.label(remaining), remaining.float(), torch.full((len(request),), 512.0))
     ids = [f"bench-{i}" for i in range(num_requests)]

@@ -105,6 +105,23 @@ def test_length_grouped_batches_cover_every_prompt_once_with_less_padding(tmp_pa
     assert meta["config"]["group_by_length"] is True and len(meta["history"]) == 2
 
 
+def test_the_probes_and_the_baselines_epoch_orders_follow_one_seeding_rule():
+    """Both training feeds seed each epoch's order with offline.seeding's rule: for the same (rows,
+    seed, epoch) the probe's EpochRows and the baseline's EpochShuffle give the same permutation."""
+    from trail_probe.offline.baseline_module import EpochShuffle
+    from trail_probe.offline.probe_module import EpochRows
+
+    baseline, probe = EpochShuffle(300, seed=11), EpochRows(300, seed=11, shuffle=True)
+    orders = []
+    for epoch in (0, 1, 7):
+        baseline.set_epoch(epoch)
+        probe.set_epoch(epoch)
+        assert list(baseline) == probe.indices().tolist(), epoch
+        orders.append(list(baseline))
+    assert len({tuple(o) for o in orders}) == 3 and sorted(orders[0]) == list(range(300))
+    assert sorted(EpochRows(300, seed=2**62, shuffle=True).indices().tolist()) == list(range(300))  # in torch's seed range
+
+
 def test_refuses_to_replace_a_trained_baseline_without_overwrite(tmp_path):
     from trail_probe.stages.baseline import train_baseline
 

@@ -13,6 +13,7 @@ import torch
 import torchmetrics
 
 from trail_probe.atomic import atomic_dir, atomic_write_json
+from trail_probe.offline.seeding import epoch_generator, epoch_seed
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import estimate
 
@@ -106,11 +107,6 @@ class BaselineModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def epoch_seed(seed: int, epoch: int, batch: int = 0) -> int:
-    """One seed per (seed, epoch[, batch]), within torch's 64-bit seed range."""
-    return ((seed * 1_000_003 + epoch) * 100_003 + batch) % (1 << 63)
-
-
 class EpochShuffle(torch.utils.data.Sampler):
     """A new order every epoch, drawn from (seed, epoch) alone; Lightning calls `set_epoch` before
     each epoch, so a resumed run sees the orders an uninterrupted one would."""
@@ -122,8 +118,7 @@ class EpochShuffle(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -146,7 +141,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
         order = torch.cat([c[self.lengths[c].argsort(stable=True)] for c in order.split(self.batch_size * self.chunk)])
         batches = order.split(self.batch_size)
-        g = torch.Generator().manual_seed(epoch_seed(self.sampler.seed, self.sampler.epoch, 1))
+        g = epoch_generator(self.sampler.seed, self.sampler.epoch, stream=1)
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def __iter__(self):

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanAbsoluteError, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from trail_probe.offline.seeding import epoch_generator
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import estimate
 from trail_probe.runtime.probe import LengthProbe, MultiLayerProbe
@@ -163,7 +164,7 @@ def sample_per_group(groups: torch.Tensor, k: int, generator: torch.Generator) -
 
 
 class EpochRows:
-    """Which rows make up epoch e, in which order: a function of (seed, epoch) only.
+    """Which rows make up epoch e, in which order: a function of (seed, epoch) only (`offline.seeding`).
 
     With `groups` (the request of each decode sample) and `per_group` > 0, each epoch draws a fresh
     `per_group` samples per request, so over 30 epochs training sees all stored decode positions
@@ -185,7 +186,7 @@ class EpochRows:
         self.epoch = epoch
 
     def indices(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = epoch_generator(self.seed, self.epoch)
         rows = (torch.arange(self.num_rows) if self.groups is None
                 else sample_per_group(self.groups, self.per_group, generator))
         return rows[torch.randperm(len(rows), generator=generator)] if self.shuffle else rows

@@ -1,6 +1,8 @@
-"""A synthetic extraction folder in which the answer length is a known function of the hidden state.
+"""Synthetic hidden states in which the answer length is a known function of the state, and an
+extraction folder made of them.
 
-Used by fast tests and benchmarks of the stages after `extract` (no model needed). In the layers
+Used by fast tests of the stages after `extract` (`make_synthetic_extraction`, no model needed) and by
+the training benchmarks (`LengthSignal`: tensors of the real shape, the same rule). In the layers
 listed as `informative`, a fixed random direction of the hidden state carries the (total or
 remaining) length, plus Gaussian noise; the other layers carry only noise. So a probe trained on an
 informative layer must beat a constant predictor, and a layer sweep must find those layers.
@@ -29,6 +31,28 @@ from trail_probe.offline.store import (
 SYNTHETIC_MODEL = "synthetic://linear-length"
 
 
+class LengthSignal:
+    """The synthetic rule: a fixed random unit `direction` carries length / max_new_tokens (times a
+    layer's gain) and every dimension Gaussian noise of std `noise`; draws come from `generator` in
+    the order of the calls."""
+
+    def __init__(self, hidden_size: int, max_new_tokens: int = 512, noise: float = 0.05,
+                 generator: torch.Generator | None = None):
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        direction = torch.randn(hidden_size, generator=self.generator)
+        self.direction = direction / direction.norm()
+        self.max_new_tokens, self.noise = max_new_tokens, noise
+
+    def states(self, length: torch.Tensor, num_layers: int = 1, gains: dict[int, float] | None = None) -> torch.Tensor:
+        """[num_layers, n, d] float32: the length signal in the layers of `gains` ({layer: gain};
+        default: layer 0, gain 4), noise everywhere."""
+        out = torch.randn(num_layers, len(length), len(self.direction), generator=self.generator) * self.noise
+        signal = (length.float() / self.max_new_tokens)[:, None] * self.direction
+        for layer, gain in ({0: 4.0} if gains is None else gains).items():
+            out[layer] += signal * gain
+        return out
+
+
 def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_size: int = 16,
                               num_layers: int = 4, informative: tuple[int, ...] = (1, 2),
                               decode_stride: int = 8, max_new_tokens: int = 512, noise: float = 0.05,
@@ -36,18 +60,12 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
                               gains: dict[int, float] | None = None) -> Path:
     root = Path(root)
     gains = {layer: 4.0 for layer in informative} if gains is None else gains
-    g = torch.Generator().manual_seed(seed)
-    direction = torch.randn(hidden_size, generator=g)
-    direction /= direction.norm()
+    signal = LengthSignal(hidden_size, max_new_tokens, noise, torch.Generator().manual_seed(seed))
+    g = signal.generator
     layers = list(range(num_layers))
 
     def states(length: torch.Tensor) -> torch.Tensor:
-        """[L, n, d]: length/max along `direction` in informative layers, noise everywhere."""
-        out = torch.randn(num_layers, len(length), hidden_size, generator=g) * noise
-        signal = (length.float() / max_new_tokens)[:, None] * direction
-        for layer, gain in gains.items():
-            out[layer] += signal * gain
-        return out.to(dtype)
+        return signal.states(length, num_layers, gains).to(dtype)
 
     lengths = torch.randint(0, max_new_tokens + 1, (num_requests,), generator=g)
     prompt_states = states(lengths)
