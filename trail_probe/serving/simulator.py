@@ -208,175 +208,208 @@ def simulate(workload: Workload, policy: Policy, engine: Engine, cost: CostModel
     check_estimates(workload, policy)
     if cost.fixed_s + cost.per_token_s <= 0:
         raise UserError("the cost model gives iterations no duration (fixed_s + per_token_s = 0); fit it or pick a preset")
-    estimate = _estimator(policy.predictor)
-    ranks_by_remaining = policy.order == "remaining"
-    refinement_events = policy.predictor == "refined" and policy.preemption_c > 0
-    a, b, c, d = cost.fixed_s, cost.per_token_s, cost.per_context_token_s, cost.per_prefill_pair_s
-    max_running, budget, capacity = engine.max_running, engine.token_budget, engine.kv_capacity_tokens
-    usable, keep_paused = engine.usable_tokens, engine.paused_cache == "keep"
+    return _Simulation(workload, policy, engine, cost, max_block_steps).run()
 
-    order = np.argsort(workload.arrival, kind="stable")
-    reqs = []
-    for rid in range(len(workload)):
-        ref_j, ref_est = workload.refined[rid]
-        r = _Req(rid, float(workload.arrival[rid]), int(workload.prompt_tokens[rid]), int(workload.output_tokens[rid]),
-                 float(workload.bert_estimate[rid]), ref_j, ref_est)
-        r.initial_estimate = float(r.output_tokens) if policy.predictor == "exact" else r.bert
-        r.remaining_estimate = estimate(r)
-        reqs.append(r)
-    arrivals = [reqs[i] for i in order]
-    n_total, next_arrival = len(reqs), 0
-    waiting = RequestQueue(policy)
-    running: list[_Req] = []
-    paused: dict[int, _Req] = {}  # keep mode: waiting requests whose cache is still held
-    used = paused_kv = 0  # KV tokens held by running requests (prompt + generated) and by paused ones
-    t = slot_seconds = 0.0
-    done = tokens_generated = preemptions = evictions = recomputes = recomputed_tokens = iterations = steps = 0
-    key = policy.key
 
-    def drop_cache(r: _Req) -> None:
-        nonlocal recomputes, recomputed_tokens
-        if r.kv:
-            recomputes += 1
-            recomputed_tokens += r.kv
-            r.kv = 0
+def _footprint(r: _Req) -> int:
+    """KV tokens a running request holds: its prompt and what it has generated."""
+    return r.prompt_tokens + r.generated
 
-    def drop_worst_paused() -> None:
-        nonlocal paused_kv
-        victim = max(paused.values(), key=key)
-        del paused[victim.rid]
-        paused_kv -= victim.kv
-        drop_cache(victim)
 
-    def produced(r: _Req, now: float) -> None:
-        """Request r has just produced its next token at time `now`."""
-        nonlocal done, used, tokens_generated
-        r.generated += 1
-        used += 1
-        tokens_generated += 1
-        if r.generated == 1:
-            r.first_token = now
-        if r.generated == r.output_tokens:
-            r.finish = now
-            r.served += 1
-            done += 1
-            used -= r.prompt_tokens + r.generated
-            running.remove(r)
+class _Simulation:
+    """One `simulate` run: the clock, the queues, the KV cache held by running and paused requests, and
+    the counters `SimResult` reports. `run` is the event loop; each method below is one of its steps."""
 
-    while done < n_total:
-        steps += 1
-        while next_arrival < n_total and arrivals[next_arrival].arrival <= t:
-            waiting.push(arrivals[next_arrival])
-            next_arrival += 1
-        if not running and not waiting:
-            t = arrivals[next_arrival].arrival
-            continue
 
-        # KV overflow: paused caches go first, then the lowest-ranked running request is evicted.
-        while used + paused_kv > capacity:
-            if paused:
-                drop_worst_paused()
+    def __init__(self, workload: Workload, policy: Policy, engine: Engine, cost: CostModel,
+                 max_block_steps: int | None):
+        self.policy, self.engine, self.cost, self.max_block_steps = policy, engine, cost, max_block_steps
+        self.estimate = _estimator(policy.predictor)
+        self.ranks_by_remaining = policy.order == "remaining"
+        self.refinement_events = policy.predictor == "refined" and policy.preemption_c > 0
+        self.capacity, self.usable = engine.kv_capacity_tokens, engine.usable_tokens
+        self.keep_paused = engine.paused_cache == "keep"
+        self.reqs = []
+        for rid in range(len(workload)):
+            ref_j, ref_est = workload.refined[rid]
+            r = _Req(rid, float(workload.arrival[rid]), int(workload.prompt_tokens[rid]),
+                     int(workload.output_tokens[rid]), float(workload.bert_estimate[rid]), ref_j, ref_est)
+            r.initial_estimate = float(r.output_tokens) if policy.predictor == "exact" else r.bert
+            r.remaining_estimate = self.estimate(r)
+            self.reqs.append(r)
+        self.arrivals = [self.reqs[i] for i in np.argsort(workload.arrival, kind="stable")]
+        self.next_arrival = 0
+        self.waiting = RequestQueue(policy)
+        self.running: list[_Req] = []
+        self.paused: dict[int, _Req] = {}  # keep mode: waiting requests whose cache is still held
+        self.used = self.paused_kv = 0  # KV tokens held by running requests (prompt + generated) and by paused ones
+        self.t = self.slot_seconds = 0.0
+        self.done = self.tokens_generated = self.preemptions = self.evictions = 0
+        self.recomputes = self.recomputed_tokens = self.iterations = self.steps = 0
+
+    def run(self) -> SimResult:
+        while self.done < len(self.reqs):
+            self.steps += 1
+            while self.next_arrival < len(self.arrivals) and self.arrivals[self.next_arrival].arrival <= self.t:
+                self.waiting.push(self.arrivals[self.next_arrival])
+                self.next_arrival += 1
+            if not self.running and not self.waiting:
+                self.t = self.arrivals[self.next_arrival].arrival
                 continue
-            if ranks_by_remaining:
-                for r in running:
-                    r.remaining_estimate = estimate(r)
-            victim = max(running, key=key)
-            running.remove(victim)
-            used -= victim.prompt_tokens + victim.generated
-            drop_cache(victim)
-            waiting.push(victim)
-            evictions += 1
+            self._relieve_overflow()
+            if self.waiting:
+                self._schedule()
+            # Compose the iteration: every prefilled request decodes one token, prefill chunks take the rest.
+            decoders, prefills = [], []
+            for r in self.running:
+                (decoders if r.prompt_tokens + r.generated - r.kv == 1 else prefills).append(r)
+            if prefills:
+                self._prefill_iteration(decoders, prefills)
+            else:
+                self._decode_block(decoders)
+        return self._result()
 
-        if waiting:
-            if ranks_by_remaining:
-                for r in running:
-                    r.remaining_estimate = estimate(r)
-            started, preempted = schedule(policy, waiting, running, max_running, usable - used,
-                                          lambda r: r.prompt_tokens + r.generated)
-            for r in started:
-                used += r.prompt_tokens + r.generated
-                if r.rid in paused:
-                    del paused[r.rid]
-                    paused_kv -= r.kv
-            for r in preempted:
-                used -= r.prompt_tokens + r.generated
-                preemptions += 1
-                if keep_paused and r.kv:
-                    paused[r.rid] = r
-                    paused_kv += r.kv
-                else:
-                    drop_cache(r)
-            while used + paused_kv > capacity:  # the admitted requests need the paused caches' room
-                drop_worst_paused()
+    # -- the loop's steps -------------------------------------------------------------------------
+    def _relieve_overflow(self) -> None:
+        """KV overflow: paused caches go first, then the lowest-ranked running request is evicted."""
+        while self.used + self.paused_kv > self.capacity:
+            if self.paused:
+                self._drop_worst_paused()
+                continue
+            self._refresh_estimates()
+            victim = max(self.running, key=self.policy.key)
+            self.running.remove(victim)
+            self.used -= _footprint(victim)
+            self._drop_cache(victim)
+            self.waiting.push(victim)
+            self.evictions += 1
 
-        # Compose the iteration: every prefilled request decodes one token, prefill chunks take the rest.
-        decoders, prefills = [], []
-        for r in running:
-            (decoders if r.prompt_tokens + r.generated - r.kv == 1 else prefills).append(r)
-        nd = len(decoders)
-        context = 0
+    def _schedule(self) -> None:
+        """The policy's decision (`policies.schedule`, as in the engines): who starts, who is paused."""
+        self._refresh_estimates()
+        started, preempted = schedule(self.policy, self.waiting, self.running, self.engine.max_running,
+                                      self.usable - self.used, _footprint)
+        for r in started:
+            self.used += _footprint(r)
+            if r.rid in self.paused:
+                del self.paused[r.rid]
+                self.paused_kv -= r.kv
+        for r in preempted:
+            self.used -= _footprint(r)
+            self.preemptions += 1
+            if self.keep_paused and r.kv:
+                self.paused[r.rid] = r
+                self.paused_kv += r.kv
+            else:
+                self._drop_cache(r)
+        while self.used + self.paused_kv > self.capacity:  # the admitted requests need the paused caches' room
+            self._drop_worst_paused()
+
+    def _prefill_iteration(self, decoders: list[_Req], prefills: list[_Req]) -> None:
+        """One iteration: a token for every decoder, prefill chunks in priority order in the rest of the budget."""
+        context = sum([r.prompt_tokens + r.generated for r in decoders])
+        prefills.sort(key=self.policy.key)
+        left, tokens, pairs, chunks = self.engine.token_budget - len(decoders), len(decoders), 0, []
+        for r in prefills:
+            if left == 0:
+                break
+            q = min(_footprint(r) - r.kv, left)
+            chunks.append((r, q))
+            pairs += q * r.kv + q * (q + 1) // 2
+            tokens += q
+            left -= q
+        dt = self.cost.iteration_time(tokens, context, pairs)
+        self.t += dt
+        self.slot_seconds += dt * len(self.running)
+        self.iterations += 1
         for r in decoders:
-            context += r.prompt_tokens + r.generated
+            r.kv += 1
+            self._produced(r, self.t)
+        for r, q in chunks:
+            r.kv += q
+            if r.kv == _footprint(r):
+                self._produced(r, self.t)
 
-        if prefills:
-            prefills.sort(key=key)
-            left, tokens, pairs, chunks = budget - nd, nd, 0, []
-            for r in prefills:
-                if left == 0:
-                    break
-                q = min(r.prompt_tokens + r.generated - r.kv, left)
-                chunks.append((r, q))
-                pairs += q * r.kv + q * (q + 1) // 2
-                tokens += q
-                left -= q
-            dt = a + b * tokens + c * context + d * pairs
-            t += dt
-            slot_seconds += dt * len(running)
-            iterations += 1
-            for r in decoders:
-                r.kv += 1
-                produced(r, t)
-            for r, q in chunks:
-                r.kv += q
-                if r.kv == r.prompt_tokens + r.generated:
-                    produced(r, t)
-            continue
+    def _decode_block(self, decoders: list[_Req]) -> None:
+        """Only decodes: n identical-shape iterations at once, up to the next event."""
+        nd, context = len(decoders), sum([r.prompt_tokens + r.generated for r in decoders])
+        per_step = self.cost.iteration_time(nd, context)
+        growth = self.cost.per_context_token_s * nd
+        n = self._block_steps(decoders, per_step, growth)
+        t_first = self.t + per_step
+        dt = n * per_step + growth * n * (n - 1) / 2
+        self.t += dt
+        self.slot_seconds += dt * nd
+        self.iterations += n
+        for r in decoders:
+            if r.generated == 0:
+                r.first_token = t_first
+            r.kv += n
+            r.generated += n - 1  # the last step's token goes through _produced()
+            self.used += n - 1
+            self.tokens_generated += n - 1
+            self._produced(r, self.t)
 
-        # Only decodes: advance n identical-shape iterations at once, up to the next event.
+    def _block_steps(self, decoders: list[_Req], per_step: float, growth: float) -> int:
+        """How many decode iterations run before the next event: a completion, a full KV cache, a
+        refinement of a preemptible request while others wait, or an arrival that could change the set."""
+        policy = self.policy
         n = min(r.output_tokens - r.generated for r in decoders)
-        n = min(n, (capacity - used - paused_kv) // nd + 1)
-        if refinement_events and waiting:
+        n = min(n, (self.capacity - self.used - self.paused_kv) // len(decoders) + 1)
+        if self.refinement_events and self.waiting:
             for r in decoders:
                 if policy.can_preempt(r):
                     i = bisect_right(r.ref_j, r.generated)
                     if i < len(r.ref_j):
                         n = min(n, r.ref_j[i] - r.generated)
-        if max_block_steps:
-            n = min(n, max_block_steps)
-        per_step, growth = a + b * nd + c * context, c * nd
-        if next_arrival < n_total and (len(running) < max_running
-                                       or (policy.preemption_c > 0 and any(policy.can_preempt(r) for r in running))):
-            n = min(n, _block_length(arrivals[next_arrival].arrival - t, per_step, growth))
-        t_first = t + per_step
-        dt = n * per_step + growth * n * (n - 1) / 2
-        t += dt
-        slot_seconds += dt * nd
-        iterations += n
-        for r in decoders:
-            if r.generated == 0:
-                r.first_token = t_first
-            r.kv += n
-            r.generated += n - 1  # the last step's token goes through produced()
-            used += n - 1
-            tokens_generated += n - 1
-            produced(r, t)
+        if self.max_block_steps:
+            n = min(n, self.max_block_steps)
+        if self.next_arrival < len(self.arrivals) and (len(self.running) < self.engine.max_running or (
+                policy.preemption_c > 0 and any(policy.can_preempt(r) for r in self.running))):
+            n = min(n, _block_length(self.arrivals[self.next_arrival].arrival - self.t, per_step, growth))
+        return n
 
-    return SimResult(
-        arrival=np.array([r.arrival for r in reqs]), first_token=np.array([r.first_token for r in reqs]),
-        finish=np.array([r.finish for r in reqs]), output_tokens=np.array([r.output_tokens for r in reqs]),
-        served=np.array([r.served for r in reqs]), tokens_generated=tokens_generated, preemptions=preemptions,
-        evictions=evictions, recomputes=recomputes, recomputed_tokens=recomputed_tokens,
-        iterations=iterations, steps=steps, slot_seconds=slot_seconds, max_running=max_running)
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _refresh_estimates(self) -> None:
+        if self.ranks_by_remaining:
+            for r in self.running:
+                r.remaining_estimate = self.estimate(r)
+
+    def _drop_cache(self, r: _Req) -> None:
+        if r.kv:
+            self.recomputes += 1
+            self.recomputed_tokens += r.kv
+            r.kv = 0
+
+    def _drop_worst_paused(self) -> None:
+        victim = max(self.paused.values(), key=self.policy.key)
+        del self.paused[victim.rid]
+        self.paused_kv -= victim.kv
+        self._drop_cache(victim)
+
+    def _produced(self, r: _Req, now: float) -> None:
+        """Request r has just produced its next token at time `now`."""
+        r.generated += 1
+        self.used += 1
+        self.tokens_generated += 1
+        if r.generated == 1:
+            r.first_token = now
+        if r.generated == r.output_tokens:
+            r.finish = now
+            r.served += 1
+            self.done += 1
+            self.used -= _footprint(r)
+            self.running.remove(r)
+
+    def _result(self) -> SimResult:
+        reqs = self.reqs
+        return SimResult(
+            arrival=np.array([r.arrival for r in reqs]), first_token=np.array([r.first_token for r in reqs]),
+            finish=np.array([r.finish for r in reqs]), output_tokens=np.array([r.output_tokens for r in reqs]),
+            served=np.array([r.served for r in reqs]), tokens_generated=self.tokens_generated,
+            preemptions=self.preemptions, evictions=self.evictions, recomputes=self.recomputes,
+            recomputed_tokens=self.recomputed_tokens, iterations=self.iterations, steps=self.steps,
+            slot_seconds=self.slot_seconds, max_running=self.engine.max_running)
 
 
 def summarize(result: SimResult) -> dict:
