@@ -147,106 +147,132 @@ def absorb(runtime: TrailRuntime, batch, states: torch.Tensor | None) -> None:
         runtime.observe(ids, states.index_select(0, torch.tensor(rows, dtype=torch.long, device=states.device)), gens)
 
 
-def scheduler_classes():
-    scheduler_mod, requests_mod = engine_modules()
-    Scheduler, FIFOScheduler = scheduler_mod.Scheduler, scheduler_mod.FIFOScheduler
-    DECODING, PENDING = requests_mod.RequestStatus.DECODING, requests_mod.RequestStatus.PENDING
+class _RecordingFIFO(_StepLog):
+    """The engine's FIFO scheduler, unchanged, with the step log (`scheduler_classes` mixes it in)."""
 
-    class RecordingFIFOScheduler(_StepLog, FIFOScheduler):
+    def reset(self) -> None:
+        super().reset()
+        self._log_reset()
+
+    def schedule_batch(self, token_budget: int, cache_budget: int):
+        t0 = time.perf_counter()
+        out = super().schedule_batch(token_budget, cache_budget)
+        self._log_step(t0, out[0], 0.0)
+        return out
+
+
+class _Trail(_StepLog):
+    """SPRPT with limited preemption on the probe's refined estimates (module docstring), on the
+    engine's `Scheduler` (`scheduler_classes` mixes it in and sets the engine's request states)."""
+
+    DECODING = PENDING = None  # the engine's RequestStatus members, set by scheduler_classes
+
+    def __init__(self, cache, safety_margin, max_requests_per_batch, *, runtime: TrailRuntime,
+                 capture: LayerCapture | None):
+        self.runtime, self.capture = runtime, capture
+        super().__init__(cache, 0.15 if safety_margin is None else safety_margin, max_requests_per_batch)
+
+    def reset(self) -> None:
+        super().reset()
+        self._log_reset()
+        self.runtime.reset()
+        self._views: dict[str, RequestView] = {}
+        self._running: list[str] = []
+        self._last_batch = None
+        self._counter = itertools.count()
+
+    def _state(self, request_id: str):
+        return self.active_requests.get(request_id) or self.waiting_requests.get(request_id)
+
+    def schedule_batch(self, token_budget: int, cache_budget: int):
+        t0 = time.perf_counter()
+        live, probe_s, initial_s = self._estimate(t0)
+        running = self._choose_running(live)
+        scheduled, one_failed, fast_path, q_tokens, kv_read = self._build_batch(running, token_budget, cache_budget)
+        self._last_batch = scheduled
+        self._log_step(t0, scheduled, probe_s, initial_s)
+        if not scheduled and one_failed:
+            return None, fast_path, 0, 0
+        return scheduled, fast_path, q_tokens, kv_read
+
+    def _estimate(self, t0: float) -> tuple[list[RequestView], float, float]:
+        """1. What the last forward pass says, then initial estimates for new arrivals: (the live
+        requests' views, seconds in the probe, seconds in initial estimates)."""
+        rt = self.runtime
+        initial_before = rt.initial_s
+        if self.capture is not None:
+            absorb(rt, self._last_batch, self.capture.take(rt.layer))
+        self._last_batch = None
+        new = [s for s in self.waiting_requests.values() if s.request_id not in self._views]
+        for s in new:
+            self._views[s.request_id] = RequestView(s.request_id, next(self._counter), s.created_time)
+        if new:
+            rt.admit([s.request_id for s in new])
+        live = [v for v in self._views.values() if self._state(v.request_id) is not None]
+        for v in live:
+            v.generated = generated_count(self._state(v.request_id))
+        rt.estimate(live)
+        initial_s = rt.initial_s - initial_before
+        return live, time.perf_counter() - t0 - initial_s, initial_s
+
+    def _choose_running(self, live: list[RequestView]) -> list[RequestView]:
+        """2. The policy: who runs (policies.schedule, as in the simulator)."""
+        policy = self.runtime.policy
+        running_ids = set(self._running)
+        running = [v for v in live if v.request_id in running_ids]
+        waiting = RequestQueue(policy)
+        for v in live:
+            if v.request_id not in running_ids and not (self.block_new_requests
+                                                        and self._state(v.request_id).status == self.PENDING):
+                waiting.push(v)
+        _, preempted = schedule(policy, waiting, running, self.max_requests_per_batch)
+        self.runtime.preemptions += len(preempted)
+        self._running = [v.request_id for v in running]
+        return running
+
+    def _build_batch(self, running: list[RequestView], token_budget: int, cache_budget: int):
+        """3. The batch: decoding requests first (one token each), then prefill chunks, best first; a
+        decoding request left out is paused, which past its limit it never may be (counted)."""
+        policy = self.runtime.policy
+        order = sorted(running, key=lambda v: (self._state(v.request_id).status != self.DECODING, policy.key(v)))
+        removed: set[str] = set()
+        out = self._process_candidates([self._state(v.request_id) for v in order], token_budget, cache_budget, removed)
+        self._cleanup_waiting_queue(removed)
+        in_batch = {fs.state.request_id for fs in out[0]}
+        for rid, state in self.active_requests.items():
+            if state.status == self.DECODING and rid not in in_batch and rid in self._views \
+                    and not policy.can_preempt(self._views[rid]) and policy.preemption_c > 0:
+                self.runtime.paused_past_limit += 1
+        return out  # (scheduled, one_failed, fast_path, query tokens, KV read)
+
+    def finish_request(self, request_id: str) -> None:
+        super().finish_request(request_id)
+        self._forget(request_id)
+
+    def clear_cancelled_requests(self):
+        cancelled = super().clear_cancelled_requests()
+        for state in cancelled:
+            self._forget(state.request_id)
+        return cancelled
+
+    def _forget(self, request_id: str) -> None:
+        self._views.pop(request_id, None)
+        if request_id in self._running:
+            self._running.remove(request_id)
+        self.runtime.remove(request_id)
+
+
+def scheduler_classes():
+    """(RecordingFIFOScheduler, TrailScheduler): the step log and TRAIL's policy on the engine's own
+    scheduler classes, built once the transformers version is checked."""
+    scheduler_mod, requests_mod = engine_modules()
+
+    class RecordingFIFOScheduler(_RecordingFIFO, scheduler_mod.FIFOScheduler):
         """The engine's FIFO scheduler, unchanged, with the step log."""
 
-        def reset(self) -> None:
-            super().reset()
-            self._log_reset()
-
-        def schedule_batch(self, token_budget: int, cache_budget: int):
-            t0 = time.perf_counter()
-            out = super().schedule_batch(token_budget, cache_budget)
-            self._log_step(t0, out[0], 0.0)
-            return out
-
-    class TrailScheduler(_StepLog, Scheduler):
+    class TrailScheduler(_Trail, scheduler_mod.Scheduler):
         """SPRPT with limited preemption on the probe's refined estimates (module docstring)."""
 
-        def __init__(self, cache, safety_margin, max_requests_per_batch, *, runtime: TrailRuntime,
-                     capture: LayerCapture | None):
-            self.runtime, self.capture = runtime, capture
-            super().__init__(cache, 0.15 if safety_margin is None else safety_margin, max_requests_per_batch)
-
-        def reset(self) -> None:
-            super().reset()
-            self._log_reset()
-            self.runtime.reset()
-            self._views: dict[str, RequestView] = {}
-            self._running: list[str] = []
-            self._last_batch = None
-            self._counter = itertools.count()
-
-        def _state(self, request_id: str):
-            return self.active_requests.get(request_id) or self.waiting_requests.get(request_id)
-
-        def schedule_batch(self, token_budget: int, cache_budget: int):
-            t0 = time.perf_counter()
-            rt, policy = self.runtime, self.runtime.policy
-            initial_before = rt.initial_s
-            # 1. What the last forward pass says, then initial estimates for new arrivals.
-            if self.capture is not None:
-                absorb(rt, self._last_batch, self.capture.take(rt.layer))
-            self._last_batch = None
-            new = [s for s in self.waiting_requests.values() if s.request_id not in self._views]
-            for s in new:
-                self._views[s.request_id] = RequestView(s.request_id, next(self._counter), s.created_time)
-            if new:
-                rt.admit([s.request_id for s in new])
-            live = [v for v in self._views.values() if self._state(v.request_id) is not None]
-            for v in live:
-                v.generated = generated_count(self._state(v.request_id))
-            rt.estimate(live)
-            initial_s = rt.initial_s - initial_before
-            probe_s = time.perf_counter() - t0 - initial_s
-            # 2. The policy: who runs (policies.schedule, as in the simulator).
-            running_ids = set(self._running)
-            running = [v for v in live if v.request_id in running_ids]
-            waiting = RequestQueue(policy)
-            for v in live:
-                if v.request_id not in running_ids and not (self.block_new_requests and self._state(v.request_id).status == PENDING):
-                    waiting.push(v)
-            _, preempted = schedule(policy, waiting, running, self.max_requests_per_batch)
-            rt.preemptions += len(preempted)
-            self._running = [v.request_id for v in running]
-            # 3. The batch: decoding requests first (one token each), then prefill chunks, best first.
-            order = sorted(running, key=lambda v: (self._state(v.request_id).status != DECODING, policy.key(v)))
-            candidates = [self._state(v.request_id) for v in order]
-            removed: set[str] = set()
-            scheduled, one_failed, fast_path, q_tokens, kv_read = self._process_candidates(
-                candidates, token_budget, cache_budget, removed)
-            self._cleanup_waiting_queue(removed)
-            # A decoding request left out of the batch is paused; past its limit it never may be.
-            in_batch = {fs.state.request_id for fs in scheduled}
-            for rid, state in self.active_requests.items():
-                if state.status == DECODING and rid not in in_batch and rid in self._views \
-                        and not policy.can_preempt(self._views[rid]) and policy.preemption_c > 0:
-                    rt.paused_past_limit += 1
-            self._last_batch = scheduled
-            self._log_step(t0, scheduled, probe_s, initial_s)
-            if not scheduled and one_failed:
-                return None, fast_path, 0, 0
-            return scheduled, fast_path, q_tokens, kv_read
-
-        def finish_request(self, request_id: str) -> None:
-            super().finish_request(request_id)
-            self._forget(request_id)
-
-        def clear_cancelled_requests(self):
-            cancelled = super().clear_cancelled_requests()
-            for state in cancelled:
-                self._forget(state.request_id)
-            return cancelled
-
-        def _forget(self, request_id: str) -> None:
-            self._views.pop(request_id, None)
-            if request_id in self._running:
-                self._running.remove(request_id)
-            self.runtime.remove(request_id)
+        DECODING, PENDING = requests_mod.RequestStatus.DECODING, requests_mod.RequestStatus.PENDING
 
     return RecordingFIFOScheduler, TrailScheduler
