@@ -76,6 +76,12 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vllm_llama(tmp_path_factory) -> Path:
+    """A tiny Llama vLLM's CPU attention takes (head size 64), EOS likely enough for varied answers."""
+    return build_tiny_model(tmp_path_factory.mktemp("vllm-llama"), hidden=128, heads=2, kv_heads=1, eos_bias=0.85)
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     # random GPT-2s end every prompt at the same length, so no EOS bias: answers run to the cap
     return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", eos_bias=0.0)

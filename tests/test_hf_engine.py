@@ -57,7 +57,7 @@ class StubBert:
 
 
 def runtime(predictor, policy="trail", bin_of=None, c=0.8, k=8):
-    return TrailRuntime(policy, predictor=predictor, text_predictor=StubBert(predictor.bins, bin_of or {}),
+    return TrailRuntime(policy, record=True, predictor=predictor, text_predictor=StubBert(predictor.bins, bin_of or {}),
                         initial="bert", max_new_tokens=BUDGET, refine_interval=k, preemption_c=c)
 
 
@@ -265,7 +265,7 @@ def test_serve_replays_arrival_times(llm):
 
 
 def test_the_oracle_ranks_by_exact_lengths_counted_down():
-    rt = TrailRuntime("oracle", max_new_tokens=BUDGET)
+    rt = TrailRuntime("oracle", max_new_tokens=BUDGET, record=True)
     assert not rt.needs_states and rt.layer is None
     rt.exact_lengths.update({"a": 30, "b": 5, "c": 10 * BUDGET})
     rt.admit(["a", "b", "c"])

@@ -49,12 +49,16 @@ def test_estimates_are_the_trackers_on_the_answers_own_states(recipe):
     assert gens == [g for g in range(1, n + 1) if refines_at(g, K_REFINE)]
     assert [r["actual_left"] for r in rec["refined"]] == [n - g for g in gens]
     assert [g for g, _ in seen][: len(gens)] == gens  # the live view saw each refinement as it happened
-    # a LengthTracker fed teacher-forced hidden_states[L + 1] of prompt + answer gives the same estimates
+    # a LengthTracker fed teacher-forced hidden_states[L + 1] of prompt + answer gives the same estimates;
+    # with no prompt probe or BERT beside it, the export's first estimate is the decode probe on the last
+    # prompt token's state (TRAIL's release), a real number rather than the budget
     predictor = LengthPredictor.from_pretrained(cfg.paths.serve_predictor, device="cpu")
     tracker = LengthTracker(predictor, max_new_tokens=BUDGET)
-    tracker.add(["r"])
     with torch.no_grad():
         states = model(torch.tensor([ids + ref]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+    tracker.add(["r"], initial_probs=predictor.probs(states[len(ids) - 1][None]))
+    assert rec["initial_source"] == "last_token"
+    assert rec["initial_estimate"] == pytest.approx(float(tracker.initial_estimates(["r"])[0]), abs=1e-3)
     for r in rec["refined"]:
         g = r["generated"]
         tracker.observe(["r"], states[len(ids) + g - 1][None], [g])
@@ -64,7 +68,7 @@ def test_estimates_are_the_trackers_on_the_answers_own_states(recipe):
 def test_cli_prints_the_table_and_json(recipe, capsys, tmp_path):
     assert main(["predict", str(recipe), PROMPT]) == 0
     out = capsys.readouterr().out
-    assert "estimate left" in out and "actually left" in out and "prompt-time estimate (none)" in out
+    assert "estimate left" in out and "actually left" in out and "prompt-time estimate (last_token)" in out
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": t}) for i, t in enumerate([PROMPT, "Name a colour."])))
     assert main(["predict", str(recipe), "generation.max_new_tokens=16", "--file", str(prompts), "--json"]) == 0

@@ -33,7 +33,7 @@ def recipe(tmp_path, tiny_llama):
             f"prompts.source={prompts}", f"generation.max_new_tokens={MAX_NEW}", f"train.out_dir={tmp_path / 'ckpt'}",
             "serve.num_requests=5", "serve.rate=20", "serve.max_batch=2", "serve.max_batch_tokens=64",
             "serve.page_size=16", "serve.num_blocks=256", "serve.threads=1",
-            f"serve.predictor={predictor}", f"serve.bert={tmp_path / 'bert'}", *overrides])
+            f"serve.predictor={predictor}", f"serve.bert={tmp_path / 'bert'}", "serve.initial=bert", *overrides])
 
     return make
 

@@ -53,13 +53,6 @@ TEXTS = [f"Tell me fact number {i} about {'cats' if i % 2 else 'the sea'}." for 
 
 
 @pytest.fixture(scope="module")
-def vllm_llama(tmp_path_factory):
-    from conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("vllm-llama"), hidden=128, heads=2, kv_heads=1, eos_bias=0.85)
-
-
-@pytest.fixture(scope="module")
 def vllm_predictor(tmp_path_factory):
     """A probe on layer 1 that calls every answer long (its last bin), so a request BERT calls short
     outranks running ones once they have been refined."""
@@ -82,57 +75,51 @@ def _requests(folder):
 
 def test_bad_setups_fail_in_one_line_before_vllm_starts(vllm_llama, tiny_llama, vllm_predictor, tmp_path, monkeypatch,
                                                         capsys):
+    pytest.importorskip("vllm")
     from conftest import trail_weights, write_trail_dir
 
     from trail_probe.errors import UserError
-    from trail_probe.serving import vllm_engine
-    from trail_probe.serving.vllm_engine import (
-        VLLMEngine,
-        check_vllm,
-        engine_kwargs,
-        trail_settings,
-    )
+    from trail_probe.runtime import LengthPredictor
+    from trail_probe.serving.trail_settings import TrailSettings
+    from trail_probe.serving.vllm_checks import check_predictors, check_vllm
+    from trail_probe.serving.vllm_engine import VLLMEngine, engine_kwargs
+
+    def settings(folder, **kw):
+        return TrailSettings(predictor=str(folder), initial="none", **kw)
 
     with pytest.raises(UserError, match="not one of fifo, priority"):
         engine_kwargs(vllm_llama, "lifo", None)
-    with pytest.raises(UserError, match="needs trail_settings"):
+    with pytest.raises(UserError, match="needs TrailSettings"):
         engine_kwargs(vllm_llama, "trail", None)
     deep = write_trail_dir(tmp_path / "deep", trail_weights(d=128), hidden_size=128, probe_layer_idx=7, device="cpu")
     with pytest.raises(UserError, match="layers 0..2"):
-        VLLMEngine(vllm_llama, "trail", trail_settings(deep, initial="none"))
-    with pytest.raises(UserError, match="width 128 but the serving model's are 64"):
-        VLLMEngine(tiny_llama, "trail", trail_settings(vllm_predictor, initial="none"))
+        VLLMEngine(vllm_llama, "trail", settings(deep))
+    with pytest.raises(UserError, match="width 128 but the model's are 64"):
+        VLLMEngine(tiny_llama, "trail", settings(vllm_predictor))
     other = write_trail_dir(tmp_path / "other", trail_weights(d=128), hidden_size=128, probe_layer_idx=1, device="cpu")
     (other / "trail_probe.json").write_text(json.dumps({"serving_model": {"name_or_path": "elsewhere", "weights_sha256": "0" * 64}}))
     with pytest.raises(UserError, match="trained on 'elsewhere'"):
-        VLLMEngine(vllm_llama, "trail", trail_settings(other, initial="none"))
+        VLLMEngine(vllm_llama, "trail", settings(other))
     # A probe trained on states transformers computed in fp32, served by vLLM in bf16: refused when asked,
     # else a warning on stderr; one extracted by vLLM in the serving dtype passes silently.
-    from trail_probe.runtime import LengthPredictor
-    from trail_probe.serving.vllm_engine import check_predictor
-
     hf32 = write_trail_dir(tmp_path / "hf32", trail_weights(d=128), hidden_size=128, probe_layer_idx=1, device="cpu")
     (hf32 / "trail_probe.json").write_text(json.dumps({"serving_model": {"name_or_path": "x", "dtype": "float32",
                                                                          "engine": "hf"}}))
     with pytest.raises(UserError, match="transformers computed in float32, but this engine is vLLM in bfloat16"):
-        VLLMEngine(vllm_llama, "trail", trail_settings(hf32, initial="none"), extraction_check="refuse", dtype="bfloat16")
+        VLLMEngine(vllm_llama, "trail", settings(hf32, extraction_check="refuse"), dtype="bfloat16")
     predictor = LengthPredictor.from_pretrained(hf32, device="cpu")
-    check_predictor(vllm_llama, predictor, "bfloat16", "warn")
+    check_predictors(settings(hf32), str(vllm_llama), "bfloat16", [predictor])
     assert "extract.engine=vllm model.dtype=bfloat16" in capsys.readouterr().err
-    check_predictor(vllm_llama, predictor, "bfloat16", "off")
+    check_predictors(settings(hf32, extraction_check="off"), str(vllm_llama), "bfloat16", [predictor])
     (hf32 / "trail_probe.json").write_text(json.dumps({"serving_model": {"dtype": "bfloat16", "engine": "vllm"}}))
-    check_predictor(vllm_llama, LengthPredictor.from_pretrained(hf32, device="cpu"), "bfloat16", "refuse")
+    check_predictors(settings(hf32, extraction_check="refuse"), str(vllm_llama), "bfloat16",
+                     [LengthPredictor.from_pretrained(hf32, device="cpu")])
     assert capsys.readouterr().err == ""
-    with pytest.raises(UserError, match="vllm_extraction_check = 'maybe' is not one of warn, refuse, off"):
-        check_predictor(vllm_llama, predictor, "bfloat16", "maybe")
-    import vllm
-
-    monkeypatch.setattr(vllm, "__version__", "0.40.1")
-    with pytest.raises(UserError, match=r"supports vllm >=0.32,<0.33"):
-        check_vllm()
+    with pytest.raises(UserError, match="extraction_check = 'maybe' is not one of warn, refuse, off"):
+        settings(hf32, extraction_check="maybe")
     monkeypatch.setitem(__import__("sys").modules, "vllm", None)
     with pytest.raises(UserError, match="vLLM is not installed"):
-        vllm_engine.check_vllm()
+        check_vllm()
 
 
 @pytest.mark.slow
@@ -143,7 +130,8 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
     from transformers import AutoModelForCausalLM
 
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor, LengthTracker
-    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
+    from trail_probe.serving.trail_settings import TrailSettings
+    from trail_probe.serving.vllm_engine import VLLMEngine
 
     make_tiny_bert_predictor(tmp_path / "bert", max_len=MAX_NEW)
     bert = BertLengthPredictor.from_pretrained(tmp_path / "bert", device="cpu").predict(TEXTS).tolist()
@@ -154,10 +142,11 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
     assert bert[order[4]] > bert[order[5]]
     runs = {}
     for policy in ("fifo", "trail"):
-        settings = trail_settings(vllm_predictor, bert=tmp_path / "bert", max_new_tokens=MAX_NEW, refine_interval=4,
-                                  record_states=True) if policy == "trail" else None
-        with VLLMEngine(vllm_llama, policy, settings, max_num_seqs=3, dtype="float32", kv_cache_bytes=128 << 20,
-                        max_model_len=512) as engine:
+        settings = TrailSettings(predictor=str(vllm_predictor), initial="bert", bert=str(tmp_path / "bert"),
+                                 client_estimates=True, refine_interval=4, record=True,
+                                 record_states=True) if policy == "trail" else None
+        with VLLMEngine(vllm_llama, policy, settings, max_num_seqs=3, dtype="float32", kv_cache_memory_bytes=128 << 20,
+                        max_model_len=512, enforce_eager=True) as engine:
             results, _ = engine.replay(reqs, arrivals, max_new_tokens=MAX_NEW)
             runs[policy] = ({r.request_id: r.tokens for r in results}, engine.scheduler_log())
     (fifo, fifo_log), (trail, trail_log) = runs["fifo"], runs["trail"]
@@ -169,6 +158,7 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
     assert counters["preemptions"] > 0, counters  # paused requests kept their KV cache and resumed intact
     observed = trail_log["observed"]
     assert {g for _, g, _ in observed} >= {1, 5} and all((g - 1) % 4 == 0 for _, g, _ in observed)
+    assert trail_log["live"]["finished_scored"] == len(TEXTS) and trail_log["live"]["refined_points"] > 0
     model = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32).eval()
     prompts = {rid: ids for rid, ids, _ in reqs}
     for rid, g, state in observed[::3]:
@@ -195,16 +185,17 @@ def test_prompt_probe_initial_estimates_in_vllm_are_hf_prompt_means_over_chunked
     from transformers import AutoModelForCausalLM
 
     from trail_probe.runtime import LengthPredictor, LengthTracker
-    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
+    from trail_probe.serving.trail_settings import TrailSettings
+    from trail_probe.serving.vllm_engine import VLLMEngine
 
     prompt_dir = write_trail_dir(tmp_path / "prompt", trail_weights(d=128, seed=3), hidden_size=128, probe_layer_idx=0,
                                  max_len=MAX_NEW, device="cpu")
     reqs = _requests(vllm_llama)
     assert max(len(ids) for _, ids, _ in reqs) > 16  # some prompts take more than one chunk
-    settings = trail_settings(vllm_predictor, initial="prompt_probe", prompt_predictor=prompt_dir, max_new_tokens=MAX_NEW)
+    settings = TrailSettings(predictor=str(vllm_predictor), prompt_predictor=str(prompt_dir), record=True)
     with VLLMEngine(vllm_llama, "trail", settings, max_num_seqs=3, max_num_batched_tokens=16, dtype="float32",
-                    kv_cache_bytes=128 << 20, max_model_len=512) as engine:
-        results, _ = engine.replay(reqs, [0.0] * len(reqs), max_new_tokens=8)
+                    kv_cache_memory_bytes=128 << 20, max_model_len=512) as engine:  # vLLM's defaults: compiled
+        results, _ = engine.replay(reqs, [0.0] * len(reqs), max_new_tokens=MAX_NEW)  # each request's own budget caps its estimate
         log = engine.scheduler_log()
     assert len(results) == len(reqs)
     model = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32).eval()
@@ -232,7 +223,7 @@ def test_serve_bench_on_vllm_runs_fcfs_priority_trail_and_oracle(vllm_llama, vll
         f"train.out_dir={tmp_path / 'ckpt'}", "serve.engine=vllm", "serve.policies=[oracle,priority,trail,fifo]",
         "serve.num_requests=6", "serve.rate=40", "serve.max_batch=2", "serve.max_batch_tokens=256",
         "serve.vllm_dtype=float32", "serve.vllm_kv_cache_gb=0.125", f"serve.predictor={vllm_predictor}",
-        f"serve.bert={tmp_path / 'bert'}", "refine.interval=4"])
+        f"serve.bert={tmp_path / 'bert'}", "serve.initial=bert", "refine.interval=4"])
     report = serve_bench.run_serve_bench(cfg, verbose=False)
     out = cfg.paths.serve
     for name in ("fifo.json", "priority.json", "trail.json", "oracle.json", "summary.json", "report.md", "serve_bench.png"):
@@ -266,18 +257,19 @@ def test_on_smollm2_the_plugin_reads_layer_19_as_hf_does(tmp_path):
     plugin hook) against a teacher-forced HF forward pass of the GGUF model, layer 19."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
+    from trail_probe.serving.trail_settings import TrailSettings
+    from trail_probe.serving.vllm_engine import VLLMEngine
 
     cfg = load_recipe("recipes/smollm2_alpaca.yaml")
     folder = plain_hf_folder(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = ["Give three tips for staying healthy.", "What is the capital of France?", "Name a primary color."]
     reqs = [(f"q{i}", encode_prompt(tokenizer, t), t) for i, t in enumerate(texts)]
-    settings = trail_settings("checkpoints/smollm2_alpaca/predictor", initial="none", max_new_tokens=24,
-                              record_states=True)
-    with VLLMEngine(folder, "trail", settings, max_num_seqs=4, dtype="float32", kv_cache_bytes=256 << 20,
+    settings = TrailSettings(predictor="checkpoints/smollm2_alpaca/predictor", initial="none", record=True,
+                             record_states=True, extraction_check="off")
+    # vLLM's defaults (torch.compile): the states come out of the compiled graph as auxiliary outputs
+    with VLLMEngine(folder, "trail", settings, max_num_seqs=4, dtype="float32", kv_cache_memory_bytes=256 << 20,
                     max_model_len=1024) as engine:
-        assert engine.model_shape == {"num_layers": 30, "hidden_size": 576, "attached_at_load": True}  # the plugin
         results, _ = engine.replay(reqs, [0.0] * 3, max_new_tokens=24)
         observed = engine.scheduler_log()["observed"]
     tokens = {r.request_id: r.tokens for r in results}

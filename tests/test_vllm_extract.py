@@ -14,13 +14,6 @@ from trail_probe.offline.store import Extraction
 from trail_probe.stages.extract import run_extract
 
 
-@pytest.fixture(scope="module")
-def vllm_llama(tmp_path_factory):
-    from conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("vllm-llama"), hidden=128, heads=2, kv_heads=1, eos_bias=0.85)
-
-
 def _cfg(model, prompts, out, engine, *extra):
     return load_recipe(None, [
         f"model.name_or_path={model}", f"prompts.source={prompts}", f"extract.out_dir={out}", f"extract.engine={engine}",

@@ -1,70 +1,240 @@
-"""TRAIL's vLLM scheduler step on stand-in requests (no engine): `trail_probe.serving.vllm_dry_run`."""
+"""TRAIL's vLLM scheduler driven through vLLM's own `Scheduler` (its real `schedule` and
+`update_from_output`, its KV cache manager and prefix cache), with a stand-in model output
+(`trail_probe.serving.vllm_dry_run`): these fail when the plugin and vLLM disagree."""
 
-import random
+import math
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
+from conftest import trail_weights, write_trail_dir  # noqa: E402
+
+from trail_probe.serving.trail_settings import TrailSettings  # noqa: E402
 from trail_probe.serving.vllm_dry_run import (  # noqa: E402
-    arrive,
+    StandInModel,
+    dry_request,
     dry_scheduler,
-    dry_step,
-    vllm_steps_replaced,
+    fixed_state,
 )
-from trail_probe.serving.vllm_scheduler import TrailVLLMScheduler  # noqa: E402
+
+WIDTH, MAX_LEN, BLOCK = 128, 64, 16
 
 
-def _batches(policy, unranked_allowed, steps=300, limit=8, seed=3):
-    s = dry_scheduler(policy, max_running=limit, seed=seed, max_length=24)
-    if not unranked_allowed:
-        s._everyone_runs = lambda in_running, limit: False
-    arrivals = random.Random(seed)
-    batches = []
-    with vllm_steps_replaced():
-        for step in range(steps):
-            # light load, then a burst that forms a queue, then light again
-            n = arrivals.choice([0, 0, 0, 1]) if not 100 <= step < 110 else 3
-            batches.append(sorted(dry_step(s, arrivals=n)))
-    return batches, s
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """Only a config: the dry-run scheduler never runs the model."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("cfg-llama")
+    LlamaConfig(vocab_size=64, hidden_size=WIDTH, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=512).save_pretrained(folder)
+    return folder
 
 
-@pytest.mark.parametrize("policy", ["trail", "oracle"])
-def test_the_step_without_a_queue_decides_what_the_ranked_step_decides(policy):
-    fast, s = _batches(policy, unranked_allowed=True)
-    ranked, r = _batches(policy, unranked_allowed=False)
-    assert fast == ranked  # the same requests get a token at every step
-    took = [x["ranked"] for x in s.step_log]
-    assert not all(took) and any(took)  # both paths ran: light load unranked, the burst's queue ranked
-    assert all(x["ranked"] for x in r.step_log)
-    assert s.runtime.refinements == r.runtime.refinements > 0 or policy == "oracle"
-    assert s.runtime.preemptions == r.runtime.preemptions > 0
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    """A decode probe on layer 1 with its prompt probe (layer 0) bundled, over 10 bins of [0, 64]."""
+    folder = write_trail_dir(tmp_path_factory.mktemp("pred") / "p", trail_weights(d=WIDTH), hidden_size=WIDTH,
+                             probe_layer_idx=1, max_len=MAX_LEN, device="cpu")
+    write_trail_dir(folder / "prompt", trail_weights(d=WIDTH, seed=3), hidden_size=WIDTH, probe_layer_idx=0,
+                    max_len=MAX_LEN, device="cpu")
+    return folder
 
 
-def test_a_request_vllm_sent_back_to_waiting_is_ranked_again():
-    s = dry_scheduler("oracle", max_running=4)
-    arrive(s, 2)
-    with vllm_steps_replaced():
-        dry_step(s)
-        victim = s.running.pop()  # vLLM's own recompute preemption: KV blocks ran out
-        victim.num_computed_tokens = 0
-        s.waiting.prepend_request(victim)
-        dry_step(s)
-    assert s.step_log[0]["ranked"] is False and s.step_log[1]["ranked"] is True
-    assert victim in s.running
+def settings(predictor, **changes) -> TrailSettings:
+    return TrailSettings(predictor=str(predictor), **{"refine_interval": 4, "record": True, **changes})
 
 
-def test_a_paused_request_resumes_as_soon_as_there_is_room():
-    s = dry_scheduler("oracle", max_running=1)
-    (long,) = arrive(s, 1, lengths=[20])
-    with vllm_steps_replaced():
-        dry_step(s, arrivals=0)
-        (short,) = arrive(s, 1, lengths=[3])
-        batches = [dry_step(s) for _ in range(5)]
-    assert batches[:3] == [[short.request_id]] * 3  # the long request is paused for the short one
-    assert batches[3:] == [[long.request_id]] * 2 and not s._paused  # and resumes once it finishes
-    assert s.runtime.preemptions == 1
+def run(folder, s, requests, lengths, async_scheduling=False, **kwargs):
+    sched = dry_scheduler(folder, s, async_scheduling=async_scheduling, **kwargs)
+    for r in requests:
+        sched.add_request(r)
+    model = StandInModel(sched, lengths, width=WIDTH, async_scheduling=async_scheduling)
+    model.drain(5000)
+    assert not sched.has_requests()
+    return sched, model
 
 
-def test_the_scheduler_class_is_the_one_vllm_loads():
-    assert TrailVLLMScheduler.__module__ == "trail_probe.serving.vllm_scheduler"
+def burst(n=8, prompt=20, max_tokens=60, shared=0):
+    reqs, lengths = [], {}
+    for i in range(n):
+        ids = list(range(3, 3 + shared)) + [10 + (i * 7 + j) % 50 for j in range(prompt + i)]
+        reqs.append(dry_request(f"r{i}", ids, max_tokens=max_tokens, arrival=float(i)))
+        lengths[f"r{i}"] = 3 + (11 * i) % 40
+    return reqs, lengths
+
+
+def test_a_burst_is_prefilled_first_then_at_most_max_running_decode(model_folder, predictor):
+    reqs, lengths = burst()
+    s, model = run(model_folder, settings(predictor, max_running=2), reqs, lengths, max_num_seqs=8)
+    log = s.log()
+    assert log["live"]["finished_scored"] == len(reqs) and log["live"]["pauses"] > 0
+    assert log["trail"]["paused_past_limit"] == 0 and log["live"]["fallback_steps"] == 0
+    # every request's first step (its prefill) came before any request decoded for the third time
+    first = {rid: next(i for i, b in enumerate(model.batches) if rid in b) for rid in lengths}
+    assert max(first.values()) <= 3, first
+    # once all are prefilled and ranked, no step decodes more than max_running requests
+    decoding = [len(b) for b in model.batches[max(first.values()) + 2:]]
+    assert decoding and max(decoding) <= 2, decoding
+    # no per-request state outlives its request
+    q = s.trail
+    assert not (q.views or q.unstarted or q.awaiting or len(q.paused) or len(q.queued) or q.ran or len(q.prompt_sums))
+    assert len(s.runtime.tracker) == 0
+
+
+def test_without_a_queue_every_request_runs_and_nothing_is_paused(model_folder, predictor):
+    reqs, lengths = burst(n=4)
+    s, model = run(model_folder, settings(predictor), reqs, lengths, max_num_seqs=8)
+    assert s.log()["live"]["pauses"] == 0
+    assert all(len(b) == len(reqs) for b in model.batches[1:3])  # all four decode side by side (r0 ends at 3)
+
+
+def test_prompt_probe_estimate_is_the_mean_over_every_prompt_token_even_after_a_prefix_cache_hit(model_folder, predictor):
+    """Requests sharing two full KV blocks of prompt: the later ones start after them (vLLM's prefix
+    cache), and their estimate is still the prompt probe on the mean over all their prompt tokens."""
+    from trail_probe.runtime import LengthPredictor
+
+    reqs, lengths = burst(n=4, shared=2 * BLOCK)
+    sched = dry_scheduler(model_folder, settings(predictor), max_num_seqs=2, max_num_batched_tokens=64)
+    model = StandInModel(sched, lengths, width=WIDTH)
+    for r in reqs:  # one at a time, so each later request finds the shared blocks cached
+        sched.add_request(r)
+        model.step()
+    model.drain(5000)
+    log = sched.log()
+    prompt = LengthPredictor.from_pretrained(predictor / "prompt", device="cpu")
+    bins = prompt.bins
+    for r in reqs:
+        ids = r.prompt_token_ids
+        mean = torch.stack([fixed_state(ids[: p + 1], WIDTH) for p in range(len(ids))]).mean(0)
+        expected = float(bins.expectation(prompt.probs(mean[None]).double())[0])
+        assert log["initial_estimates"][r.request_id] == pytest.approx(min(expected, r.max_tokens), abs=1e-3)
+    assert log["live"]["incomplete_prompt_means"] == 0
+    assert len({round(e, 3) for e in log["initial_estimates"].values()}) > 1
+
+
+def test_async_scheduling_refines_at_the_same_points_with_the_same_estimates(model_folder, predictor):
+    reqs, lengths = burst(n=6)
+    logs = []
+    for async_mode in (False, True):
+        reqs, lengths = burst(n=6)
+        s, _ = run(model_folder, settings(predictor, max_running=3), reqs, lengths, async_scheduling=async_mode,
+                   max_num_seqs=8)
+        assert type(s).__name__ == ("AsyncTrailVLLMScheduler" if async_mode else "TrailVLLMScheduler")
+        logs.append(s.log())
+    sync, asyn = logs
+    assert sync["trace"] and sync["initial_estimates"] == pytest.approx(asyn["initial_estimates"])
+    for rid, points in sync["trace"].items():
+        assert [g for g, _ in points] == [g for g, _ in asyn["trace"][rid]]
+        assert [g for g, _ in points] == list(range(1, len(points) * 4, 4))  # k = 4 from the first decode step
+        # the same states; only float32 rounding of a differently composed batch may differ
+        assert [e for _, e in points] == pytest.approx([e for _, e in asyn["trace"][rid]], rel=1e-5)
+
+
+def test_each_request_ranks_within_its_own_max_tokens(model_folder, predictor):
+    reqs, lengths = burst(n=4)
+    reqs[0] = dry_request("r0", list(range(5, 30)), max_tokens=3)
+    reqs[1] = dry_request("r1", list(range(6, 31)), max_tokens=300)  # beyond the probe's 64-token range
+    lengths.update(r0=10, r1=100)
+    s, _ = run(model_folder, settings(predictor), reqs, lengths, max_num_seqs=8)
+    est = s.log()["initial_estimates"]
+    assert est["r0"] <= 3 and est["r1"] <= MAX_LEN
+    # r0 was cut at its own 3 tokens: how long its answer would have been is unknown, so it is not scored
+    assert s.log()["live"]["finished_scored"] == len(reqs) - 1
+
+
+def test_client_inputs_are_ignored_unless_allowed_and_well_formed(model_folder, predictor):
+    from trail_probe.serving.vllm_scheduler import EXACT_LENGTH_KEY, INITIAL_PROBS_KEY, PROMPT_TEXT_KEY
+
+    bad = [{INITIAL_PROBS_KEY: [1.0]}, {INITIAL_PROBS_KEY: "long"}, {INITIAL_PROBS_KEY: [0.0] * 10},
+           {INITIAL_PROBS_KEY: [float("nan")] + [0.1] * 9}, {INITIAL_PROBS_KEY: [True] * 10},
+           {EXACT_LENGTH_KEY: "7"}, {EXACT_LENGTH_KEY: -1}, {EXACT_LENGTH_KEY: 2.5}, {PROMPT_TEXT_KEY: 12}]
+    good = {INITIAL_PROBS_KEY: [1.0] + [0.0] * 9}
+    for allowed in (False, True):
+        reqs, lengths = burst(n=len(bad) + 1)
+        reqs = [dry_request(r.request_id, r.prompt_token_ids, 60, extra_args=x) for r, x in zip(reqs, bad + [good])]
+        s, _ = run(model_folder, settings(predictor, client_estimates=allowed), reqs, lengths, max_num_seqs=16)
+        live = s.log()["live"]
+        assert live["ignored_client_inputs"] == (len(bad) + 1 if not allowed else len(bad))
+        assert live["fallback_steps"] == 0 and live["finished_scored"] == len(reqs)
+        assert all(math.isfinite(e) for e in s.log()["initial_estimates"].values())
+
+
+def test_kv_pressure_takes_blocks_from_paused_requests_not_from_better_ranked_ones(model_folder, predictor):
+    reqs, lengths = burst(n=10, prompt=40, max_tokens=60)
+    for rid in lengths:
+        lengths[rid] = 60
+    s, model = run(model_folder, settings(predictor, max_running=2), reqs, lengths, max_num_seqs=10, num_blocks=24)
+    live = s.log()["live"]
+    assert live["finished_scored"] == len(reqs) and live["fallback_steps"] == 0
+    assert live["kv_preemptions"] > 0  # paused requests gave their blocks back, then ran again (recomputed)
+
+
+def test_a_failing_trail_step_falls_back_to_vllms_own_step_and_loses_no_request(model_folder, predictor, monkeypatch):
+    reqs, lengths = burst(n=8)
+    sched = dry_scheduler(model_folder, settings(predictor, max_running=2), max_num_seqs=8)
+    real = sched.trail.before_step
+    calls = [0]
+
+    def sometimes_broken():
+        calls[0] += 1
+        if calls[0] % 3 == 0:
+            raise RuntimeError("a bug in TRAIL's ranking")
+        return real()
+
+    monkeypatch.setattr(sched.trail, "before_step", sometimes_broken)
+    for r in reqs:
+        sched.add_request(r)
+    model = StandInModel(sched, lengths, width=WIDTH)
+    model.drain(5000)
+    live = sched.log()["live"]
+    assert live["fallback_steps"] > 0 and live["finished_scored"] == len(reqs)
+    produced = {}
+    for batch in model.batches:
+        for rid in batch:
+            produced[rid] = produced.get(rid, 0) + 1
+    assert set(produced) == set(lengths)
+
+
+def test_settings_refuse_unknown_keys_and_bad_values(predictor):
+    from trail_probe.errors import UserError
+
+    s = settings(predictor)
+    assert TrailSettings.from_dict(s.additional_config()["trail_probe"]) == s
+    with pytest.raises(UserError, match="unknown trail_probe setting.*refine_intervall"):
+        TrailSettings.from_dict({"predictor": str(predictor), "refine_intervall": 8})
+    with pytest.raises(UserError, match="predictor is required"):
+        TrailSettings.from_dict({})
+    for bad, match in ((dict(max_running=-1), "max_running"), (dict(initial="magic"), "initial"),
+                       (dict(preemption_c=2.0), "preemption limit C"), (dict(policy="lifo"), "unknown scheduling policy"),
+                       (dict(refine_interval=0), "refine_interval"), (dict(policy="oracle"), "client_estimates"),
+                       (dict(initial="bert"), "client_estimates")):
+        with pytest.raises(UserError, match=match):
+            TrailSettings(predictor=str(predictor), **bad)
+    with pytest.raises(UserError, match="needs a prompt probe"):
+        TrailSettings(predictor=str(predictor), prompt_predictor="/nowhere").prompt_predictor_path()
+
+
+def test_engine_checks_refuse_what_the_plugin_cannot_serve(model_folder, predictor, tmp_path):
+    from trail_probe.errors import UserError
+    from trail_probe.serving.vllm_checks import check_engine
+    from trail_probe.serving.vllm_dry_run import dry_config
+
+    s = settings(predictor)
+    config = dry_config(model_folder, s)
+    check_engine(s, config)
+    deep = write_trail_dir(tmp_path / "deep", trail_weights(d=WIDTH), hidden_size=WIDTH, probe_layer_idx=7, device="cpu")
+    with pytest.raises(UserError, match="layers 0..2"):
+        check_engine(TrailSettings(predictor=str(deep), initial="none"), config)
+    narrow = write_trail_dir(tmp_path / "narrow", trail_weights(d=64), hidden_size=64, probe_layer_idx=1, device="cpu")
+    with pytest.raises(UserError, match="width 64 but the model's are 128"):
+        check_engine(TrailSettings(predictor=str(narrow), initial="none"), config)
+    config.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(UserError, match="pipeline parallelism"):
+        check_engine(s, config)
+    config.parallel_config.pipeline_parallel_size = 1
+    config.scheduler_config.policy = "priority"
+    with pytest.raises(UserError, match="scheduling-policy priority"):
+        check_engine(s, config)

@@ -74,6 +74,9 @@ def _first_doc_line(module_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # what follows goes to the engine unchanged (trail-probe serve RECIPE -- --port 8001)
+        argv, passthrough = argv[: argv.index("--")], argv[argv.index("--") + 1:]
     parser = build_parser(argv)
     # key=value overrides may also follow a command's options (`extract R --ray --num-workers 2 a.b=c`),
     # where argparse has already closed the positional list
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.passthrough = passthrough
+    if passthrough and not getattr(getattr(args, "_module", None), "TAKES_PASSTHROUGH", False):
+        parser.error(f"'{args.command}' takes no arguments after '--' (only 'serve' passes them to vLLM)")
     if args.command is None:
         parser.print_help()
         return 1

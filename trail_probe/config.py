@@ -198,6 +198,7 @@ class ExportConfig:
     layer: int | None = None
     task: Task = "decode"
     include_baseline: bool = False
+    include_prompt_probe: bool = True  # a decode export bundles the best prompt probe as prompt/ (the initial estimator)
     probe: str = ""  # a folder under probes/<task>/ (e.g. layer-11); default: layer-<export.layer>
     device: str = ""  # config.json's device, where TRAIL's runtime runs the probe; default: model.device
     allow_last_layer: bool = False  # TRAIL's runtime cannot capture the last decoder layer; ours can
@@ -237,9 +238,11 @@ class ServeConfig:
     max_batch_tokens: int = 256  # tokens per forward pass (chunked prefill)
     page_size: int = 32  # KV cache page (block) size in tokens
     num_blocks: int = 2048  # KV cache pages
-    initial: InitialSource = "bert"  # where a request's first estimate comes from
+    initial: InitialSource = "prompt_probe"  # where a request's first estimate comes from (prompt_probe: the model's own prefill)
     predictor: str = ""  # default: <checkpoint_dir>/predictor (the decode probe, trail-probe export)
-    prompt_predictor: str = ""  # an exported prompt probe, for initial=prompt_probe
+    prompt_predictor: str = ""  # an exported prompt probe, for initial=prompt_probe; default: the one bundled in the predictor
+    max_running: int = 0  # vllm: decoding requests TRAIL runs at once (0: vLLM's max_num_seqs)
+    max_prefill_tokens: int = 0  # vllm: prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
     bert: str = ""  # default: the baseline folder (trail-probe train-baseline)
     threads: int = 2  # torch threads for the engine (hf)
     vllm_dtype: str = "bfloat16"  # vllm: the serving dtype (vLLM's CPU build serves bf16 fastest)

@@ -16,14 +16,8 @@ import math
 
 import torch
 
+from trail_probe.runtime.accuracy import kendall_tau, mae, same_step_tau
 from trail_probe.runtime.bins import Bins
-
-
-def mae(est: torch.Tensor, truth: torch.Tensor) -> float:
-    """Mean absolute error in tokens; NaN when there is nothing to average."""
-    if est.numel() == 0:
-        return math.nan
-    return float((est.double() - truth.double()).abs().mean())
 
 
 def accuracy(probs: torch.Tensor, truth: torch.Tensor, bins: Bins) -> float:
@@ -41,30 +35,13 @@ def confusion(probs: torch.Tensor, truth: torch.Tensor, bins: Bins) -> torch.Ten
     return torch.from_numpy(confusion_matrix(bins.label(truth).numpy(), probs.argmax(-1).numpy(), labels=labels))
 
 
-def kendall_tau(est: torch.Tensor, truth: torch.Tensor) -> float:
-    """Kendall's tau-b between predicted and true lengths (1: the same order); NaN when undefined."""
-    from scipy.stats import kendalltau
-
-    if est.numel() < 2:
-        return math.nan
-    tau = kendalltau(est.double().numpy(), truth.double().numpy()).statistic
-    return float(tau)
-
-
 def rank_agreement(est: torch.Tensor, truth: torch.Tensor, groups: torch.Tensor | None = None) -> dict:
     """What a scheduler needs of a predictor: the order. Kendall's tau over all pairs, and, with
     `groups` (e.g. the decode step each estimate was made at), the mean tau within a group weighted by
     its size: how well requests that are in flight together are ordered."""
     out = {"kendall_tau": kendall_tau(est, truth)}
     if groups is not None:
-        total = weight = 0.0
-        for g in torch.unique(groups):
-            mask = groups == g
-            n = int(mask.sum())
-            tau = kendall_tau(est[mask], truth[mask]) if n >= 2 else math.nan
-            if math.isfinite(tau):
-                total, weight = total + n * tau, weight + n
-        out["kendall_tau_same_step"] = total / weight if weight else math.nan
+        out["kendall_tau_same_step"] = same_step_tau(est, truth, groups)
     return out
 
 

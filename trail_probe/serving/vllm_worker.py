@@ -1,73 +1,186 @@
-"""The worker side of TRAIL in vLLM: the probe layer's states of every forward pass, sent to the scheduler.
+"""The worker side of TRAIL in vLLM: the probe layers' states of each forward pass, as the scheduler asked.
 
-The hook goes in right after the worker loads the model, by a vLLM general plugin (`register`, the
-`vllm.general_plugins` entry point of this package), whenever the engine was configured for TRAIL
-(`additional_config["trail_probe"]["predictor"]`), so a plain `vllm serve` needs nothing else;
-`TrailWorkerExtension.trail_probe_attach` does the same on demand through `collective_rpc`. A
-forward hook on the probe's decoder layer keeps that layer's output of the flattened batch, and every
-`ModelRunnerOutput` the worker returns carries `trail_probe_states`: (request ids in batch order,
-[requests, d] float32 numpy array, the state of each request's last scheduled token). The output
-travels to the scheduler's process pickled (vLLM's multiprocess executor), attribute included, so
-this works in vLLM's default multiprocess engine and in-process alike.
+A vLLM general plugin (`register`, this package's `vllm.general_plugins` entry point) wraps the
+model runners' `load_model`: in an engine configured for TRAIL (`--additional-config
+'{"trail_probe": {...}}'`) the runner then asks the model for the probe layers' residual streams
+as auxiliary outputs, the path vLLM's EAGLE-3 support uses (`set_aux_hidden_state_layers`), so the
+states come out of the compiled graph under torch.compile and CUDA graphs, vLLM's defaults. A model
+without that path falls back to forward hooks, which run only with `--enforce-eager`.
 
-Layer numbering is TRAIL's: a vLLM Llama decoder layer returns (mlp output, residual), whose sum is
-the residual stream after the layer, Hugging Face `hidden_states[L + 1]`. Python hooks run only in
-eager mode (`enforce_eager=True`): compiled graphs skip them.
-
-vLLM internals relied on (0.32; the smallest upstream change that would remove each): the runner's
-`sample_tokens` returning the step's `ModelRunnerOutput` (upstream: an output-extension hook on the
-model runner), `model_runner.query_start_loc.np` (upstream: per-request hidden states on the output,
-as `pooler_output` is for pooling models), and `model_runner.model`'s decoder layers.
+Each step the scheduler attaches `Wants` to its `SchedulerOutput` (pickled to the worker with it):
+which requests need the decode probe layer's state of their last scheduled token (those on the
+refinement cadence, and a completed prefill for initial=last_token), and which need the sums of
+their prompt rows at the prompt probe's layer, per KV block (so the scheduler can add the blocks a
+prefix-cache hit skipped). Only those rows leave the device; they ride on the step's
+`ModelRunnerOutput` (also under async scheduling, inside its async wrapper) as a `Payload`, which
+pickles to numpy arrays. Layer numbering is TRAIL's: layer L is the residual stream after decoder
+layer L, vLLM's auxiliary output L + 1. The internals used are listed in `vllm_internals`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from trail_probe.runtime.capture import LayerCapture, residual_sum
-from trail_probe.runtime.models import decoder_layers
+from trail_probe.serving import vllm_internals as vi
 
-STATES_ATTR = "trail_probe_states"
-PROMPT_ATTR = "trail_probe_prompt_sums"  # with a prompt probe: (request ids, [requests, d] sums, [requests] token counts)
+WANTS_ATTR = "trail_probe_wants"  # on SchedulerOutput
+PAYLOAD_ATTR = "trail_probe_payload"  # on ModelRunnerOutput
+
+
+@dataclass
+class Wants:
+    """What the scheduler needs from one forward pass."""
+
+    states: list[str] = field(default_factory=list)  # the state of each request's last scheduled token
+    prompt: dict[str, tuple[int, int]] = field(default_factory=dict)  # request -> (first position in the pass, prompt length)
+    block_size: int = 16
+
+    def __bool__(self) -> bool:
+        return bool(self.states or self.prompt)
+
+
+class Payload:
+    """What comes back: `state_ids` with `states` [n, d]; per (request, KV block) prompt sums
+    (`prompt_ids`, `prompt_blocks` [m], `prompt_sums` [m, d], `prompt_counts` [m]). Tensors while in
+    the worker (a device-to-host copy may still run), numpy arrays once pickled."""
+
+    def __init__(self, state_ids, states, prompt_ids, prompt_blocks, prompt_sums, prompt_counts):
+        self.state_ids, self.states = state_ids, states
+        self.prompt_ids, self.prompt_blocks, self.prompt_sums, self.prompt_counts = (
+            prompt_ids, prompt_blocks, prompt_sums, prompt_counts)
+
+    def __reduce__(self):
+        def arr(x):
+            return x.numpy() if isinstance(x, torch.Tensor) else x
+        return Payload, (self.state_ids, arr(self.states), self.prompt_ids, arr(self.prompt_blocks),
+                         arr(self.prompt_sums), arr(self.prompt_counts))
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    if t.device.type != "cuda":
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(t, non_blocking=True)  # before the step's own output copy, whose event then covers it
+    return host
+
+
+class StateCapture:
+    """Where a runner's probe-layer states come from: the model's auxiliary outputs, or forward hooks."""
+
+    def __init__(self, runner, layers: list[int]):
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        self.layers = sorted(set(layers))
+        model = runner.get_model()
+        if supports_eagle3(model):
+            model.set_aux_hidden_state_layers(tuple(layer + 1 for layer in self.layers))
+            runner.use_aux_hidden_state_outputs = True
+            self.hooks = None
+        elif runner.vllm_config.model_config.enforce_eager:
+            from trail_probe.runtime.capture import LayerCapture, residual_sum
+
+            self.hooks = LayerCapture(model, self.layers, states_of=residual_sum)
+        else:
+            raise RuntimeError(f"the TRAIL plugin reads layer states through vLLM's auxiliary hidden-state outputs, which "
+                               f"{type(model).__name__} does not provide; serve it with --enforce-eager (forward hooks)")
+
+    def layer_states(self, runner) -> dict[int, torch.Tensor] | None:
+        """Each captured layer's states [tokens, d] for the pass just executed (before sampling)."""
+        if self.hooks is not None:
+            outputs = self.hooks.outputs
+            return {layer: outputs[layer] for layer in self.layers} if all(l in outputs for l in self.layers) else None
+        aux = vi.aux_states(runner)
+        if aux is None or len(aux) != len(self.layers):
+            return None
+        return dict(zip(self.layers, aux))
+
+
+def build_payload(states: dict[int, torch.Tensor], req_ids: list[str], bounds: np.ndarray, wants: Wants,
+                  layer: int, prompt_layer: int | None) -> Payload:
+    """The rows `wants` asks for out of one pass's layer states (`bounds`: query_start_loc [n + 1])."""
+    index = {rid: i for i, rid in enumerate(req_ids)}
+    ids = [r for r in wants.states if r in index]
+    rows = torch.as_tensor([int(bounds[index[r] + 1]) - 1 for r in ids], dtype=torch.long)
+    decode = states[layer]
+    picked = _to_host(decode.index_select(0, rows.to(decode.device))) if ids else torch.empty(0, decode.shape[-1])
+    p_ids, p_rows, p_segments, p_blocks = [], [], [], []
+    for rid, (start, prompt_len) in wants.prompt.items():
+        i = index.get(rid)
+        if i is None or prompt_layer is None:
+            continue
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        n = max(0, min(hi - lo, prompt_len - start))  # a recomputed request's pass also holds generated tokens
+        if n == 0:
+            continue
+        blocks, segment = np.unique(np.arange(start, start + n) // wants.block_size, return_inverse=True)
+        p_segments.append(segment + len(p_blocks))
+        p_ids += [rid] * len(blocks)
+        p_blocks += blocks.tolist()
+        p_rows.append(np.arange(lo, lo + n))
+    if p_rows:
+        prompt = states[prompt_layer]
+        rows_t = torch.as_tensor(np.concatenate(p_rows), dtype=torch.long, device=prompt.device)
+        seg = torch.as_tensor(np.concatenate(p_segments), dtype=torch.long, device=prompt.device)
+        sums = torch.zeros(len(p_blocks), prompt.shape[-1], dtype=torch.float32, device=prompt.device)
+        sums.index_add_(0, seg, prompt.index_select(0, rows_t).float())
+        counts = torch.bincount(seg, minlength=len(p_blocks))
+        prompt_part = (p_ids, torch.as_tensor(p_blocks, dtype=torch.long), _to_host(sums), counts.cpu())
+    else:
+        prompt_part = ([], torch.empty(0, dtype=torch.long), torch.empty(0, decode.shape[-1]), torch.empty(0, dtype=torch.long))
+    return Payload(ids, picked, *prompt_part)
 
 
 def attach(runner, layer: int, prompt_layer: int | None = None) -> dict:
-    """Hook decoder layer `layer` of the runner's model and attach its last-token states to every
-    output the runner returns (once per runner); with `prompt_layer` (a prompt probe's layer), also
-    the sum and count of each request's states over the tokens it ran in the pass, which the
-    scheduler averages over the prefill chunks of a prompt. Returns the model's shape, and whether
-    the hook was already there (put in by the plugin when the model loaded)."""
-    model = runner.model
-    attached_before = getattr(runner, "_trail_probe_capture", None) is not None
-    if not attached_before:
-        layers = [layer] + ([] if prompt_layer is None else [prompt_layer])
-        capture = runner._trail_probe_capture = LayerCapture(model, layers, states_of=residual_sum)
-        original = runner.sample_tokens
+    """Hook `runner` (once) so each of its outputs carries the states the scheduler asked for. Returns
+    the model's shape and how the states are read."""
+    vi.check_runner(runner)
+    capture = getattr(runner, "_trail_probe_capture", None)
+    if capture is None:
+        capture = runner._trail_probe_capture = StateCapture(runner, [layer] + ([] if prompt_layer is None else [prompt_layer]))
+        _wrap_steps(runner, capture, layer, prompt_layer)
+    model = runner.get_model()
+    config = getattr(model, "config", None) or runner.vllm_config.model_config.hf_config
+    return {"num_layers": int(getattr(config, "num_hidden_layers", 0)), "hidden_size": getattr(config, "hidden_size", None),
+            "mode": "hooks" if capture.hooks is not None else "aux_hidden_states"}
 
-        def sample_tokens(*args, **kwargs):
-            out = original(*args, **kwargs)
-            states = capture.take(layer)
-            prompt = states if prompt_layer in (None, layer) else capture.take(prompt_layer)
-            req_ids = getattr(out, "req_ids", None)
-            if states is not None and req_ids:
-                n = len(req_ids)
-                bounds = torch.as_tensor(runner.query_start_loc.np[:n + 1], dtype=torch.long, device=states.device)
-                # numpy arrays: pickled as one buffer (a torch tensor pickles through torch.save, ~8x slower)
-                setattr(out, STATES_ATTR, (list(req_ids), states.index_select(0, bounds[1:] - 1).float().cpu().numpy()))
-                if prompt_layer is not None and prompt is not None:
-                    counts = bounds[1:] - bounds[:-1]
-                    rows = torch.repeat_interleave(torch.arange(n, device=states.device), counts)
-                    sums = torch.zeros(n, prompt.shape[-1], dtype=torch.float32, device=states.device)
-                    sums.index_add_(0, rows, prompt[: int(bounds[-1])].float())
-                    setattr(out, PROMPT_ATTR, (list(req_ids), sums.cpu().numpy(), counts.cpu().numpy()))
-            return out
 
-        runner.sample_tokens = sample_tokens
-    config = getattr(model, "config", None)
-    return {"num_layers": len(decoder_layers(model)), "hidden_size": getattr(config, "hidden_size", None),
-            "attached_at_load": attached_before}
+def _is_output_rank() -> bool:
+    """Only the first tensor-parallel rank's output reaches the scheduler; the others skip the copy."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, ImportError, RuntimeError):
+        return True
+
+
+def _wrap_steps(runner, capture: StateCapture, layer: int, prompt_layer: int | None) -> None:
+    execute, sample = runner.execute_model, runner.sample_tokens
+    output_rank = _is_output_rank()
+    runner._trail_probe_wants = None
+
+    def execute_model(scheduler_output, *args, **kwargs):
+        runner._trail_probe_wants = getattr(scheduler_output, WANTS_ATTR, None)
+        return execute(scheduler_output, *args, **kwargs)
+
+    def sample_tokens(*args, **kwargs):
+        wants, runner._trail_probe_wants = runner._trail_probe_wants, None
+        payload = None
+        if wants and output_rank:
+            states = capture.layer_states(runner)
+            if states is not None:
+                req_ids, bounds = vi.batch_layout(runner)
+                payload = build_payload(states, req_ids, bounds, wants, layer, prompt_layer)
+        out = sample(*args, **kwargs)
+        if payload is not None and out is not None:
+            setattr(vi.inner_output(out), PAYLOAD_ATTR, payload)
+        return out
+
+    runner.execute_model, runner.sample_tokens = execute_model, sample_tokens
 
 
 class TrailWorkerExtension:
@@ -77,33 +190,29 @@ class TrailWorkerExtension:
         return attach(self.model_runner, layer, prompt_layer)
 
 
+def _attach_from_settings(runner) -> None:
+    from trail_probe.serving.vllm_checks import check_engine, probe_layers
+    from trail_probe.serving.trail_settings import TrailSettings
+
+    settings = TrailSettings.from_vllm_config(runner.vllm_config)
+    if settings is None or settings.is_oracle:
+        return
+    check_engine(settings, runner.vllm_config)
+    attach(runner, *probe_layers(settings))
+
+
 def register() -> None:
-    """The vLLM general plugin: wrap the model runners' `load_model` so that a worker of an engine
-    configured for TRAIL hooks the predictor's layer as soon as its model is loaded."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    runners = [GPUModelRunner]
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        runners.append(CPUModelRunner)
-    except ImportError:
-        pass
-    for cls in runners:
+    """The vLLM general plugin: wrap each model runner's `load_model` so that a worker of an engine
+    configured for TRAIL hooks the probe layers as soon as its model is loaded (before vLLM compiles
+    the model or captures graphs, so the auxiliary outputs are part of them)."""
+    for cls in vi.runner_classes():
         original = cls.__dict__.get("load_model")
         if original is None or getattr(original, "_trail_probe", False):
             continue
 
         def load_model(self, *args, _original=original, **kwargs):
             _original(self, *args, **kwargs)
-            settings = (self.vllm_config.additional_config or {}).get("trail_probe") or {}
-            if settings.get("predictor"):
-                from trail_probe.runtime.predictor import read_predictor_config
-                from trail_probe.serving.vllm_engine import prompt_predictor_path
-
-                prompt = prompt_predictor_path(settings)
-                attach(self, read_predictor_config(Path(settings["predictor"]))["probe_layer_idx"],
-                       None if prompt is None else read_predictor_config(Path(prompt))["probe_layer_idx"])
+            _attach_from_settings(self)
 
         load_model._trail_probe = True
         cls.load_model = load_model

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, bool, dict]] = {
     "simulate": ("trail_probe.stages.simulate", True, {}),
     "serve-bench": ("trail_probe.stages.serve_bench", False, {}),
     "predict": ("trail_probe.stages.predict", False, {}),
+    "serve": ("trail_probe.stages.serve", False, {}),
     "pipeline": ("trail_probe.stages.pipeline", False, {}),
 }
 

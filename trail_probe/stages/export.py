@@ -13,6 +13,8 @@ export.out_dir) in the layout TRAIL's public runtime loads:
     trail_probe.json    serving model id + weight hash, bin edges, metrics, layer numbering, the
                         extraction/split/config hashes it was trained on, and the source probe
     recipe.yaml         the resolved recipe of this export
+    prompt/             the prompt probe (the same files), the initial estimator a server uses before
+                        a request has decoded (export.include_prompt_probe, default true)
     bert/               with export.include_baseline=true: the BERT baseline (save_pretrained dir)
 
 Load it with `trail_probe.runtime.LengthPredictor.from_pretrained(dir)` and, for the prompt-text
@@ -61,6 +63,7 @@ then, in the server:
   predictor = LengthPredictor.from_pretrained("checkpoints/smollm2_alpaca/predictor", num_layers=30)"""
 
 FORMAT = "trail_probe.predictor/1"
+PROMPT_DIR = "prompt"  # a decode export's initial estimator (serving.trail_settings.INITIAL_DIR reads it)
 
 
 def run(cfg: RecipeConfig, args) -> None:
@@ -73,12 +76,40 @@ def run(cfg: RecipeConfig, args) -> None:
 
 
 def export_predictor(cfg: RecipeConfig) -> Path:
-    """Write the predictor directory for `cfg` and return its path."""
+    """Write the predictor directory for `cfg` and return its path. A decode probe's export bundles the
+    prompt probe as its initial estimator (`prompt/`, the sweep's best prompt layer) when one was trained."""
     task = cfg.export.task  # a Task: the config loader checked it
-    if cfg.export.probe:
-        name = cfg.export.probe
-    else:
-        name = probe_name((cfg.export.layer if cfg.export.layer is not None else best_layer(cfg, task)[0],))
+    layer = cfg.export.layer if cfg.export.layer is not None else None
+    probe_dir, state, meta, bins = _chosen_probe(cfg, task, cfg.export.probe or None, layer)
+    baseline_dir = None
+    if cfg.export.include_baseline:
+        baseline_dir = cfg.paths.baseline
+        check_baseline(baseline_dir, bins)
+    prompt = _bundled_prompt_probe(cfg) if task == "decode" and cfg.export.include_prompt_probe else None
+
+    out = cfg.paths.predictor
+    if out.exists() and not (out / METADATA_FILE).is_file() and any(out.iterdir()):
+        raise UserError(f"'{out}' exists and is not a predictor export; choose another export.out_dir or remove it")
+    with atomic_dir(out) as tmp:
+        if prompt is not None:  # first: the decode probe's trail_probe.json names it
+            (tmp / PROMPT_DIR).mkdir()
+            _write_probe(tmp / PROMPT_DIR, cfg, "prompt", *prompt, baseline_dir=None)
+        _write_probe(tmp, cfg, task, probe_dir, state, meta, bins, baseline_dir)
+        if baseline_dir is not None:
+            (tmp / "bert").mkdir()
+            # Only the save_pretrained files; training logs and Lightning checkpoints stay behind.
+            for f in sorted(baseline_dir.iterdir()):
+                if f.is_file() and f.suffix != ".ckpt":
+                    shutil.copy2(f, tmp / "bert" / f.name)
+        save_config(cfg, tmp, "recipe.yaml")
+        LengthPredictor.from_pretrained(tmp, device="cpu", num_layers=meta["model"].get("num_layers"))
+    return out
+
+
+def _chosen_probe(cfg: RecipeConfig, task: str, name: str | None, layer: int | None):
+    """(folder, state, probe.json, bins) of the probe to export: `name`, else `layer`, else the sweep's best."""
+    if name is None:
+        name = probe_name((layer if layer is not None else best_layer(cfg, task)[0],))
     probe_dir = cfg.paths.probe(task, name)
     if not (probe_dir / "probe.json").is_file():
         found = sorted(p.name for p in (cfg.paths.probes / task).glob("*") if (p / "probe.json").is_file())
@@ -91,58 +122,57 @@ def export_predictor(cfg: RecipeConfig) -> Path:
     if bad:
         raise UserError(f"the probe in '{probe_dir}' has non-finite metrics ({', '.join(f'{k} {v}' for k, v in bad.items())}): "
                         "it did not learn; check the extraction with 'trail-probe extract RECIPE --verify' and train it again")
-    layer = meta["layers"][0]
+    chosen = meta["layers"][0]
     num_layers = (meta.get("model") or {}).get("num_layers")
-    if num_layers is not None and layer == num_layers - 1 and not cfg.export.allow_last_layer:
-        raise UserError(f"layer {layer} is the model's last decoder layer, which TRAIL's runtime cannot capture (it hooks "
+    if num_layers is not None and chosen == num_layers - 1 and not cfg.export.allow_last_layer:
+        raise UserError(f"layer {chosen} is the model's last decoder layer, which TRAIL's runtime cannot capture (it hooks "
                         f"the input of layer L + 1); export another layer, or set export.allow_last_layer=true for trail_probe's runtimes only")
     bins = Bins(int(meta["bins"]["num_bins"]), int(meta["bins"]["max_len"]))
     Bins.from_config(cfg.bins).check_matches(meta["bins"], f"probe '{probe_dir}'")
-    baseline_dir = None
-    if cfg.export.include_baseline:
-        baseline_dir = cfg.paths.baseline
-        check_baseline(baseline_dir, bins)
+    return probe_dir, state, meta, bins
 
-    out = cfg.paths.predictor
-    if out.exists() and not (out / METADATA_FILE).is_file() and any(out.iterdir()):
-        raise UserError(f"'{out}' exists and is not a predictor export; choose another export.out_dir or remove it")
-    with atomic_dir(out) as tmp:
-        weights = tmp / "model.safetensors"
-        save_file({k: state[k].float().contiguous() for k in PROBE_KEYS}, str(weights), metadata={"format": "pt"})
-        atomic_write_json(tmp / CONFIG_FILE, {
-            "hidden_size": int(meta["input_dim"]),
-            "hidden_dim": int(meta["hidden_dim"]),
-            "num_labels": bins.num_bins,
-            "max_len": bins.max_len,
-            "probe_layer_idx": layer,
-            "dtype": "float32",
-            "device": export_device(cfg),  # TRAIL's runtime reads it (default cpu): the probe runs beside the model
-        })
-        if baseline_dir is not None:
-            (tmp / "bert").mkdir()
-            # Only the save_pretrained files; training logs and Lightning checkpoints stay behind.
-            for f in sorted(baseline_dir.iterdir()):
-                if f.is_file() and f.suffix != ".ckpt":
-                    shutil.copy2(f, tmp / "bert" / f.name)
-        atomic_write_json(tmp / METADATA_FILE, {
-            "format": FORMAT,
-            "trail_probe_version": __version__,
-            "task": task,
-            "probe_layer_idx": layer,
-            "layer_numbering": meta.get("layer_numbering") or LAYER_NUMBERING,
-            "serving_model": meta["model"],
-            "bins": bins.to_dict(),
-            "weights_sha256": file_sha256(weights),
-            "metrics": meta.get("metrics", {}),
-            "training": {k: meta.get(k) for k in ("extraction", "split", "config_sha256")},
-            "source": {"probe_dir": str(probe_dir), "probe_sha256": file_sha256(probe_dir / "probe.safetensors")},
-            "bert": None if baseline_dir is None else {"dir": "bert", "source": str(baseline_dir),
-                                                       "metrics": _baseline_metrics(baseline_dir)},
-            "label_prior": _label_prior(cfg, bins) if task == "decode" else None,
-        })
-        save_config(cfg, tmp, "recipe.yaml")
-        LengthPredictor.from_pretrained(tmp, device="cpu", num_layers=meta["model"].get("num_layers"))
-    return out
+
+def _bundled_prompt_probe(cfg: RecipeConfig):
+    """The prompt probe a decode export carries as its initial estimator (the sweep's best prompt layer), or None."""
+    try:
+        return _chosen_probe(cfg, "prompt", None, None)
+    except UserError as e:
+        print(f"# no prompt probe to bundle ({e}); serving falls back to initial=last_token or bert")
+        return None
+
+
+def _write_probe(tmp: Path, cfg: RecipeConfig, task: str, probe_dir: Path, state: dict, meta: dict, bins: Bins,
+                 baseline_dir: Path | None) -> None:
+    """TRAIL's predictor files (config.json, model.safetensors) and our trail_probe.json, in `tmp`."""
+    layer = meta["layers"][0]
+    weights = tmp / "model.safetensors"
+    save_file({k: state[k].float().contiguous() for k in PROBE_KEYS}, str(weights), metadata={"format": "pt"})
+    atomic_write_json(tmp / CONFIG_FILE, {
+        "hidden_size": int(meta["input_dim"]),
+        "hidden_dim": int(meta["hidden_dim"]),
+        "num_labels": bins.num_bins,
+        "max_len": bins.max_len,
+        "probe_layer_idx": layer,
+        "dtype": "float32",
+        "device": export_device(cfg),  # TRAIL's runtime reads it (default cpu): the probe runs beside the model
+    })
+    atomic_write_json(tmp / METADATA_FILE, {
+        "format": FORMAT,
+        "trail_probe_version": __version__,
+        "task": task,
+        "probe_layer_idx": layer,
+        "layer_numbering": meta.get("layer_numbering") or LAYER_NUMBERING,
+        "serving_model": meta["model"],
+        "bins": bins.to_dict(),
+        "weights_sha256": file_sha256(weights),
+        "metrics": meta.get("metrics", {}),
+        "training": {k: meta.get(k) for k in ("extraction", "split", "config_sha256")},
+        "source": {"probe_dir": str(probe_dir), "probe_sha256": file_sha256(probe_dir / "probe.safetensors")},
+        "bert": None if baseline_dir is None else {"dir": "bert", "source": str(baseline_dir),
+                                                   "metrics": _baseline_metrics(baseline_dir)},
+        "initial": PROMPT_DIR if task == "decode" and (tmp / PROMPT_DIR).exists() else None,
+        "label_prior": _label_prior(cfg, bins) if task == "decode" else None,
+    })
 
 
 def export_device(cfg: RecipeConfig) -> str:

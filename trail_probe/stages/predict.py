@@ -62,21 +62,28 @@ def _prompts(cfg: RecipeConfig, args) -> list[tuple[str, str]]:
 
 
 def load_predictors(cfg: RecipeConfig, model) -> tuple:
-    """The exported probe (checked against the serving model), BERT when trained, the prompt probe when set."""
+    """(the serving settings, BERT or None): the export checked against the serving model, the initial
+    estimate the recipe asks for where the export has it (serve.initial: the prompt probe bundled in the
+    export by default; else BERT when trained, else the decode probe on the last prompt token)."""
+    from trail_probe.offline.serving_setup import trail_settings
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor
     from trail_probe.runtime.predictor import check_trained_on
 
     folder = cfg.paths.serve_predictor
     if not folder.is_dir():
         raise UserError(f"no predictor at '{folder}'; run 'trail-probe export RECIPE' or set serve.predictor")
-    predictor = LengthPredictor.from_pretrained(folder, device="cpu")
-    check_trained_on(predictor, cfg.model.name_or_path)
     bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu") if cfg.paths.serve_bert.is_dir() else None
-    prompt_probe = None
-    if cfg.serve.prompt_predictor:
-        prompt_probe = LengthPredictor.from_pretrained(cfg.serve.prompt_predictor, device="cpu")
-        check_trained_on(prompt_probe, cfg.model.name_or_path)
-    return predictor, bert, prompt_probe
+    settings = trail_settings(cfg, record=True, client_estimates=True)
+    try:
+        prompt = settings.prompt_predictor_path()
+    except UserError:
+        fallback = "bert" if bert is not None else "last_token"
+        print(f"# {folder} bundles no prompt probe: the prompt-time estimate comes from {fallback}", file=sys.stderr)
+        settings, prompt = trail_settings(cfg, record=True, client_estimates=True, initial=fallback,
+                                          bert=str(cfg.paths.serve_bert)), None
+    for path in filter(None, (folder, prompt)):
+        check_trained_on(LengthPredictor.from_pretrained(path, device="cpu"), cfg.model.name_or_path)
+    return settings, bert
 
 
 def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: str, on_refine=None) -> dict:
@@ -85,16 +92,12 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
     import torch
 
     from trail_probe.runtime.models import encode_prompt, eos_token_ids
-    from trail_probe.serving.trail_runtime import TrailRuntime
+    from trail_probe.serving.trail_runtime import build_runtime
 
-    predictor, bert, prompt_probe = predictors
-    # serve.initial=last_token as asked (TRAIL's release); else the prompt probe, BERT, or nothing, as available
-    initial = "last_token" if cfg.serve.initial == "last_token" else \
-        "prompt_probe" if prompt_probe is not None else "bert" if bert is not None else "none"
-    runtime = TrailRuntime("trail", predictor=predictor, text_predictor=bert, prompt_predictor=prompt_probe,
-                           initial=initial, max_new_tokens=cfg.generation.max_new_tokens,
-                           refine_interval=cfg.refine.interval, likelihood=cfg.refine.likelihood,
-                           cadence=cfg.refine.cadence)
+    settings, bert = predictors
+    initial = settings.initial
+    runtime = build_runtime(settings, max_new_tokens=cfg.generation.max_new_tokens)
+    predictor = runtime.predictor
     bert_probs = bert.probs([text])[0] if bert is not None else None  # once: the runtime takes it as given
     if bert_probs is not None:
         runtime.initial_probs[REQUEST_ID] = bert_probs.tolist()

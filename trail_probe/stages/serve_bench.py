@@ -144,32 +144,29 @@ def uses_bert(cfg: RecipeConfig) -> bool:
     return cfg.serve.initial == "bert" or (cfg.serve.initial == "last_token" and cfg.paths.serve_bert.is_dir())
 
 
-def make_runtime(cfg: RecipeConfig, policy: str):
-    from trail_probe.runtime import BertLengthPredictor, LengthPredictor
-    from trail_probe.serving.trail_runtime import TrailRuntime
+def settings_for(cfg: RecipeConfig, policy: str):
+    """The recipe's TRAIL settings for one policy of a benchmark: estimates kept for the report; the
+    client (this replay) may hand over BERT's distribution and, for the oracle, exact lengths."""
+    from trail_probe.offline.serving_setup import trail_settings
 
-    sc, refine = cfg.serve, cfg.refine
-    if base_name(policy) == "oracle":  # exact lengths, no predictor
-        return TrailRuntime(policy, max_new_tokens=cfg.generation.max_new_tokens, preemption_c=refine.preemption_c,
-                            aging=refine.aging), None
+    return trail_settings(cfg, policy=policy, record=True, client_estimates=True)
+
+
+def make_runtime(cfg: RecipeConfig, policy: str):
+    from trail_probe.serving.trail_runtime import build_runtime
+
     predictor_dir = cfg.paths.serve_predictor
-    if not predictor_dir.is_dir():
+    if base_name(policy) != "oracle" and not predictor_dir.is_dir():
         raise UserError(f"no predictor at '{predictor_dir}'; run 'trail-probe export RECIPE' or set serve.predictor")
-    predictor = LengthPredictor.from_pretrained(predictor_dir, device="cpu")
-    text_predictor = prompt_predictor = None
-    if sc.initial == "bert" and not cfg.paths.serve_bert.is_dir():
+    if cfg.serve.initial == "bert" and not cfg.paths.serve_bert.is_dir():
         raise UserError(f"no BERT predictor at '{cfg.paths.serve_bert}'; run 'trail-probe train-baseline RECIPE', set serve.bert, "
                         "or use serve.initial=prompt_probe")
-    if uses_bert(cfg):
-        text_predictor = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
-    if sc.initial == "prompt_probe":
-        if not sc.prompt_predictor:
-            raise UserError("serve.initial=prompt_probe needs serve.prompt_predictor (a prompt probe exported with 'trail-probe export RECIPE export.task=prompt')")
-        prompt_predictor = LengthPredictor.from_pretrained(sc.prompt_predictor, device="cpu")
-    return TrailRuntime(policy, predictor=predictor, text_predictor=text_predictor, prompt_predictor=prompt_predictor,
-                        initial=sc.initial, max_new_tokens=cfg.generation.max_new_tokens,
-                        refine_interval=refine.interval, preemption_c=refine.preemption_c,
-                        likelihood=refine.likelihood, aging=refine.aging, cadence=refine.cadence), predictor_dir
+    runtime = build_runtime(settings_for(cfg, policy), max_new_tokens=cfg.generation.max_new_tokens)
+    if runtime.initial == "last_token" and uses_bert(cfg) and runtime.text_predictor is None:
+        from trail_probe.runtime import BertLengthPredictor
+
+        runtime.text_predictor = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
+    return runtime, None if base_name(policy) == "oracle" else predictor_dir
 
 
 def _records(requests, arrivals, by_id: dict, t0: float, estimates: dict | None, trace: dict | None) -> list[dict]:
@@ -228,21 +225,16 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     fed BERT's estimate, or TRAIL's scheduler; the scheduler's step log comes back over vLLM's utility channel."""
     from trail_probe.runtime import BertLengthPredictor
     from trail_probe.runtime.models import plain_hf_folder
-    from trail_probe.serving.vllm_engine import VLLMEngine, trail_settings
+    from trail_probe.serving.vllm_engine import VLLMEngine
 
-    sc, refine = cfg.serve, cfg.refine
+    sc = cfg.serve
     name = base_name(policy)
     trail = name not in ("fifo", "priority")
-    engine_settings = trail_settings(
-        predictor_dir, policy=policy, bert=cfg.paths.serve_bert if uses_bert(cfg) else None, initial=sc.initial,
-        max_new_tokens=cfg.generation.max_new_tokens, refine_interval=refine.interval, likelihood=refine.likelihood,
-        preemption_c=refine.preemption_c, aging=refine.aging, cadence=refine.cadence,
-        prompt_predictor=(sc.prompt_predictor or None) if sc.initial == "prompt_probe" else None) if trail else None
     priorities = probs = None
     bert_s = 0.0
     if policy == "priority" or (trail and uses_bert(cfg) and name != "oracle"):
         # BERT before the engine, as an API server would run it: vLLM's priority (smaller runs first)
-        # is its estimate; TRAIL gets its distribution (the scheduler would run BERT itself without it)
+        # is its estimate; TRAIL gets its distribution
         bert = BertLengthPredictor.from_pretrained(cfg.paths.serve_bert, device="cpu")
         t_bert = time.perf_counter()
         probs = bert.probs([text for _, _, text in requests])
@@ -252,12 +244,13 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
             probs = None
         else:
             probs = probs.tolist()
+    engine_settings = settings_for(cfg, policy) if trail else None
     kwargs = {"max_num_seqs": sc.max_batch, "max_num_batched_tokens": sc.max_batch_tokens, "dtype": sc.vllm_dtype,
-              "kv_cache_bytes": int(sc.vllm_kv_cache_gb * (1 << 30)), "seed": sc.seed}
+              "kv_cache_memory_bytes": int(sc.vllm_kv_cache_gb * (1 << 30)), "seed": sc.seed}
     bar = progress_bar(cfg.progress, total=len(requests), desc=f"serve-bench vllm {policy}", unit="req")
     start = time.time()
     try:
-        with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, sc.vllm_extraction_check, **kwargs) as engine:
+        with VLLMEngine(plain_hf_folder(cfg.model), policy, engine_settings, **kwargs) as engine:
             engine.replay(requests[:2], [0.0, 0.0], max_new_tokens=8,  # warm-up, left out of the log below
                           exact_lengths=None if exact_lengths is None else exact_lengths[:2],
                           initial_probs=None if probs is None else probs[:2])
@@ -266,15 +259,16 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
             log = engine.scheduler_log()
     finally:
         bar.close()
-    steps = [{"initial_s": 0.0, **s, "start": s["start"] - t0, "end": s["end"] - t0, "active": s["running"],
-              "free_cache": 1.0} for s in log["steps"] if s["end"] is not None and s["start"] >= t0]
+    steps = [{**s, "start": s["start"] - t0, "end": s["end"] - t0} for s in log["steps"]
+             if s["end"] is not None and s["start"] >= t0]
     records = _records(requests, arrivals, {r.request_id: r for r in results}, t0,
                        log.get("initial_estimates") if trail else None, log.get("trace") if trail else None)
     out = {"policy": policy, "settings": settings, "wall_clock_s": time.time() - start,
            "summary": {**summarize_run(records, steps), "bert_before_engine_s_per_request": bert_s},
            "requests": records, "steps": steps}
     if trail:
-        out["trail"] = {"predictor": None if predictor_dir is None else str(predictor_dir), **log["trail"]}
+        out["trail"] = {"predictor": None if predictor_dir is None else str(predictor_dir), **log["trail"],
+                        "live": log.get("live")}
     return out
 
 

@@ -1,0 +1,143 @@
+"""The vLLM plugin's parts that need no engine: the worker's payload, live accuracy, the private vLLM
+internals it relies on (each checked against the installed vLLM), and `trail-probe serve`'s command."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trail_probe.serving.live_stats import LiveStats
+
+
+def test_live_stats_score_finished_requests_by_hand():
+    stats = LiveStats()
+    stats.finished({"initial": 100.0, "trace": [(1, 80.0), (9, 60.0)]}, length=90)  # truth left: 89, 81
+    stats.finished({"initial": 10.0, "trace": [(1, 20.0)]}, length=30)  # truth left: 29
+    stats.finished({"initial": 50.0, "trace": []}, length=20)
+    stats.finished(None, length=5)  # never admitted: nothing to score
+    s = stats.snapshot()
+    assert s["finished_scored"] == 3
+    assert s["initial_mae"] == pytest.approx((10 + 20 + 30) / 3)
+    assert s["refined_mae"] == pytest.approx((9 + 21 + 9) / 3) and s["refined_points"] == 3
+    # initial estimates 100, 10, 50 against lengths 90, 30, 20: pairs (1,2) +, (1,3) +, (2,3) - -> tau = 1/3
+    assert s["initial_tau"] == pytest.approx(1 / 3)
+    # refined at step 1: (80, 89) and (20, 29) agree -> 1.0; step 9 has one point
+    assert s["refined_tau_same_step"] == pytest.approx(1.0)
+    stats.count("pauses", 2)
+    assert "2 finished" not in stats.line() and "3 finished" in stats.line() and "pauses 2" in stats.line()
+    assert math.isnan(LiveStats().snapshot()["initial_mae"])
+
+
+def test_the_payload_holds_the_asked_rows_and_per_block_prompt_sums():
+    from trail_probe.serving.vllm_worker import Payload, Wants, build_payload
+
+    torch.manual_seed(0)
+    layer0, layer1 = torch.randn(12, 4), torch.randn(12, 4)
+    bounds = np.array([0, 5, 6, 12])  # requests a (5 rows), b (1 row), c (6 rows)
+    wants = Wants(states=["b", "c", "gone"], prompt={"a": (14, 19), "c": (30, 33)}, block_size=16)
+    p = build_payload({0: layer0, 1: layer1}, ["a", "b", "c"], bounds, wants, layer=1, prompt_layer=0)
+    assert p.state_ids == ["b", "c"] and torch.equal(p.states, torch.stack([layer1[5], layer1[11]]))
+    # a: positions 14..18 -> blocks 0 (14, 15) and 1 (16..18); c: positions 30..32, of which 30, 31 in block 1 and
+    # 32 in block 2, then its prompt ends (33): rows 9..11 are generated tokens and are not summed
+    assert p.prompt_ids == ["a", "a", "c", "c"] and p.prompt_blocks.tolist() == [0, 1, 1, 2]
+    assert p.prompt_counts.tolist() == [2, 3, 2, 1]
+    expected = torch.stack([layer0[0:2].sum(0), layer0[2:5].sum(0), layer0[6:8].sum(0), layer0[8]])
+    assert torch.allclose(p.prompt_sums, expected)
+    import pickle
+
+    back = pickle.loads(pickle.dumps(p))  # crosses to the scheduler as numpy arrays
+    assert isinstance(back, Payload) and isinstance(back.states, np.ndarray) and np.allclose(back.prompt_sums, expected.numpy())
+
+
+def test_prompt_sums_take_prefix_cached_blocks_from_the_cache():
+    from trail_probe.serving.prompt_sums import PromptSums
+
+    sums = PromptSums(block_size=2, width=3)
+    ones, twos = torch.ones(3), 2 * torch.ones(3)
+    sums.start("a", 0)
+    sums.add("a", [0, 1], torch.stack([2 * ones, 2 * twos]), [2, 2])  # blocks 0 and 1 full
+    sums.add("a", [2], ones[None], [1])
+    sums.start("b", 4)  # b hit a's two blocks in the prefix cache
+    sums.add("b", [2], twos[None], [1])
+    assert sums.covered("b") == 5
+    done = sums.finish({"a": ["h0", "h1"], "b": ["h0", "h1"]})
+    total, count, complete = done["a"]
+    assert count == 5 and torch.equal(total, 7 * ones) and complete
+    total, count, complete = done["b"]
+    assert count == 5 and torch.equal(total, 8 * ones) and complete  # 2 + 4 from the cache, 2 computed
+    sums.start("c", 4)
+    sums.add("c", [2], ones[None], [1])
+    assert sums.finish({"c": ["x0", "x1"]})["c"][2] is False  # blocks it skipped were never seen: incomplete
+    assert len(sums) == 0
+
+
+def test_every_vllm_internal_the_plugin_relies_on_is_there():
+    pytest.importorskip("vllm")
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput, GPUModelRunner
+
+    from trail_probe.serving import vllm_internals as vi
+
+    assert vi.is_supported(vi.vllm_version())
+    for name in vi.SCHEDULER_ATTRS:
+        if name.startswith("_") or name in ("make_stats",):
+            assert callable(getattr(Scheduler, name)), name
+    for name in ("schedule", "update_from_output", "add_request", "_free_request", "_preempt_request"):
+        assert callable(getattr(Scheduler, name)), name
+    assert issubclass(AsyncScheduler, Scheduler) and issubclass(FCFSRequestQueue, __import__("collections").deque)
+    for name in vi.RUNNER_METHODS + ("get_model",):
+        assert callable(getattr(GPUModelRunner, name)), name
+    request_fields = set(Request.__init__.__code__.co_names) | set(dir(Request))
+    for name in vi.REQUEST_ATTRS:
+        assert name in request_fields or name in Request.__init__.__code__.co_varnames, name
+    assert "_model_runner_output" in AsyncGPUModelRunnerOutput.__init__.__code__.co_names
+    assert "req_ids" in ModelRunnerOutput.__dataclass_fields__
+    from vllm.model_executor.models.interfaces import supports_eagle3
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    assert supports_eagle3(LlamaForCausalLM) and callable(LlamaForCausalLM.set_aux_hidden_state_layers)
+    assert len(vi.runner_classes()) >= 2  # V1's GPU runner and the CPU runner built on it (V2 where it imports)
+
+
+def test_a_changed_internal_fails_loudly_with_the_version(monkeypatch):
+    from trail_probe.serving import vllm_internals as vi
+
+    class Bare:
+        pass
+
+    with pytest.raises(vi.VLLMInternalsChanged, match=r"vLLM .* changed an internal .*Scheduler\.running"):
+        vi.require(Bare(), ("running",), "Scheduler")
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    from trail_probe.errors import UserError
+    from trail_probe.serving.vllm_checks import check_vllm
+
+    with pytest.raises(UserError, match=r"supports vllm >=0.32,<0.34.*found 0.40.1"):
+        check_vllm()
+
+
+def test_serve_prints_what_is_active_and_the_vllm_command(tmp_path, capsys):
+    """`trail-probe serve --dry-run` on the committed predictor (decode probe only: initial=last_token)."""
+    pytest.importorskip("vllm")
+    from trail_probe.cli import main
+
+    code = main(["serve", "recipes/smollm2_alpaca_hf.yaml", "serve.initial=last_token", "serve.max_running=16",
+                 "--dry-run", "--", "--port", "8123"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("trail-probe serve: TRAIL active"))
+    assert "layer 19" in line and "initial estimate last_token" in line and "at most 16 decoding" in line
+    cmd = out.strip().splitlines()[-1]
+    assert "vllm.entrypoints.openai.api_server" in cmd and "--port 8123" in cmd
+    assert "TrailVLLMScheduler" in cmd and '"max_running": 16' in cmd and "--enforce-eager" not in cmd
+    assert main(["serve", "recipes/smollm2_alpaca_hf.yaml", "--dry-run", "--", "--scheduler-cls", "x"]) == 2
+    assert "set by trail-probe serve" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # only serve passes arguments on
+        main(["eval", "recipes/smollm2_alpaca_hf.yaml", "--", "--port", "1"])
+    assert "takes no arguments after '--'" in capsys.readouterr().err
