@@ -203,75 +203,100 @@ def generate_with_capture(
 ) -> Iterator[ExtractedRequest]:
     """Stream finished requests. `prompts` are (prompt, chat-template token ids, truncated)."""
     validate_generation(gen, decode_stride)
-    device = next(model.parameters()).device
-    eos = eos_token_ids(model, tokenizer)
-    eos_t = torch.tensor(sorted(eos), device=device)
-    generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.do_sample else None
-    # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name goes in 5.40)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     pending = list(reversed(prompts))  # pop() takes them in order
-    slots: list[_Row | None] = [None] * gen.batch_size
-    batch = _SlotCache(model.config, gen.batch_size)
-    next_tokens = torch.zeros(gen.batch_size, dtype=torch.long, device=device)
-    positions = torch.zeros(gen.batch_size, dtype=torch.long, device=device)
-
-    def finish(row: _Row, n: int, hit_cap: bool) -> ExtractedRequest:
-        if progress is not None:
-            progress.update(1)
-        return extracted_request(tokenizer, row.prompt, row.prompt_len, row.truncated, row.tokens, n, hit_cap,
-                                 row.prompt_states, row.states, row.generated, len(decode_layers), storage_dtype)
-
     with packed_gqa_attention(model), LayerCapture(model, set(prompt_layers) | set(decode_layers)) as capture:
+        loop = _DecodeLoop(model, tokenizer, gen, capture, prompt_layers, decode_layers, decode_stride,
+                           storage_dtype, progress)
         while True:
-            # 1. Refill free slots: prefill each new prompt alone (no padding inside a prefill).
-            for slot in range(len(slots)):
-                while slots[slot] is None and pending:
-                    prompt, ids, truncated = pending.pop()
-                    cache = batch.new_prefill_cache()
-                    out = model(input_ids=torch.tensor([ids], device=device), **{cache_kw: cache},
-                                use_cache=True, logits_to_keep=1)
-                    prompt_states = torch.stack([capture.outputs[layer][0].float().mean(0) for layer in prompt_layers])
-                    row = _Row(prompt, len(ids), truncated, prompt_states.to(storage_dtype).cpu())
-                    first = int(_choose(out.logits[:, -1], gen, generator)[0])
-                    row.tokens.append(first)
-                    if first in eos:
-                        yield finish(row, 0, False)
-                    elif gen.max_new_tokens == 1:
-                        yield finish(row, 1, True)
-                    else:
-                        batch.place(slot, cache)
-                        slots[slot] = row
-                        next_tokens[slot], positions[slot] = first, len(ids)
-            live = [i for i, row in enumerate(slots) if row is not None]
+            yield from loop.refill(pending)  # 1. free slots take the next prompts
+            live = [i for i, row in enumerate(loop.slots) if row is not None]
             if not live:
                 return
-            if not pending and len(live) < len(slots):  # nothing left to refill: shrink the batch
-                keep = torch.tensor(live, dtype=torch.long, device=device)
-                batch.keep(keep)
-                slots = [slots[i] for i in live]
-                next_tokens, positions = next_tokens[keep], positions[keep]
-            # 2. One decode step for the whole batch.
-            out = model(input_ids=next_tokens[:, None], attention_mask=batch.attention_mask(),
-                        position_ids=positions[:, None], **{cache_kw: batch.cache}, use_cache=True)
-            batch.advance()
-            chosen = _choose(out.logits[:, -1], gen, generator)
-            generated = torch.tensor([len(r.tokens) for r in slots], device=device)  # j per row
-            sampled = refines_at(generated, decode_stride).nonzero().flatten().tolist()
-            if sampled:
-                states = torch.stack([capture.outputs[layer][sampled, -1] for layer in decode_layers], 1)
-                states = states.to(storage_dtype).cpu()
-                for k, i in enumerate(sampled):
-                    slots[i].states.append(states[k])
-                    slots[i].generated.append(len(slots[i].tokens))
-            is_eos = torch.isin(chosen, eos_t).tolist()
-            for i, (token, ended) in enumerate(zip(chosen.tolist(), is_eos)):
-                row = slots[i]
-                row.tokens.append(token)
-                if ended or len(row.tokens) >= gen.max_new_tokens:
-                    yield finish(row, len(row.tokens) - 1 if ended else len(row.tokens), not ended)
-                    slots[i] = None
-                    batch.release(i)
-            next_tokens, positions = chosen, positions + 1
+            if not pending and len(live) < len(loop.slots):  # nothing left to refill: shrink the batch
+                loop.keep(live)
+            yield from loop.step()  # 2. one decode step for the whole batch
+
+
+class _DecodeLoop:
+    """The state of `generate_with_capture`: a row per batch slot, the slots' KV cache, each slot's
+    next token and position, and the hooks' captured states."""
+
+    def __init__(self, model: nn.Module, tokenizer, gen, capture: LayerCapture, prompt_layers: list[int],
+                 decode_layers: list[int], decode_stride: int, storage_dtype: torch.dtype, progress):
+        self.model, self.tokenizer, self.gen, self.capture, self.progress = model, tokenizer, gen, capture, progress
+        self.prompt_layers, self.decode_layers, self.decode_stride = prompt_layers, decode_layers, decode_stride
+        self.storage_dtype = storage_dtype
+        self.device = next(model.parameters()).device
+        self.eos = eos_token_ids(model, tokenizer)
+        self.eos_t = torch.tensor(sorted(self.eos), device=self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(gen.seed) if gen.do_sample else None
+        # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.slots: list[_Row | None] = [None] * gen.batch_size
+        self.batch = _SlotCache(model.config, gen.batch_size)
+        self.next_tokens = torch.zeros(gen.batch_size, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(gen.batch_size, dtype=torch.long, device=self.device)
+
+    def refill(self, pending: list) -> Iterator[ExtractedRequest]:
+        """Prefill each new prompt alone (no padding inside a prefill) into a free slot; yield those
+        whose answer ends with its first token."""
+        for slot in range(len(self.slots)):
+            while self.slots[slot] is None and pending:
+                prompt, ids, truncated = pending.pop()
+                cache = self.batch.new_prefill_cache()
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), **{self.cache_kw: cache},
+                                 use_cache=True, logits_to_keep=1)
+                prompt_states = torch.stack([self.capture.outputs[layer][0].float().mean(0)
+                                             for layer in self.prompt_layers])
+                row = _Row(prompt, len(ids), truncated, prompt_states.to(self.storage_dtype).cpu())
+                first = int(_choose(out.logits[:, -1], self.gen, self.generator)[0])
+                row.tokens.append(first)
+                if first in self.eos:
+                    yield self._finish(row, 0, False)
+                elif self.gen.max_new_tokens == 1:
+                    yield self._finish(row, 1, True)
+                else:
+                    self.batch.place(slot, cache)
+                    self.slots[slot] = row
+                    self.next_tokens[slot], self.positions[slot] = first, len(ids)
+
+    def keep(self, live: list[int]) -> None:
+        """Drop the other slots for good (no prompts are left to refill them)."""
+        keep = torch.tensor(live, dtype=torch.long, device=self.device)
+        self.batch.keep(keep)
+        self.slots = [self.slots[i] for i in live]
+        self.next_tokens, self.positions = self.next_tokens[keep], self.positions[keep]
+
+    def step(self) -> Iterator[ExtractedRequest]:
+        """One decode step of every slot: keep the states TRAIL's cadence samples, yield the requests it ends."""
+        out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.batch.attention_mask(),
+                         position_ids=self.positions[:, None], **{self.cache_kw: self.batch.cache}, use_cache=True)
+        self.batch.advance()
+        chosen = _choose(out.logits[:, -1], self.gen, self.generator)
+        generated = torch.tensor([len(r.tokens) for r in self.slots], device=self.device)  # j per row
+        sampled = refines_at(generated, self.decode_stride).nonzero().flatten().tolist()
+        if sampled:
+            states = torch.stack([self.capture.outputs[layer][sampled, -1] for layer in self.decode_layers], 1)
+            states = states.to(self.storage_dtype).cpu()
+            for k, i in enumerate(sampled):
+                self.slots[i].states.append(states[k])
+                self.slots[i].generated.append(len(self.slots[i].tokens))
+        is_eos = torch.isin(chosen, self.eos_t).tolist()
+        for i, (token, ended) in enumerate(zip(chosen.tolist(), is_eos)):
+            row = self.slots[i]
+            row.tokens.append(token)
+            if ended or len(row.tokens) >= self.gen.max_new_tokens:
+                yield self._finish(row, len(row.tokens) - 1 if ended else len(row.tokens), not ended)
+                self.slots[i] = None
+                self.batch.release(i)
+        self.next_tokens, self.positions = chosen, self.positions + 1
+
+    def _finish(self, row: _Row, n: int, hit_cap: bool) -> ExtractedRequest:
+        if self.progress is not None:
+            self.progress.update(1)
+        return extracted_request(self.tokenizer, row.prompt, row.prompt_len, row.truncated, row.tokens, n, hit_cap,
+                                 row.prompt_states, row.states, row.generated, len(self.decode_layers),
+                                 self.storage_dtype)
 
 
 def extracted_request(tokenizer, prompt: Prompt, prompt_len: int, truncated: bool, tokens: list[int], n: int,
