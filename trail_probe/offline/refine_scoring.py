@@ -1,6 +1,7 @@
 """The refined estimate of every stored decode step, offline: a request's probe outputs refined by Bayes
 at TRAIL's cadence (trail_probe.runtime.refine), counted down in between, as a serving runtime would
-hold them. `eval` scores these; `phase_of` gives TRAIL's release's global cadence its phases."""
+hold them. `eval` scores these, and `progress_curve` them and the total-length estimates at each point
+of the requests' progress; `phase_of` gives TRAIL's release's global cadence its phases."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from trail_probe.errors import UserError
+from trail_probe.offline.metrics import mae
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import count_down, estimate, refines_at
 from trail_probe.runtime.refine import (
@@ -87,3 +89,36 @@ def phase_of(ids: list[str], interval: int, stride: int) -> torch.Tensor:
     choices = interval // stride
     return torch.tensor([stride * (int(hashlib.sha256(f"phase:{i}".encode()).hexdigest()[:8], 16) % choices) for i in ids],
                         dtype=torch.long)
+
+
+def progress_curve(output_tokens: torch.Tensor, max_new_tokens: int, step: int, totals: dict[str, torch.Tensor],
+                   decode: DecodeResult | None) -> dict:
+    """MAE of the remaining-length estimate after t = 0, step, 2*step, ... generated tokens, over the
+    requests still generating at t (all of them at t = 0). Total-length estimates (`totals`: method ->
+    [n]) are counted down by t; the decode probe's, per step and refined, are those of the latest
+    refinement at or before t, counted down since. Those do not exist before the first decode step,
+    so they are None at t = 0 (where the refined method's prior is the prompt probe itself)."""
+    longest = int(output_tokens.max()) if len(output_tokens) else 0
+    points = list(range(0, max(longest, 1), step))
+    curve = {"tokens": points, "requests": [], **{m: [] for m in list(totals) + ["per_step", "refined"]}}
+    if decode is not None:
+        refine_rows = torch.nonzero(decode.is_refinement).flatten()
+    for t in points:
+        active = (output_tokens > t) if t else torch.ones_like(output_tokens, dtype=torch.bool)
+        truth = (output_tokens - t)[active]
+        curve["requests"].append(int(active.sum()))
+        for method, total in totals.items():
+            curve[method].append(mae(count_down(total[active], t, max_new_tokens - t), truth))
+        if decode is None or t == 0:
+            curve["per_step"].append(None)
+            curve["refined"].append(None)
+            continue
+        usable = refine_rows[decode.generated[refine_rows] <= t]
+        latest = torch.full((len(output_tokens),), -1, dtype=torch.long)
+        latest.scatter_reduce_(0, decode.request[usable], usable, "amax")
+        rows = latest[active]
+        has = rows >= 0  # always true for a well-formed extraction (step j = 1 exists for every answer)
+        since = t - decode.generated[rows[has]]
+        for method, est in (("per_step", decode.step_est), ("refined", decode.refined_est)):
+            curve[method].append(mae(count_down(est[rows[has]], since, max_new_tokens - t), truth[has]))
+    return curve

@@ -63,8 +63,8 @@ from trail_probe.offline.eval_report import (
     render_markdown,
     write_figures,
 )
-from trail_probe.offline.metrics import confusion, mae, summary
-from trail_probe.offline.refine_scoring import DecodeResult, phase_of, refine_decode
+from trail_probe.offline.metrics import confusion, summary
+from trail_probe.offline.refine_scoring import DecodeResult, phase_of, progress_curve, refine_decode
 from trail_probe.offline.split import (
     load_or_make_split,
     manifest_sha256,
@@ -157,43 +157,64 @@ def probe_probs(probe: torch.nn.Module, states: torch.Tensor, batch: int = 8192)
                      or [torch.zeros(0, probe.num_labels)])
 
 
-def progress_curve(output_tokens: torch.Tensor, max_new_tokens: int, step: int, totals: dict[str, torch.Tensor],
-                   decode: DecodeResult | None) -> dict:
-    """MAE of the remaining-length estimate after t = 0, step, 2*step, ... generated tokens, over the
-    requests still generating at t (all of them at t = 0). Total-length estimates (`totals`: method ->
-    [n]) are counted down by t; the decode probe's, per step and refined, are those of the latest
-    refinement at or before t, counted down since. Those do not exist before the first decode step,
-    so they are None at t = 0 (where the refined method's prior is the prompt probe itself)."""
-    longest = int(output_tokens.max()) if len(output_tokens) else 0
-    points = list(range(0, max(longest, 1), step))
-    curve = {"tokens": points, "requests": [], **{m: [] for m in list(totals) + ["per_step", "refined"]}}
-    if decode is not None:
-        refine_rows = torch.nonzero(decode.is_refinement).flatten()
-    for t in points:
-        active = (output_tokens > t) if t else torch.ones_like(output_tokens, dtype=torch.bool)
-        truth = (output_tokens - t)[active]
-        curve["requests"].append(int(active.sum()))
-        for method, total in totals.items():
-            curve[method].append(mae(count_down(total[active], t, max_new_tokens - t), truth))
-        if decode is None or t == 0:
-            curve["per_step"].append(None)
-            curve["refined"].append(None)
-            continue
-        usable = refine_rows[decode.generated[refine_rows] <= t]
-        latest = torch.full((len(output_tokens),), -1, dtype=torch.long)
-        latest.scatter_reduce_(0, decode.request[usable], usable, "amax")
-        rows = latest[active]
-        has = rows >= 0  # always true for a well-formed extraction (step j = 1 exists for every answer)
-        since = t - decode.generated[rows[has]]
-        for method, est in (("per_step", decode.step_est), ("refined", decode.refined_est)):
-            curve[method].append(mae(count_down(est[rows[has]], since, max_new_tokens - t), truth[has]))
-    return curve
-
-
 # -- the whole evaluation -------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    """What every method is scored against, read and checked once: the extraction, the split and the
+    side scored, the bins, the layer(s), and the notes and hashes the report collects on the way."""
+
+    extraction: Extraction
+    split: dict  # split.json
+    chosen_on: dict  # the side that chose the probes' epochs and the layer (selection_split)
+    held: HeldOut  # the scored requests
+    bins: Bins
+    max_new: int
+    manifest_sha: str
+    split_sha: str
+    layer: int
+    layer_source: str
+    layers: list[int]
+    validation: dict | None  # {"path", "sha256"} of the scored validation side; None on the held-out side
+    notes: list[str]
+    hashes: dict
+
+
 def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     """Score every method, write report.{md,json}, predictions.json and the pictures; return the report."""
     started = time.time()
+    run = _inputs(cfg)
+    bins, held, max_new = run.bins, run.held, run.max_new
+    # The bin frequencies the decode probe was trained on (its fit side), for the prior-corrected update.
+    label_prior = (artifact_label_prior(run.extraction, run.chosen_on, bins)
+                   if cfg.refine.likelihood == "prior_corrected" else None)
+    bert_probs, bert_meta = _bert(cfg, run)
+    totals = {}
+    if bert_probs is not None:
+        totals["bert"] = estimate(bert_probs, bins, max_new)
+    last_states = _last_token_states(cfg, run) if cfg.refine.prior == "last_token" else {}
+    results, details = {}, {}
+    for L in run.layers:
+        results[L], details[L] = _evaluate_layer(cfg, L, run, bert_probs, label_prior, last_states.get(L))
+        print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
+    chosen = details[run.layer]
+    if chosen["prompt_probs"] is not None:
+        totals["prompt_probe"] = estimate(chosen["prompt_probs"], bins, max_new)
+    report = _report(cfg, run, results, held, chosen, bert_probs, bert_meta, command)
+    report["curve"] = progress_curve(held.output_tokens, max_new, cfg.eval.curve_step, totals, chosen["decode"])
+    out = cfg.paths.eval
+    out.mkdir(parents=True, exist_ok=True)
+    write_figures(out, report, results, held, bins, bert_probs, chosen)
+    report["elapsed_s"] = round(time.time() - started, 2)
+    atomic_write_json(out / "predictions.json", _predictions(held, run.extraction, bins, cfg.refine.interval, max_new,
+                                                               run.layer, totals, chosen["decode"]))
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report, cfg))
+    save_config(cfg, out)
+    return report
+
+
+def _inputs(cfg: RecipeConfig) -> _Inputs:
+    """Read and check what eval scores against (refusing a bad setting or a missing split in one line)."""
     e, refine = cfg.eval, cfg.refine
     if e.curve_step < 1:
         raise UserError(f"eval.curve_step = {e.curve_step} must be a positive number of tokens, e.g. 32")
@@ -210,102 +231,85 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     chosen_on = selection_split(cfg, split)
     scored = scored_side(cfg, split, chosen_on)
     held = held_out_requests(scored, extraction, Path(scored["path"]))
-    bins = Bins.from_config(cfg.bins)
-    max_new = int(extraction.manifest["generation"]["max_new_tokens"])
-    manifest_sha, split_sha = manifest_sha256(extraction), file_sha256(split_file)
     layer, layer_source = choose_layer(cfg)
     if not any((cfg.paths.probe(task, probe_name((layer,))) / "probe.json").is_file() for task in options(Task)):
         raise UserError(f"no trained probe for layer {layer} in '{cfg.paths.probes}' (layer chosen by "
                         f"{layer_source}); train it ('trail-probe train ... train.layers={layer}') or set eval.layer")
-    layers = sorted(set(trained_layers(cfg)) | {layer}) if e.all_layers else [layer]
-    notes: list[str] = []
     if e.split == "validation":
-        notes.append(f"scored on the {len(held.ids)} validation requests ({chosen_on['path']}), which chose the probes' "
-                     "epochs: for choosing settings; the held-out side is not read (eval.split=held_out scores it).")
+        notes = [f"scored on the {len(held.ids)} validation requests ({chosen_on['path']}), which chose the probes' "
+                 "epochs: for choosing settings; the held-out side is not read (eval.split=held_out scores it)."]
     else:
-        notes.append(f"epochs and layer chosen on the {chosen_on['side']} side ({len(chosen_on['val_ids'])} requests, "
-                     f"{chosen_on['path']}); scored here on the {len(split['val_ids'])} held-out requests"
-                     + (" (the same ones: train.validation_fraction=0)." if chosen_on["side"] == "held-out" else ", once."))
-    hashes = {"extraction_manifest": manifest_sha, "split": split_sha, "probes": {}, "baseline_weights": None}
-    validation = None if e.split == "held_out" else {"path": chosen_on["path"], "sha256": file_sha256(Path(chosen_on["path"]))}
+        notes = [f"epochs and layer chosen on the {chosen_on['side']} side ({len(chosen_on['val_ids'])} requests, "
+                 f"{chosen_on['path']}); scored here on the {len(split['val_ids'])} held-out requests"
+                 + (" (the same ones: train.validation_fraction=0)." if chosen_on["side"] == "held-out" else ", once.")]
+    manifest_sha, split_sha = manifest_sha256(extraction), file_sha256(split_file)
+    return _Inputs(
+        extraction, split, chosen_on, held, Bins.from_config(cfg.bins),
+        int(extraction.manifest["generation"]["max_new_tokens"]), manifest_sha, split_sha, layer, layer_source,
+        sorted(set(trained_layers(cfg)) | {layer}) if e.all_layers else [layer],
+        None if e.split == "held_out" else {"path": chosen_on["path"], "sha256": file_sha256(Path(chosen_on["path"]))},
+        notes, {"extraction_manifest": manifest_sha, "split": split_sha, "probes": {}, "baseline_weights": None})
 
-    # The bin frequencies the decode probe was trained on (its fit side), for the prior-corrected update.
-    label_prior = artifact_label_prior(extraction, chosen_on, bins) if refine.likelihood == "prior_corrected" else None
-    bert_probs, bert_meta = _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, validation)
-    totals = {}
-    if bert_probs is not None:
-        totals["bert"] = estimate(bert_probs, bins, max_new)
 
-    last_states = {}
-    if refine.prior == "last_token":  # TRAIL's release at prefill: not stored by the extraction, so recomputed
-        from trail_probe.offline.prefill_states import last_prompt_states
+def _last_token_states(cfg: RecipeConfig, run: _Inputs) -> dict[int, torch.Tensor]:
+    """refine.prior=last_token, TRAIL's release at prefill: the extraction does not store the last
+    prompt token's states, so they are recomputed (offline.prefill_states)."""
+    from trail_probe.offline.prefill_states import last_prompt_states
 
-        last_states = last_prompt_states(cfg.model, [extraction.records[i] for i in held.rows], layers, cfg.progress)
-        notes.append(f"refine.prior=last_token: the last prompt token's states recomputed by transformers in "
+    extraction = run.extraction
+    states = last_prompt_states(cfg.model, [extraction.records[i] for i in run.held.rows], run.layers, cfg.progress)
+    run.notes.append(f"refine.prior=last_token: the last prompt token's states recomputed by transformers in "
                      f"{cfg.model.dtype} (the extraction: {extraction.model.get('engine', 'hf')}, "
                      f"{extraction.model.get('dtype', cfg.model.dtype)}).")
-    results, details = {}, {}
-    for L in layers:
-        results[L], details[L] = _evaluate_layer(cfg, L, extraction, held, bins, max_new, manifest_sha, split_sha,
-                                                 bert_probs, label_prior, hashes, notes, validation, last_states.get(L))
-        print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
-    chosen = details[layer]
-    if chosen["prompt_probs"] is not None:
-        totals["prompt_probe"] = estimate(chosen["prompt_probs"], bins, max_new)
-    curve = progress_curve(held.output_tokens, max_new, e.curve_step, totals, chosen["decode"])
+    return states
 
-    out = cfg.paths.eval
-    report = {
+
+def _report(cfg: RecipeConfig, run: _Inputs, results: dict, held: HeldOut, chosen: dict, bert_probs, bert_meta,
+            command: list[str] | None) -> dict:
+    """report.json's content (its curve and elapsed time are added by the caller)."""
+    extraction, split, chosen_on = run.extraction, run.split, run.chosen_on
+    return {
         "format": "trail_probe.eval/1",
         "command": " ".join(shlex.quote(a) for a in ([Path(sys.argv[0]).name] + sys.argv[1:] if command is None else command)),
-        "out_dir": str(out),
-        "layer": layer, "layer_source": layer_source, "layers": layers,
-        "refine_interval": refine.interval, "decode_stride": stride, "max_new_tokens": max_new,
-        "bins": bins.to_dict(),
+        "out_dir": str(cfg.paths.eval),
+        "layer": run.layer, "layer_source": run.layer_source, "layers": run.layers,
+        "refine_interval": cfg.refine.interval, "decode_stride": extraction.decode_stride, "max_new_tokens": run.max_new,
+        "bins": run.bins.to_dict(),
         "scored_side": cfg.eval.split,
         "held_out": {"requests": len(held.ids), "decode_steps": _count(chosen["decode"])},
-        "methods": results[layer],
-        "headline": headline_ratios(results[layer]),
-        "by_layer": {str(L): results[L] for L in layers},
-        "curve": curve,
-        "confusion": _confusions(held, bins, bert_probs, chosen),
+        "methods": results[run.layer],
+        "headline": headline_ratios(results[run.layer]),
+        "by_layer": {str(L): results[L] for L in run.layers},
+        "curve": None,
+        "confusion": _confusions(held, run.bins, bert_probs, chosen),
         "baseline": None if bert_meta is None else {k: bert_meta[k] for k in ("base_model", "metrics", "max_length")},
-        "hashes": hashes,
+        "hashes": run.hashes,
         "extraction": {"path": str(extraction.root), "model": extraction.model, "layer_numbering": extraction.manifest.get("layer_numbering")},
-        "split": {"path": str(split_file), "train": len(split["train_ids"]), "held_out": len(split["val_ids"]),
+        "split": {"path": str(cfg.paths.split), "train": len(split["train_ids"]), "held_out": len(split["val_ids"]),
                   "selection": {"side": chosen_on["side"], "path": chosen_on["path"], "requests": len(chosen_on["val_ids"])}},
-        "notes": notes,
+        "notes": run.notes,
         "config": config_to_dict(cfg),
         "elapsed_s": None,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_figures(out, report, results, held, bins, bert_probs, chosen)
-    report["elapsed_s"] = round(time.time() - started, 2)
-    atomic_write_json(out / "predictions.json", _predictions(held, extraction, bins, refine.interval, max_new,
-                                                               layer, totals, chosen["decode"]))
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", render_markdown(report, cfg))
-    save_config(cfg, out)
-    return report
 
 
-def _bert(cfg, extraction, held, bins, manifest_sha, split_sha, notes, hashes, validation):
+def _bert(cfg: RecipeConfig, run: _Inputs):
     """(probs [n, K], baseline.json) of the baseline on the held-out prompts, or (None, None) with a note."""
     folder = cfg.paths.baseline
     if not (folder / "baseline.json").is_file():
-        notes.append(f"BERT baseline skipped: no trained baseline in '{folder}' (run 'trail-probe train-baseline').")
+        run.notes.append(f"BERT baseline skipped: no trained baseline in '{folder}' (run 'trail-probe train-baseline').")
         return None, None
     meta = json.loads((folder / "baseline.json").read_text())
-    check_artifact(meta, f"baseline '{folder}'", extraction, manifest_sha, split_sha, bins)
-    check_unseen(meta, f"baseline '{folder}'", validation)
+    check_artifact(meta, f"baseline '{folder}'", run.extraction, run.manifest_sha, run.split_sha, run.bins)
+    check_unseen(meta, f"baseline '{folder}'", run.validation)
     bert = BertLengthPredictor.from_pretrained(folder, device="cpu")  # the serving runtime's own inference
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    hashes["baseline_weights"] = {w.name: file_sha256(w) for w in weights}
-    texts = [extraction.records[i]["prompt"] for i in held.rows.tolist()]
+    run.hashes["baseline_weights"] = {w.name: file_sha256(w) for w in weights}
+    texts = [run.extraction.records[i]["prompt"] for i in run.held.rows.tolist()]
     return bert.probs(texts, batch_size=cfg.eval.batch_size), meta
 
 
-def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, hashes, validation):
+def _load_checked(cfg: RecipeConfig, task: str, layer: int, run: _Inputs):
     folder = cfg.paths.probe(task, probe_name((layer,)))
     if not (folder / "probe.json").is_file():
         return None
@@ -313,18 +317,18 @@ def _load_checked(cfg, task, layer, extraction, manifest_sha, split_sha, bins, h
     what = f"probe '{folder}'"
     if meta["task"] != task or meta["layers"] != [layer] or meta["multi_layer"] != "none":
         raise UserError(f"{what} says it is a {meta['task']} probe of layers {meta['layers']}; retrain it")
-    check_artifact(meta, what, extraction, manifest_sha, split_sha, bins)
-    check_unseen(meta, what, validation)
-    hashes["probes"][str(folder / "probe.safetensors")] = file_sha256(folder / "probe.safetensors")
+    check_artifact(meta, what, run.extraction, run.manifest_sha, run.split_sha, run.bins)
+    check_unseen(meta, what, run.validation)
+    run.hashes["probes"][str(folder / "probe.safetensors")] = file_sha256(folder / "probe.safetensors")
     return probe
 
 
-def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, split_sha, bert_probs, label_prior,
-                    hashes, notes, validation, last_states=None):
+def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, label_prior, last_states=None):
     """(metrics of every method at `layer`, the raw predictions used for curves and pictures);
     `last_states` [held, d]: the last prompt token's states, for refine.prior=last_token."""
-    prompt_probe = _load_checked(cfg, "prompt", layer, extraction, manifest_sha, split_sha, bins, hashes, validation)
-    decode_probe = _load_checked(cfg, "decode", layer, extraction, manifest_sha, split_sha, bins, hashes, validation)
+    extraction, held, bins, max_new = run.extraction, run.held, run.bins, run.max_new
+    prompt_probe = _load_checked(cfg, "prompt", layer, run)
+    decode_probe = _load_checked(cfg, "decode", layer, run)
     truth = held.output_tokens
     metrics = {m: None for m in METHODS}
     prompt_probs = decode = None
@@ -360,7 +364,7 @@ def _evaluate_layer(cfg, layer, extraction, held, bins, max_new, manifest_sha, s
                                                                      else "prompt_probe"),
                               "likelihood": cfg.refine.likelihood, "cadence": cfg.refine.cadence}
     else:
-        notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")
+        run.notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")
     for method, probs in totals.items():
         est = estimate(probs, bins, max_new)
         metrics[method] = {"total": summary(est, truth, probs, bins)}
