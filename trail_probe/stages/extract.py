@@ -34,15 +34,11 @@ from trail_probe.offline.prompts import load_prompts, select_prompts, worker_sli
 from trail_probe.offline.store import (
     FORMAT,
     LAYER_NUMBERING,
-    ExtractedRequest,
     config_fingerprint,
     model_fingerprint,
-    read_shard_records,
-    shard_name,
     verify_shard,
-    worker_temp_dir,
-    write_shard,
 )
+from trail_probe.offline.worker_shards import WorkerShards
 from trail_probe.progress import progress_bar
 from trail_probe.runtime.models import dtype_of, load_causal_lm
 
@@ -113,138 +109,109 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     selected = select_prompts(prompts, cfg.prompts.num_prompts, cfg.prompts.seed)
     mine = worker_slice(selected, num_workers, worker_index)
     storage_dtype = dtype_of(cfg.extract.storage_dtype)
-
-    if cfg.extract.engine == "vllm":  # vLLM loads the weights in its own worker; here only the config
-        from trail_probe.offline.vllm_generation import load_for_vllm
-
-        folder, tokenizer, config, eos = load_for_vllm(cfg.model)
-        model_info = config_fingerprint(cfg.model, config, engine="vllm")
-    else:
-        model, tokenizer = load_causal_lm(cfg.model)
-        model_info = model_fingerprint(cfg.model, model)
-    num_layers = model_info["num_layers"]
-    prompt_layers = resolve_layers(cfg.extract.prompt_layers, num_layers, "prompt layer")
-    decode_layers = resolve_layers(cfg.extract.decode_layers, num_layers, "decode layer")
+    serving = _load_serving_model(cfg)
+    model_info = serving["info"]
+    prompt_layers = resolve_layers(cfg.extract.prompt_layers, model_info["num_layers"], "prompt layer")
+    decode_layers = resolve_layers(cfg.extract.decode_layers, model_info["num_layers"], "decode layer")
     identity = _identity(cfg, model_info, prompt_layers, decode_layers, num_workers)
-
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        old.setdefault("identity", {}).setdefault("engine", "hf")  # folders from before extract.engine existed
-        if old.get("identity") != identity:
-            if not overwrite:
-                diff = _describe_difference(old.get("identity", {}), identity)
-                raise UserError(
-                    f"'{out}' holds an extraction made with a different config ({diff}); "
-                    "use another extract.out_dir, or pass --overwrite to replace it"
-                )
-            shutil.rmtree(out)
-    ready, too_long = prepare_prompts(mine, tokenizer, cfg.generation.max_new_tokens,
+    _open_folder(out, identity, overwrite)
+    ready, too_long = prepare_prompts(mine, serving["tokenizer"], cfg.generation.max_new_tokens,
                                       model_info["max_position_embeddings"], cfg.prompts.too_long)
     if mine and not ready:  # nothing could be extracted: not a "complete" extraction that train then blames
         raise UserError(f"all {len(mine)} prompts are too long for the model's {model_info['max_position_embeddings']}-token "
                         f"context with generation.max_new_tokens = {cfg.generation.max_new_tokens}; set "
                         "prompts.too_long=truncate or lower generation.max_new_tokens")
-    manifest = {
-        "format": FORMAT,
-        "identity": identity,
-        "model": model_info,
-        "layer_numbering": LAYER_NUMBERING,
-        "prompt_layers": prompt_layers,
-        "decode_layers": decode_layers,
-        "decode_stride": cfg.extract.decode_stride,
-        "storage_dtype": cfg.extract.storage_dtype,
-        "generation": config_to_dict(cfg.generation),
+    atomic_write_json(out / "manifest.json", {
+        "format": FORMAT, "identity": identity, "model": model_info, "layer_numbering": LAYER_NUMBERING,
+        "prompt_layers": prompt_layers, "decode_layers": decode_layers, "decode_stride": cfg.extract.decode_stride,
+        "storage_dtype": cfg.extract.storage_dtype, "generation": config_to_dict(cfg.generation),
         "prompts": {"source": cfg.prompts.source, "num_available": len(prompts), "num_selected": len(selected),
                     "bad_rows_skipped": bad_rows, "seed": cfg.prompts.seed},
-        "num_workers": num_workers,
-        "config": config_to_dict(cfg),
-    }
-    atomic_write_json(manifest_path, manifest)
+        "num_workers": num_workers, "config": config_to_dict(cfg),
+    })
     save_config(cfg, out)
 
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    # This worker's leftovers from a killed run (never another worker's file in flight).
-    shutil.rmtree(worker_temp_dir(shard_dir, worker_index), ignore_errors=True)
-    for stale in shard_dir.glob(f".shard-w{worker_index:03d}-*.tmp-*"):  # the layout before per-worker temp folders
-        stale.unlink(missing_ok=True)
-    status_path = out / "workers" / f"worker-{worker_index}.json"
-    old_status = json.loads(status_path.read_text()) if status_path.is_file() else {}
-    checksums: dict[str, str] = dict(old_status.get("shards") or {})
-    done_ids: set[str] = set()
-    my_shards = sorted(shard_dir.glob(f"shard-w{worker_index:03d}-*.safetensors"))
-    for shard in list(my_shards):
-        reason = verify_shard(shard, checksums.get(shard.name))
-        if reason is not None:  # set aside, not deleted; its requests are extracted again below
-            aside = out / "damaged" / f"{shard.name}.{int(time.time())}"
-            aside.parent.mkdir(exist_ok=True)
-            os.replace(shard, aside)
-            checksums.pop(shard.name, None)
-            print(f"extract: {shard.name} is damaged ({reason}); moved to {aside}, its requests will be extracted again")
-            continue
-        done_ids.update(r["id"] for r in read_shard_records(shard))
-    todo = [item for item in ready if item[0].id not in done_ids]
-    status = {"worker_index": worker_index, "expected": len(ready), "skipped_too_long": len(too_long),
-              "truncated": sum(t for _, _, t in ready), "complete": False}
-    atomic_write_json(status_path, {**status, "done": len(done_ids), "shards": checksums})
-
     d = model_info["hidden_size"]
+    shards = WorkerShards(out, worker_index, (len(prompt_layers), len(decode_layers), d, storage_dtype))
+    shards.resume()
+    todo = [item for item in ready if item[0].id not in shards.done_ids]
+    shards.start(expected=len(ready), skipped_too_long=len(too_long), truncated=sum(t for _, _, t in ready))
     prompt_bytes, decode_bytes = _estimate_bytes(len(todo), d, len(prompt_layers), len(decode_layers),
                                                  cfg.extract.decode_stride, cfg.generation.max_new_tokens,
                                                  torch.finfo(storage_dtype).bits // 8)
-    print(f"extract: worker {worker_index}/{num_workers}: {len(ready)} requests ({len(done_ids)} already done, "
+    print(f"extract: worker {worker_index}/{num_workers}: {len(ready)} requests ({len(shards.done_ids)} already done, "
           f"{len(too_long)} too long skipped, {bad_rows} bad rows skipped) -> {out}")
     print(f"extract: expected disk: {prompt_bytes / 1e6:.1f} MB of prompt states + at most "
           f"{decode_bytes / 1e9:.2f} GB of decode states (if every answer hits the {cfg.generation.max_new_tokens}-token cap)",
           flush=True)
 
-    seq = max((int(p.stem.rsplit("-", 1)[1]) for p in my_shards), default=-1) + 1
-    buffer: list[ExtractedRequest] = []
-    useful_tokens, start = 0, time.time()
+    start = time.time()
+    useful_tokens = _generate_into(shards, cfg, serving, todo, prompt_layers, decode_layers, storage_dtype, show_progress)
+    elapsed = time.time() - start
+    shards.complete(len(ready), elapsed, useful_tokens)
+    print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
+          f"({useful_tokens / max(elapsed, 1e-9):.1f} useful tok/s)")
+    return out
 
-    def flush():
-        nonlocal seq, buffer
-        if buffer:
-            name = shard_name(worker_index, seq)
-            checksums[name] = write_shard(shard_dir / name, buffer, len(prompt_layers), len(decode_layers), d,
-                                          storage_dtype, worker_index)
-            done_ids.update(r.record["id"] for r in buffer)
-            atomic_write_json(status_path, {**status, "done": len(done_ids), "shards": checksums})
-            seq += 1
-            buffer = []
 
+def _load_serving_model(cfg: RecipeConfig) -> dict:
+    """The serving model as the chosen engine needs it: {"info" (its fingerprint), "tokenizer", and
+    "model" (transformers) or "folder", "eos" (vLLM loads the weights in its own worker)}."""
+    if cfg.extract.engine == "vllm":
+        from trail_probe.offline.vllm_generation import load_for_vllm
+
+        folder, tokenizer, config, eos = load_for_vllm(cfg.model)
+        return {"info": config_fingerprint(cfg.model, config, engine="vllm"), "tokenizer": tokenizer,
+                "folder": folder, "eos": eos}
+    model, tokenizer = load_causal_lm(cfg.model)
+    return {"info": model_fingerprint(cfg.model, model), "tokenizer": tokenizer, "model": model}
+
+
+def _open_folder(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse an extraction folder made with another identity (or, with --overwrite, remove it)."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    old = json.loads(manifest_path.read_text())
+    old.setdefault("identity", {}).setdefault("engine", "hf")  # folders from before extract.engine existed
+    if old.get("identity") != identity:
+        if not overwrite:
+            diff = _describe_difference(old.get("identity", {}), identity)
+            raise UserError(
+                f"'{out}' holds an extraction made with a different config ({diff}); "
+                "use another extract.out_dir, or pass --overwrite to replace it"
+            )
+        shutil.rmtree(out)
+
+
+def _generate_into(shards: WorkerShards, cfg: RecipeConfig, serving: dict, todo: list, prompt_layers: list[int],
+                   decode_layers: list[int], storage_dtype: torch.dtype, show_progress: bool) -> int:
+    """Run the engine over `todo`, writing finished requests into shards as they come; finished ones
+    are kept on Ctrl-C too. Returns the answer tokens generated."""
     bar = progress_bar(cfg.progress, total=len(todo), desc="extract", unit="req", disable=not show_progress)
-    stream = None
+    stream, useful_tokens, start = None, 0, time.time()
     try:
         if cfg.extract.engine == "vllm":
             from trail_probe.offline.vllm_generation import generate_with_vllm
 
-            stream = generate_with_vllm(folder, tokenizer, eos, todo, cfg.generation, prompt_layers, decode_layers,
-                                        cfg.extract.decode_stride, storage_dtype, dtype=cfg.model.dtype,
-                                        kv_cache_gb=cfg.extract.vllm_kv_cache_gb,
+            stream = generate_with_vllm(serving["folder"], serving["tokenizer"], serving["eos"], todo, cfg.generation,
+                                        prompt_layers, decode_layers, cfg.extract.decode_stride, storage_dtype,
+                                        dtype=cfg.model.dtype, kv_cache_gb=cfg.extract.vllm_kv_cache_gb,
                                         max_batch_tokens=cfg.extract.vllm_max_batch_tokens,
                                         fetch_every=cfg.extract.shard_size, progress=bar)
         else:
-            stream = generate_with_capture(model, tokenizer, todo, cfg.generation, prompt_layers, decode_layers,
-                                           cfg.extract.decode_stride, storage_dtype, progress=bar)
+            stream = generate_with_capture(serving["model"], serving["tokenizer"], todo, cfg.generation, prompt_layers,
+                                           decode_layers, cfg.extract.decode_stride, storage_dtype, progress=bar)
         for req in stream:
-            buffer.append(req)
             useful_tokens += req.record["output_tokens"]
             bar.set_postfix(tok_s=f"{useful_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
-            if len(buffer) >= cfg.extract.shard_size:
-                flush()
+            shards.add(req, cfg.extract.shard_size)
     finally:
         if stream is not None:
             stream.close()  # the engine (vLLM's processes) stops here, also on Ctrl-C
-        flush()  # finished requests are kept even on Ctrl-C
+        shards.flush()  # finished requests are kept even on Ctrl-C
         bar.close()
-    elapsed = time.time() - start
-    atomic_write_json(status_path, {**status, "done": len(ready), "complete": True, "shards": checksums,
-                                    "seconds_this_run": round(elapsed, 1), "useful_tokens_this_run": useful_tokens})
-    print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
-          f"({useful_tokens / max(elapsed, 1e-9):.1f} useful tok/s)")
-    return out
+    return useful_tokens
 
 
 def _check_writable(out: Path) -> None:
