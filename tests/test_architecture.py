@@ -1,7 +1,7 @@
 """The package layout's rules, checked on the source of every module (top-level ones and the entry
 points included): stages never import stages, each part imports only what `ALLOWED` lists for it (the
-runtime and the serving layer never reach into the pipeline), and no module grows past one screenful
-of concerns."""
+runtime and the serving layer never reach into the pipeline), no module grows past one screenful of
+concerns and no function past what a reader can hold (80 lines)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ ALLOWED = {
     "cli": {"config", "errors", "stages"},
 }
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 80
 
 
 def modules() -> list[tuple[str, Path]]:
@@ -85,6 +86,27 @@ def test_each_part_imports_only_the_parts_below_it(name, path):
 def test_modules_stay_small(name, path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines (at most {MAX_LINES}): split it along a concept"
+
+
+def long_functions(path: Path) -> list[str]:
+    """'name (lines)' of every function or method in `path` longer than MAX_FUNCTION_LINES, from its
+    `def` line to its last line (nested functions count inside the one that holds them, and alone)."""
+    return [f"{node.name} ({node.end_lineno - node.lineno + 1})" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_the_function_checker_counts_every_line(tmp_path):
+    long = tmp_path / "long.py"
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES - 1))  # with its def: 80 lines
+    method = body.replace("\n", "\n    ")
+    long.write_text(f"def fits():\n{body}\n\n\nclass C:\n    def too_long(self):\n    {method}\n        return 0\n")
+    assert long_functions(long) == [f"too_long ({MAX_FUNCTION_LINES + 1})"]
+
+
+@pytest.mark.parametrize("name, path", modules(), ids=[m for m, _ in modules()])
+def test_functions_stay_short(name, path):
+    assert not long_functions(path), f"{name}: {', '.join(long_functions(path))} lines; split along what they do"
 
 
 def test_every_stage_is_a_command():
