@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,19 +251,48 @@ def test_bad_setups_fail_in_one_line(llm, tmp_path, monkeypatch):
         check_transformers()
 
 
-def test_serve_replays_arrival_times(llm):
-    """Each request is handed over at its planned time or after it, never before, and in order (how
-    late depends on the machine's load, so there is no upper bound to assert)."""
-    model, tok = llm
-    reqs = requests(tok, TEXTS[:3])
-    planned = {"r0": 0.0, "r1": 0.2, "r2": 0.4}
-    with engine(llm, "fifo") as eng:
-        results, t0 = serve(eng, reqs, list(planned.values()))
-    arrival = {r.request_id: r.arrival - t0 for r in results}
-    assert all(arrival[k] >= at - 1e-3 for k, at in planned.items()), arrival
-    assert arrival["r0"] <= arrival["r1"] <= arrival["r2"]
+class ReplayClock:
+    """The client's time in `serve`, moved only by its waits: the replay is checked exactly, at once."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        return False  # never stopped
+
+
+class RecordingEngine:
+    """Stands in for ServeEngine: notes when (by the replay's clock) and in what order requests are
+    submitted, and finishes each at once."""
+
+    def __init__(self, clock: ReplayClock):
+        self.clock, self.submitted, self.done = clock, [], queue.Queue()
+
+    def submit(self, rid, ids, text):
+        self.submitted.append((rid, self.clock.now))
+        self.done.put(SimpleNamespace(request_id=rid, error=None))
+
+    def result(self, timeout=None):
+        try:
+            return self.done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+def test_serve_replays_arrival_times():
+    """Each request is handed over at its planned time (after t0), in order, and every result is collected."""
+    clock = ReplayClock()
+    engine = RecordingEngine(clock)
+    reqs = [(f"r{i}", [1, 2], f"text {i}") for i in range(4)]
+    results, t0 = serve(engine, reqs, [0.0, 0.25, 0.25, 1.5], clock=clock, wait=clock.wait)
+    assert t0 == 100.0 and engine.submitted == [("r0", 100.0), ("r1", 100.25), ("r2", 100.25), ("r3", 101.5)]
+    assert sorted(r.request_id for r in results) == ["r0", "r1", "r2", "r3"]
     with pytest.raises(UserError, match="3 requests but 2 arrival times"):
-        serve(eng, reqs, [0.0, 0.1])
+        serve(engine, reqs[:3], [0.0, 0.1])
 
 
 def test_the_oracle_ranks_by_exact_lengths_counted_down():

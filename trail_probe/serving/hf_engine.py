@@ -195,20 +195,24 @@ class ServeEngine:
 
 
 def serve(engine: ServeEngine, requests: Sequence[tuple[str, list[int], str | None]], arrivals: Sequence[float],
-          progress=None, stop: threading.Event | None = None) -> tuple[list[ServedRequest], float]:
+          progress=None, stop: threading.Event | None = None, clock=time.perf_counter,
+          wait=None) -> tuple[list[ServedRequest], float]:
     """Replay requests into a started engine at their arrival times (seconds from now), from a client
-    thread, and collect every result. Returns (results in finishing order, t0 as perf_counter)."""
+    thread, and collect every result. Returns (results in finishing order, t0 as `clock` read it).
+    `clock` and `wait(seconds) -> stopped` (default: `stop.wait`) are the client's time (tests pass
+    their own, so the replay is checked without waiting for it)."""
     if len(requests) != len(arrivals):
         raise UserError(f"{len(requests)} requests but {len(arrivals)} arrival times")
     stop = stop or threading.Event()
-    t0 = time.perf_counter()
+    wait = wait or stop.wait
+    t0 = clock()
     errors: queue.Queue = queue.Queue()
 
     def client():
         try:
             for (rid, ids, text), at in zip(requests, arrivals):
-                delay = t0 + at - time.perf_counter()
-                if delay > 0 and stop.wait(delay):
+                delay = t0 + at - clock()
+                if delay > 0 and wait(delay):
                     return
                 engine.submit(rid, ids, text)
         except BaseException as e:  # surfaced in the main thread
