@@ -141,3 +141,30 @@ def test_serve_prints_what_is_active_and_the_vllm_command(tmp_path, capsys):
     with pytest.raises(SystemExit):  # only serve passes arguments on
         main(["eval", "recipes/smollm2_alpaca_hf.yaml", "--", "--port", "1"])
     assert "takes no arguments after '--'" in capsys.readouterr().err
+
+
+def test_the_running_limit_follows_the_engines_step_costs():
+    from trail_probe.serving.step_cost import StepCost
+
+    cpu = StepCost()
+    for k in range(1, 129):  # each token costs about the same: a smaller batch loses little throughput
+        cpu.add(k, 0.018 + 0.0027 * k)
+    a, b = cpu.fit()
+    assert a == pytest.approx(0.018) and b == pytest.approx(0.0027)
+    k = cpu.running_limit(128, 0.05)
+    throughput = [n / (a + b * n) for n in (k - 1, k, 128)]
+    assert throughput[1] >= 0.95 * throughput[2] > throughput[0]  # the smallest batch within 5%
+    gpu = StepCost()
+    for k in range(1, 257):  # a step is mostly its fixed cost: the limit stays near vLLM's
+        gpu.add(k, 0.010 + 0.00005 * k)
+    assert gpu.running_limit(256, 0.05) > 220
+    young, flat = StepCost(), StepCost()
+    for _ in range(10):
+        young.add(5, 0.03)
+    for _ in range(100):
+        flat.add(64, 0.2)
+    assert young.running_limit(128, 0.05) == 128 and flat.running_limit(128, 0.05) == 128  # nothing to fit yet
+    window = StepCost(window=60)
+    for k in range(1, 200):
+        window.add(k % 50 + 1, 1.0 + 0.5 * (k % 50 + 1) if k < 100 else 0.02 + 0.003 * (k % 50 + 1))
+    assert window.fit()[1] == pytest.approx(0.003)  # only the latest steps count

@@ -77,7 +77,8 @@ class LiveStats:
         return (f"TRAIL: {s['finished_scored']} finished | initial MAE {s['initial_mae']:.1f} tau {s['initial_tau']:.3f} | "
                 f"refined MAE {s['refined_mae']:.1f} tau (same step) {s['refined_tau_same_step']:.3f} over "
                 f"{s['refined_points']} refinements | pauses {s['pauses']}, KV preemptions {s['kv_preemptions']}, "
-                f"ignored client inputs {s['ignored_client_inputs']}, fallback steps {s['fallback_steps']}")
+                f"ignored client inputs {s['ignored_client_inputs']}, fallback steps {s['fallback_steps']}"
+                + (f" | decoding at most {s['running_limit']}" if "running_limit" in s else ""))
 
     def publish(self, snap: dict) -> None:
         """Prometheus gauges beside vLLM's own, where vLLM's /metrics reads other processes' metrics

@@ -44,7 +44,10 @@ class TrailSettings:
     cadence: str = "per_request"  # or global (TRAIL's release)
     preemption_c: float = 0.8  # limited preemption: preemptible while generated <= C * initial estimate
     aging: float = 0.0  # tokens of predicted length forgiven per second waited (0: TRAIL's rule)
-    max_running: int = 0  # decoding requests TRAIL runs at once (0: vLLM's max_num_seqs)
+    # decoding requests TRAIL runs at once; 0: chosen from the engine's own step times, the smallest
+    # batch whose throughput is within max_throughput_loss of vLLM's max_num_seqs (serving/step_cost.py)
+    max_running: int = 0
+    max_throughput_loss: float = 0.04  # with max_running 0; 0 keeps vLLM's max_num_seqs
     max_prefill_tokens: int = 0  # prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
     client_estimates: bool = False  # trust trail_* vllm_xargs from clients (estimates, exact lengths, prompt text)
     record: bool = False  # keep a step log and per-request estimates for benchmarks (bounded)
@@ -66,7 +69,10 @@ class TrailSettings:
         for name in ("max_running", "max_prefill_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"{KEY}.{name} = {value!r} must be a whole number >= 0 (0: vLLM's own limit)")
+                raise UserError(f"{KEY}.{name} = {value!r} must be a whole number >= 0 (0: the default rule)")
+        if not (isinstance(self.max_throughput_loss, (int, float)) and 0 <= self.max_throughput_loss < 1):
+            raise UserError(f"{KEY}.max_throughput_loss = {self.max_throughput_loss!r} must be in [0, 1): the share of "
+                            "throughput TRAIL may give up for a smaller batch (0: never)")
         if not (isinstance(self.stats_interval_s, (int, float)) and math.isfinite(self.stats_interval_s)
                 and self.stats_interval_s >= 0):
             raise UserError(f"{KEY}.stats_interval_s = {self.stats_interval_s!r} must be a number of seconds >= 0")

@@ -38,6 +38,7 @@ import torch
 from trail_probe.runtime.estimates import refines_at
 from trail_probe.serving import vllm_internals as vi
 from trail_probe.serving.policies import RequestQueue, schedule
+from trail_probe.serving.step_cost import StepCost
 from trail_probe.serving.trail_runtime import RequestView
 from trail_probe.serving.vllm_worker import WANTS_ATTR, Wants
 
@@ -97,6 +98,8 @@ class TrailQueues:
         self.paused = SortedKeys()
         self.ran: set[str] = set()  # started at least once and not finished
         self.initial_s = 0.0  # seconds in initial estimates since the scheduler last took the count
+        self.step_cost = StepCost()  # the engine's step times, for the running limit (max_running 0)
+        self.running_limit, self._limit_age = scheduler.max_num_running_reqs, 0
 
     # -- requests come and go --
     def track(self, request) -> None:
@@ -134,8 +137,19 @@ class TrailQueues:
             self.queued.insert(rid, self.policy.key(v))
 
     # -- the step --
+    @property
+    def current_limit(self) -> int:
+        return min(self.settings.max_running or self.running_limit, self.s.max_num_running_reqs)
+
     def _limit(self) -> int:
-        return min(self.settings.max_running or self.s.max_num_running_reqs, self.s.max_num_running_reqs)
+        """Decode slots TRAIL fills: the setting, else the step-cost rule (recomputed every 64 steps)."""
+        largest = self.s.max_num_running_reqs
+        if self.settings.max_running:
+            return min(self.settings.max_running, largest)
+        self._limit_age += 1
+        if self._limit_age >= 64:
+            self._limit_age, self.running_limit = 0, self.step_cost.running_limit(largest, self.settings.max_throughput_loss)
+        return min(self.running_limit, largest)
 
     def before_step(self) -> Plan:
         """Rank and reorder vLLM's lists for its next step (nothing is changed until the decision is made)."""

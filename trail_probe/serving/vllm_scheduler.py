@@ -140,12 +140,17 @@ class TrailVLLMScheduler(RecordingScheduler):
         self.trail = TrailQueues(self, self.runtime, self.settings, self.stats, sums)
         self.async_mode = isinstance(self, AsyncScheduler)
         self.observed: deque = deque(maxlen=100_000)  # with record_states: the states refinements used
+        self._scheduled_at: deque = deque(maxlen=8)  # schedule() times of the steps in flight
+        self._last_update: float | None = None
+        self._scored_at_log = 0
         self._next_stats = time.monotonic() + (self.settings.stats_interval_s or math.inf)
         one_thread_outside_the_worker()
+        limit = self.settings.max_running or (f"auto (within {self.settings.max_throughput_loss:.0%} of the throughput of "
+                                              f"{self.max_num_running_reqs})")
         logger.info("TRAIL scheduler active: policy %s, initial estimate %s, probe layer %s, refine every %d tokens, "
                     "C = %s, at most %s decoding, %s scheduling, vLLM %s", self.runtime.policy.name, self.runtime.initial,
                     self.runtime.layer, self.runtime.refine_interval, self.runtime.policy.preemption_c,
-                    self.trail._limit(), "async" if self.async_mode else "sync", vi.vllm_version())
+                    limit, "async" if self.async_mode else "sync", vi.vllm_version())
 
     # -- requests come and go --
     def add_request(self, request) -> None:
@@ -209,6 +214,7 @@ class TrailVLLMScheduler(RecordingScheduler):
     # -- every step --
     def schedule(self, *args, **kwargs):
         t0 = time.perf_counter()
+        self._scheduled_at.append(t0)
         plan = self._guarded("rank", self.trail.before_step)
         trail_s = time.perf_counter() - t0
         try:
@@ -225,6 +231,7 @@ class TrailVLLMScheduler(RecordingScheduler):
         from trail_probe.serving.vllm_worker import PAYLOAD_ATTR
 
         t0 = time.perf_counter()
+        self._time_step(scheduler_output, t0)
         payload = getattr(model_runner_output, PAYLOAD_ATTR, None)
         self._guarded("refine", self.trail.absorb, payload)
         if self.settings.record_states and payload is not None:
@@ -234,7 +241,19 @@ class TrailVLLMScheduler(RecordingScheduler):
             initial_s, self.trail.initial_s = self.trail.initial_s, 0.0
             self.step_log[-1]["probe_s"] += time.perf_counter() - t0 - initial_s
             self.step_log[-1]["initial_s"] += initial_s
-        return super().update_from_output(scheduler_output, model_runner_output)
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        if not self.requests and self.stats.scored != self._scored_at_log:  # the engine goes idle: one more line
+            self._maybe_log_stats(force=True)
+        return result
+
+    def _time_step(self, scheduler_output, now: float) -> None:
+        """The step just run, for the running limit: from its scheduling (or the previous step's end,
+        whichever is later: async scheduling overlaps them) to now, against the tokens it ran."""
+        started = self._scheduled_at.popleft() if self._scheduled_at else now
+        tokens = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
+        if self._last_update is not None and tokens:
+            self.trail.step_cost.add(tokens, now - max(started, self._last_update))
+        self._last_update = now
 
     def _guarded(self, what: str, fn, *args):
         """TRAIL's part of a step: a failure is logged and counted, and vLLM's own step goes on."""
@@ -245,12 +264,13 @@ class TrailVLLMScheduler(RecordingScheduler):
             logger.exception("TRAIL: %s failed; this step runs as vLLM's FCFS step", what)
             return None
 
-    def _maybe_log_stats(self) -> None:
+    def _maybe_log_stats(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now < self._next_stats:
+        if not self.settings.stats_interval_s or (now < self._next_stats and not force):
             return
-        self._next_stats = now + self.settings.stats_interval_s
-        snap = self.stats.snapshot()
+        self._next_stats = now + (self.settings.stats_interval_s or math.inf)
+        self._scored_at_log = self.stats.scored
+        snap = {**self.stats.snapshot(), "running_limit": self.trail.current_limit}
         logger.info("%s", self.stats.line(snap))
         self.stats.publish(snap)
 
@@ -259,7 +279,7 @@ class TrailVLLMScheduler(RecordingScheduler):
         return {**super().log(), "trail": {"policy": rt.policy.name, "preemption_c": rt.policy.preemption_c,
                                            "preemptions": rt.preemptions, "refinements": rt.refinements,
                                            "paused_past_limit": rt.paused_past_limit, "initial_s": rt.initial_s},
-                "live": self.stats.snapshot(),
+                "live": {**self.stats.snapshot(), "running_limit": self.trail.current_limit},
                 "initial_estimates": {external_id(r): e for r, e in rt.initial_estimates.items()},
                 "trace": {external_id(r): points for r, points in rt.trace.items()},
                 "observed": [(external_id(r), g, s) for r, g, s in self.observed]}

@@ -1,0 +1,266 @@
+"""TRAIL against FCFS in the server people run: vLLM's OpenAI server, driven by vLLM's own benchmark client.
+
+    python benchmarks/vllm_serve_client.py                          # 3 pairs x (0.8x, 1.0x, 1.5x, burst)
+    python benchmarks/vllm_serve_client.py --pairs 1 --loads burst --num-prompts 100   # a quick look
+
+Each run starts a fresh server and stops it afterwards:
+- `fcfs`: `python -m vllm.entrypoints.openai.api_server` at vLLM's defaults (the baseline that counts;
+  `--gpu-memory-utilization 0.5` only because vLLM's CPU worker refuses to start without it here);
+- `trail`: `trail-probe serve RECIPE` (the same server, TRAIL's scheduler and the recipe's predictor);
+- `priority`: vLLM's defaults with `--scheduling-policy priority`, each request's priority its prompt
+  probe estimate (the estimate TRAIL's scheduler first ranks it by), computed before the run from
+  the eval's predictions: what a user could do without TRAIL's scheduler, given the same predictor.
+The client is `vllm.benchmarks.serve` (`vllm bench serve`: `--backend openai-chat --dataset-name
+custom`) over the recipe's held-out prompts, greedy, at most 512 new tokens; for `priority` one field
+is added to each request body (its priority). Loads are fractions of FCFS's saturation, measured
+first in the same session (a burst of all prompts: completed requests per second). This machine's
+speed drifts between runs, so policies run in interleaved pairs (fcfs, trail[, priority]) per load,
+and each pair's ratio is reported with their spread. Results (vLLM's own fields as it saves them,
+plus TRAIL's live accuracy from the server's log) go to benchmarks/results/vllm_serve_client.json;
+a run already there is kept (delete the file, or pass --fresh, to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_file import run_facts, write_results  # noqa: E402
+
+RESULTS = HERE / "results" / "vllm_serve_client.json"
+FIELDS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+          "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
+          "mean_tpot_ms", "mean_itl_ms", "max_concurrent_requests")
+LIVE = re.compile(r"TRAIL: (\d+) finished \| initial MAE ([\d.na]+) tau ([-\d.na]+) \| refined MAE ([\d.na]+) "
+                  r"tau \(same step\) ([-\d.na]+) over (\d+) refinements \| pauses (\d+), KV preemptions (\d+)"
+                  r".*?(?:decoding at most (\d+))?$")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="recipes/smollm2_alpaca.yaml")
+    p.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for TRAIL's server (serve.max_running=64 ...)")
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--loads", default="0.8,1.0,1.5,burst")
+    p.add_argument("--policies", default="fcfs,trail")
+    p.add_argument("--num-prompts", type=int, default=500)
+    p.add_argument("--port", type=int, default=8350)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--fresh", action="store_true", help="forget the runs in --out")
+    return p.parse_args(argv)
+
+
+# -- the workload --
+def workload(args, folder: Path) -> tuple[Path, dict]:
+    """The held-out prompts as vLLM's custom dataset (JSONL of {"prompt"}), and each prompt's prompt-probe estimate."""
+    from trail_probe.config import load_recipe
+    from trail_probe.stages.serve_bench import held_out_prompts
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    held = held_out_prompts(cfg)
+    path = folder / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in held))
+    estimates = {}
+    predictions = cfg.paths.eval / "predictions.json"
+    if predictions.is_file():
+        rows = json.loads(predictions.read_text())
+        by_id = {r["id"]: r for r in (rows["requests"] if isinstance(rows, dict) else rows)}
+        for p in held:
+            est = (by_id.get(p.id) or {}).get("prompt_probe_estimate")
+            if est is not None:
+                estimates[p.text] = int(round(est))
+    return path, estimates
+
+
+# -- servers --
+def server_command(policy: str, args, model: Path) -> list[str]:
+    common = ["--port", str(args.port), "--served-model-name", "model"]
+    if policy == "trail":
+        return ["trail-probe", "serve", args.recipe, *args.overrides, "--", *common]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *common,
+           "--gpu-memory-utilization", "0.5"]
+    return cmd + (["--scheduling-policy", "priority"] if policy == "priority" else [])
+
+
+def wait_ready(port: int, proc, timeout: float = 900.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise RuntimeError(f"the server on port {port} was not ready after {timeout:.0f} s")
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def live_stats(log: Path) -> dict | None:
+    """TRAIL's last live-accuracy line in the server's log."""
+    last = None
+    for line in log.read_text(errors="replace").splitlines():
+        m = LIVE.search(line)
+        if m:
+            last = m
+    if last is None:
+        return None
+    num = [float(x) if x not in ("nan",) else None for x in last.groups()[:6]]
+    return {"finished_scored": int(num[0]), "initial_mae": num[1], "initial_tau": num[2], "refined_mae": num[3],
+            "refined_tau_same_step": num[4], "refined_points": int(num[5]), "pauses": int(last.group(7)),
+            "kv_preemptions": int(last.group(8)), "running_limit": int(last.group(9)) if last.group(9) else None}
+
+
+# -- one run --
+def run_once(policy: str, rate: str, args, model: Path, dataset: Path, priorities: Path, folder: Path, tag: str) -> dict:
+    log = folder / f"{tag}.server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(server_command(policy, args, model), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_ready(args.port, proc)
+        client = [sys.executable, __file__, "--client", *(["--priorities", str(priorities)] if policy == "priority" else []),
+                  "--", "--backend", "openai-chat", "--base-url", f"http://127.0.0.1:{args.port}",
+                  "--endpoint", "/v1/chat/completions", "--model", "model", "--tokenizer", str(model),
+                  "--dataset-name", "custom", "--dataset-path", str(dataset), "--custom-output-len", "512",
+                  "--temperature", "0", "--num-prompts", str(args.num_prompts), "--request-rate", rate,
+                  "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+                  "--save-result", "--result-dir", str(folder), "--result-filename", f"{tag}.json"]
+        subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
+        time.sleep(12)  # one more live-accuracy line after the last request finished
+    finally:
+        stop(proc)
+    result = json.loads((folder / f"{tag}.json").read_text())
+    out = {k: result.get(k) for k in FIELDS}
+    if policy == "trail":
+        out["trail_live"] = live_stats(log)
+    return out
+
+
+def client_main(argv: list[str]) -> None:
+    """vLLM's benchmark client, with each request's priority added to its body when --priorities is given."""
+    import dataclasses
+
+    from vllm.benchmarks import serve
+    from vllm.benchmarks.lib import endpoint_request_func as funcs
+
+    if argv and argv[0] == "--priorities":
+        table = json.loads(Path(argv[1]).read_text())
+        argv = argv[2:]
+        plain = funcs.ASYNC_REQUEST_FUNCS["openai-chat"]
+
+        async def with_priority(request_func_input, *a, **kw):
+            extra = {**(request_func_input.extra_body or {}), "priority": table.get(request_func_input.prompt, 512)}
+            return await plain(dataclasses.replace(request_func_input, extra_body=extra), *a, **kw)
+
+        funcs.ASYNC_REQUEST_FUNCS["openai-chat"] = with_priority
+    parser = argparse.ArgumentParser()
+    serve.add_cli_args(parser)
+    serve.main(parser.parse_args(argv[1:] if argv and argv[0] == "--" else argv))
+
+
+# -- the session --
+def summarize(runs: list[dict]) -> dict:
+    """Per load: each pair's FCFS / policy ratios (mean e2e latency, mean TTFT) and tok/s ratio, with the spread."""
+    out = {}
+    for load in dict.fromkeys(r["load"] for r in runs):
+        for policy in sorted({r["policy"] for r in runs} - {"fcfs"}):
+            pairs = []
+            for pair in sorted({r["pair"] for r in runs if r["load"] == load}):
+                got = {r["policy"]: r for r in runs if r["load"] == load and r["pair"] == pair}
+                if "fcfs" in got and policy in got:
+                    f, t = got["fcfs"], got[policy]
+                    pairs.append({"pair": pair, "latency_ratio": f["mean_e2el_ms"] / t["mean_e2el_ms"],
+                                  "ttft_ratio": f["mean_ttft_ms"] / t["mean_ttft_ms"],
+                                  "throughput_ratio": t["output_throughput"] / f["output_throughput"]})
+            if pairs:
+                lat = [p["latency_ratio"] for p in pairs]
+                out[f"{load}/{policy}"] = {"pairs": pairs, "latency_ratio_min": min(lat), "latency_ratio_max": max(lat),
+                                           "latency_ratio_mean": statistics.mean(lat)}
+    return out
+
+
+def print_table(runs: list[dict], summary: dict) -> None:
+    print(f"{'load':>6} {'pair':>4} {'policy':>8} {'mean e2e s':>10} {'mean TTFT s':>11} {'tok/s':>7} {'done':>5}")
+    for r in runs:
+        print(f"{r['load']:>6} {r['pair']:>4} {r['policy']:>8} {r['mean_e2el_ms'] / 1e3:>10.2f} "
+              f"{r['mean_ttft_ms'] / 1e3:>11.2f} {r['output_throughput']:>7.1f} {r['completed']:>5}")
+    for key, s in summary.items():
+        pairs = ", ".join(f"{p['latency_ratio']:.2f}x" for p in s["pairs"])
+        ttft = ", ".join(f"{p['ttft_ratio']:.2f}x" for p in s["pairs"])
+        tput = ", ".join(f"{p['throughput_ratio']:.3f}" for p in s["pairs"])
+        print(f"{key}: FCFS/policy mean latency per pair {pairs}; TTFT {ttft}; tok/s policy/FCFS {tput}")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--client":
+        return client_main(argv[1:])
+    args = parse_args(argv)
+    from trail_probe.config import load_recipe
+    from trail_probe.runtime.models import plain_hf_folder
+
+    model = plain_hf_folder(load_recipe(args.recipe).model)
+    out_path = Path(args.out)
+    state = json.loads(out_path.read_text()) if out_path.is_file() and not args.fresh else {}
+    runs: list[dict] = state.get("runs", [])
+    folder = Path(tempfile.mkdtemp(prefix="vllm_serve_client_"))
+    dataset, estimates = workload(args, folder)
+    priorities = folder / "priorities.json"
+    priorities.write_text(json.dumps(estimates))
+    policies = args.policies.split(",")
+    if "priority" in policies and not estimates:
+        raise SystemExit("the priority policy needs the eval's prompt-probe predictions; run the pipeline first")
+
+    def save() -> None:
+        state.update(runs=runs, summary=summarize(runs), facts=run_facts(argv), num_prompts=args.num_prompts,
+                     recipe=args.recipe, overrides=args.overrides, logs=str(folder))
+        write_results(out_path, state)
+
+    if "saturation_rps" not in state:
+        cal = run_once("fcfs", "inf", args, model, dataset, priorities, folder, "saturation")
+        state["saturation_rps"] = cal["request_throughput"]
+        state["saturation_run"] = cal
+        save()
+    print(f"FCFS saturation: {state['saturation_rps']:.3f} requests/s (logs in {folder})")
+    for load in args.loads.split(","):
+        rate = "inf" if load == "burst" else f"{float(load) * state['saturation_rps']:.4f}"
+        name = "burst" if load == "burst" else f"{float(load):.1f}x"
+        for pair in range(1, args.pairs + 1):
+            for policy in policies:
+                if any(r["load"] == name and r["pair"] == pair and r["policy"] == policy for r in runs):
+                    continue
+                tag = f"{name}_{pair}_{policy}"
+                print(f"# {tag}: rate {rate} req/s", flush=True)
+                result = run_once(policy, rate, args, model, dataset, priorities, folder, tag)
+                runs.append({"policy": policy, "load": name, "pair": pair, "vllm_defaults": True, "request_rate": rate,
+                             **result})
+                save()
+    print_table(runs, summarize(runs))
+
+
+if __name__ == "__main__":
+    main()
