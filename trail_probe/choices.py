@@ -18,7 +18,17 @@ MultiLayer = Literal["none", "concat", "weighted_mean"]
 Logger = Literal["csv", "tensorboard", "wandb"]
 # cross-entropy over bins; balanced: weighted by inverse bin frequency; emd: an ordinal loss on the same
 # softmax (squared earth mover's distance between predicted and true bin CDFs)
-ProbeLoss = Literal["ce", "balanced_ce", "emd"]
+# rank: cross-entropy plus a pairwise ranking loss on the batch's expected lengths (offline/probe_losses.py)
+ProbeLoss = Literal["ce", "balanced_ce", "emd", "rank"]
+# What a probe reads (runtime/probe_inputs.py defines each): the prompt pooled over its tokens (mean:
+# TRAIL's; last: the last prompt token; entropy: weighted by the model's next-token entropy), and at a
+# decode step the current token's state (TRAIL's), a running pool of the generated tokens' states so
+# far, or both side by side
+PromptInput = Literal["mean", "last", "entropy"]
+DecodeInput = Literal["current", "mean", "entropy", "current+mean", "current+entropy"]
+# the prompt probe's labels: the greedy answer's length (TRAIL's), or from extract.num_samples sampled
+# answers: their median length, or their histogram over the bins as soft targets
+PromptLabels = Literal["greedy", "median", "soft"]
 TooLong = Literal["skip", "truncate"]  # prompts that leave no room for max_new_tokens
 # The per-step factor of the Bayes update: TRAIL's rule (the probe's output as it is), or the same
 # with the training labels' bin frequencies divided out (refine.step_likelihood).

@@ -25,6 +25,7 @@ import yaml
 
 from trail_probe.atomic import atomic_write_text
 from trail_probe.choices import (
+    DecodeInput,
     EngineName,
     EvalSplit,
     ExtractionCheck,
@@ -34,6 +35,8 @@ from trail_probe.choices import (
     MultiLayer,
     PausedCache,
     ProbeLoss,
+    PromptInput,
+    PromptLabels,
     RefineCadence,
     RefinePrior,
     Task,
@@ -94,6 +97,9 @@ class ExtractConfig:
     engine: EngineName = "hf"
     vllm_kv_cache_gb: float = 4.0  # vllm: KV cache (on CPU, bytes of memory); room for generation.batch_size answers
     vllm_max_batch_tokens: int = 2048  # vllm: tokens per forward pass (prefill chunks)
+    pooled_inputs: bool = True  # also the pooled probe inputs (runtime/probe_inputs.py) beside TRAIL's mean and current
+    entropy: bool = True  # and the entropy-weighted ones (costs an lm_head over every prompt token)
+    num_samples: int = 0  # N > 0: also N sampled answers per prompt (generation.temperature, top_p): their lengths
 
 
 @dataclass
@@ -117,6 +123,10 @@ class TrainConfig:
     standardize: bool = False  # per-feature mean/std of the training states before fc1 (folded into fc1 at export)
     loss: ProbeLoss = "ce"  # the paper's cross-entropy, or balanced_ce (weighted by inverse training bin frequency)
     label_smoothing: float = 0.0  # in [0, 1): cross-entropy against smoothed targets (training loss only)
+    rank_weight: float = 1.0  # train.loss=rank: the pairwise ranking loss's weight beside cross-entropy
+    prompt_input: PromptInput = "mean"  # what the prompt probe reads (runtime/probe_inputs.py); mean: TRAIL's
+    decode_input: DecodeInput = "current"  # what the decode probe reads; current: TRAIL's
+    prompt_labels: PromptLabels = "greedy"  # the prompt probe's targets: the greedy length, or extract.num_samples'
     epochs: int = 30
     batch_size: int = 32
     lr: float = 0.01
