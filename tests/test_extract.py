@@ -65,6 +65,73 @@ def test_captured_states_equal_teacher_forced_pass(arch, request):
         assert len(set(lengths)) > 1, "rows must leave the batch at different times for this test to bite"
 
 
+def teacher_forced(model, ids: list[int], layers: list[int]) -> tuple[dict, torch.Tensor]:
+    """One forward pass over `ids`: each layer's residual stream after it (pre-norm, from our own hooks
+    on the decoder layers) and the entropy in nats of the next-token distribution at every position."""
+    blocks, states, handles = model.get_decoder().layers, {}, []
+    for layer in layers:
+        handles.append(blocks[layer].register_forward_hook(
+            lambda m, i, out, layer=layer: states.__setitem__(layer, (out[0] if isinstance(out, tuple) else out)[0])))
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+    finally:
+        for h in handles:
+            h.remove()
+    p = torch.softmax(logits, -1)
+    return states, -(p * torch.log_softmax(logits, -1)).sum(-1)
+
+
+def test_stored_pooled_inputs_equal_their_definitions_on_a_teacher_forced_pass(vllm_llama):
+    """The pooled inputs as runtime/probe_inputs.py defines them, rebuilt here from one forward pass over
+    prompt + answer: the last prompt token, the entropy-weighted prompt pool, and at every sampled step
+    g the generated tokens' running mean and entropy pool over positions P .. P-1+g, with their weights."""
+    from trail_probe.offline.store import stored_inputs
+
+    cfg = _cfg(vllm_llama, "unused.jsonl", "unused", "generation.max_new_tokens=30")  # (a tiny Llama with longer answers)
+    model, tokenizer = load_causal_lm(cfg.model)
+    with torch.no_grad():  # sharper next-token distributions, the same greedy answers: entropies that vary a lot
+        model.get_output_embeddings().weight.mul_(30.0)
+    prompts = [Prompt(f"p{i}", f"Tell me fact number {i} about " + "the very deep blue sea " * (i % 4)) for i in range(8)]
+    ready, _ = prepare_prompts(prompts, tokenizer, 30, 512, "skip")
+    layers = [0, 1, 2]
+    requests = list(generate_with_capture(model, tokenizer, ready, cfg.generation, layers, layers, 2, torch.float32,
+                                          inputs=stored_inputs(True, True)))
+    ids_of = {p.id: ids for p, ids, _ in ready}
+    steps, gaps, errors = 0, [], []
+    for req in requests:
+        ids, n = ids_of[req.record["id"]], req.record["output_tokens"]
+        P = len(ids)
+        states, H = teacher_forced(model, ids + req.token_ids[:n], layers)
+        pooled = req.pooled
+        assert sorted(pooled) == ["decode_entropy", "decode_entropy_sum", "decode_mean", "decode_token_entropy",
+                                  "prompt_entropy", "prompt_entropy_sum", "prompt_last"]
+        torch.testing.assert_close(pooled["prompt_entropy_sum"], H[:P].sum(), atol=1e-4, rtol=1e-5)
+        for li, layer in enumerate(layers):
+            h = states[layer]
+            torch.testing.assert_close(pooled["prompt_last"][li], h[P - 1], atol=1e-4, rtol=1e-4)
+            weighted = (H[:P, None] * h[:P]).sum(0) / H[:P].sum()
+            torch.testing.assert_close(pooled["prompt_entropy"][li], weighted, atol=1e-4, rtol=1e-4)
+            # the stored pool is far closer to its definition than to the plain mean
+            gaps.append(float((weighted - h[:P].mean(0)).abs().max()))
+            errors.append(float((pooled["prompt_entropy"][li] - weighted).abs().max()))
+            for k, g in enumerate(req.decode_generated.tolist()):
+                gen = slice(P, P + g)  # positions P - 1 + j, j = 1 .. g
+                torch.testing.assert_close(req.decode_states[li, k], h[P - 1 + g], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(pooled["decode_mean"][li, k], h[gen].mean(0), atol=1e-4, rtol=1e-4)
+                expected = (H[gen, None] * h[gen]).sum(0) / H[gen].sum()
+                torch.testing.assert_close(pooled["decode_entropy"][li, k], expected, atol=1e-4, rtol=1e-4)
+                gaps.append(float((expected - h[gen].mean(0)).abs().max()))
+                errors.append(float((pooled["decode_entropy"][li, k] - expected).abs().max()))
+                if li == 0:
+                    torch.testing.assert_close(pooled["decode_entropy_sum"][k], H[gen].sum(), atol=1e-4, rtol=1e-5)
+                    torch.testing.assert_close(pooled["decode_token_entropy"][k], H[P - 1 + g], atol=1e-4, rtol=1e-5)
+                    steps += 1
+    assert steps > 10 and len({r.record["output_tokens"] for r in requests}) > 1, (steps, [r.record["output_tokens"] for r in requests])
+    gaps = [g for g in gaps if g > 0]  # (g = 1: a pool of one token is that token, weighted or not)
+    assert len(gaps) > 10 and max(errors) < 0.1 * sorted(gaps)[len(gaps) // 2], (max(errors), sorted(gaps)[:5])
+
+
 def test_extract_end_to_end_and_manifest(tiny_llama, prompts_file, tmp_path, capsys):
     out = tmp_path / "ex"
     code = main(["extract", "recipes/smollm2_alpaca_hf.yaml", f"model.name_or_path={tiny_llama}",

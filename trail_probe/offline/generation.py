@@ -11,11 +11,14 @@ the batch at once and a waiting prompt takes its slot, so no compute is spent on
 lives in preallocated per-slot buffers (`_SlotCache`), so no step copies it. Hidden states are
 captured by `trail_probe.runtime.capture.LayerCapture` during that same generation: the prompt
 mean per prompt layer, and decode states on TRAIL's refinement cadence (`runtime.estimates.refines_at`
-with k = decode_stride).
+with k = decode_stride); with `inputs` (`store.stored_inputs`) also the pooled probe inputs beside
+them (`offline.pooled_states`: the last prompt token, the entropy-weighted prompt pool, the generated
+tokens' running pools). `sample_lengths` generates sampled answers for their lengths only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,11 +29,20 @@ from torch import nn
 from trail_probe.choices import TooLong, check_choice
 from trail_probe.errors import UserError
 from trail_probe.offline.packed_gqa import packed_gqa_attention
+from trail_probe.offline.pooled_states import PooledStates, decode_names, decode_pooled
 from trail_probe.offline.prompts import Prompt
-from trail_probe.offline.store import ExtractedRequest
+from trail_probe.offline.store import OLD_INPUTS, ExtractedRequest
 from trail_probe.runtime.capture import LayerCapture
 from trail_probe.runtime.estimates import refines_at
 from trail_probe.runtime.models import encode_prompt, eos_token_ids
+
+
+@dataclass
+class SampledLengths:
+    """A prompt's sampled answer lengths (extract.num_samples), streamed beside the finished requests."""
+
+    id: str
+    lengths: list[int]
 
 
 @dataclass
@@ -42,6 +54,8 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     states: list[torch.Tensor] = field(default_factory=list)  # each [Ld, d]
     generated: list[int] = field(default_factory=list)
+    prompt_pooled: dict = field(default_factory=dict)  # the prompt's pooled inputs (PooledStates.prompt)
+    decode_pooled: list[dict] = field(default_factory=list)  # per sampled position (PooledStates.sampled)
 
 
 class _SlotCache:
@@ -200,13 +214,15 @@ def generate_with_capture(
     decode_stride: int,
     storage_dtype: torch.dtype = torch.float16,
     progress=None,
+    inputs: dict | None = None,
 ) -> Iterator[ExtractedRequest]:
-    """Stream finished requests. `prompts` are (prompt, chat-template token ids, truncated)."""
+    """Stream finished requests. `prompts` are (prompt, chat-template token ids, truncated); `inputs`
+    the probe inputs to store (`store.stored_inputs`; default TRAIL's mean and current states only)."""
     validate_generation(gen, decode_stride)
     pending = list(reversed(prompts))  # pop() takes them in order
     with packed_gqa_attention(model), LayerCapture(model, set(prompt_layers) | set(decode_layers)) as capture:
         loop = _DecodeLoop(model, tokenizer, gen, capture, prompt_layers, decode_layers, decode_stride,
-                           storage_dtype, progress)
+                           storage_dtype, progress, inputs or OLD_INPUTS)
         while True:
             yield from loop.refill(pending)  # 1. free slots take the next prompts
             live = [i for i, row in enumerate(loop.slots) if row is not None]
@@ -222,10 +238,12 @@ class _DecodeLoop:
     next token and position, and the hooks' captured states."""
 
     def __init__(self, model: nn.Module, tokenizer, gen, capture: LayerCapture, prompt_layers: list[int],
-                 decode_layers: list[int], decode_stride: int, storage_dtype: torch.dtype, progress):
+                 decode_layers: list[int], decode_stride: int, storage_dtype: torch.dtype, progress, inputs: dict):
         self.model, self.tokenizer, self.gen, self.capture, self.progress = model, tokenizer, gen, capture, progress
         self.prompt_layers, self.decode_layers, self.decode_stride = prompt_layers, decode_layers, decode_stride
         self.storage_dtype = storage_dtype
+        self.pooled = PooledStates(inputs, gen.batch_size, storage_dtype)
+        self.decode_names = decode_names(inputs)
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(model, tokenizer)
         self.eos_t = torch.tensor(sorted(self.eos), device=self.device)
@@ -245,10 +263,13 @@ class _DecodeLoop:
                 prompt, ids, truncated = pending.pop()
                 cache = self.batch.new_prefill_cache()
                 out = self.model(input_ids=torch.tensor([ids], device=self.device), **{self.cache_kw: cache},
-                                 use_cache=True, logits_to_keep=1)
+                                 use_cache=True, logits_to_keep=0 if self.pooled.needs_prompt_logits else 1)
                 prompt_states = torch.stack([self.capture.outputs[layer][0].float().mean(0)
-                                             for layer in self.prompt_layers])
+                                             for layer in self.prompt_layers]) if self.prompt_layers else torch.zeros(0, 0)
                 row = _Row(prompt, len(ids), truncated, prompt_states.to(self.storage_dtype).cpu())
+                if self.pooled.active:
+                    row.prompt_pooled = self.pooled.prompt([self.capture.outputs[layer][0] for layer in self.prompt_layers],
+                                                           out.logits[0])
                 first = int(_choose(out.logits[:, -1], self.gen, self.generator)[0])
                 row.tokens.append(first)
                 if first in self.eos:
@@ -257,6 +278,7 @@ class _DecodeLoop:
                     yield self._finish(row, 1, True)
                 else:
                     self.batch.place(slot, cache)
+                    self.pooled.reset(slot)
                     self.slots[slot] = row
                     self.next_tokens[slot], self.positions[slot] = first, len(ids)
 
@@ -266,6 +288,7 @@ class _DecodeLoop:
         self.batch.keep(keep)
         self.slots = [self.slots[i] for i in live]
         self.next_tokens, self.positions = self.next_tokens[keep], self.positions[keep]
+        self.pooled.keep(keep)
 
     def step(self) -> Iterator[ExtractedRequest]:
         """One decode step of every slot: keep the states TRAIL's cadence samples, yield the requests it ends."""
@@ -275,12 +298,16 @@ class _DecodeLoop:
         chosen = _choose(out.logits[:, -1], self.gen, self.generator)
         generated = torch.tensor([len(r.tokens) for r in self.slots], device=self.device)  # j per row
         sampled = refines_at(generated, self.decode_stride).nonzero().flatten().tolist()
-        if sampled:
+        if self.pooled.decode_kinds:  # every step: the generated tokens' running pools
+            self.pooled.step(torch.stack([self.capture.outputs[layer][:, -1] for layer in self.decode_layers], 1),
+                             out.logits[:, -1])
+        if sampled and self.decode_layers:
             states = torch.stack([self.capture.outputs[layer][sampled, -1] for layer in self.decode_layers], 1)
             states = states.to(self.storage_dtype).cpu()
-            for k, i in enumerate(sampled):
+            for k, (i, pools) in enumerate(zip(sampled, self.pooled.sampled(sampled))):
                 self.slots[i].states.append(states[k])
                 self.slots[i].generated.append(len(self.slots[i].tokens))
+                self.slots[i].decode_pooled.append(pools)
         is_eos = torch.isin(chosen, self.eos_t).tolist()
         for i, (token, ended) in enumerate(zip(chosen.tolist(), is_eos)):
             row = self.slots[i]
@@ -294,17 +321,38 @@ class _DecodeLoop:
     def _finish(self, row: _Row, n: int, hit_cap: bool) -> ExtractedRequest:
         if self.progress is not None:
             self.progress.update(1)
+        pooled = {**row.prompt_pooled, **decode_pooled(row.decode_pooled, len(self.decode_layers),
+                                                       row.prompt_states.shape[-1], self.storage_dtype, self.decode_names)}
         return extracted_request(self.tokenizer, row.prompt, row.prompt_len, row.truncated, row.tokens, n, hit_cap,
                                  row.prompt_states, row.states, row.generated, len(self.decode_layers),
-                                 self.storage_dtype)
+                                 self.storage_dtype, pooled)
+
+
+def sample_lengths(model: nn.Module, tokenizer, prompts: list[tuple[Prompt, list[int], bool]], gen, num_samples: int,
+                   progress=None) -> Iterator[SampledLengths]:
+    """A prompt's `num_samples` sampled answer lengths, as its last one finishes:
+    the same decode loop sampling with `gen`'s temperature and top-p (its seed, one generator for the
+    whole run), with nothing captured. Lengths count tokens up to EOS, as `output_tokens` does."""
+    sampling = dataclasses.replace(gen, do_sample=True)
+    copies = [(Prompt(f"{p.id}#{k}", p.text), ids, truncated) for p, ids, truncated in prompts for k in range(num_samples)]
+    lengths: dict[str, list[int]] = {}
+    for req in generate_with_capture(model, tokenizer, copies, sampling, [], [], 1):
+        rid = req.record["id"].rsplit("#", 1)[0]
+        lengths.setdefault(rid, []).append(req.record["output_tokens"])
+        if len(lengths[rid]) == num_samples:
+            if progress is not None:
+                progress.update(1)
+            yield SampledLengths(rid, lengths.pop(rid))
 
 
 def extracted_request(tokenizer, prompt: Prompt, prompt_len: int, truncated: bool, tokens: list[int], n: int,
                       hit_cap: bool, prompt_states: torch.Tensor, states: list[torch.Tensor], generated: list[int],
-                      num_decode_layers: int, storage_dtype: torch.dtype) -> ExtractedRequest:
+                      num_decode_layers: int, storage_dtype: torch.dtype,
+                      pooled: dict[str, torch.Tensor] | None = None) -> ExtractedRequest:
     """One finished request as the store keeps it, whichever engine generated it: `tokens` are the
     generated ids (the EOS included when it ended the answer), `n` the answer's length without it,
-    `states` one [Ld, d] state per sampled position `generated`."""
+    `states` one [Ld, d] state per sampled position `generated`, `pooled` the pooled inputs by shard
+    tensor name (`store`'s module docstring)."""
     decode = torch.stack(states, 1) if states else torch.zeros(num_decode_layers, 0, prompt_states.shape[-1],
                                                                  dtype=storage_dtype)
     record = {
@@ -316,7 +364,8 @@ def extracted_request(tokenizer, prompt: Prompt, prompt_len: int, truncated: boo
         "hit_cap": hit_cap,
         "truncated": truncated,
     }
-    return ExtractedRequest(record, prompt_states, decode, torch.tensor(generated, dtype=torch.long), list(tokens))
+    return ExtractedRequest(record, prompt_states, decode, torch.tensor(generated, dtype=torch.long), list(tokens),
+                            dict(pooled or {}))
 
 
 def validate_generation(gen, decode_stride: int) -> None:

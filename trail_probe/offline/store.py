@@ -18,6 +18,16 @@ shard never exists under its real name) with tensors
 and its per-request records (id, prompt, response, token counts, hit_cap) as JSON in the
 safetensors metadata. safetensors was chosen because it is mmap-able, safe to load (no pickle), and
 lets a reader take one layer's slice without reading the others.
+
+The pooled probe inputs (`runtime/probe_inputs.py` defines them; the manifest's `inputs` lists those
+stored, `OLD_INPUTS` for extractions made before them) are more tensors of the same shapes:
+    prompt_last, prompt_entropy   [Lp, n, d]  the last prompt token's state, the entropy-weighted pool
+    prompt_entropy_sum            [n] float32 sum_t H_t over the prompt (the pool's weight total)
+    decode_mean, decode_entropy   [Ld, m, d]  the generated tokens' running mean and entropy-weighted
+                                              mean at each sampled position (j = 1 .. generated)
+    decode_entropy_sum            [m] float32 sum_j H_{P-1+j}, j = 1 .. generated
+    decode_token_entropy          [m] float32 H_{P-1+generated}, the entropy at the sampled position
+With `extract.num_samples` = N, `samples/worker-<i>.json` holds each prompt's N sampled answer lengths.
 """
 
 from __future__ import annotations
@@ -36,12 +46,25 @@ from safetensors.torch import save_file
 from trail_probe.errors import UserError
 from trail_probe.model_files import weights_sha256
 from trail_probe.runtime.models import decoder_layers
+from trail_probe.runtime.probe_inputs import input_parts
 
 FORMAT = "trail_probe.extraction/1"
 LAYER_NUMBERING = (
     "TRAIL runtime numbering: layer L is the residual stream after decoder layer L (0-based), "
     "i.e. Hugging Face hidden_states[L + 1] without the final norm"
 )
+OLD_INPUTS = {"prompt": ["mean"], "decode": ["current"]}  # what an extraction without `inputs` in its manifest stores
+INPUT_TENSORS = {"prompt": {"mean": "prompt_states", "last": "prompt_last", "entropy": "prompt_entropy"},
+                 "decode": {"current": "decode_states", "mean": "decode_mean", "entropy": "decode_entropy"}}
+
+
+def stored_inputs(pooled: bool, entropy: bool) -> dict:
+    """The inputs an extraction stores (the manifest's `inputs`): with `pooled`, the last prompt token
+    and the generated tokens' running mean beside TRAIL's two, and with `entropy` the entropy pools."""
+    if not pooled:
+        return {task: list(kinds) for task, kinds in OLD_INPUTS.items()}
+    extra = ["entropy"] if entropy else []
+    return {"prompt": ["mean", "last", *extra], "decode": ["current", "mean", *extra]}
 
 
 
@@ -77,6 +100,8 @@ class ExtractedRequest:
     decode_states: torch.Tensor  # [Ld, m, d]
     decode_generated: torch.Tensor  # [m]
     token_ids: list[int] = field(default_factory=list)  # generated ids (EOS included); not stored on disk
+    # the pooled inputs by shard tensor name (module docstring): prompt_* [Lp, d] or [], decode_* [Ld, m, d] or [m]
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def decode_remaining(self) -> torch.Tensor:
@@ -109,6 +134,12 @@ def write_shard(path: Path, requests: list[ExtractedRequest], num_prompt_layers:
         "decode_generated": torch.cat([r.decode_generated for r in requests]).long(),
         "decode_remaining": torch.cat([r.decode_remaining for r in requests]).long(),
     }
+    for name, first in requests[0].pooled.items():  # every request of a run holds the same ones
+        parts = [r.pooled[name] for r in requests]
+        if name.startswith("prompt_"):  # [Lp, d] -> [Lp, n, d]; [] -> [n]
+            tensors[name] = torch.stack(parts, 1 if first.dim() == 2 else 0).contiguous()
+        else:  # [Ld, m, d] -> [Ld, sum m, d]; [m] -> [sum m]
+            tensors[name] = torch.cat(parts, 1 if first.dim() == 3 else 0).contiguous()
     metadata = {"format": FORMAT, "records": json.dumps([r.record for r in requests])}
     tmp_dir = worker_temp_dir(path.parent, worker_index)
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +197,16 @@ def verify_shard(path: Path, sha256: str | None = None) -> str | None:
             request = f.get_tensor("decode_request")
             if prompt.shape[1] != n or decode.shape[1] != len(request) or (len(request) and int(request.max()) >= n):
                 return "its tensors do not match its records"
-            bad = sorted({records[i]["id"] for i in torch.nonzero(~torch.isfinite(prompt).all(-1).all(0)).flatten().tolist()}
-                         | {records[int(request[i])]["id"] for i in torch.nonzero(~torch.isfinite(decode).all(-1).all(0)).flatten().tolist()})
+            bad = set()
+            for name in f.keys():  # TRAIL's states and the pooled inputs beside them
+                kind = "prompt" if name.startswith("prompt_") else "decode" if name.startswith("decode_") else None
+                t = f.get_tensor(name) if kind else None
+                if t is None or not t.is_floating_point():
+                    continue
+                broken = ~torch.isfinite(t).all(-1).all(0) if t.dim() == 3 else ~torch.isfinite(t)  # per request or sample
+                rows = torch.nonzero(broken).flatten().tolist()
+                bad |= {records[i if kind == "prompt" else int(request[i])]["id"] for i in rows}
+            bad = sorted(bad)
             if bad:
                 return f"non-finite hidden states for request(s) {', '.join(bad[:5])}"
     except DamagedShard as e:
@@ -229,6 +268,21 @@ class Extraction:
         return int(self.manifest["decode_stride"])
 
     @property
+    def inputs(self) -> dict[str, list[str]]:
+        """The probe inputs stored, per task (`runtime/probe_inputs.py`); TRAIL's two in older extractions."""
+        return self.manifest.get("inputs") or OLD_INPUTS
+
+    def check_input(self, task: str, kind: str) -> None:
+        """Refuse, in one line, a probe input this extraction does not store."""
+        missing = [part for part in input_parts(kind) if part not in self.inputs[task]]
+        if missing:
+            why = ("made before pooled inputs" if "inputs" not in self.manifest
+                   else "extract.pooled_inputs or extract.entropy was off")
+            raise UserError(f"extraction '{self.root}' stores the {task} inputs {', '.join(self.inputs[task])} only ({why}), "
+                            f"not '{missing[0]}'; extract again ('trail-probe extract RECIPE --overwrite', or another "
+                            f"extract.out_dir) to train on {task} input '{kind}'")
+
+    @property
     def ids(self) -> list[str]:
         return [r["id"] for r in self.records]
 
@@ -283,15 +337,28 @@ class Extraction:
                             "if the model overflowed")
         return states
 
-    def prompt_states(self, layer: int) -> torch.Tensor:
-        """[N, d] float32 mean prompt hidden state of `layer`, in `records` order."""
+    def prompt_states(self, layer: int, kind: str = "mean") -> torch.Tensor:
+        """[N, d] float32 prompt input `kind` of `layer` (the mean prompt state unless asked), in `records` order."""
         li = self._layer_index(layer, self.prompt_layers, "prompt")
+        self.check_input("prompt", kind)
         parts = []
         for shard in self.shards:
             with open_shard(shard) as f:
-                parts.append(f.get_slice("prompt_states")[li : li + 1][0].float())
+                parts.append(f.get_slice(INPUT_TENSORS["prompt"][kind])[li : li + 1][0].float())
         states = torch.cat(parts) if parts else torch.zeros(0, self.hidden_size)
-        return self._check_finite(states, torch.arange(len(states)), f"prompt states of layer {layer}")
+        return self._check_finite(states, torch.arange(len(states)), f"prompt {kind} states of layer {layer}")
+
+    def sampled_lengths(self) -> torch.Tensor:
+        """[N, S] int64: each request's S sampled answer lengths (extract.num_samples), in `records` order."""
+        samples: dict[str, list[int]] = {}
+        for path in sorted((self.root / "samples").glob("worker-*.json")):
+            samples.update(json.loads(path.read_text()).get("lengths") or {})
+        missing = [rid for rid in self.ids if rid not in samples]
+        if int(self.manifest.get("num_samples") or 0) < 1 or missing:
+            raise UserError(f"extraction '{self.root}' holds no sampled answers"
+                            + (f" for {len(missing)} request(s) (e.g. '{missing[0]}')" if missing and samples else "")
+                            + "; extract again with extract.num_samples=8 (e.g.) to train on median or soft labels")
+        return torch.tensor([samples[rid] for rid in self.ids], dtype=torch.long)
 
     def decode_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global request index, remaining tokens) of every decode sample, without reading states."""
@@ -304,21 +371,25 @@ class Extraction:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return torch.cat(request), torch.cat(remaining)
 
-    def decode(self, layer: int) -> DecodeStates:
-        """Decode-step samples of `layer` across all shards, with global request indices."""
+    def decode(self, layer: int, kind: str = "current") -> DecodeStates:
+        """Decode-step samples of `layer` across all shards, with global request indices; the states are
+        the decode input `kind` (the current token's unless asked; two parts side by side for current+pool)."""
         li = self._layer_index(layer, self.decode_layers, "decode")
+        self.check_input("decode", kind)
+        names = [INPUT_TENSORS["decode"][part] for part in input_parts(kind)]
         states, request, generated, remaining = [], [], [], []
         for shard, offset in zip(self.shards, self._shard_offsets):
             with open_shard(shard) as f:
-                states.append(f.get_slice("decode_states")[li : li + 1][0].float())
+                read = [f.get_slice(name)[li : li + 1][0].float() for name in names]
+                states.append(read[0] if len(read) == 1 else torch.cat(read, -1))
                 request.append(f.get_tensor("decode_request") + offset)
                 generated.append(f.get_tensor("decode_generated"))
                 remaining.append(f.get_tensor("decode_remaining"))
         if not states:
             empty = torch.zeros(0, dtype=torch.long)
-            return DecodeStates(torch.zeros(0, self.hidden_size), empty, empty, empty)
+            return DecodeStates(torch.zeros(0, self.hidden_size * len(names)), empty, empty, empty)
         out = DecodeStates(torch.cat(states), torch.cat(request), torch.cat(generated), torch.cat(remaining))
-        self._check_finite(out.states, out.request, f"decode states of layer {layer}")
+        self._check_finite(out.states, out.request, f"decode {kind} states of layer {layer}")
         return out
 
 

@@ -7,11 +7,13 @@ are written, a shard at a time, as they finish.
     for req in stream:
         shards.add(req, shard_size=64)       # a shard (and the status file) once 64 have finished
     shards.flush()                           # what is left, also after Ctrl-C
+    shards.add_samples(rid, [57, 130, 512])  # extract.num_samples: a prompt's sampled answer lengths
     shards.complete(seconds=..., useful_tokens=...)
 
 Each shard is written atomically under `shard-w<i>-<seq>` (`store.write_shard`) with its checksum in
 the status file, so a run killed at any point leaves only whole shards, and the next run extracts
-exactly the requests they do not hold.
+exactly the requests they do not hold. A prompt's sampled answer lengths (extract.num_samples) go to
+`samples/worker-<i>.json` the same way, rewritten atomically as they finish.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class WorkerShards:
         self.status: dict = {}
         self.buffer: list[ExtractedRequest] = []
         self.seq = 0
+        self.samples_path = root / "samples" / f"worker-{worker_index}.json"
+        self.samples: dict[str, list[int]] = {}  # id -> sampled answer lengths
+        self._unsaved_samples = 0
 
     def resume(self) -> None:
         """Clear this worker's leftovers from a killed run (never another worker's file in flight), set
@@ -70,6 +75,8 @@ class WorkerShards:
                 continue
             self.done_ids.update(r["id"] for r in read_shard_records(shard))
         self.seq = max((int(p.stem.rsplit("-", 1)[1]) for p in mine), default=-1) + 1
+        if self.samples_path.is_file():
+            self.samples = dict(json.loads(self.samples_path.read_text()).get("lengths") or {})
 
     def start(self, **counts) -> None:
         """The status of a run under way: `counts` (expected, skipped_too_long, truncated) and what is done."""
@@ -81,8 +88,22 @@ class WorkerShards:
         if len(self.buffer) >= shard_size:
             self.flush()
 
+    def add_samples(self, request_id: str, lengths: list[int], every: int = 32) -> None:
+        """A prompt's sampled answer lengths; written with the next `every` (and at every flush)."""
+        self.samples[request_id] = [int(n) for n in lengths]
+        self._unsaved_samples += 1
+        if self._unsaved_samples >= every:
+            self._save_samples()
+
+    def _save_samples(self) -> None:
+        if self._unsaved_samples:
+            atomic_write_json(self.samples_path, {"worker_index": self.worker_index, "lengths": self.samples})
+            self._unsaved_samples = 0
+
     def flush(self) -> None:
-        """Write the finished requests not yet in a shard as the next shard, and record it."""
+        """Write the finished requests not yet in a shard as the next shard, and record it (and the
+        sampled lengths not yet written)."""
+        self._save_samples()
         if not self.buffer:
             return
         name = shard_name(self.worker_index, self.seq)

@@ -26,16 +26,20 @@ from trail_probe.atomic import atomic_write_json
 from trail_probe.config import RecipeConfig, config_to_dict, resolve_layers, save_config
 from trail_probe.errors import UserError
 from trail_probe.offline.generation import (
+    SampledLengths,
     generate_with_capture,
     prepare_prompts,
+    sample_lengths,
     validate_generation,
 )
 from trail_probe.offline.prompts import load_prompts, select_prompts, worker_slice
 from trail_probe.offline.store import (
     FORMAT,
     LAYER_NUMBERING,
+    OLD_INPUTS,
     config_fingerprint,
     model_fingerprint,
+    stored_inputs,
     verify_shard,
 )
 from trail_probe.offline.worker_shards import WorkerShards
@@ -87,14 +91,18 @@ def _identity(cfg: RecipeConfig, model_info: dict, prompt_layers, decode_layers,
         "decode_stride": cfg.extract.decode_stride,
         "storage_dtype": cfg.extract.storage_dtype,
         "num_workers": num_workers,
+        "inputs": stored_inputs(cfg.extract.pooled_inputs, cfg.extract.entropy),
+        "num_samples": cfg.extract.num_samples,
     }
 
 
 def _estimate_bytes(n: int, d: int, n_prompt_layers: int, n_decode_layers: int, stride: int,
-                    max_new: int, itemsize: int) -> tuple[int, int]:
-    prompt_bytes = n * n_prompt_layers * d * itemsize
+                    max_new: int, itemsize: int, inputs: dict) -> tuple[int, int]:
+    """Disk for `n` requests: every stored prompt input, and every stored decode input at most (every
+    answer at the cap), per layer."""
+    prompt_bytes = n * n_prompt_layers * d * itemsize * len(inputs["prompt"])
     per_request_max = (max_new + stride - 1) // stride
-    return prompt_bytes, n * per_request_max * n_decode_layers * d * itemsize
+    return prompt_bytes, n * per_request_max * n_decode_layers * d * itemsize * len(inputs["decode"])
 
 
 def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | None = None,
@@ -104,6 +112,8 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     worker_index = cfg.extract.worker_index if worker_index is None else worker_index
     out = cfg.paths.data
     validate_generation(cfg.generation, cfg.extract.decode_stride)
+    if cfg.extract.num_samples < 0:
+        raise UserError(f"extract.num_samples = {cfg.extract.num_samples} must be >= 0 (sampled answers per prompt)")
     _check_writable(out)
     prompts, bad_rows = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.skip_bad_rows)
     selected = select_prompts(prompts, cfg.prompts.num_prompts, cfg.prompts.seed)
@@ -128,6 +138,10 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
         "prompts": {"source": cfg.prompts.source, "num_available": len(prompts), "num_selected": len(selected),
                     "bad_rows_skipped": bad_rows, "seed": cfg.prompts.seed},
         "num_workers": num_workers, "config": config_to_dict(cfg),
+        # what is stored besides TRAIL's states: the probe inputs (store's module docstring) and sampled lengths
+        "inputs": identity["inputs"], "num_samples": cfg.extract.num_samples,
+        "samples": {"num_samples": cfg.extract.num_samples, "temperature": cfg.generation.temperature,
+                    "top_p": cfg.generation.top_p, "seed": cfg.generation.seed} if cfg.extract.num_samples else None,
     })
     save_config(cfg, out)
 
@@ -135,10 +149,11 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     shards = WorkerShards(out, worker_index, (len(prompt_layers), len(decode_layers), d, storage_dtype))
     shards.resume()
     todo = [item for item in ready if item[0].id not in shards.done_ids]
+    sample_todo = [item for item in ready if item[0].id not in shards.samples] if cfg.extract.num_samples else []
     shards.start(expected=len(ready), skipped_too_long=len(too_long), truncated=sum(t for _, _, t in ready))
     prompt_bytes, decode_bytes = _estimate_bytes(len(todo), d, len(prompt_layers), len(decode_layers),
                                                  cfg.extract.decode_stride, cfg.generation.max_new_tokens,
-                                                 torch.finfo(storage_dtype).bits // 8)
+                                                 torch.finfo(storage_dtype).bits // 8, identity["inputs"])
     print(f"extract: worker {worker_index}/{num_workers}: {len(ready)} requests ({len(shards.done_ids)} already done, "
           f"{len(too_long)} too long skipped, {bad_rows} bad rows skipped) -> {out}")
     print(f"extract: expected disk: {prompt_bytes / 1e6:.1f} MB of prompt states + at most "
@@ -146,7 +161,8 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
           flush=True)
 
     start = time.time()
-    useful_tokens = _generate_into(shards, cfg, serving, todo, prompt_layers, decode_layers, storage_dtype, show_progress)
+    useful_tokens = _generate_into(shards, cfg, serving, (todo, sample_todo), (prompt_layers, decode_layers),
+                                   storage_dtype, identity["inputs"], show_progress)
     elapsed = time.time() - start
     shards.complete(len(ready), elapsed, useful_tokens)
     print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
@@ -174,6 +190,8 @@ def _open_folder(out: Path, identity: dict, overwrite: bool) -> None:
         return
     old = json.loads(manifest_path.read_text())
     old.setdefault("identity", {}).setdefault("engine", "hf")  # folders from before extract.engine existed
+    old["identity"].setdefault("inputs", OLD_INPUTS)  # ... and from before the pooled inputs and sampled answers
+    old["identity"].setdefault("num_samples", 0)
     if old.get("identity") != identity:
         if not overwrite:
             diff = _describe_difference(old.get("identity", {}), identity)
@@ -184,34 +202,52 @@ def _open_folder(out: Path, identity: dict, overwrite: bool) -> None:
         shutil.rmtree(out)
 
 
-def _generate_into(shards: WorkerShards, cfg: RecipeConfig, serving: dict, todo: list, prompt_layers: list[int],
-                   decode_layers: list[int], storage_dtype: torch.dtype, show_progress: bool) -> int:
-    """Run the engine over `todo`, writing finished requests into shards as they come; finished ones
-    are kept on Ctrl-C too. Returns the answer tokens generated."""
-    bar = progress_bar(cfg.progress, total=len(todo), desc="extract", unit="req", disable=not show_progress)
-    stream, useful_tokens, start = None, 0, time.time()
+def _generate_into(shards: WorkerShards, cfg: RecipeConfig, serving: dict, todo: tuple[list, list], layers: tuple,
+                   storage_dtype: torch.dtype, inputs: dict, show_progress: bool) -> int:
+    """Run the engine over `todo` (the requests to extract, the prompts to sample answers of), writing
+    finished requests into shards and sampled lengths beside them as they come; finished ones are kept
+    on Ctrl-C too. Returns the answer tokens generated for the extraction (not the samples)."""
+    requests, samples = todo
+    bar = progress_bar(cfg.progress, total=len(requests) + len(samples), desc="extract", unit="req",
+                       disable=not show_progress)
+    streams, useful_tokens, start = [], 0, time.time()
     try:
-        if cfg.extract.engine == "vllm":
-            from trail_probe.offline.vllm_generation import generate_with_vllm
-
-            stream = generate_with_vllm(serving["folder"], serving["tokenizer"], serving["eos"], todo, cfg.generation,
-                                        prompt_layers, decode_layers, cfg.extract.decode_stride, storage_dtype,
-                                        dtype=cfg.model.dtype, kv_cache_gb=cfg.extract.vllm_kv_cache_gb,
-                                        max_batch_tokens=cfg.extract.vllm_max_batch_tokens,
-                                        fetch_every=cfg.extract.shard_size, progress=bar)
-        else:
-            stream = generate_with_capture(serving["model"], serving["tokenizer"], todo, cfg.generation, prompt_layers,
-                                           decode_layers, cfg.extract.decode_stride, storage_dtype, progress=bar)
-        for req in stream:
-            useful_tokens += req.record["output_tokens"]
-            bar.set_postfix(tok_s=f"{useful_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
-            shards.add(req, cfg.extract.shard_size)
+        streams = _streams(cfg, serving, requests, samples, layers, storage_dtype, inputs, bar)
+        for stream in streams:
+            for item in stream:
+                if isinstance(item, SampledLengths):
+                    shards.add_samples(item.id, item.lengths, cfg.extract.shard_size)
+                    continue
+                useful_tokens += item.record["output_tokens"]
+                bar.set_postfix(tok_s=f"{useful_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
+                shards.add(item, cfg.extract.shard_size)
     finally:
-        if stream is not None:
+        for stream in streams:
             stream.close()  # the engine (vLLM's processes) stops here, also on Ctrl-C
         shards.flush()  # finished requests are kept even on Ctrl-C
         bar.close()
     return useful_tokens
+
+
+def _streams(cfg: RecipeConfig, serving: dict, requests: list, samples: list, layers: tuple, storage_dtype: torch.dtype,
+             inputs: dict, bar) -> list:
+    """The engine's streams of finished requests and of `SampledLengths` (vLLM: one stream of both)."""
+    prompt_layers, decode_layers = layers
+    if cfg.extract.engine == "vllm":
+        from trail_probe.offline.vllm_generation import generate_with_vllm
+
+        return [generate_with_vllm(serving["folder"], serving["tokenizer"], serving["eos"], requests, cfg.generation,
+                                   prompt_layers, decode_layers, cfg.extract.decode_stride, storage_dtype,
+                                   dtype=cfg.model.dtype, kv_cache_gb=cfg.extract.vllm_kv_cache_gb,
+                                   max_batch_tokens=cfg.extract.vllm_max_batch_tokens,
+                                   fetch_every=cfg.extract.shard_size, progress=bar, inputs=inputs,
+                                   samples=(samples, cfg.extract.num_samples))]
+    streams = [generate_with_capture(serving["model"], serving["tokenizer"], requests, cfg.generation, prompt_layers,
+                                     decode_layers, cfg.extract.decode_stride, storage_dtype, progress=bar, inputs=inputs)]
+    if samples:
+        streams.append(sample_lengths(serving["model"], serving["tokenizer"], samples, cfg.generation,
+                                      cfg.extract.num_samples, progress=bar))
+    return streams
 
 
 def _check_writable(out: Path) -> None:
