@@ -22,32 +22,41 @@ def _cfg(model, prompts, out, engine, *extra):
     ])
 
 
+PROMPT_KINDS, DECODE_KINDS = ("mean", "last", "entropy"), ("current", "mean", "entropy")
+
+
 def _by_request(ex: Extraction, layers) -> dict:
+    """{id: {"record", layer: (prompt inputs [3, d], generated, decode inputs [3, m, d])}} over every
+    stored input (runtime/probe_inputs.py)."""
     out = {}
     for layer in layers:
-        dec = ex.decode(layer)
-        prompt = ex.prompt_states(layer)
+        decs = [ex.decode(layer, kind) for kind in DECODE_KINDS]
+        prompt = torch.stack([ex.prompt_states(layer, kind) for kind in PROMPT_KINDS], 1)
         for i, record in enumerate(ex.records):
-            rows = dec.request == i
-            out.setdefault(record["id"], {"record": record})[layer] = (prompt[i], dec.generated[rows], dec.states[rows])
+            rows = decs[0].request == i
+            out.setdefault(record["id"], {"record": record})[layer] = (
+                prompt[i], decs[0].generated[rows], torch.stack([dec.states[rows] for dec in decs]))
     return out
 
 
 @pytest.mark.slow
 def test_vllm_extraction_equals_the_transformers_extraction(vllm_llama, tmp_path):
-    """Records identical (tokens, lengths, responses), prompt means and decode states equal to fp32
-    tolerance, with prefills split into 16-token chunks and requests joining and leaving vLLM's batch."""
+    """Records identical (tokens, lengths, responses), every stored input (prompt mean, last token and
+    entropy pool; decode state, running mean and entropy pool) equal to fp32 tolerance, with prefills
+    split into 16-token chunks and requests joining and leaving vLLM's batch; and each prompt's sampled
+    answer lengths (extract.num_samples) stored beside, drawn once."""
     rows = [{"id": f"p{i}", "prompt": f"Tell me fact number {i} about " + "the very deep blue sea " * (i % 4)}
             for i in range(11)]
     prompts = write_prompts(tmp_path / "prompts.jsonl", rows=rows)
     hf = run_extract(_cfg(vllm_llama, prompts, tmp_path / "hf", "hf"), show_progress=False)
-    vl = run_extract(_cfg(vllm_llama, prompts, tmp_path / "vllm", "vllm", "extract.vllm_max_batch_tokens=16"),
-                     show_progress=False)
+    vllm_args = ("extract.vllm_max_batch_tokens=16", "extract.num_samples=3", "generation.temperature=0.8")
+    vl = run_extract(_cfg(vllm_llama, prompts, tmp_path / "vllm", "vllm", *vllm_args), show_progress=False)
     a, b = Extraction(hf), Extraction(vl)
     assert a.manifest["model"]["engine"] == "hf" and b.manifest["model"]["engine"] == "vllm"
     assert b.manifest["identity"]["engine"] == "vllm" and b.manifest["model"]["dtype"] == "float32"
     layers = a.decode_layers
     assert layers == b.decode_layers == [0, 1, 2] and a.prompt_layers == b.prompt_layers
+    assert a.inputs == b.inputs == {"prompt": list(PROMPT_KINDS), "decode": list(DECODE_KINDS)}
     ref, got = _by_request(a, layers), _by_request(b, layers)
     assert sorted(ref) == sorted(got) == sorted(r["id"] for r in rows)
     lengths = [ref[k]["record"]["output_tokens"] for k in ref]
@@ -60,10 +69,12 @@ def test_vllm_extraction_equals_the_transformers_extraction(vllm_llama, tmp_path
             torch.testing.assert_close(p_got, p_ref, atol=1e-4, rtol=1e-4)
             assert g_got.tolist() == g_ref.tolist(), (rid, layer)
             torch.testing.assert_close(s_got, s_ref, atol=1e-4, rtol=1e-4)
-    # Resumable like the transformers path: a finished extraction is left as it is.
-    stamp = sorted(p.stat().st_mtime_ns for p in (vl / "shards").iterdir())
-    run_extract(_cfg(vllm_llama, prompts, tmp_path / "vllm", "vllm", "extract.vllm_max_batch_tokens=16"),
-                show_progress=False)
-    assert sorted(p.stat().st_mtime_ns for p in (vl / "shards").iterdir()) == stamp
+    sampled = b.sampled_lengths()
+    assert sampled.shape == (len(rows), 3) and int(sampled.min()) >= 0 and int(sampled.max()) <= 40
+    assert (sampled != b.output_tokens[:, None]).any()  # sampled, not the greedy answer again
+    # Resumable like the transformers path: a finished extraction (samples included) is left as it is.
+    stamp = sorted(p.stat().st_mtime_ns for p in [*(vl / "shards").iterdir(), *(vl / "samples").iterdir()])
+    run_extract(_cfg(vllm_llama, prompts, tmp_path / "vllm", "vllm", *vllm_args), show_progress=False)
+    assert sorted(p.stat().st_mtime_ns for p in [*(vl / "shards").iterdir(), *(vl / "samples").iterdir()]) == stamp
     status = json.loads((vl / "workers" / "worker-0.json").read_text())
     assert status["complete"] and status["done"] == len(rows)

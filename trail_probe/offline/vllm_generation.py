@@ -6,199 +6,38 @@
         req.record["output_tokens"], req.prompt_states, req.decode_states
 
 The same records and states as `trail_probe.offline.generation.generate_with_capture` (the
-transformers path, the reference), at vLLM's speed, in vLLM's default multiprocess engine:
+transformers path, the reference), the pooled inputs and sampled answer lengths included, at vLLM's
+speed, in vLLM's default multiprocess engine:
 
-- the worker (`ExtractionWorkerExtension`, installed through `collective_rpc`) hooks the requested
-  decoder layers; in each forward pass it picks, from the flattened batch, the rows it needs (the
-  prompt tokens of each prefill chunk, and the last token of the requests at a sampled position,
-  j = 1, 1 + stride, ... by `runtime.estimates.refines_at`), adds vLLM's (mlp output, residual) pair
-  on those rows only (HF's `hidden_states[L + 1]`), keeps the prompt sums on the device and moves the
-  sampled decode states, in storage dtype, off it: nothing else leaves the device;
-- the client adds every prompt to vLLM's queue (vLLM's FCFS, `generation.batch_size` running), steps
-  the engine, and takes the finished requests' states from the worker (`collective_rpc`), a shard's
-  worth at a time.
+- the worker (`offline.vllm_capture.ExtractionWorkerExtension`, installed through `collective_rpc`)
+  hooks the requested decoder layers and takes from each pass's flattened batch only the rows it needs
+  (that module's docstring says which, and the vLLM internals it relies on);
+- the client adds every prompt to vLLM's queue (vLLM's FCFS, `generation.batch_size` running), and
+  with `samples` each prompt's sampled answers after them (their own seeds, states not captured),
+  steps the engine, and takes the finished requests' states from the worker (`collective_rpc`), a
+  shard's worth at a time.
 
 Prefix caching is off (a cached prefix runs no forward pass, so its prompt states would be missing);
 chunked prefills are summed over their chunks; a request vLLM preempts (recompute) starts its prompt
-sum again. Greedy decoding (the recipe's) gives HF's tokens up to floating-point ties.
-
-vLLM internals relied on (0.32; the smallest upstream change that would remove each): the model
-runner's `execute_model` / `sample_tokens` pair and its `input_batch` (`req_ids`,
-`num_computed_tokens_cpu`, `num_prompt_tokens`) and `query_start_loc` (upstream: per-request hidden
-states of chosen layers on the runner's output, as `pooler_output` is for pooling models).
+sum and its pools again. Greedy decoding (the recipe's) gives HF's tokens up to floating-point ties.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from trail_probe.offline.generation import extracted_request, validate_generation
+from trail_probe.offline.generation import SampledLengths, extracted_request, validate_generation
 from trail_probe.offline.prompts import Prompt
-from trail_probe.offline.store import ExtractedRequest
-from trail_probe.runtime.capture import (
-    LayerCapture,
-    first_output,
-    residual_parts,
-    residual_sum,
-)
-from trail_probe.runtime.estimates import refines_at
+from trail_probe.offline.store import OLD_INPUTS, ExtractedRequest
+from trail_probe.offline.vllm_capture import from_wire
 
-EXTENSION = "trail_probe.offline.vllm_generation.ExtractionWorkerExtension"
-
-
-# --------------------------------------------------------------------------------------------
-# The worker side
-# --------------------------------------------------------------------------------------------
-@dataclass
-class _Pass:
-    """What one forward pass contributes: which rows of the flattened batch belong to whom."""
-
-    req_ids: list[str]
-    restart: np.ndarray  # [n] bool: the request's prompt starts in this pass (new, or recomputed)
-    prompt_reqs: np.ndarray  # batch indices of the requests with prompt tokens in this pass
-    prompt_counts: np.ndarray  # how many of their prompt tokens
-    prompt_starts: np.ndarray  # the first row of those tokens (a request's rows are contiguous)
-    sampled: np.ndarray  # batch indices of the requests at a sampled position
-    generated: np.ndarray  # j of each sampled request
-    decode_rows: torch.Tensor | None  # their last rows
-    prompt_sums: torch.Tensor | None = None  # [Lp, len(prompt_reqs), d] float32
-    decode: dict[int, torch.Tensor] = field(default_factory=dict)  # decode-layer index -> [s, d]
-
-
-def _rows(output, rows: torch.Tensor) -> torch.Tensor:
-    """The residual stream after a vLLM decoder layer at `rows` of the flattened batch: its
-    (mlp output, residual) pair added on those rows only (`capture.residual_sum`, row by row)."""
-    return residual_sum(tuple(part.index_select(0, rows) for part in residual_parts(output)))
-
-
-def _to_wire(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """A CPU tensor as (dtype, shape, raw bytes): what vLLM's result channel (msgpack) carries as it
-    is, whatever the dtype (bfloat16 travels as its bits)."""
-    name = str(t.dtype).removeprefix("torch.")
-    raw = t.contiguous().view(torch.int16) if t.dtype == torch.bfloat16 else t.contiguous()
-    return name, list(t.shape), raw.numpy().tobytes()
-
-
-def _from_wire(wire) -> torch.Tensor:
-    name, shape, raw = wire
-    numpy_dtype = np.int16 if name == "bfloat16" else np.dtype(name)
-    t = torch.from_numpy(np.frombuffer(raw, dtype=numpy_dtype).copy().reshape(shape))
-    return t.view(torch.bfloat16) if name == "bfloat16" else t
-
-
-class _Capture:
-    """Per request: the prompt-state sums (on the device) and the sampled decode states (off it)."""
-
-    def __init__(self, runner, prompt_layers: list[int], decode_layers: list[int], stride: int, storage_dtype: str):
-        self.runner = runner
-        self.prompt_index = {layer: i for i, layer in enumerate(prompt_layers)}
-        self.decode_index = {layer: i for i, layer in enumerate(decode_layers)}
-        self.stride = stride
-        self.storage = getattr(torch, storage_dtype)
-        self.pass_: _Pass | None = None
-        self.armed = False
-        self.prompt_sums: dict[str, torch.Tensor] = {}
-        self.prompt_counts: dict[str, int] = {}
-        self.decode: dict[str, list[torch.Tensor]] = {}
-        self.generated: dict[str, list[int]] = {}
-        self.capture = LayerCapture(runner.model, set(prompt_layers) | set(decode_layers), on_forward=self._on_layer,
-                                    states_of=lambda output: output, keep=False)
-        execute, sample = runner.execute_model, runner.sample_tokens
-
-        def execute_model(*args, **kwargs):
-            self.armed, self.pass_ = True, None  # the hooks plan this pass on their first call
-            return execute(*args, **kwargs)
-
-        def sample_tokens(*args, **kwargs):
-            out = sample(*args, **kwargs)
-            if self.armed:
-                self._finish_pass()
-            return out
-
-        runner.execute_model, runner.sample_tokens = execute_model, sample_tokens
-
-    def _plan(self) -> _Pass:
-        ib, runner = self.runner.input_batch, self.runner
-        n = ib.num_reqs
-        bounds = np.asarray(runner.query_start_loc.np[:n + 1], dtype=np.int64)
-        computed = np.asarray(ib.num_computed_tokens_cpu[:n], dtype=np.int64)
-        prompt = np.asarray(ib.num_prompt_tokens[:n], dtype=np.int64)
-        end = computed + np.diff(bounds)
-        generated = end - prompt  # tokens generated before this pass's own
-        sampled = np.nonzero(refines_at(generated, self.stride))[0]
-        in_prompt = np.clip(np.minimum(end, prompt) - computed, 0, None)
-        prompt_reqs = np.nonzero(in_prompt)[0] if self.prompt_index else np.zeros(0, dtype=np.int64)
-        decode_rows = None
-        if len(sampled) and self.decode_index:
-            decode_rows = torch.from_numpy(bounds[sampled + 1] - 1)
-        return _Pass(list(ib.req_ids[:n]), computed == 0, prompt_reqs, in_prompt[prompt_reqs], bounds[prompt_reqs],
-                     sampled if decode_rows is not None else sampled[:0], generated[sampled], decode_rows)
-
-    def _on_layer(self, layer: int, output) -> None:
-        if not self.armed:  # a forward pass outside execute_model (vLLM's warm-up or profiling)
-            return
-        p = self.pass_ = self.pass_ or self._plan()
-        if len(p.prompt_reqs) and layer in self.prompt_index:
-            parts = residual_parts(output)
-            if p.prompt_sums is None:
-                p.prompt_sums = torch.zeros(len(self.prompt_index), len(p.prompt_reqs), parts[0].shape[-1],
-                                            dtype=torch.float32, device=parts[0].device)
-            sums = p.prompt_sums[self.prompt_index[layer]]
-            for k, (a, n) in enumerate(zip(p.prompt_starts.tolist(), p.prompt_counts.tolist())):
-                for part in parts:  # sum(mlp out + residual) = sum(mlp out) + sum(residual): no add, no copy
-                    sums[k] += torch.sum(part[a:a + n], 0, dtype=torch.float32)
-        if p.decode_rows is not None and layer in self.decode_index:
-            p.decode[self.decode_index[layer]] = _rows(output, p.decode_rows.to(first_output(output).device))
-
-    def _finish_pass(self) -> None:
-        p, self.pass_, self.armed = self.pass_, None, False
-        if p is None:
-            return
-        for k, i in enumerate(p.prompt_reqs.tolist()):
-            rid = p.req_ids[i]
-            if p.restart[i] or rid not in self.prompt_sums:
-                self.prompt_sums[rid], self.prompt_counts[rid] = p.prompt_sums[:, k].clone(), 0
-            else:
-                self.prompt_sums[rid] += p.prompt_sums[:, k]
-            self.prompt_counts[rid] += int(p.prompt_counts[k])
-        if len(p.sampled):
-            block = torch.stack([p.decode[i] for i in range(len(self.decode_index))]).to(self.storage).cpu()
-            for k, (i, j) in enumerate(zip(p.sampled.tolist(), p.generated.tolist())):
-                rid = p.req_ids[i]
-                self.decode.setdefault(rid, []).append(block[:, k])
-                self.generated.setdefault(rid, []).append(int(j))
-
-    def take(self, req_ids: list[str]) -> dict:
-        """The finished requests' states, forgotten here: {id: (prompt mean [Lp, d] float32 or None,
-        decode states [Ld, m, d] or None, generated j per state)}."""
-        out = {}
-        for rid in req_ids:
-            sums, count = self.prompt_sums.pop(rid, None), self.prompt_counts.pop(rid, 0)
-            states, generated = self.decode.pop(rid, []), self.generated.pop(rid, [])
-            mean = None if sums is None else _to_wire((sums / max(count, 1)).cpu())
-            out[rid] = (mean, _to_wire(torch.stack(states, 1)) if states else None, generated)
-        return out
-
-
-class ExtractionWorkerExtension:
-    """Methods vLLM adds to its worker (`worker_extension_cls`); prefixed so they never clash with its own."""
-
-    def trail_probe_extract_attach(self, prompt_layers: list[int], decode_layers: list[int], stride: int,
-                                   storage_dtype: str) -> int:
-        runner = self.model_runner
-        if getattr(runner, "_trail_probe_extract", None) is None:
-            runner._trail_probe_extract = _Capture(runner, prompt_layers, decode_layers, stride, storage_dtype)
-        return len(runner._trail_probe_extract.capture.layers)
-
-    def trail_probe_extract_take(self, req_ids: list[str]) -> dict:
-        return self.model_runner._trail_probe_extract.take(req_ids)
+EXTENSION = "trail_probe.offline.vllm_capture.ExtractionWorkerExtension"
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,24 +77,28 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
                        prompt_layers: list[int], decode_layers: list[int], decode_stride: int,
                        storage_dtype: torch.dtype = torch.float16, dtype: str = "float32", kv_cache_gb: float = 4.0,
                        max_batch_tokens: int = 2048, fetch_every: int = 32, progress=None,
-                       stats: dict | None = None) -> Iterator[ExtractedRequest]:
+                       stats: dict | None = None, inputs: dict | None = None,
+                       samples: tuple[list, int] = ((), 0)) -> Iterator[ExtractedRequest | SampledLengths]:
     """Stream finished requests, as `generate_with_capture` does. `prompts` are (prompt, chat-template
-    token ids, truncated); the engine starts here and shuts down when the stream ends or is closed.
+    token ids, truncated); `inputs` the probe inputs to store (`store.stored_inputs`; default TRAIL's
+    two); `samples` (prompts, N): N sampled answers of each of those prompts, whose lengths come as
+    `SampledLengths`. The engine starts here and shuts down when the stream ends or is closed.
     `stats`, if given, gets `engine_start_s` (vLLM's start-up) and `generation_start` (perf_counter)."""
-    from vllm import EngineArgs, SamplingParams
+    from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
     from trail_probe.serving.vllm_engine import check_vllm, pin_outside_the_worker
 
     validate_generation(gen, decode_stride)
     check_vllm()
-    if not prompts:
+    sample_prompts, num_samples = samples
+    if not prompts and not (sample_prompts and num_samples):
         return
     # An offline job whose client does little: on a CPU, vLLM's worker gets every core instead of
     # leaving one to the engine core and the client (by default it binds one of this machine's two
     # and reserves the other); a value the user set wins. (No effect on a GPU.)
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    max_model_len = max(len(ids) for _, ids, _ in prompts) + gen.max_new_tokens
+    max_model_len = max(len(ids) for _, ids, _ in [*prompts, *sample_prompts]) + gen.max_new_tokens
     stats = {} if stats is None else stats
     began = time.perf_counter()
     engine = LLMEngine.from_engine_args(EngineArgs(**engine_arguments(folder, gen, dtype, max_model_len, kv_cache_gb,
@@ -264,34 +107,86 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
     try:
         storage = str(storage_dtype).removeprefix("torch.")
         engine.collective_rpc("trail_probe_extract_attach", args=(list(prompt_layers), list(decode_layers),
-                                                                  decode_stride, storage))
-        sampling = {"temperature": gen.temperature, "top_p": gen.top_p, "seed": gen.seed} if gen.do_sample else \
-            {"temperature": 0.0}
-        params = SamplingParams(max_tokens=gen.max_new_tokens, stop_token_ids=sorted(eos), detokenize=False, **sampling)
+                                                                  decode_stride, storage, inputs or OLD_INPUTS))
         stats["engine_start_s"], stats["generation_start"] = time.perf_counter() - began, time.perf_counter()
-        internal = {}
-        for k, (_, ids, _) in enumerate(prompts):
-            internal[str(k)] = engine.add_request(str(k), {"prompt_token_ids": list(ids)}, params)
+        internal = _add_requests(engine, prompts, samples, gen, eos)
+        stream = _Stream(tokenizer, eos, prompts, samples, len(decode_layers), storage_dtype, progress)
         finished: list[tuple[int, list[int]]] = []
         while engine.has_unfinished_requests() or finished:
             if engine.has_unfinished_requests():
-                finished += [(int(out.request_id), list(out.outputs[0].token_ids)) for out in engine.step() if out.finished]
+                for out in engine.step():
+                    if out.finished and out.request_id.startswith("s"):  # a sampled answer: its length only
+                        yield from stream.sampled(out.request_id, list(out.outputs[0].token_ids))
+                    elif out.finished:
+                        finished.append((int(out.request_id), list(out.outputs[0].token_ids)))
             if finished and (len(finished) >= fetch_every or not engine.has_unfinished_requests()):
                 states = engine.collective_rpc("trail_probe_extract_take",
                                                args=([internal[str(k)] for k, _ in finished],))[0]
                 for k, tokens in finished:
-                    prompt_mean, decode, generated = states[internal[str(k)]]
-                    prompt, ids, truncated = prompts[k]
-                    ended = bool(tokens) and tokens[-1] in eos
-                    n = len(tokens) - 1 if ended else len(tokens)
-                    prompt_states = _from_wire(prompt_mean).to(storage_dtype)
-                    rows = [] if decode is None else list(_from_wire(decode).unbind(1))
-                    if progress is not None:
-                        progress.update(1)
-                    yield extracted_request(tokenizer, prompt, len(ids), truncated, tokens, n, not ended, prompt_states,
-                                            rows, generated, len(decode_layers), storage_dtype)
+                    yield stream.request(k, tokens, states[internal[str(k)]])
                 finished = []
     finally:
         engine.engine_core.shutdown()
         if affinity:
             os.sched_setaffinity(0, affinity)
+
+
+def _add_requests(engine, prompts: list, samples: tuple[list, int], gen, eos: set[int]) -> dict[str, str]:
+    """Queue the extraction's prompts (ids "k"), then N sampled answers of each sample prompt (ids
+    "s<k>.<r>", each seeded from (generation.seed, prompt id, r), so a resumed run draws the same ones;
+    the worker captures nothing of them). Returns the extraction's internal request ids."""
+    from vllm import SamplingParams
+
+    common = {"max_tokens": gen.max_new_tokens, "stop_token_ids": sorted(eos), "detokenize": False}
+    sampling = {"temperature": gen.temperature, "top_p": gen.top_p, "seed": gen.seed} if gen.do_sample else \
+        {"temperature": 0.0}
+    params = SamplingParams(**common, **sampling)
+    internal = {str(k): engine.add_request(str(k), {"prompt_token_ids": list(ids)}, params)
+                for k, (_, ids, _) in enumerate(prompts)}
+    skipped = []
+    for k, (prompt, ids, _) in enumerate(samples[0]):
+        for r in range(samples[1]):
+            seed = int(hashlib.sha256(f"{gen.seed}:{prompt.id}:{r}".encode()).hexdigest()[:8], 16)
+            one = SamplingParams(**common, temperature=gen.temperature, top_p=gen.top_p, seed=seed)
+            skipped.append(engine.add_request(f"s{k}.{r}", {"prompt_token_ids": list(ids)}, one))
+    if skipped:
+        engine.collective_rpc("trail_probe_extract_skip", args=(skipped,))
+    return internal
+
+
+def _answer_length(tokens: list[int], eos: set[int]) -> tuple[int, bool]:
+    """(tokens up to EOS, EOS not counted; whether EOS ended the answer)."""
+    ended = bool(tokens) and tokens[-1] in eos
+    return (len(tokens) - 1 if ended else len(tokens)), ended
+
+
+class _Stream:
+    """The client's side of the results: finished requests from the worker's wire tensors, and the
+    sampled answers' lengths gathered per prompt."""
+
+    def __init__(self, tokenizer, eos: set[int], prompts: list, samples: tuple[list, int], num_decode_layers: int,
+                 storage_dtype: torch.dtype, progress):
+        self.tokenizer, self.eos, self.prompts, self.samples = tokenizer, eos, prompts, samples
+        self.num_decode_layers, self.storage_dtype, self.progress = num_decode_layers, storage_dtype, progress
+        self.lengths: dict[int, list[int]] = {}
+
+    def _done(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def sampled(self, request_id: str, tokens: list[int]) -> Iterator[SampledLengths]:
+        k = int(request_id[1:].split(".")[0])
+        self.lengths.setdefault(k, []).append(_answer_length(tokens, self.eos)[0])
+        if len(self.lengths[k]) == self.samples[1]:
+            self._done()
+            yield SampledLengths(self.samples[0][k][0].id, self.lengths.pop(k))
+
+    def request(self, k: int, tokens: list[int], state: dict) -> ExtractedRequest:
+        prompt, ids, truncated = self.prompts[k]
+        n, ended = _answer_length(tokens, self.eos)
+        prompt_states = from_wire(state["mean"]).to(self.storage_dtype)
+        rows = [] if state["decode"] is None else list(from_wire(state["decode"]).unbind(1))
+        pooled = {name: from_wire(wire) for name, wire in state["pooled"].items()}
+        self._done()
+        return extracted_request(self.tokenizer, prompt, len(ids), truncated, tokens, n, not ended, prompt_states,
+                                 rows, state["generated"], self.num_decode_layers, self.storage_dtype, pooled)
