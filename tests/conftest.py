@@ -165,3 +165,41 @@ def make_tiny_bert_predictor(folder, num_labels=K, max_len=MAX_LEN, with_tokeniz
         tokenizer.save_pretrained(folder)
     (folder / "baseline.json").write_text(json.dumps({"max_length": 32, "metrics": {"val/mae": 46.1}}))
     return tokenizer
+
+
+# ------------------------------------------------------------------------------------------
+# Synthetic extractions with the pooled probe inputs (issue 27), and recipes over them
+# ------------------------------------------------------------------------------------------
+PROBE_RECIPE = str(REPO / "recipes" / "smollm2_alpaca_hf.yaml")
+
+
+@pytest.fixture(scope="module")
+def pooled_dir(tmp_path_factory):
+    """Layers 1 and 2 carry the length in every stored input; 3 sampled answers per prompt."""
+    from trail_probe.offline.synthetic import make_synthetic_extraction
+
+    return make_synthetic_extraction(tmp_path_factory.mktemp("pooled") / "ext", num_requests=120, hidden_size=8,
+                                     num_layers=3, informative=(1, 2), noise=0.05, pooled=True, num_samples=3)
+
+
+@pytest.fixture(scope="module")
+def old_dir(tmp_path_factory):
+    """An extraction as made before the pooled inputs: TRAIL's mean and current states only, no samples."""
+    from trail_probe.offline.synthetic import make_synthetic_extraction
+
+    return make_synthetic_extraction(tmp_path_factory.mktemp("old") / "ext", num_requests=60, hidden_size=8, num_layers=3)
+
+
+def pooled_overrides(ext, out, *extra) -> list[str]:
+    """A small, quick decode probe on layer 1 of a synthetic extraction, into `out`."""
+    from trail_probe.offline.synthetic import SYNTHETIC_MODEL
+
+    return [f"model.name_or_path={SYNTHETIC_MODEL}", f"extract.out_dir={ext}", f"train.out_dir={out}",
+            "train.hidden_dim=32", "train.epochs=4", "train.num_threads=1", "train.task=decode", "train.layers=1",
+            "train.multi_layer=none", *extra]
+
+
+def pooled_config(ext, out, *extra):
+    from trail_probe.config import load_recipe
+
+    return load_recipe(PROBE_RECIPE, pooled_overrides(ext, out, *extra))

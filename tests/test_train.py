@@ -394,7 +394,7 @@ def test_temp_folders_of_another_host_on_a_shared_folder_are_left_alone(tmp_path
 
 # -- the sweep as one batched model ---------------------------------------------------------------
 @pytest.mark.parametrize("extra", [(), ("train.standardize=true", "train.loss=balanced_ce", "train.label_smoothing=0.1"),
-                                   ("train.loss=emd",)])
+                                   ("train.loss=emd",), ("train.loss=rank", "train.rank_weight=0.5")])
 def test_a_stacked_sweep_equals_one_run_per_layer(extraction_dir, tmp_path, extra):
     """Every layer's probe trained in one batched model (stacks of 3 over 4 layers: a stack of 3 and a
     lone layer) ends with the weights, history and best epoch of training that layer alone."""

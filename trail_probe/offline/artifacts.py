@@ -23,6 +23,7 @@ from trail_probe.config import RecipeConfig, resolve_layers, save_config
 from trail_probe.errors import UserError
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.probe import LengthProbe, MultiLayerProbe
+from trail_probe.runtime.probe_inputs import DEFAULT_INPUT
 
 PROBE_FORMAT = "trail_probe.probe/1"
 
@@ -30,6 +31,16 @@ PROBE_FORMAT = "trail_probe.probe/1"
 def probe_name(layers: tuple[int, ...] | list[int], mode: str = "none") -> str:
     """`layer-<L>` for a single-layer probe, `<mode>-<first>-<last>` for a multi-layer one."""
     return f"layer-{layers[0]}" if mode == "none" else f"{mode}-{layers[0]}-{layers[-1]}"
+
+
+def probe_input(cfg: RecipeConfig, task: str) -> str:
+    """What a `task` probe of this recipe reads (train.prompt_input / train.decode_input)."""
+    return cfg.train.prompt_input if task == "prompt" else cfg.train.decode_input
+
+
+def input_of(meta: dict) -> str:
+    """What a trained probe reads (its probe.json's `input`; TRAIL's for probes trained before inputs)."""
+    return meta.get("input") or DEFAULT_INPUT[meta["task"]]
 
 
 def load_probe(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
@@ -66,7 +77,9 @@ def write_probe(cfg: RecipeConfig, spec, folder: Path, weights: dict, history: l
     meta = {
         "format": PROBE_FORMAT, "task": spec.task, "layers": list(spec.layers), "multi_layer": spec.mode,
         "input_dim": input_dim, "hidden_dim": cfg.train.hidden_dim, "num_labels": cfg.bins.num_bins,
-        "standardize": bool(cfg.train.standardize),
+        "standardize": bool(cfg.train.standardize), "input": probe_input(cfg, spec.task), "loss": cfg.train.loss,
+        **({"rank_weight": cfg.train.rank_weight} if cfg.train.loss == "rank" else {}),
+        **({"labels": cfg.train.prompt_labels} if spec.task == "prompt" else {}),
         **context, "metrics": {"val/mae": entry["val/mae"], "val/acc": entry["val/acc"], "val/loss": entry["val/loss"],
                                "best_epoch": entry["epoch"]},
         "epochs": cfg.train.epochs, "history": history,

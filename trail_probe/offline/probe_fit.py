@@ -14,7 +14,10 @@ import torch
 
 from trail_probe.errors import UserError
 
-ADDED_HPARAMS = {"standardize": False, "loss": "ce", "label_smoothing": 0.0}  # what older checkpoints lack
+# what older checkpoints lack, and the settings given only where they are not TRAIL's (train._added_hparams)
+# (the modules' own defaults: Lightning saves every argument of a module, given or not)
+ADDED_HPARAMS = {"standardize": False, "loss": "ce", "label_smoothing": 0.0, "rank_weight": 1.0, "probe_input": None,
+                 "prompt_labels": "greedy"}
 
 
 def make_loggers(cfg, spec) -> list:
@@ -120,8 +123,9 @@ def resume_point(folder: Path, hparams: dict, epochs: int, resume: bool, overwri
                         "or --overwrite to train it again")
     # Our own checkpoint; Lightning stores hparams as an AttributeDict, which weights_only refuses.
     saved = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-    for key, value in hparams.items():
-        # settings added after a checkpoint was written count as their defaults
+    for key in sorted(set(hparams) | (set(saved["hyper_parameters"]) & set(ADDED_HPARAMS))):
+        # settings added after a checkpoint was written (or left at TRAIL's) count as their defaults
+        value = hparams.get(key, ADDED_HPARAMS.get(key))
         if saved["hyper_parameters"].get(key, ADDED_HPARAMS.get(key)) != value:
             raise UserError(f"'{folder / 'last.ckpt'}' was trained with {key}={saved['hyper_parameters'].get(key)!r} "
                             f"but the config gives {value!r}; restore the old settings or use --overwrite")

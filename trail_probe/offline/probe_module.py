@@ -3,7 +3,8 @@
 `ProbeModule` wraps the plain `LengthProbe` (one layer) or `MultiLayerProbe` (several layers) from
 `trail_probe.runtime.probe`; its state dict is `probe.*`, so the plain module's weights come out by
 stripping that prefix. The paper's recipe is built in: cross-entropy over length bins, AdamW, and a
-cosine learning rate from `lr` to `min_lr` stepped per batch over the whole run. Metrics are
+cosine learning rate from `lr` to `min_lr` stepped per batch over the whole run (the other losses:
+`offline/probe_losses.py`). Metrics are
 torchmetrics objects, logged once per epoch under slash names:
     train/loss  mean cross-entropy over the epoch's training batches
     val/loss    cross-entropy on the held-out samples
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanAbsoluteError, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from trail_probe.offline.probe_losses import emd_loss, training_loss  # noqa: F401 (emd_loss: its old home)
 from trail_probe.offline.seeding import epoch_generator
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import estimate
@@ -42,8 +44,10 @@ class RecipeModule(L.LightningModule):
     `history` and save the hyperparameters `num_bins`, `lr`, `min_lr` and `weight_decay`."""
 
     def set_class_weights(self, labels: torch.Tensor) -> None:
-        """Inverse-frequency bin weights from the training labels, mean 1 over the bins present."""
-        counts = torch.bincount(labels, minlength=self.hparams.num_bins).double()
+        """Inverse-frequency bin weights from the training labels (bin indices, or the mass of soft
+        labels per bin), mean 1 over the bins present."""
+        counts = (labels.double().sum(0) if labels.is_floating_point()
+                  else torch.bincount(labels, minlength=self.hparams.num_bins).double())
         weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
         self.class_weight.copy_((weight / weight[counts > 0].mean()).float())
 
@@ -72,10 +76,13 @@ class ProbeModule(RecipeModule):
     def __init__(self, task: str, layers: list[int], multi_layer: str, input_dim: int, hidden_dim: int,
                  num_bins: int, max_len: int, lr: float, min_lr: float, weight_decay: float,
                  recipe: dict | None = None, standardize: bool = False, loss: str = "ce",
-                 label_smoothing: float = 0.0):
-        """`input_dim` is one layer's state size; `recipe` records the other settings a resumed run must
+                 label_smoothing: float = 0.0, rank_weight: float = 1.0, probe_input: str | None = None,
+                 prompt_labels: str = "greedy"):
+        """`input_dim` is one layer's input size; `recipe` records the other settings a resumed run must
         share; `standardize`: inputs standardized before fc1 (call `probe.set_input_stats` before fitting);
-        `loss="balanced_ce"` weights bins by inverse training frequency (call `set_class_weights`)."""
+        `loss="balanced_ce"` weights bins by inverse training frequency (call `set_class_weights`);
+        `rank_weight`: loss="rank"'s weight; `probe_input` and `prompt_labels` are recorded (the data
+        carries them; None: TRAIL's input)."""
         super().__init__()
         self.save_hyperparameters()
         self.register_buffer("class_weight", torch.ones(num_bins), persistent=False)  # set again on resume
@@ -94,15 +101,9 @@ class ProbeModule(RecipeModule):
         return self.probe(x)
 
     def training_step(self, batch, batch_idx):
-        x, labels, _, _ = batch
-        hp = self.hparams
-        logits = self.probe(x).float()
-        if hp.loss == "emd":
-            loss = emd_loss(logits, labels).mean()
-        else:
-            loss = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing,
-                                   weight=self.class_weight if hp.loss == "balanced_ce" else None)
-        self.train_loss.update(loss.detach(), labels.numel())
+        x, labels, lengths, _ = batch
+        loss = training_loss(self.probe(x).float(), labels, lengths, self.hparams, self.class_weight, self.bins)
+        self.train_loss.update(loss.detach(), len(labels))
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -125,15 +126,6 @@ class ProbeModule(RecipeModule):
         self.train_loss.reset()
         self.log_dict(metrics, prog_bar=True)
         self.history.append({"epoch": self.current_epoch, **{k: float(v) for k, v in metrics.items()}})
-
-def emd_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample ordinal loss [...]: the squared earth mover's distance between the predicted bin
-    distribution and the true bin (Hou et al. 2016, "Squared EMD loss"): sum over bins of
-    (CDF_pred - CDF_true)^2, so mass one bin off costs less than mass far off. Same softmax head,
-    same export; `logits` [..., K], `labels` [...] (broadcast against logits' leading dims)."""
-    cdf = logits.float().softmax(-1).cumsum(-1)
-    target = (torch.arange(logits.shape[-1], device=logits.device) >= labels[..., None]).float()
-    return ((cdf - target) ** 2).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trail_probe.offline.probe_module import RecipeModule, emd_loss
+from trail_probe.offline.probe_losses import training_loss
+from trail_probe.offline.probe_module import RecipeModule
 from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.estimates import estimate
 from trail_probe.runtime.probe import LengthProbe
@@ -92,7 +93,8 @@ class StackModule(RecipeModule):
 
     def __init__(self, task: str, layers: list[int], input_dim: int, hidden_dim: int, num_bins: int, max_len: int,
                  lr: float, min_lr: float, weight_decay: float, recipe: dict | None = None, standardize: bool = False,
-                 loss: str = "ce", label_smoothing: float = 0.0):
+                 loss: str = "ce", label_smoothing: float = 0.0, rank_weight: float = 1.0, probe_input: str | None = None,
+                 prompt_labels: str = "greedy"):
         super().__init__()
         self.save_hyperparameters()
         self.register_buffer("class_weight", torch.ones(num_bins), persistent=False)
@@ -106,32 +108,27 @@ class StackModule(RecipeModule):
         self._sums, self._val_n, self._train, self._train_n = None, 0, None, 0  # this epoch's sums
         self.history: list[dict] = []  # per epoch: {"epoch", metric: [one value per layer]}
 
-    def _layer_losses(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
-        """[n]: each layer's cross-entropy, reduced as `F.cross_entropy(..., reduction="mean")` reduces
-        it; the training loss with `ProbeModule`'s class weights and label smoothing (or its ordinal
-        `emd_loss` with train.loss=emd), validation's plain."""
-        hp, n = self.hparams, logits.shape[1]
-        if training and hp.loss == "emd":
-            return emd_loss(logits.float(), labels[:, None]).mean(0)
-        weight = self.class_weight if training and hp.loss == "balanced_ce" else None
-        smoothing = hp.label_smoothing if training else 0.0
-        per = F.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, n), weight=weight,
-                              label_smoothing=smoothing, reduction="none")  # [B, n]
-        return per.sum(0) / (weight[labels].sum() if weight is not None else labels.numel())
+    def _layer_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[n]: each layer's plain cross-entropy (validation's), reduced as `F.cross_entropy(...,
+        reduction="mean")` reduces it."""
+        n = logits.shape[1]
+        per = F.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, n), reduction="none")  # [B, n]
+        return per.sum(0) / labels.numel()
 
     def training_step(self, batch, batch_idx):
-        x, labels, _, _ = batch
-        losses = self._layer_losses(self.probe(x), labels, training=True)
-        part = losses.detach() * labels.numel()
+        x, labels, lengths, _ = batch
+        # each layer's own training loss, as `ProbeModule` computes it (offline/probe_losses.py)
+        losses = training_loss(self.probe(x), labels, lengths, self.hparams, self.class_weight, self.bins)
+        part = losses.detach() * len(labels)
         self._train = part if self._train is None else self._train + part
-        self._train_n += labels.numel()
+        self._train_n += len(labels)
         return losses.sum()  # each probe's gradient is its own loss's
 
     def validation_step(self, batch, batch_idx):
         x, labels, tokens, cap = batch
         logits = self.probe(x).float()
         est = estimate(logits.softmax(-1), self.bins, cap[:, None], dtype=logits.dtype)
-        sums = torch.stack([self._layer_losses(logits, labels, training=False) * labels.numel(),
+        sums = torch.stack([self._layer_losses(logits, labels) * labels.numel(),
                             (logits.argmax(-1) == labels[:, None]).float().sum(0),
                             (est - tokens[:, None]).abs().sum(0)])
         self._sums = sums if self._sums is None else self._sums + sums

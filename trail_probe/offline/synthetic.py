@@ -7,7 +7,10 @@ listed as `informative`, a fixed random direction of the hidden state carries th
 remaining) length, plus Gaussian noise; the other layers carry only noise. So a probe trained on an
 informative layer must beat a constant predictor, and a layer sweep must find those layers.
 `gains` ({layer: strength}, instead of `informative`) gives each layer its own signal strength, so
-that one layer is clearly best and its neighbours next best, as a layer search expects.
+that one layer is clearly best and its neighbours next best, as a layer search expects. With `pooled`
+the extraction also stores the pooled probe inputs (each the same rule with its own noise, so every
+input can be trained on; their entropy weights are random), and with `num_samples` each prompt's
+sampled answer lengths (the true length moved by up to 40 tokens).
 
     python -m trail_probe.offline.synthetic data/synthetic   # writes a small one for experiments
 """
@@ -25,6 +28,7 @@ from trail_probe.offline.store import (
     LAYER_NUMBERING,
     ExtractedRequest,
     shard_name,
+    stored_inputs,
     write_shard,
 )
 
@@ -57,7 +61,7 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
                               num_layers: int = 4, informative: tuple[int, ...] = (1, 2),
                               decode_stride: int = 8, max_new_tokens: int = 512, noise: float = 0.05,
                               shard_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float16,
-                              gains: dict[int, float] | None = None) -> Path:
+                              gains: dict[int, float] | None = None, pooled: bool = False, num_samples: int = 0) -> Path:
     root = Path(root)
     gains = {layer: 4.0 for layer in informative} if gains is None else gains
     signal = LengthSignal(hidden_size, max_new_tokens, noise, torch.Generator().manual_seed(seed))
@@ -77,6 +81,13 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
         record = {"id": f"syn-{i:06d}", "prompt": text, "response": "x" * n, "prompt_tokens": 8 + i % 50,
                   "output_tokens": n, "hit_cap": n >= max_new_tokens, "truncated": False}
         requests.append(ExtractedRequest(record, prompt_states[:, i], states(n - generated), generated))
+        if pooled:
+            m = len(generated)
+            requests[-1].pooled = {"prompt_last": states(lengths[i:i + 1])[:, 0], "prompt_entropy": states(lengths[i:i + 1])[:, 0],
+                                   "prompt_entropy_sum": torch.rand((), generator=g) * 50,
+                                   "decode_mean": states(n - generated), "decode_entropy": states(n - generated),
+                                   "decode_entropy_sum": torch.rand(m, generator=g) * 50,
+                                   "decode_token_entropy": torch.rand(m, generator=g) * 3}
 
     model = {"name_or_path": SYNTHETIC_MODEL, "weights_sha256": None, "architecture": "Synthetic",
              "num_layers": num_layers, "hidden_size": hidden_size, "max_position_embeddings": 0,
@@ -88,7 +99,12 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
         "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
         "prompts": {"source": "synthetic", "num_available": num_requests, "num_selected": num_requests},
         "num_workers": 1, "config": {"synthetic": {"gains": {str(k): v for k, v in gains.items()}, "noise": noise}},
+        **({"inputs": stored_inputs(True, True)} if pooled else {}), "num_samples": num_samples,
     }
+    if num_samples:
+        moved = lengths[:, None] + torch.randint(-40, 41, (num_requests, num_samples), generator=g)
+        atomic_write_json(root / "samples" / "worker-0.json", {"worker_index": 0, "lengths": {
+            r.record["id"]: moved[i].clamp(0, max_new_tokens).tolist() for i, r in enumerate(requests)}})
     atomic_write_json(root / "manifest.json", manifest)
     for seq, start in enumerate(range(0, num_requests, shard_size)):
         write_shard(root / "shards" / shard_name(0, seq), requests[start:start + shard_size],

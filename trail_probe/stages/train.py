@@ -51,15 +51,16 @@ from trail_probe.choices import Task, options
 from trail_probe.config import RecipeConfig, config_sha256, resolve_layers
 from trail_probe.errors import UserError
 from trail_probe.model_files import file_sha256
-from trail_probe.offline.artifacts import probe_name, write_probe
+from trail_probe.offline.artifacts import probe_input, probe_name, write_probe
 from trail_probe.offline.layer_search import best_of, coarse_grid, expected_probes, search_layers
+from trail_probe.offline.probe_data import ProbeData, load_data  # noqa: F401 (ProbeData: its old home)
 from trail_probe.offline.probe_fit import fit_module, latest_checkpoint, quiet_lightning, resume_point
 from trail_probe.offline.split import load_or_make_split, manifest_sha256, selection_split
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.sweep_report import print_results, write_sweep
 from trail_probe.progress import progress_bar
 from trail_probe.runtime.bins import Bins
-from trail_probe.runtime.models import dtype_of
+from trail_probe.runtime.probe_inputs import DEFAULT_INPUT
 
 HELP = "Train the length probe on extracted hidden states; sweep layers to find the best one."
 EXAMPLES = """examples:
@@ -91,16 +92,6 @@ class ProbeSpec:
         return probe_name(self.layers, self.mode)
 
 
-@dataclass
-class ProbeData:
-    train: object  # TensorRows(x, labels, tokens, cap); x is [n, d] or [n, layers, d]
-    val: object
-    train_groups: torch.Tensor | None  # request of each training row (decode task), for per-request sampling
-    input_dim: int
-    num_train_requests: int
-    num_val_requests: int
-
-
 def check_train_config(cfg: RecipeConfig) -> None:
     t = cfg.train
     Bins.from_config(cfg.bins)  # invalid bins -> UserError
@@ -113,6 +104,8 @@ def check_train_config(cfg: RecipeConfig) -> None:
         raise UserError(f"train.label_smoothing = {t.label_smoothing} must be in [0, 1), e.g. 0.1")
     if t.loss == "emd" and t.label_smoothing:
         raise UserError("train.label_smoothing smooths cross-entropy's targets; set it to 0 with train.loss=emd")
+    if t.loss == "rank" and not t.rank_weight > 0:
+        raise UserError(f"train.rank_weight = {t.rank_weight} must be > 0 with train.loss=rank (e.g. 1.0)")
     if t.standardize and t.multi_layer == "weighted_mean":
         raise UserError("train.standardize needs a fixed probe input; use train.multi_layer=concat or none with it")
     if t.decode_samples_per_request < 0:
@@ -173,44 +166,6 @@ def stack_runs(specs: list[ProbeSpec], stack_layers: int) -> list[ProbeSpec]:
     return sorted(runs, key=lambda r: order[r.task])  # stable: each task's runs in layer order, tasks as planned
 
 
-def load_data(extraction: Extraction, spec: ProbeSpec, split: dict, bins: Bins, per_request: int,
-              seed: int) -> ProbeData:
-    """The probe's inputs, labels and true lengths as in-memory tensors, split by request."""
-    from trail_probe.offline.probe_module import TensorRows, sample_per_group
-
-    train_ids, val_ids = set(split["train_ids"]), set(split["val_ids"])
-    is_train = torch.tensor([rid in train_ids for rid in extraction.ids], dtype=torch.bool)
-    is_val = torch.tensor([rid in val_ids for rid in extraction.ids], dtype=torch.bool)  # what selects epochs
-    max_new = float(extraction.manifest["generation"]["max_new_tokens"])
-    if spec.task == "prompt":
-        states = [extraction.prompt_states(layer) for layer in spec.layers]
-        tokens = extraction.output_tokens
-        request = torch.arange(len(tokens))
-        cap = torch.full((len(tokens),), max_new)
-    else:
-        # a stack holds many layers in memory at once: kept in the storage dtype (exact), fp32 per batch
-        keep = dtype_of(extraction.manifest.get("storage_dtype", "float32")) if spec.mode == "stack" else torch.float32
-        first = extraction.decode(spec.layers[0])
-        states = [first.states.to(keep)] + [extraction.decode(layer).states.to(keep) for layer in spec.layers[1:]]
-        tokens, request = first.remaining, first.request
-        cap = max_new - first.generated.float()  # the runtime never predicts past max_new_tokens
-    x = states[0] if spec.mode == "none" else torch.stack(states, 1)
-    rows = TensorRows(x, bins.label(tokens), tokens.float(), cap)
-    train_rows = torch.nonzero(is_train[request]).squeeze(1)
-    val_rows = torch.nonzero(is_val[request]).squeeze(1)
-    if spec.task == "decode" and per_request > 0:
-        picked = sample_per_group(request[val_rows], per_request, torch.Generator().manual_seed(seed))
-        val_rows = val_rows[picked.sort().values]
-    for side, picked in (("training", train_rows), (split.get("side", "held-out"), val_rows)):
-        if len(picked) == 0:
-            raise UserError(f"the {side} side of the split has no {spec.task} samples; extract more prompts "
-                            "or change train.train_fraction")
-    return ProbeData(
-        train=TensorRows(*(t[train_rows] for t in rows.tensors)), val=TensorRows(*(t[val_rows] for t in rows.tensors)),
-        train_groups=request[train_rows] if spec.task == "decode" else None, input_dim=x.shape[-1],
-        num_train_requests=int(is_train.sum()), num_val_requests=int(is_val.sum()))
-
-
 def _hparams(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict) -> dict:
     t = cfg.train
     recipe = {key: getattr(t, key) for key in ("epochs", "batch_size", "seed", "decode_samples_per_request")}
@@ -221,7 +176,16 @@ def _hparams(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict)
     return dict(task=spec.task, layers=list(spec.layers), **({} if spec.mode == "stack" else {"multi_layer": spec.mode}),
                 input_dim=data.input_dim, hidden_dim=t.hidden_dim, num_bins=cfg.bins.num_bins, max_len=cfg.bins.max_len,
                 lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, recipe=recipe, standardize=t.standardize,
-                loss=t.loss, label_smoothing=t.label_smoothing)
+                loss=t.loss, label_smoothing=t.label_smoothing, **_added_hparams(cfg, spec.task))
+
+
+def _added_hparams(cfg: RecipeConfig, task: str) -> dict:
+    """The settings after the paper's that change a probe, given only where they differ from TRAIL's (so
+    probes trained before them stay resumable; probe_fit.ADDED_HPARAMS holds their defaults)."""
+    t, kind = cfg.train, probe_input(cfg, task)
+    return {**({"rank_weight": t.rank_weight} if t.loss == "rank" else {}),
+            **({"probe_input": kind} if kind != DEFAULT_INPUT[task] else {}),
+            **({"prompt_labels": t.prompt_labels} if task == "prompt" and t.prompt_labels != "greedy" else {})}
 
 
 def fit_probe(cfg: RecipeConfig, spec: ProbeSpec, data: ProbeData, context: dict, resume: bool = False,
@@ -348,7 +312,7 @@ class _Session:
                                      offset=self.done * epochs, best=self.best[spec.task], name=f"{spec.task} {spec.name}",
                                      probes=size)
             data = load_data(self.extraction, spec, self.split, self.bins, cfg.train.decode_samples_per_request,
-                             cfg.train.seed)
+                             cfg.train.seed, probe_input(cfg, spec.task), cfg.train.prompt_labels)
             if spec.mode == "stack":
                 results += fit_stack(cfg, spec, data, self.context, *self.flags, progress)
             else:
@@ -415,6 +379,10 @@ def train(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, fast
     extraction = Extraction(cfg.paths.data)
     extraction.check_model(cfg.model.name_or_path)
     specs = plan_probes(cfg, extraction)
+    for task in dict.fromkeys(spec.task for spec in specs):  # what the probes read is there, before any training
+        extraction.check_input(task, probe_input(cfg, task))
+        if task == "prompt" and cfg.train.prompt_labels != "greedy":
+            extraction.sampled_lengths()
     split = selection_split(cfg, load_or_make_split(cfg, extraction))  # fit on train_ids, choose epochs on val_ids
     bins = Bins.from_config(cfg.bins)
     context = {"bins": bins.to_dict(), "model": extraction.model,
