@@ -14,12 +14,31 @@ import torch
 
 from trail_probe.atomic import atomic_path
 from trail_probe.config import RecipeConfig, format_config
+from trail_probe.runtime.probe_inputs import DEFAULT_INPUT, describe
 
 METHODS = ("bert", "prompt_probe", "per_step", "refined")
 
 
 LABELS = {"bert": "(a) BERT on the prompt text", "prompt_probe": "(b) probe on the mean prompt state",
           "per_step": "(c) decode probe, each step alone", "refined": "(d) decode probe, refined"}
+
+
+def method_label(method: str, metrics: dict | None = None) -> str:
+    """The method's row name, naming the input its probe read where it is not TRAIL's."""
+    kind = ((metrics or {}).get(method) or {}).get("input")
+    if method == "prompt_probe" and kind and kind != DEFAULT_INPUT["prompt"]:
+        return f"(b) probe on the {describe('prompt', kind)}"
+    if method in ("per_step", "refined") and kind and kind != DEFAULT_INPUT["decode"]:
+        return LABELS[method].replace("decode probe", f"decode probe on the {describe('decode', kind)}")
+    return LABELS[method]
+
+
+def inputs_line(metrics: dict) -> str:
+    """What each probe read, in a sentence."""
+    prompt, decode = ((metrics.get(m) or {}).get("input") for m in ("prompt_probe", "refined"))
+    parts = ([f"the prompt probe read the {describe('prompt', prompt)} (`{prompt}`)"] if prompt else []) + \
+            ([f"the decode probe the {describe('decode', decode)} (`{decode}`)"] if decode else [])
+    return ("Inputs: " + ", ".join(parts) + " (runtime/probe_inputs.py).") if parts else ""
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -66,7 +85,7 @@ def write_figures(out: Path, report: dict, results: dict, held, bins, bert_probs
         ys = [metric(results[L], method, target) for L in layers]
         if any(y is not None for y in ys):
             ax.plot(layers, [math.nan if y is None else y for y in ys], "o-", color=COLORS[method],
-                    label=f"{LABELS[method]} ({target})")
+                    label=f"{method_label(method, report['methods'])} ({target})")
     bert = results[report["layer"]]["bert"]
     if bert:
         ax.axhline(bert["total"]["mae"], color=COLORS["bert"], label=f"{LABELS['bert']} (total)")
@@ -85,7 +104,7 @@ def write_figures(out: Path, report: dict, results: dict, held, bins, bert_probs
         ys = curve.get(method)
         if ys and any(y is not None for y in ys):
             ax.plot(curve["tokens"], [math.nan if y is None else y for y in ys], "o--" if method == "per_step" else "o-",
-                    markersize=3, color=COLORS[method], label=LABELS[method])
+                    markersize=3, color=COLORS[method], label=method_label(method, report["methods"]))
     ax.set(xlabel="tokens generated so far", ylabel="MAE of remaining length (tokens)",
            title=f"Layer {report['layer']}, refined every {report['refine_interval']} tokens")
     ax.legend(fontsize=7)
@@ -103,7 +122,7 @@ def write_figures(out: Path, report: dict, results: dict, held, bins, bert_probs
                     ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if share[i, j] < 0.6 else "black")
         target = "remaining" if method == "refined" else "total"
-        ax.set(title=f"{LABELS[method]}\n({target} length)", xlabel="predicted bin", ylabel="true bin",
+        ax.set(title=f"{method_label(method, report['methods'])}\n({target} length)", xlabel="predicted bin", ylabel="true bin",
                xticks=range(bins.num_bins), yticks=range(bins.num_bins))
         ax.title.set_fontsize(8)
     _save_png(fig, out / "bin_heatmap.png")
@@ -149,7 +168,8 @@ def render_markdown(r: dict, cfg: RecipeConfig) -> str:
         f"{r['decode_stride']} tokens). Layer {r['layer']} ({r['layer_source']}). Refinement every "
         f"{r['refine_interval']} tokens, prior: {(m.get('refined') or {}).get('prior', '–')}, per-step likelihood: "
         f"{(m.get('refined') or {}).get('likelihood', '–')}. "
-        f"Bins: {r['bins']['num_bins']} over [0, {r['bins']['max_len']}]; max_new_tokens {r['max_new_tokens']}.",
+        f"Bins: {r['bins']['num_bins']} over [0, {r['bins']['max_len']}]; max_new_tokens {r['max_new_tokens']}. "
+        + inputs_line(m),
         "",
         "## Headline",
         "",
@@ -164,7 +184,7 @@ def render_markdown(r: dict, cfg: RecipeConfig) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
-        lines.append(f"| {LABELS[method]} | {fmt(metric(m, method, 'total'))} | {fmt(metric(m, method, 'total', 'acc'), 3)} "
+        lines.append(f"| {method_label(method, m)} | {fmt(metric(m, method, 'total'))} | {fmt(metric(m, method, 'total', 'acc'), 3)} "
                      f"| {fmt(metric(m, method, 'total', 'kendall_tau'), 3)} "
                      f"| {fmt(metric(m, method, 'remaining'))} | {fmt(metric(m, method, 'remaining', 'acc'), 3)} "
                      f"| {fmt(metric(m, method, 'remaining', 'kendall_tau'), 3)} "
@@ -188,7 +208,7 @@ def render_markdown(r: dict, cfg: RecipeConfig) -> str:
               "Requests still generating at t; BERT and the prompt probe counted down by t; the decode probe's "
               "estimates from the latest refinement at or before t, counted down since (none at t = 0, where the "
               "refined method's prior is the prompt probe).", "",
-              "| tokens generated | requests | " + " | ".join(LABELS[x] for x in METHODS) + " |",
+              "| tokens generated | requests | " + " | ".join(method_label(x, m) for x in METHODS) + " |",
               "|---|---|" + "---|" * len(METHODS)]
     for i, t in enumerate(c["tokens"]):
         cells = [fmt(c[x][i]) if x in c else "–" for x in METHODS]

@@ -6,8 +6,10 @@
 Every method is scored on the same held-out requests (the val side of `<checkpoint_dir>/split.json`):
   (a) bert          the fine-tuned encoder on the prompt text (total length; skipped with a note
                     when no baseline was trained)
-  (b) prompt_probe  the probe on the layer's mean prompt state (total length)
-  (c) per_step      the decode probe at every stored decode step, each on its own (remaining length)
+  (b) prompt_probe  the probe on the layer's prompt input (total length): the mean prompt state, or
+                    the input the probe was trained on (runtime/probe_inputs.py; probe.json's `input`)
+  (c) per_step      the decode probe at every stored decode step, each on its own (remaining length),
+                    on its input (the current token's state, or a pool of the generated tokens so far)
   (d) refined       the decode probe refined by Bayes over the steps (TRAIL_NOTES section 2, via
                     trail_probe.runtime.refine): refined every k = refine.interval tokens, starting from
                     the prompt probe's distribution (refine.prior: or BERT's, none, or last_token:
@@ -18,7 +20,7 @@ Every method is scored on the same held-out requests (the val side of `<checkpoi
                     (`phase_of`), its prior advanced by T^k at each refinement.
 An estimate is the expectation over bin midpoints, clamped to [0, max_new_tokens - generated]. MAE
 is in tokens, averaged over requests for total length and over stored decode steps for remaining
-length; accuracy is the most likely bin against the true bin (for (d) between refinements: the
+length, and Kendall's tau beside it for every method; accuracy is the most likely bin against the true bin (for (d) between refinements: the
 posterior moved forward by T^tokens). (a) and (b) are also scored on the decode steps, counted
 down by the tokens generated, as a scheduler without refinement would use them.
 
@@ -49,6 +51,7 @@ from trail_probe.model_files import file_sha256
 from trail_probe.offline.artifacts import (
     best_layer,
     check_artifact,
+    input_of,
     load_probe,
     probe_name,
     trained_layers,
@@ -252,11 +255,14 @@ def _inputs(cfg: RecipeConfig) -> _Inputs:
 
 
 def _last_token_states(cfg: RecipeConfig, run: _Inputs) -> dict[int, torch.Tensor]:
-    """refine.prior=last_token, TRAIL's release at prefill: the extraction does not store the last
-    prompt token's states, so they are recomputed (offline.prefill_states)."""
+    """refine.prior=last_token, TRAIL's release at prefill: the last prompt token's states, stored by
+    extractions with the pooled inputs; recomputed for older ones (offline.prefill_states)."""
     from trail_probe.offline.prefill_states import last_prompt_states
 
     extraction = run.extraction
+    if "last" in extraction.inputs["prompt"]:
+        run.notes.append("refine.prior=last_token: the last prompt token's states as the extraction stored them.")
+        return {L: extraction.prompt_states(L, "last")[run.held.rows] for L in run.layers}
     states = last_prompt_states(cfg.model, [extraction.records[i] for i in run.held.rows], run.layers, cfg.progress)
     run.notes.append(f"refine.prior=last_token: the last prompt token's states recomputed by transformers in "
                      f"{cfg.model.dtype} (the extraction: {extraction.model.get('engine', 'hf')}, "
@@ -278,6 +284,8 @@ def _report(cfg: RecipeConfig, run: _Inputs, results: dict, held: HeldOut, chose
         "scored_side": cfg.eval.split,
         "held_out": {"requests": len(held.ids), "decode_steps": _count(chosen["decode"])},
         "methods": results[run.layer],
+        "inputs": {task: (results[run.layer].get(method) or {}).get("input")  # what each probe read (probe_inputs.py)
+                   for task, method in (("prompt", "prompt_probe"), ("decode", "refined"))},
         "headline": headline_ratios(results[run.layer]),
         "by_layer": {str(L): results[L] for L in run.layers},
         "curve": None,
@@ -320,15 +328,15 @@ def _load_checked(cfg: RecipeConfig, task: str, layer: int, run: _Inputs):
     check_artifact(meta, what, run.extraction, run.manifest_sha, run.split_sha, run.bins)
     check_unseen(meta, what, run.validation)
     run.hashes["probes"][str(folder / "probe.safetensors")] = file_sha256(folder / "probe.safetensors")
-    return probe
+    return probe, input_of(meta)
 
 
 def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, label_prior, last_states=None):
     """(metrics of every method at `layer`, the raw predictions used for curves and pictures);
     `last_states` [held, d]: the last prompt token's states, for refine.prior=last_token."""
     extraction, held, bins, max_new = run.extraction, run.held, run.bins, run.max_new
-    prompt_probe = _load_checked(cfg, "prompt", layer, run)
-    decode_probe = _load_checked(cfg, "decode", layer, run)
+    prompt_probe, prompt_input = _load_checked(cfg, "prompt", layer, run) or (None, None)
+    decode_probe, decode_input = _load_checked(cfg, "decode", layer, run) or (None, None)
     truth = held.output_tokens
     metrics = {m: None for m in METHODS}
     prompt_probs = decode = None
@@ -336,13 +344,13 @@ def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, lab
     if bert_probs is not None:
         totals["bert"] = bert_probs
     if prompt_probe is not None:
-        prompt_probs = probe_probs(prompt_probe, extraction.prompt_states(layer)[held.rows])
+        prompt_probs = probe_probs(prompt_probe, extraction.prompt_states(layer, prompt_input)[held.rows])
         totals["prompt_probe"] = prompt_probs
     if cfg.refine.prior == "prompt_probe" and prompt_probs is None and decode_probe is not None:
         raise UserError(f"refine.prior=prompt_probe but layer {layer} has no trained prompt probe; train it "
                         "(train.task=both) or set refine.prior=auto or none")
     if decode_probe is not None:
-        ds = extraction.decode(layer)
+        ds = extraction.decode(layer, decode_input)
         local = torch.full((len(extraction.records),), -1, dtype=torch.long)
         local[held.rows] = torch.arange(len(held.rows))
         keep = local[ds.request] >= 0
@@ -351,6 +359,10 @@ def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, lab
                             "or set refine.prior=auto")
         prior = {"none": None, "bert": bert_probs}.get(cfg.refine.prior, prompt_probs)
         if cfg.refine.prior == "last_token":
+            if decode_input != "current":
+                raise UserError(f"refine.prior=last_token feeds the last prompt token's state to the decode probe, but layer "
+                                f"{layer}'s reads '{decode_input}' (a pool of generated tokens, none at the prompt); "
+                                "use refine.prior=auto")
             prior = probe_probs(decode_probe, last_states)
         phases = phase_of(held.ids, cfg.refine.interval, extraction.decode_stride) if cfg.refine.cadence == "global" else None
         decode = refine_decode(probe_probs(decode_probe, ds.states[keep]), local[ds.request[keep]],
@@ -362,7 +374,8 @@ def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, lab
                                                    decode.generated),
                               "prior": "none" if prior is None else (cfg.refine.prior if cfg.refine.prior in ("bert", "last_token")
                                                                      else "prompt_probe"),
-                              "likelihood": cfg.refine.likelihood, "cadence": cfg.refine.cadence}
+                              "likelihood": cfg.refine.likelihood, "cadence": cfg.refine.cadence, "input": decode_input}
+        metrics["per_step"]["input"] = decode_input
     else:
         run.notes.append(f"layer {layer}: no trained decode probe, so no per-step or refined predictions.")
     for method, probs in totals.items():
@@ -371,6 +384,8 @@ def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, lab
         if decode is not None:  # the same estimate as a scheduler would use it during decoding
             counted = count_down(est[decode.request], decode.generated, max_new - decode.generated)
             metrics[method]["remaining"] = summary(counted, decode.remaining, groups=decode.generated)
+    if prompt_probe is not None:
+        metrics["prompt_probe"]["input"] = prompt_input
     return metrics, {"prompt_probs": prompt_probs, "decode": decode}
 
 
