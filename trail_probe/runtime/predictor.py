@@ -35,6 +35,7 @@ from trail_probe.runtime.bins import Bins
 from trail_probe.runtime.capture import ProbeLayerCapture, capture_layer
 from trail_probe.runtime.models import DTYPES, decoder_layers
 from trail_probe.runtime.probe import LengthProbe
+from trail_probe.runtime.probe_inputs import DEFAULT_INPUT, input_parts
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.pt")  # in order of preference
@@ -141,7 +142,19 @@ class LengthPredictor:
 
     @property
     def hidden_size(self) -> int:
+        """The probe's input width (config.json's hidden_size): the model's, or twice it for current+pool inputs."""
         return self.probe.input_dim
+
+    @property
+    def input(self) -> str:
+        """What the probe reads (`runtime/probe_inputs.py`): trail_probe.json's `input`; TRAIL's (the
+        current token's state; the mean prompt state for a prompt probe) where the export does not say."""
+        return self.metadata.get("input") or DEFAULT_INPUT["prompt" if self.metadata.get("task") == "prompt" else "decode"]
+
+    @property
+    def state_width(self) -> int:
+        """The width of one hidden state of the serving model, which the input is built from."""
+        return self.hidden_size // len(input_parts(self.input))
 
     @property
     def label_prior(self) -> torch.Tensor | None:
@@ -185,13 +198,13 @@ class LengthPredictor:
         """Refuse a serving model that has no layer `self.layer` or states of another width."""
         if self.layer >= num_layers:
             raise UserError(f"the predictor reads layer {self.layer} (probe_layer_idx) but the serving model has layers 0..{num_layers - 1}; export a probe for this model")
-        if hidden_size is not None and hidden_size != self.hidden_size:
-            raise UserError(f"the predictor expects hidden states of width {self.hidden_size} but the serving model's are {hidden_size}; export a probe trained on this model")
+        if hidden_size is not None and hidden_size != self.state_width:
+            raise UserError(f"the predictor expects hidden states of width {self.state_width} but the serving model's are {hidden_size}; export a probe trained on this model")
 
     def probs(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Bin probabilities [..., K] (float32) for embeddings [..., d]."""
         if embeddings.shape[-1] != self.hidden_size:
-            raise UserError(f"embeddings have width {embeddings.shape[-1]} but the predictor was trained on width {self.hidden_size}; pass layer {self.layer}'s hidden states of the serving model")
+            raise UserError(f"embeddings have width {embeddings.shape[-1]} but the predictor was trained on width {self.hidden_size}; pass its input '{self.input}' of layer {self.layer}'s hidden states of the serving model")
         with torch.no_grad():
             logits = self.probe(embeddings.to(device=self.device, dtype=self.dtype))
         return torch.softmax(logits.float(), dim=-1)

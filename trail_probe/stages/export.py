@@ -11,7 +11,11 @@ export.out_dir) in the layout TRAIL's public runtime loads:
     model.safetensors   fc1.weight, fc1.bias, fc2.weight, fc2.bias (float32; a probe trained with
                         train.standardize has its input standardization folded into fc1)
     trail_probe.json    serving model id + weight hash, bin edges, metrics, layer numbering, the
-                        extraction/split/config hashes it was trained on, and the source probe
+                        extraction/split/config hashes it was trained on, the source probe, and
+                        what each probe reads ("input", and "inputs": {"prompt": ..., "decode": ...};
+                        `runtime/probe_inputs.py`): TRAIL's files are the same for every input, but
+                        only a current-state probe (a mean-state prompt probe) is what TRAIL's
+                        runtime feeds; `LengthPredictor.input` tells a server which to build
     recipe.yaml         the resolved recipe of this export
     prompt/             the prompt probe (the same files), the initial estimator a server uses before
                         a request has decoded (export.include_prompt_probe, default true)
@@ -40,7 +44,7 @@ from trail_probe.atomic import atomic_dir, atomic_write_json
 from trail_probe.config import RecipeConfig, save_config
 from trail_probe.errors import UserError
 from trail_probe.model_files import file_sha256
-from trail_probe.offline.artifacts import best_layer, label_prior, probe_name
+from trail_probe.offline.artifacts import best_layer, input_of, label_prior, probe_name
 from trail_probe.offline.split import load_or_make_split, selection_split
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.runtime.bins import Bins
@@ -52,6 +56,7 @@ from trail_probe.runtime.predictor import (
     check_probe_weights,
 )
 from trail_probe.runtime.probe import fold_standardization
+from trail_probe.runtime.probe_inputs import input_width
 
 HELP = "Write the trained probe (and optionally the BERT baseline) as a predictor a serving scheduler loads."
 EXAMPLES = """examples:
@@ -171,8 +176,19 @@ def _write_probe(tmp: Path, cfg: RecipeConfig, task: str, probe_dir: Path, state
         "bert": None if baseline_dir is None else {"dir": "bert", "source": str(baseline_dir),
                                                    "metrics": _baseline_metrics(baseline_dir)},
         "initial": PROMPT_DIR if task == "decode" and (tmp / PROMPT_DIR).exists() else None,
+        "input": input_of(meta),
+        "inputs": _inputs(tmp, task, meta),
         "label_prior": _label_prior(cfg, bins) if task == "decode" else None,
     })
+
+
+def _inputs(tmp: Path, task: str, meta: dict) -> dict:
+    """What the exported probes read: this one's, and for a decode export the bundled prompt probe's."""
+    inputs = {"prompt": None, "decode": None, task: input_of(meta)}
+    bundled = tmp / PROMPT_DIR / METADATA_FILE
+    if task == "decode" and bundled.is_file():
+        inputs["prompt"] = json.loads(bundled.read_text())["input"]
+    return inputs
 
 
 def export_device(cfg: RecipeConfig) -> str:
@@ -213,8 +229,10 @@ def read_probe(folder: Path) -> tuple[dict, dict]:
     layer = meta["layers"][0]
     if model.get("num_layers") is not None and layer >= model["num_layers"]:
         raise UserError(f"'{folder}' claims layer {layer} of a {model['num_layers']}-layer model; its probe.json is inconsistent, retrain it")
-    if model.get("hidden_size") is not None and model["hidden_size"] != meta["input_dim"]:
-        raise UserError(f"'{folder}' has input_dim {meta['input_dim']} but its model's hidden size is {model['hidden_size']}; TRAIL's format needs one layer's raw hidden state")
+    if model.get("hidden_size") is not None and input_width(input_of(meta), model["hidden_size"]) != meta["input_dim"]:
+        raise UserError(f"'{folder}' has input_dim {meta['input_dim']} but its input '{input_of(meta)}' of its model's "
+                        f"hidden size {model['hidden_size']} is {input_width(input_of(meta), model['hidden_size'])} wide; "
+                        "TRAIL's format needs one layer's states; retrain it")
     return state, meta
 
 
