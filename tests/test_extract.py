@@ -485,3 +485,55 @@ def test_last_prompt_states_use_the_extractions_tokens_and_layer_numbering(tiny_
         post = torch.tensor(moved, dtype=torch.float64) * p1
         expected = min(float((post / post.sum() * mids).sum()), 24 - 1)
         assert request["refined"][0][0] == 1 and request["refined"][0][1] == pytest.approx(expected, abs=2e-3), request["id"]
+
+
+# -- the pooled inputs and sampled answers (issue 27) ------------------------------------------
+def test_sampled_answer_lengths_are_stored_beside_and_a_resumed_run_keeps_them(tiny_llama, prompts_file, tmp_path,
+                                                                                monkeypatch):
+    out = tmp_path / "ex"
+    cfg = _cfg(tiny_llama, prompts_file, out, "extract.num_samples=3", "generation.temperature=1.5")
+    real = extract_mod.sample_lengths
+
+    def dies_after_four(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 4:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(extract_mod, "sample_lengths", dies_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg, show_progress=False)
+    kept = json.loads((out / "samples" / "worker-0.json").read_text())["lengths"]
+    assert len(kept) == 4  # written on the way out
+    monkeypatch.setattr(extract_mod, "sample_lengths", real)
+    run_extract(cfg, show_progress=False)
+    ex = Extraction(out)
+    sampled = ex.sampled_lengths()
+    assert sampled.shape == (10, 3) and int(sampled.max()) <= 24
+    assert {rid: sampled[ex.ids.index(rid)].tolist() for rid in kept} == kept  # the first four were not drawn again
+    assert (sampled != ex.output_tokens[:, None]).any()  # sampled at temperature 1.5, not the greedy answers
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 3 and manifest["samples"]["temperature"] == 1.5
+    assert manifest["inputs"] == {"prompt": ["mean", "last", "entropy"], "decode": ["current", "mean", "entropy"]}
+
+
+def test_a_folder_from_before_the_pooled_inputs_is_kept_with_them_off(tiny_llama, prompts_file, tmp_path, capsys):
+    """An extraction made before issue 27 (no inputs in its manifest, as extract.pooled_inputs=false
+    writes it): refused by the new defaults, which store more, naming what differs; resumed as it is,
+    its manifest unchanged, with extract.pooled_inputs=false."""
+    out = tmp_path / "ex"
+    run_extract(_cfg(tiny_llama, prompts_file, out, "extract.pooled_inputs=false"), show_progress=False)
+    before = (out / "manifest.json").read_bytes()
+    manifest = json.loads(before)  # with TRAIL's inputs only, the manifest is what older versions wrote
+    assert not {"inputs", "num_samples", "samples"} & (set(manifest) | set(manifest["identity"]))
+    ex = Extraction(out)
+    assert ex.inputs == {"prompt": ["mean"], "decode": ["current"]}
+    with pytest.raises(UserError, match="stores the decode inputs current only .made before pooled inputs.*extract again"):
+        ex.decode(1, "mean")
+    args = [f"model.name_or_path={tiny_llama}", f"prompts.source={prompts_file}", f"extract.out_dir={out}",
+            "generation.max_new_tokens=24", "generation.batch_size=3", "extract.decode_stride=2", "extract.shard_size=2"]
+    code, err = _run_cli(capsys, *args)
+    assert code == 2 and "different config (inputs.decode: ['current'] there" in err
+    assert _run_cli(capsys, *args, "extract.pooled_inputs=false")[0] == 0
+    run_extract(_cfg(tiny_llama, prompts_file, out, "extract.pooled_inputs=false"), show_progress=False)
+    assert (out / "manifest.json").read_bytes() == before  # so its hash, which every probe records, is kept

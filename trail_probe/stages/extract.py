@@ -77,10 +77,17 @@ def add_arguments(parser) -> None:
 # --------------------------------------------------------------------------------------------
 # The resumable extraction folder
 # --------------------------------------------------------------------------------------------
+# What older folders' identities lack, as they were. Written only where a run differs from them, so the
+# manifest of an extraction that stores what older ones did stays as it was (and so does its hash, which
+# every probe and baseline trained on it records).
+IDENTITY_DEFAULTS = {"engine": "hf", "inputs": OLD_INPUTS, "num_samples": 0}
+
+
 # Settings that change what is extracted; a folder made with other values is refused.
 def _identity(cfg: RecipeConfig, model_info: dict, prompt_layers, decode_layers, num_workers) -> dict:
     gen = config_to_dict(cfg.generation)
     gen.pop("batch_size")  # batching changes speed, not results
+    added = {"inputs": stored_inputs(cfg.extract.pooled_inputs, cfg.extract.entropy), "num_samples": cfg.extract.num_samples}
     return {
         "model": {k: model_info[k] for k in ("name_or_path", "weights_sha256", "dtype")},
         "engine": model_info["engine"],
@@ -91,8 +98,7 @@ def _identity(cfg: RecipeConfig, model_info: dict, prompt_layers, decode_layers,
         "decode_stride": cfg.extract.decode_stride,
         "storage_dtype": cfg.extract.storage_dtype,
         "num_workers": num_workers,
-        "inputs": stored_inputs(cfg.extract.pooled_inputs, cfg.extract.entropy),
-        "num_samples": cfg.extract.num_samples,
+        **{key: value for key, value in added.items() if value != IDENTITY_DEFAULTS[key]},
     }
 
 
@@ -124,6 +130,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     prompt_layers = resolve_layers(cfg.extract.prompt_layers, model_info["num_layers"], "prompt layer")
     decode_layers = resolve_layers(cfg.extract.decode_layers, model_info["num_layers"], "decode layer")
     identity = _identity(cfg, model_info, prompt_layers, decode_layers, num_workers)
+    inputs = {**IDENTITY_DEFAULTS, **identity}["inputs"]
     _open_folder(out, identity, overwrite)
     ready, too_long = prepare_prompts(mine, serving["tokenizer"], cfg.generation.max_new_tokens,
                                       model_info["max_position_embeddings"], cfg.prompts.too_long)
@@ -138,10 +145,10 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
         "prompts": {"source": cfg.prompts.source, "num_available": len(prompts), "num_selected": len(selected),
                     "bad_rows_skipped": bad_rows, "seed": cfg.prompts.seed},
         "num_workers": num_workers, "config": config_to_dict(cfg),
-        # what is stored besides TRAIL's states: the probe inputs (store's module docstring) and sampled lengths
-        "inputs": identity["inputs"], "num_samples": cfg.extract.num_samples,
-        "samples": {"num_samples": cfg.extract.num_samples, "temperature": cfg.generation.temperature,
-                    "top_p": cfg.generation.top_p, "seed": cfg.generation.seed} if cfg.extract.num_samples else None,
+        # what is stored besides TRAIL's states (absent: TRAIL's only): the probe inputs, the sampled answers
+        **{key: identity[key] for key in ("inputs", "num_samples") if key in identity},
+        **({"samples": {"num_samples": cfg.extract.num_samples, "temperature": cfg.generation.temperature,
+                        "top_p": cfg.generation.top_p, "seed": cfg.generation.seed}} if cfg.extract.num_samples else {}),
     })
     save_config(cfg, out)
 
@@ -153,7 +160,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
     shards.start(expected=len(ready), skipped_too_long=len(too_long), truncated=sum(t for _, _, t in ready))
     prompt_bytes, decode_bytes = _estimate_bytes(len(todo), d, len(prompt_layers), len(decode_layers),
                                                  cfg.extract.decode_stride, cfg.generation.max_new_tokens,
-                                                 torch.finfo(storage_dtype).bits // 8, identity["inputs"])
+                                                 torch.finfo(storage_dtype).bits // 8, inputs)
     print(f"extract: worker {worker_index}/{num_workers}: {len(ready)} requests ({len(shards.done_ids)} already done, "
           f"{len(too_long)} too long skipped, {bad_rows} bad rows skipped) -> {out}")
     print(f"extract: expected disk: {prompt_bytes / 1e6:.1f} MB of prompt states + at most "
@@ -162,7 +169,7 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
 
     start = time.time()
     useful_tokens = _generate_into(shards, cfg, serving, (todo, sample_todo), (prompt_layers, decode_layers),
-                                   storage_dtype, identity["inputs"], show_progress)
+                                   storage_dtype, inputs, show_progress)
     elapsed = time.time() - start
     shards.complete(len(ready), elapsed, useful_tokens)
     print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
@@ -188,13 +195,10 @@ def _open_folder(out: Path, identity: dict, overwrite: bool) -> None:
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         return
-    old = json.loads(manifest_path.read_text())
-    old.setdefault("identity", {}).setdefault("engine", "hf")  # folders from before extract.engine existed
-    old["identity"].setdefault("inputs", OLD_INPUTS)  # ... and from before the pooled inputs and sampled answers
-    old["identity"].setdefault("num_samples", 0)
-    if old.get("identity") != identity:
+    old = {**IDENTITY_DEFAULTS, **(json.loads(manifest_path.read_text()).get("identity") or {})}
+    if old != {**IDENTITY_DEFAULTS, **identity}:
         if not overwrite:
-            diff = _describe_difference(old.get("identity", {}), identity)
+            diff = _describe_difference(old, {**IDENTITY_DEFAULTS, **identity})
             raise UserError(
                 f"'{out}' holds an extraction made with a different config ({diff}); "
                 "use another extract.out_dir, or pass --overwrite to replace it"
