@@ -3,10 +3,14 @@
     python benchmarks/extract_throughput.py                      # 64 shared prompts, batch 32, 512 tokens
     python benchmarks/extract_throughput.py --num-prompts 128 --batch-sizes 32,64 --vllm-dtype bfloat16
 
-Modes: `generate` (plain transformers `model.generate`), `extract` (the transformers extractor),
-`vllm_generate` (plain vLLM: its default engine, compiled, prefix caching on, no trail_probe code)
-and `vllm_extract` (`extract.engine=vllm`: eager, prefix caching off, every layer captured), the
-vLLM modes at each batch size as `max_num_seqs`, in `--vllm-dtype`.
+Modes: `generate` (plain transformers `model.generate`), `extract` (the transformers extractor,
+TRAIL's states only: extract.pooled_inputs=false), `vllm_generate` (plain vLLM: its default engine,
+compiled, prefix caching on, no trail_probe code) and `vllm_extract` (`extract.engine=vllm`: eager,
+prefix caching off, every layer captured, TRAIL's states only), the vLLM modes at each batch size as
+`max_num_seqs`, in `--vllm-dtype`. Issue 27's pooled inputs: `extract_pooled` / `vllm_extract_pooled`
+(the default extraction: the pooled inputs and their entropies, an lm_head over every prompt token)
+and `..._pooled_noentropy` (extract.entropy=false); the summary gives each one's cost against TRAIL's
+states alone (`pooled_cost`), e.g. `--modes extract,extract_pooled,extract_pooled_noentropy`.
 
 "Useful" tokens are those up to EOS (EOS not counted), summed over requests, divided by wall time.
 Plain `generate` keeps decoding finished rows until the longest answer of its batch ends, so much
@@ -31,6 +35,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "extract_throughput.json"
+# extractor modes -> (extract.pooled_inputs, extract.entropy); each also runs on vLLM as "vllm_" + mode
+EXTRACT_MODES = {"extract": (False, False), "extract_pooled": (True, True), "extract_pooled_noentropy": (True, False)}
+ORDER = ["generate", *EXTRACT_MODES, "vllm_generate", *(f"vllm_{m}" for m in EXTRACT_MODES)]
+
+
+def _inputs(mode: str) -> dict:
+    from trail_probe.offline.store import stored_inputs
+
+    return stored_inputs(*EXTRACT_MODES[mode.removeprefix("vllm_")])
 
 
 def _setup(num_prompts: int):
@@ -69,7 +82,7 @@ def run_generate(num_prompts: int, batch_size: int) -> dict:
     return {"useful_tokens": useful, "computed_tokens": computed, "wall_s": wall}
 
 
-def run_extract(num_prompts: int, batch_size: int) -> dict:
+def run_extract(num_prompts: int, batch_size: int, mode: str = "extract") -> dict:
     from trail_probe.config import resolve_layers
     from trail_probe.offline.generation import generate_with_capture
 
@@ -79,7 +92,7 @@ def run_extract(num_prompts: int, batch_size: int) -> dict:
     useful = stored_positions = 0
     start = time.perf_counter()
     for req in generate_with_capture(model, tokenizer, ready, cfg.generation, layers, layers,
-                                     cfg.extract.decode_stride, torch.float16):
+                                     cfg.extract.decode_stride, torch.float16, inputs=_inputs(mode)):
         useful += req.record["output_tokens"]
         stored_positions += req.decode_generated.numel()
     wall = time.perf_counter() - start
@@ -118,7 +131,7 @@ def run_vllm_generate(num_prompts: int, batch_size: int, dtype: str) -> dict:
     return {"useful_tokens": useful, "computed_tokens": int(useful), "wall_s": wall, "dtype": dtype}
 
 
-def run_vllm_extract(num_prompts: int, batch_size: int, dtype: str) -> dict:
+def run_vllm_extract(num_prompts: int, batch_size: int, dtype: str, mode: str = "vllm_extract") -> dict:
     from trail_probe.config import resolve_layers
     from trail_probe.offline.vllm_generation import generate_with_vllm
 
@@ -128,7 +141,8 @@ def run_vllm_extract(num_prompts: int, batch_size: int, dtype: str) -> dict:
     useful = stored_positions = 0
     stats: dict = {}
     for req in generate_with_vllm(folder, tokenizer, eos, ready, cfg.generation, layers, layers,
-                                  cfg.extract.decode_stride, torch.float16, dtype=dtype, kv_cache_gb=4.0, stats=stats):
+                                  cfg.extract.decode_stride, torch.float16, dtype=dtype, kv_cache_gb=4.0, stats=stats,
+                                  inputs=_inputs(mode)):
         useful += req.record["output_tokens"]
         stored_positions += req.decode_generated.numel()
         last = time.perf_counter()  # the engine's shutdown after the last request is left out, as for vllm_generate
@@ -139,12 +153,31 @@ def run_vllm_extract(num_prompts: int, batch_size: int, dtype: str) -> dict:
 
 def child(mode: str, num_prompts: int, batch_size: int, dtype: str) -> None:
     torch.set_num_threads(torch.get_num_threads())
-    if mode.startswith("vllm"):
-        result = (run_vllm_generate if mode == "vllm_generate" else run_vllm_extract)(num_prompts, batch_size, dtype)
+    if mode == "vllm_generate":
+        result = run_vllm_generate(num_prompts, batch_size, dtype)
+    elif mode.startswith("vllm"):
+        result = run_vllm_extract(num_prompts, batch_size, dtype, mode)
     else:
-        result = (run_generate if mode == "generate" else run_extract)(num_prompts, batch_size)
+        result = run_generate(num_prompts, batch_size) if mode == "generate" else run_extract(num_prompts, batch_size, mode)
+    if mode != "generate" and mode != "vllm_generate":
+        result["inputs"] = _inputs(mode)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
+
+
+def _pooled_cost(rows: list[dict]) -> list[dict]:
+    """Issue 27: each pooled mode's useful tokens/s against TRAIL's states alone, same engine and batch."""
+    out = []
+    for r in rows:
+        base_mode = "vllm_extract" if r["mode"].startswith("vllm_extract_") else "extract"
+        base = next((b for b in rows if b["mode"] == base_mode and b["batch_size"] == r["batch_size"]), None)
+        if "_pooled" in r["mode"] and base is not None:
+            slower = 1 - r["useful_tok_s"] / base["useful_tok_s"]
+            out.append({"mode": r["mode"], "batch_size": r["batch_size"], "useful_tok_s": round(r["useful_tok_s"], 1),
+                        "trail_states_only_tok_s": round(base["useful_tok_s"], 1), "slower_by": round(slower, 4)})
+            print(f"{r['mode']} batch {r['batch_size']}: {r['useful_tok_s']:.0f} useful tok/s, {slower:.1%} slower than "
+                  f"{base_mode} ({base['useful_tok_s']:.0f})")
+    return out
 
 
 def main() -> None:
@@ -160,9 +193,9 @@ def main() -> None:
         child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])
         return
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    runs = [("generate", sizes[0])] + [("extract", b) for b in sizes]
+    runs = [("generate", sizes[0])] + [(mode, b) for b in sizes for mode in EXTRACT_MODES]
     if not args.no_vllm:
-        runs += [(mode, b) for b in sizes for mode in ("vllm_generate", "vllm_extract")]
+        runs += [(mode, b) for b in sizes for mode in ("vllm_generate", *(f"vllm_{m}" for m in EXTRACT_MODES))]
     rows = []
     if args.modes:  # rerun some modes; the others' rows are kept from the last run, marked as such
         keep = set(args.modes.split(","))
@@ -181,7 +214,7 @@ def main() -> None:
         rows.append(r)
         print(f"  {mode:8s} batch {batch:3d}: {r['useful_tok_s']:6.1f} useful tok/s, {r['wall_s']:.0f}s, "
               f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
-    rows.sort(key=lambda r: (["generate", "extract", "vllm_generate", "vllm_extract"].index(r["mode"]), r["batch_size"]))
+    rows.sort(key=lambda r: (ORDER.index(r["mode"]), r["batch_size"]))
     base = rows[0]["useful_tok_s"]
     print(f"\n{'mode':14s}{'batch':>6s}{'useful tok/s':>14s}{'x generate':>12s}{'wall s':>9s}{'useful/computed':>17s}{'peak MB':>9s}")
     for r in rows:
@@ -210,6 +243,7 @@ def main() -> None:
                 "target_met": ours["useful_tok_s"] >= 450 and ratio >= 0.85})
             print(f"vLLM batch {b} ({args.vllm_dtype}): extraction {ours['useful_tok_s']:.0f} useful tok/s = "
                   f"{ratio:.2f}x plain vLLM's {plain['useful_tok_s']:.0f} (target >= 450 and >= 0.85x)")
+    result["pooled_cost"] = _pooled_cost(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {RESULTS.relative_to(REPO)}; target (>= 2x at batch {sizes[0]}) met: {result['target_met']}")
