@@ -8,6 +8,10 @@ Tasks: `prompt` maps a layer's mean prompt state to the total output length; `de
 of a decode step to the tokens still to come. `train.task=both` trains each. Labels are
 `bins.num_bins` equal bins over [0, bins.max_len]; recipe defaults are the paper's (cross-entropy,
 AdamW, cosine lr 0.01 -> 0 over 30 epochs, batch 32, 75/25 split of requests from `split.json`).
+Beyond the paper: `train.prompt_input` / `train.decode_input` choose what the probes read
+(`runtime/probe_inputs.py`: a pooled prompt, a running pool of the generated tokens), from what the
+extraction stored; `train.prompt_labels=median|soft` trains the prompt probe on sampled answers'
+lengths (`offline/probe_data.py`); `train.loss=rank` adds a pairwise ranking loss (`offline/probe_losses.py`).
 
 Decode samples: the held-out side uses a fixed `decode_samples_per_request` positions per request
 (drawn once from the seed), so val metrics compare across epochs; the training side draws a fresh
