@@ -77,7 +77,7 @@ class Ablation:
         self.root, self.run_name = Path(base.paths.checkpoints) / "inputs", base.run_name
         self.no_bert, self.notes = args.no_bert, []
         extraction = Extraction(base.paths.data)
-        self.stored, self.samples = extraction.inputs, int(extraction.manifest.get("num_samples") or 0)
+        self.stored, self.samples = extraction.inputs, extraction.num_samples
 
     def cfg(self, seed: int, out: Path, *extra: str):
         return load_recipe(self.recipe, [*self.sets, f"train.split_seed={seed}", f"train.validation_fraction={self.vf}",

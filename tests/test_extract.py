@@ -512,9 +512,24 @@ def test_sampled_answer_lengths_are_stored_beside_and_a_resumed_run_keeps_them(t
     assert sampled.shape == (10, 3) and int(sampled.max()) <= 24
     assert {rid: sampled[ex.ids.index(rid)].tolist() for rid in kept} == kept  # the first four were not drawn again
     assert (sampled != ex.output_tokens[:, None]).any()  # sampled at temperature 1.5, not the greedy answers
+    saved = json.loads((out / "samples" / "worker-0.json").read_text())
+    assert (saved["num_samples"], saved["temperature"], saved["top_p"], saved["seed"]) == (3, 1.5, 1.0, 0)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_samples"] == 3 and manifest["samples"]["temperature"] == 1.5
     assert manifest["inputs"] == {"prompt": ["mean", "last", "entropy"], "decode": ["current", "mean", "entropy"]}
+    with pytest.raises(UserError, match="holds answers sampled with .*'num_samples': 3.*delete the folder"):
+        run_extract(_cfg(tiny_llama, prompts_file, out, "extract.num_samples=5", "generation.temperature=1.5"),
+                    show_progress=False)
+
+
+def test_sampled_answers_added_later_keep_the_extraction_as_it_was(tiny_llama, prompts_file, tmp_path):
+    out = tmp_path / "ex"
+    run_extract(_cfg(tiny_llama, prompts_file, out, "prompts.num_prompts=4"), show_progress=False)
+    manifest, shards = (out / "manifest.json").read_bytes(), sorted((out / "shards").iterdir())
+    with pytest.raises(UserError, match="holds no sampled answers; run the same extract command with extract.num_samples"):
+        Extraction(out).sampled_lengths()
+    run_extract(_cfg(tiny_llama, prompts_file, out, "prompts.num_prompts=4", "extract.num_samples=2"), show_progress=False)
+    assert (out / "manifest.json").read_bytes() == manifest and sorted((out / "shards").iterdir()) == shards
+    assert Extraction(out).num_samples == 2 and Extraction(out).sampled_lengths().shape == (4, 2)
 
 
 def test_a_folder_from_before_the_pooled_inputs_is_kept_with_them_off(tiny_llama, prompts_file, tmp_path, capsys):

@@ -348,16 +348,30 @@ class Extraction:
         states = torch.cat(parts) if parts else torch.zeros(0, self.hidden_size)
         return self._check_finite(states, torch.arange(len(states)), f"prompt {kind} states of layer {layer}")
 
+    def _samples(self) -> tuple[dict[str, list[int]], set[int]]:
+        """(id -> sampled answer lengths, the sample counts of the workers' files)."""
+        samples, counts = {}, set()
+        for path in sorted((self.root / "samples").glob("worker-*.json")):
+            saved = json.loads(path.read_text())
+            samples.update(saved.get("lengths") or {})
+            counts.add(int(saved.get("num_samples") or 0))
+        return samples, counts
+
+    @property
+    def num_samples(self) -> int:
+        """How many sampled answers per request the extraction holds (0: none, or not for every request)."""
+        samples, counts = self._samples()
+        return counts.pop() if len(counts) == 1 and all(rid in samples for rid in self.ids) else 0
+
     def sampled_lengths(self) -> torch.Tensor:
         """[N, S] int64: each request's S sampled answer lengths (extract.num_samples), in `records` order."""
-        samples: dict[str, list[int]] = {}
-        for path in sorted((self.root / "samples").glob("worker-*.json")):
-            samples.update(json.loads(path.read_text()).get("lengths") or {})
+        samples, counts = self._samples()
         missing = [rid for rid in self.ids if rid not in samples]
-        if int(self.manifest.get("num_samples") or 0) < 1 or missing:
+        if missing or len(counts) != 1:
             raise UserError(f"extraction '{self.root}' holds no sampled answers"
                             + (f" for {len(missing)} request(s) (e.g. '{missing[0]}')" if missing and samples else "")
-                            + "; extract again with extract.num_samples=8 (e.g.) to train on median or soft labels")
+                            + "; run the same extract command with extract.num_samples=8 (e.g.) to add them "
+                            "(the extraction itself is kept) and train on median or soft labels")
         return torch.tensor([samples[rid] for rid in self.ids], dtype=torch.long)
 
     def decode_labels(self) -> tuple[torch.Tensor, torch.Tensor]:

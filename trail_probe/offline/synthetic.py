@@ -99,11 +99,11 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
         "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
         "prompts": {"source": "synthetic", "num_available": num_requests, "num_selected": num_requests},
         "num_workers": 1, "config": {"synthetic": {"gains": {str(k): v for k, v in gains.items()}, "noise": noise}},
-        **({"inputs": stored_inputs(True, True)} if pooled else {}), "num_samples": num_samples,
+        **({"inputs": stored_inputs(True, True)} if pooled else {}),
     }
     if num_samples:
         moved = lengths[:, None] + torch.randint(-40, 41, (num_requests, num_samples), generator=g)
-        atomic_write_json(root / "samples" / "worker-0.json", {"worker_index": 0, "lengths": {
+        atomic_write_json(root / "samples" / "worker-0.json", {"worker_index": 0, "num_samples": num_samples, "lengths": {
             r.record["id"]: moved[i].clamp(0, max_new_tokens).tolist() for i, r in enumerate(requests)}})
     atomic_write_json(root / "manifest.json", manifest)
     for seq, start in enumerate(range(0, num_requests, shard_size)):

@@ -13,7 +13,9 @@ are written, a shard at a time, as they finish.
 Each shard is written atomically under `shard-w<i>-<seq>` (`store.write_shard`) with its checksum in
 the status file, so a run killed at any point leaves only whole shards, and the next run extracts
 exactly the requests they do not hold. A prompt's sampled answer lengths (extract.num_samples) go to
-`samples/worker-<i>.json` the same way, rewritten atomically as they finish.
+`samples/worker-<i>.json` the same way, rewritten atomically as they finish, with the settings they
+were sampled with. They sit beside the extraction, not in its identity or manifest: adding them later
+keeps the extraction (and every probe trained on it) as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from trail_probe.atomic import atomic_write_json
+from trail_probe.errors import UserError
 from trail_probe.offline.store import (
     ExtractedRequest,
     read_shard_records,
@@ -52,6 +55,7 @@ class WorkerShards:
         self.seq = 0
         self.samples_path = root / "samples" / f"worker-{worker_index}.json"
         self.samples: dict[str, list[int]] = {}  # id -> sampled answer lengths
+        self.sampling: dict = {}  # the settings they are sampled with (num_samples, temperature, top_p, seed)
         self._unsaved_samples = 0
 
     def resume(self) -> None:
@@ -75,8 +79,6 @@ class WorkerShards:
                 continue
             self.done_ids.update(r["id"] for r in read_shard_records(shard))
         self.seq = max((int(p.stem.rsplit("-", 1)[1]) for p in mine), default=-1) + 1
-        if self.samples_path.is_file():
-            self.samples = dict(json.loads(self.samples_path.read_text()).get("lengths") or {})
 
     def start(self, **counts) -> None:
         """The status of a run under way: `counts` (expected, skipped_too_long, truncated) and what is done."""
@@ -88,6 +90,18 @@ class WorkerShards:
         if len(self.buffer) >= shard_size:
             self.flush()
 
+    def resume_samples(self, sampling: dict) -> None:
+        """The sampled lengths this worker holds, refused in one line when they were sampled otherwise."""
+        self.sampling = dict(sampling)
+        if not self.samples_path.is_file():
+            return
+        saved = json.loads(self.samples_path.read_text())
+        held = {key: saved.get(key) for key in sampling}
+        if held != self.sampling:
+            raise UserError(f"'{self.samples_path}' holds answers sampled with {held}, not {self.sampling}; use those "
+                            f"settings, or delete the folder '{self.samples_path.parent}' to sample them again")
+        self.samples = dict(saved.get("lengths") or {})
+
     def add_samples(self, request_id: str, lengths: list[int], every: int = 32) -> None:
         """A prompt's sampled answer lengths; written with the next `every` (and at every flush)."""
         self.samples[request_id] = [int(n) for n in lengths]
@@ -97,7 +111,8 @@ class WorkerShards:
 
     def _save_samples(self) -> None:
         if self._unsaved_samples:
-            atomic_write_json(self.samples_path, {"worker_index": self.worker_index, "lengths": self.samples})
+            atomic_write_json(self.samples_path, {"worker_index": self.worker_index, **self.sampling,
+                                                  "lengths": self.samples})
             self._unsaved_samples = 0
 
     def flush(self) -> None:

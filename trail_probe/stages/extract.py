@@ -80,14 +80,14 @@ def add_arguments(parser) -> None:
 # What older folders' identities lack, as they were. Written only where a run differs from them, so the
 # manifest of an extraction that stores what older ones did stays as it was (and so does its hash, which
 # every probe and baseline trained on it records).
-IDENTITY_DEFAULTS = {"engine": "hf", "inputs": OLD_INPUTS, "num_samples": 0}
+IDENTITY_DEFAULTS = {"engine": "hf", "inputs": OLD_INPUTS}
 
 
 # Settings that change what is extracted; a folder made with other values is refused.
 def _identity(cfg: RecipeConfig, model_info: dict, prompt_layers, decode_layers, num_workers) -> dict:
     gen = config_to_dict(cfg.generation)
     gen.pop("batch_size")  # batching changes speed, not results
-    added = {"inputs": stored_inputs(cfg.extract.pooled_inputs, cfg.extract.entropy), "num_samples": cfg.extract.num_samples}
+    added = {"inputs": stored_inputs(cfg.extract.pooled_inputs, cfg.extract.entropy)}
     return {
         "model": {k: model_info[k] for k in ("name_or_path", "weights_sha256", "dtype")},
         "engine": model_info["engine"],
@@ -138,25 +138,28 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
         raise UserError(f"all {len(mine)} prompts are too long for the model's {model_info['max_position_embeddings']}-token "
                         f"context with generation.max_new_tokens = {cfg.generation.max_new_tokens}; set "
                         "prompts.too_long=truncate or lower generation.max_new_tokens")
-    atomic_write_json(out / "manifest.json", {
-        "format": FORMAT, "identity": identity, "model": model_info, "layer_numbering": LAYER_NUMBERING,
-        "prompt_layers": prompt_layers, "decode_layers": decode_layers, "decode_stride": cfg.extract.decode_stride,
-        "storage_dtype": cfg.extract.storage_dtype, "generation": config_to_dict(cfg.generation),
-        "prompts": {"source": cfg.prompts.source, "num_available": len(prompts), "num_selected": len(selected),
-                    "bad_rows_skipped": bad_rows, "seed": cfg.prompts.seed},
-        "num_workers": num_workers, "config": config_to_dict(cfg),
-        # what is stored besides TRAIL's states (absent: TRAIL's only): the probe inputs, the sampled answers
-        **{key: identity[key] for key in ("inputs", "num_samples") if key in identity},
-        **({"samples": {"num_samples": cfg.extract.num_samples, "temperature": cfg.generation.temperature,
-                        "top_p": cfg.generation.top_p, "seed": cfg.generation.seed}} if cfg.extract.num_samples else {}),
-    })
+    if not (out / "manifest.json").is_file():  # a resumed run keeps its first run's (whose hash every probe records)
+        atomic_write_json(out / "manifest.json", {
+            "format": FORMAT, "identity": identity, "model": model_info, "layer_numbering": LAYER_NUMBERING,
+            "prompt_layers": prompt_layers, "decode_layers": decode_layers, "decode_stride": cfg.extract.decode_stride,
+            "storage_dtype": cfg.extract.storage_dtype, "generation": config_to_dict(cfg.generation),
+            "prompts": {"source": cfg.prompts.source, "num_available": len(prompts), "num_selected": len(selected),
+                        "bad_rows_skipped": bad_rows, "seed": cfg.prompts.seed},
+            "num_workers": num_workers, "config": config_to_dict(cfg),
+            # the probe inputs stored besides TRAIL's states (absent: TRAIL's only; the sampled answers: samples/)
+            **({"inputs": identity["inputs"]} if "inputs" in identity else {}),
+        })
     save_config(cfg, out)
 
     d = model_info["hidden_size"]
     shards = WorkerShards(out, worker_index, (len(prompt_layers), len(decode_layers), d, storage_dtype))
     shards.resume()
     todo = [item for item in ready if item[0].id not in shards.done_ids]
-    sample_todo = [item for item in ready if item[0].id not in shards.samples] if cfg.extract.num_samples else []
+    sample_todo = []
+    if cfg.extract.num_samples:
+        shards.resume_samples({"num_samples": cfg.extract.num_samples, "temperature": cfg.generation.temperature,
+                               "top_p": cfg.generation.top_p, "seed": cfg.generation.seed})
+        sample_todo = [item for item in ready if item[0].id not in shards.samples]
     shards.start(expected=len(ready), skipped_too_long=len(too_long), truncated=sum(t for _, _, t in ready))
     prompt_bytes, decode_bytes = _estimate_bytes(len(todo), d, len(prompt_layers), len(decode_layers),
                                                  cfg.extract.decode_stride, cfg.generation.max_new_tokens,
