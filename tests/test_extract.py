@@ -157,18 +157,22 @@ def test_extract_end_to_end_and_manifest(tiny_llama, prompts_file, tmp_path, cap
         assert r["output_tokens"] <= 24 and r["hit_cap"] == (r["output_tokens"] == 24)
 
 
+def dies_after(n: int, stream):
+    """The generator function `stream`, interrupted (as Ctrl-C would) after its first `n` items."""
+    def interrupted(*args, **kwargs):
+        for i, item in enumerate(stream(*args, **kwargs)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield item
+
+    return interrupted
+
+
 def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_llama, prompts_file, tmp_path, monkeypatch):
     reference = Extraction(run_extract(_cfg(tiny_llama, prompts_file, tmp_path / "ref"), show_progress=False))
     out = tmp_path / "ex"
     real = extract_mod.generate_with_capture
-
-    def dies_after_five(*args, **kwargs):
-        for i, req in enumerate(real(*args, **kwargs)):
-            if i == 5:
-                raise KeyboardInterrupt
-            yield req
-
-    monkeypatch.setattr(extract_mod, "generate_with_capture", dies_after_five)
+    monkeypatch.setattr(extract_mod, "generate_with_capture", dies_after(5, real))
     with pytest.raises(KeyboardInterrupt):
         run_extract(_cfg(tiny_llama, prompts_file, out), show_progress=False)
     partial = Extraction(out, require_complete=False)
@@ -493,14 +497,7 @@ def test_sampled_answer_lengths_are_stored_beside_and_a_resumed_run_keeps_them(t
     out = tmp_path / "ex"
     cfg = _cfg(tiny_llama, prompts_file, out, "extract.num_samples=3", "generation.temperature=1.5")
     real = extract_mod.sample_lengths
-
-    def dies_after_four(*args, **kwargs):
-        for i, item in enumerate(real(*args, **kwargs)):
-            if i == 4:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(extract_mod, "sample_lengths", dies_after_four)
+    monkeypatch.setattr(extract_mod, "sample_lengths", dies_after(4, real))
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg, show_progress=False)
     kept = json.loads((out / "samples" / "worker-0.json").read_text())["lengths"]
