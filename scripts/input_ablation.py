@@ -3,7 +3,7 @@ the validation split, the chosen combination scored once on the held-out side, f
 
     python scripts/input_ablation.py                                     # the default recipe, its sweep's decode layer
     python scripts/input_ablation.py --recipe recipes/smollm2_alpaca_hf.yaml --layer 19
-    python scripts/input_ablation.py --set train.standardize=true --set train.lr=0.001   # on top of the recipe
+    python scripts/input_ablation.py --set train.standardize=true --set train.lr=0.001 --name inputs_tuned
     python scripts/input_ablation.py --report                            # the report from the runs already there
 
 It needs an extraction with the pooled inputs (`trail-probe extract`, extract.pooled_inputs and
@@ -22,8 +22,8 @@ the held-out 25% is not read until step 3), at one layer L for both probes:
    beside it, each with the recipe's BERT trained on the same split: MAE and Kendall's tau of BERT,
    of the prompt-time estimate and of the refined one.
 
-Every run resumes (finished probes and baselines are kept). Writes checkpoints/<run>/inputs/seed<s>/
-and reports/<run>/inputs/input_ablation.{md,json}.
+Every run resumes (finished probes and baselines are kept). Writes checkpoints/<run>/<name>/seed<s>/
+and reports/<run>/<name>/input_ablation.{md,json} (--name, default inputs: another name for other --set).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Ablation:
         self.recipe, self.sets, self.vf = REPO / args.recipe, list(args.set), args.validation_fraction
         base = load_recipe(self.recipe, self.sets)
         self.layer = args.layer if args.layer is not None else best_layer(base, "decode")[0]
-        self.root, self.run_name = Path(base.paths.checkpoints) / "inputs", base.run_name
+        self.root, self.run_name = Path(base.paths.checkpoints) / args.name, base.run_name
         self.no_bert, self.notes = args.no_bert, []
         extraction = Extraction(base.paths.data)
         self.stored, self.samples = extraction.inputs, extraction.num_samples
@@ -217,10 +217,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--validation-fraction", type=float, default=0.2)
     ap.add_argument("--no-bert", action="store_true", help="no BERT baseline on the held-out side")
+    ap.add_argument("--name", default="inputs", help="the folder under checkpoints/<run>/ and reports/<run>/")
     ap.add_argument("--report", action="store_true", help="only write the report from the runs already there")
     args = ap.parse_args()
     ablation = Ablation(args)
-    out = REPO / "reports" / ablation.run_name / "inputs"
+    out = REPO / "reports" / ablation.run_name / args.name
     if args.report:
         result = json.loads((out / "input_ablation.json").read_text())
     else:
@@ -229,6 +230,7 @@ def main() -> None:
                 (("chosen", "chosen"), ("trail", "trail"))]
         command = "python scripts/input_ablation.py " + " ".join(
             [f"--recipe {args.recipe}", *[f"--set {s}" for s in args.set], f"--layer {ablation.layer}", f"--seeds {args.seeds}",
+             f"--name {args.name}",
              *(["--no-bert"] if args.no_bert else [])])
         result = {"run_name": ablation.run_name, "layer": ablation.layer, "validation_fraction": args.validation_fraction,
                   "command": command, "seeds": seeds, "held_out": held, "notes": sorted(set(ablation.notes))}
