@@ -221,7 +221,7 @@ def main(argv=None) -> None:
         return client_main(argv[1:])
     args = parse_args(argv)
     from trail_probe.config import load_recipe
-    from trail_probe.runtime.models import plain_hf_folder
+    from trail_probe.model_files import plain_hf_folder
 
     model = plain_hf_folder(load_recipe(args.recipe).model)
     out_path = Path(args.out)

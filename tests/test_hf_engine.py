@@ -15,11 +15,11 @@ from trail_probe.runtime import LengthPredictor
 from trail_probe.runtime.models import encode_prompt
 from trail_probe.serving.hf_engine import (
     ServeEngine,
-    TrailRuntime,
+    TrailState,
     check_transformers,
     serve,
 )
-from trail_probe.serving.trail_runtime import RequestView
+from trail_probe.serving.trail_state import RequestView
 
 BUDGET = 96  # max new tokens
 LAYER = 1
@@ -59,7 +59,7 @@ class StubBert:
 
 
 def runtime(predictor, policy="trail", bin_of=None, c=0.8, k=8):
-    return TrailRuntime(policy, record=True, predictor=predictor, text_predictor=StubBert(predictor.bins, bin_of or {}),
+    return TrailState(policy, record=True, predictor=predictor, text_predictor=StubBert(predictor.bins, bin_of or {}),
                         initial="bert", max_new_tokens=BUDGET, refine_interval=k, preemption_c=c)
 
 
@@ -229,20 +229,20 @@ def test_a_request_past_its_preemption_limit_is_never_paused(llm, fifo_run, tmp_
 
 def test_bad_setups_fail_in_one_line(llm, tmp_path, monkeypatch):
     predictor = make_predictor(tmp_path / "p")
-    with pytest.raises(UserError, match="needs a TrailRuntime"):
+    with pytest.raises(UserError, match="needs a TrailState"):
         engine(llm, "trail")
     with pytest.raises(UserError, match="not one of fifo, trail"):
         engine(llm, "lifo")
     with pytest.raises(UserError, match="text_predictor"):
-        TrailRuntime("trail", predictor=predictor, initial="bert")
+        TrailState("trail", predictor=predictor, initial="bert")
     with pytest.raises(UserError, match="ranks by the initial estimate alone"):
-        TrailRuntime("sjf_bert", predictor=predictor, initial="none")
+        TrailState("sjf_bert", predictor=predictor, initial="none")
     with pytest.raises(UserError, match="engine's own scheduler"):
-        TrailRuntime("fcfs", predictor=predictor, initial="none")
+        TrailState("fcfs", predictor=predictor, initial="none")
     wide = LengthPredictor.from_pretrained(write_trail_dir(tmp_path / "w", trail_weights(d=64), hidden_size=64,
                                                            probe_layer_idx=7, max_len=BUDGET, device="cpu"))
     with pytest.raises(UserError, match="layers 0..2"):
-        with engine(llm, "trail", TrailRuntime("trail", predictor=wide, initial="none")):
+        with engine(llm, "trail", TrailState("trail", predictor=wide, initial="none")):
             pass
     import transformers
 
@@ -296,7 +296,7 @@ def test_serve_replays_arrival_times():
 
 
 def test_the_oracle_ranks_by_exact_lengths_counted_down():
-    rt = TrailRuntime("oracle", max_new_tokens=BUDGET, record=True)
+    rt = TrailState("oracle", max_new_tokens=BUDGET, record=True)
     assert not rt.needs_states and rt.layer is None
     rt.exact_lengths.update({"a": 30, "b": 5, "c": 10 * BUDGET})
     rt.admit(["a", "b", "c"])

@@ -1,9 +1,9 @@
 """TRAIL's public runtime (its SGLang patch), reproduced as named options of ours.
 
 `Release` below re-implements the release's rules from their description (issue 16), independently
-of `TrailRuntime` and of `runtime.refine` (its transition matrix is built here from the rule): one global decode-pass counter that refines every request in the batch every K
+of `TrailState` and of `runtime.refine` (its transition matrix is built here from the rule): one global decode-pass counter that refines every request in the batch every K
 passes with T^K whatever it generated; at prefill the decode probe on the last prompt token's state
-is the first distribution, and BERT only gives the initial number, floored at 1. `TrailRuntime`
+is the first distribution, and BERT only gives the initial number, floored at 1. `TrailState`
 with `cadence="global", initial="last_token"` must agree with it exactly; with the defaults it must
 not (so the test can tell the two apart).
 """
@@ -15,7 +15,7 @@ import torch
 from conftest import trail_weights, write_trail_dir
 
 from trail_probe.runtime import LengthPredictor
-from trail_probe.serving.trail_runtime import TrailRuntime
+from trail_probe.serving.trail_state import TrailState
 
 K, D, BUDGET = 4, 64, 96
 
@@ -87,7 +87,7 @@ def schedule():
 
 
 def run_ours(predictor, bert, **options):
-    rt = TrailRuntime("trail", predictor=predictor, text_predictor=bert, max_new_tokens=BUDGET, refine_interval=K, **options)
+    rt = TrailState("trail", predictor=predictor, text_predictor=bert, max_new_tokens=BUDGET, refine_interval=K, **options)
     for rid in "abc":
         rt.prompt_texts[rid] = rid
     rt.admit(list("abc"))
@@ -122,7 +122,7 @@ def test_global_cadence_and_last_token_initial_reproduce_the_release(predictor):
 def test_before_its_prefill_a_last_token_request_is_ranked_by_berts_number(predictor):
     bins = predictor.bins
     dists = {"short": torch.eye(10)[0] * 0.9 + 0.01, "long": torch.eye(10)[9] * 0.9 + 0.01}
-    rt = TrailRuntime("trail", predictor=predictor, text_predictor=Bert(bins, dists), initial="last_token",
+    rt = TrailState("trail", predictor=predictor, text_predictor=Bert(bins, dists), initial="last_token",
                       max_new_tokens=BUDGET, refine_interval=K)
     rt.prompt_texts.update({"short": "short", "long": "long"})
     rt.admit(["long", "short"])
@@ -134,7 +134,7 @@ def test_before_its_prefill_a_last_token_request_is_ranked_by_berts_number(predi
 
 
 def test_last_token_without_bert_takes_the_probes_number(predictor):
-    rt = TrailRuntime("trail", predictor=predictor, initial="last_token", max_new_tokens=BUDGET, refine_interval=K)
+    rt = TrailState("trail", predictor=predictor, initial="last_token", max_new_tokens=BUDGET, refine_interval=K)
     rt.admit(["a"])
     assert rt.tracker.estimates(["a"], [0])[0].item() == BUDGET  # nothing known before the prefill
     state = torch.randn(1, D)

@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from trail_probe.config import load_recipe
-from trail_probe.runtime.models import (
-    PLAIN_SOURCE_FILE,
-    encode_prompt,
-    file_sha256,
-    plain_hf_folder,
-    resolve_model_path,
-)
+from trail_probe.model_files import PLAIN_SOURCE_FILE, file_sha256, plain_hf_folder, resolve_model_path
+from trail_probe.runtime.models import encode_prompt
 
 
 def test_a_plain_folder_or_hub_id_is_used_as_it_is(tiny_llama, tmp_path):

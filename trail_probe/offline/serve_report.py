@@ -134,7 +134,7 @@ def kv_capacity_tokens(cfg) -> int:
         return sc.num_blocks * sc.page_size
     from transformers import AutoConfig
 
-    from trail_probe.runtime.models import plain_hf_folder
+    from trail_probe.model_files import plain_hf_folder
 
     c = AutoConfig.from_pretrained(str(plain_hf_folder(cfg.model)))
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

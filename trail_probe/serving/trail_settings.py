@@ -9,7 +9,7 @@
 Every key has a default except `predictor` (the exported decode probe); a key that is not a field is
 refused with the list of fields, so a misspelt key never silently becomes a default. The recipe's
 `refine:` and `serve:` sections map onto it in `trail_probe.offline.serving_setup` (`trail-probe
-serve`, serve-bench and predict all build it there), and `trail_runtime.build_runtime` turns it
+serve`, serve-bench and predict all build it there), and `trail_state.build_state` turns it
 into the scheduler's runtime, the one place where predictors are loaded for serving.
 """
 

@@ -39,7 +39,7 @@ from trail_probe.runtime.estimates import refines_at
 from trail_probe.serving import vllm_internals as vi
 from trail_probe.serving.policies import RequestQueue, schedule
 from trail_probe.serving.step_cost import StepCost
-from trail_probe.serving.trail_runtime import RequestView
+from trail_probe.serving.trail_state import RequestView
 from trail_probe.serving.vllm_worker import WANTS_ATTR, Wants
 
 

@@ -125,13 +125,13 @@ class TrailVLLMScheduler(RecordingScheduler):
             raise UserError("TrailVLLMScheduler needs --additional-config '{\"trail_probe\": {\"predictor\": ...}}' "
                             "(trail-probe serve RECIPE writes it)")
         from trail_probe.serving.prompt_sums import PromptSums
-        from trail_probe.serving.trail_runtime import build_runtime
+        from trail_probe.serving.trail_state import build_state
         from trail_probe.serving.vllm_checks import check_engine, check_predictors
         from trail_probe.serving.vllm_queue import TrailQueues
 
         vi.check_scheduler(self)
         check_engine(self.settings, self.vllm_config)
-        self.runtime = build_runtime(self.settings, max_new_tokens=self.vllm_config.model_config.max_model_len)
+        self.runtime = build_state(self.settings, max_new_tokens=self.vllm_config.model_config.max_model_len)
         model = self.vllm_config.model_config
         loaded = [p for p in (self.runtime.predictor, self.runtime.prompt_predictor) if p is not None]
         check_predictors(self.settings, model.model, str(model.dtype).removeprefix("torch."), loaded)

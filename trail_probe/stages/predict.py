@@ -11,7 +11,7 @@ complete, a table sets each estimate against the tokens that were actually left.
 estimate is a live line under the streaming answer; with `--json`, or when the output is piped, one
 JSON object per prompt.
 
-It is the serving code, not a copy: `TrailRuntime` (the schedulers' runtime) with its tracker, the
+It is the serving code, not a copy: `TrailState` (the schedulers' runtime) with its tracker, the
 probe's hook from `LengthPredictor.capture`, and the chat template, EOS set and refinement cadence
 of every other stage. A predictor made for another serving model (another weight hash, width or
 number of layers) is refused in one line.
@@ -92,11 +92,11 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
     import torch
 
     from trail_probe.runtime.models import encode_prompt, eos_token_ids
-    from trail_probe.serving.trail_runtime import build_runtime
+    from trail_probe.serving.trail_state import build_state
 
     settings, bert = predictors
     initial = settings.initial
-    runtime = build_runtime(settings, max_new_tokens=cfg.generation.max_new_tokens)
+    runtime = build_state(settings, max_new_tokens=cfg.generation.max_new_tokens)
     predictor = runtime.predictor
     bert_probs = bert.probs([text])[0] if bert is not None else None  # once: the runtime takes it as given
     if bert_probs is not None:

@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
 
 def vllm_command(cfg: RecipeConfig, vllm_args: list[str], settings) -> list[str]:
     """The command line of vLLM's OpenAI server for this recipe (the model folder, the scheduler, the settings)."""
-    from trail_probe.runtime.models import plain_hf_folder
+    from trail_probe.model_files import plain_hf_folder
     from trail_probe.serving.vllm_engine import TRAIL_SCHEDULER
 
     given = {a.split("=", 1)[0] for a in vllm_args if a.startswith("--")}
@@ -77,7 +77,7 @@ def describe(settings, cmd: list[str]) -> str:
 
 def run(cfg: RecipeConfig, args) -> None:
     from trail_probe.offline.serving_setup import trail_settings
-    from trail_probe.runtime.models import plain_hf_folder
+    from trail_probe.model_files import plain_hf_folder
     from trail_probe.serving.vllm_checks import check_before_start
 
     if not cfg.paths.serve_predictor.is_dir():

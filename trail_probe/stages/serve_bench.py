@@ -153,7 +153,7 @@ def settings_for(cfg: RecipeConfig, policy: str):
 
 
 def make_runtime(cfg: RecipeConfig, policy: str):
-    from trail_probe.serving.trail_runtime import build_runtime
+    from trail_probe.serving.trail_state import build_state
 
     predictor_dir = cfg.paths.serve_predictor
     if base_name(policy) != "oracle" and not predictor_dir.is_dir():
@@ -161,7 +161,7 @@ def make_runtime(cfg: RecipeConfig, policy: str):
     if cfg.serve.initial == "bert" and not cfg.paths.serve_bert.is_dir():
         raise UserError(f"no BERT predictor at '{cfg.paths.serve_bert}'; run 'trail-probe train-baseline RECIPE', set serve.bert, "
                         "or use serve.initial=prompt_probe")
-    runtime = build_runtime(settings_for(cfg, policy), max_new_tokens=cfg.generation.max_new_tokens)
+    runtime = build_state(settings_for(cfg, policy), max_new_tokens=cfg.generation.max_new_tokens)
     if runtime.initial == "last_token" and uses_bert(cfg) and runtime.text_predictor is None:
         from trail_probe.runtime import BertLengthPredictor
 
@@ -224,7 +224,7 @@ def run_policy_vllm(cfg: RecipeConfig, policy: str, requests, arrivals, settings
     """The same workload in vLLM (`trail_probe.serving.vllm_engine`): vLLM's FCFS, its priority policy
     fed BERT's estimate, or TRAIL's scheduler; the scheduler's step log comes back over vLLM's utility channel."""
     from trail_probe.runtime import BertLengthPredictor
-    from trail_probe.runtime.models import plain_hf_folder
+    from trail_probe.model_files import plain_hf_folder
     from trail_probe.serving.vllm_engine import VLLMEngine
 
     sc = cfg.serve

@@ -1,7 +1,7 @@
 """What a TRAIL scheduler knows besides its engine, for any engine: the policy, the predictors, each
 request's estimate, and the counters a benchmark reports.
 
-    runtime = TrailRuntime("trail", predictor=LengthPredictor.from_pretrained(...),
+    runtime = TrailState("trail", predictor=LengthPredictor.from_pretrained(...),
                            text_predictor=BertLengthPredictor.from_pretrained(...), max_new_tokens=512)
     runtime.admit(["r1"])                                  # BERT on the prompt text: initial estimate
     runtime.observe(["r1"], states, generated=[9])         # probe-layer states of a forward pass
@@ -57,7 +57,7 @@ class RequestView:
     remaining_estimate: float = 0.0
 
 
-class TrailRuntime:
+class TrailState:
     """Policy, predictors, per-request estimates and counters of one engine run (`reset` clears them)."""
 
     def __init__(self, policy: str | Policy = "trail", *, predictor=None, text_predictor=None,
@@ -320,7 +320,7 @@ class ExactLengths:
         return count_down(self.initial_estimates(ids), list(generated))
 
 
-def build_runtime(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> TrailRuntime:
+def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> TrailState:
     """The runtime a `TrailSettings` describes, its predictors loaded: the one place serving loads them
     (the vLLM scheduler, serve-bench's engines, predict and `trail-probe serve` all come here).
     `max_new_tokens` is the budget of a request that brings none of its own."""
@@ -329,11 +329,11 @@ def build_runtime(settings, *, device: str = "cpu", max_new_tokens: int = 512) -
     common = {"max_new_tokens": max_new_tokens, "preemption_c": settings.preemption_c, "aging": settings.aging,
               "record": settings.record}
     if settings.is_oracle:
-        return TrailRuntime(settings.policy, **common)
+        return TrailState(settings.policy, **common)
     predictor = LengthPredictor.from_pretrained(settings.predictor, device=device)
     prompt_path, bert_path = settings.prompt_predictor_path(), settings.bert_path()
     prompt = None if prompt_path is None else LengthPredictor.from_pretrained(prompt_path, device=device)
     bert = None if bert_path is None else BertLengthPredictor.from_pretrained(bert_path, device=device)
-    return TrailRuntime(settings.policy, predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
+    return TrailState(settings.policy, predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
                         initial=settings.initial, refine_interval=settings.refine_interval,
                         likelihood=settings.likelihood, cadence=settings.cadence, **common)
