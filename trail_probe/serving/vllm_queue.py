@@ -43,6 +43,9 @@ from trail_probe.serving.trail_state import RequestView
 from trail_probe.serving.vllm_worker import WANTS_ATTR, Wants
 
 
+PREFILL_SHARE = 8  # with new requests waiting for their prefill, 1/8 of vLLM's batch slots is kept for them
+
+
 class SortedKeys:
     """(key, request id) pairs kept sorted; removal checks the id (a stale or odd key never removes another)."""
 
@@ -160,6 +163,8 @@ class TrailQueues:
         unranked = [r for r in running if not self._ranked(r)]
         requeued = [s.requests[rid] for rid in self.ran if rid in s.requests and _is_requeued(s.requests[rid])]
         limit = self._limit()
+        if self.unstarted:  # keep batch slots for new requests' prefills, which give their estimates
+            limit = max(1, min(limit, s.max_num_running_reqs - max(1, s.max_num_running_reqs // PREFILL_SHARE)))
         candidates = len(ranked) + len(self.paused) + len(self.queued) + len(requeued)
         starts = self._prefill_starts(s.max_num_running_reqs - len(unranked) - min(limit, candidates))
         plan = Plan(generated={r.request_id: vi.generated_at_pass(r) for r in running})

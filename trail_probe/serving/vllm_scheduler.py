@@ -248,11 +248,12 @@ class TrailVLLMScheduler(RecordingScheduler):
 
     def _time_step(self, scheduler_output, now: float) -> None:
         """The step just run, for the running limit: from its scheduling (or the previous step's end,
-        whichever is later: async scheduling overlaps them) to now, against the tokens it ran."""
+        whichever is later: async scheduling overlaps them) to now, against the requests it decoded."""
         started = self._scheduled_at.popleft() if self._scheduled_at else now
-        tokens = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
-        if self._last_update is not None and tokens:
-            self.trail.step_cost.add(tokens, now - max(started, self._last_update))
+        counts = scheduler_output.num_scheduled_tokens.values()
+        # decode-only steps: the running limit trades decode throughput, and prefill tokens cost otherwise
+        if self._last_update is not None and counts and all(n == 1 for n in counts):
+            self.trail.step_cost.add(len(counts), now - max(started, self._last_update))
         self._last_update = now
 
     def _guarded(self, what: str, fn, *args):

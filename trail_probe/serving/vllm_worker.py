@@ -198,6 +198,7 @@ def _attach_from_settings(runner) -> None:
     if settings is None or settings.is_oracle:
         return
     check_engine(settings, runner.vllm_config)
+    vi.skip_cpu_generator_rewind(runner)  # a client's `seed` must not kill a CPU server
     attach(runner, *probe_layers(settings))
 
 
