@@ -84,6 +84,15 @@ def test_a_burst_is_prefilled_first_then_at_most_max_running_decode(model_folder
     assert len(s.runtime.tracker) == 0
 
 
+def test_a_small_batch_with_chunked_prefills_never_holds_more_than_max_num_seqs(model_folder, predictor):
+    """Requests awaiting their estimate keep their slots: ranking others into the same batch made vLLM's
+    own check (len(running) <= max_num_seqs) kill the engine."""
+    reqs, lengths = burst(n=10, prompt=20)
+    s, model = run(model_folder, settings(predictor), reqs, lengths, max_num_seqs=3, max_num_batched_tokens=16)
+    assert s.log()["live"]["finished_scored"] == len(reqs) and s.log()["live"]["fallback_steps"] == 0
+    assert max(len(b) for b in model.batches) <= 3
+
+
 def test_without_a_queue_every_request_runs_and_nothing_is_paused(model_folder, predictor):
     reqs, lengths = burst(n=4)
     s, model = run(model_folder, settings(predictor), reqs, lengths, max_num_seqs=8)

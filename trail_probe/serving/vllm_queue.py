@@ -162,9 +162,11 @@ class TrailQueues:
         ranked = [r for r in running if self._ranked(r)]
         unranked = [r for r in running if not self._ranked(r)]
         requeued = [s.requests[rid] for rid in self.ran if rid in s.requests and _is_requeued(s.requests[rid])]
-        limit = self._limit()
+        # requests still awaiting their estimate keep their batch slots: TRAIL ranks into the rest, so
+        # vLLM's batch never holds more than max_num_seqs requests (vLLM asserts it)
+        limit = min(self._limit(), max(s.max_num_running_reqs - len(unranked), 0))
         if self.unstarted:  # keep batch slots for new requests' prefills, which give their estimates
-            limit = max(1, min(limit, s.max_num_running_reqs - max(1, s.max_num_running_reqs // PREFILL_SHARE)))
+            limit = min(limit, max(1, s.max_num_running_reqs - max(1, s.max_num_running_reqs // PREFILL_SHARE)))
         candidates = len(ranked) + len(self.paused) + len(self.queued) + len(requeued)
         starts = self._prefill_starts(s.max_num_running_reqs - len(unranked) - min(limit, candidates))
         plan = Plan(generated={r.request_id: vi.generated_at_pass(r) for r in running})
