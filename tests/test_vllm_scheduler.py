@@ -93,6 +93,42 @@ def test_a_small_batch_with_chunked_prefills_never_holds_more_than_max_num_seqs(
     assert max(len(b) for b in model.batches) <= 3
 
 
+class _Compiling:
+    """A structured-output request's grammar, compiled after `reads` looks; then the request runs as a
+    plain one (the stand-in model applies no grammar)."""
+
+    def __init__(self, request, reads: int):
+        self.request, self.reads = request, reads
+
+    @property
+    def grammar(self):
+        self.reads -= 1
+        if self.reads > 0:
+            return None
+        self.request.structured_output_request = None
+        return "compiled"
+
+
+def test_a_request_whose_grammar_compiles_later_is_started_and_never_admitted_twice(model_folder, predictor):
+    """vLLM promotes such a request only when its admission loop reaches it; TRAIL caps that loop at its
+    own choice, so it promotes ready ones itself, and never counts a waiting one as running."""
+    from vllm.v1.request import RequestStatus
+
+    reqs, lengths = burst(n=6)
+    late = reqs[2]
+    late.status = RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    late.structured_output_request = _Compiling(late, reads=3)
+    for policy_settings in (settings(predictor), settings(predictor, initial="none")):
+        s, model = run(model_folder, policy_settings, reqs, lengths, max_num_seqs=8)
+        assert s.log()["live"]["finished_scored"] == len(reqs) and s.log()["live"]["fallback_steps"] == 0
+        first = [i for i, b in enumerate(model.batches) if late.request_id in b]
+        assert first and first[0] <= 6, first
+        reqs, lengths = burst(n=6)
+        late = reqs[2]
+        late.status = RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+        late.structured_output_request = _Compiling(late, reads=3)
+
+
 def test_without_a_queue_every_request_runs_and_nothing_is_paused(model_folder, predictor):
     reqs, lengths = burst(n=4)
     s, model = run(model_folder, settings(predictor), reqs, lengths, max_num_seqs=8)

@@ -3,13 +3,14 @@
 vLLM's scheduler and model-runner interfaces are not public (vLLM warns so when a custom
 `--scheduler-cls` loads). The plugin touches the pieces below and nothing else; `check_scheduler`
 and `check_runner` verify them when an engine starts (one line naming the internal and the vLLM
-version), and tests/test_vllm_internals.py checks each against the installed vLLM.
+version), and tests/test_vllm_plugin.py checks each against the installed vLLM.
 
 | internal | used for | the upstream change that would remove it |
 | --- | --- | --- |
 | `Scheduler.schedule` / `update_from_output` / `add_request` / `_free_request` overridable; `AsyncScheduler` | TRAIL's step, states in, requests in and out, stats | a scheduling-policy hook |
 | `Scheduler.running` (list), `waiting` (`FCFSRequestQueue`, a deque), `kv_holding_waiting` | who runs, the order of admission | an "admit these, in this order" callback |
 | `Scheduler.max_num_active_reqs`, `max_num_running_reqs`, `max_num_scheduled_tokens` | capping admissions to TRAIL's choice for one step; slots and token budget | the same callback |
+| `Scheduler._handle_blocked_waiting_request(request)`, `num_waiting_for_streaming_input` | starting a request whose grammar compiled or remote KV arrived; idle streaming sessions in the admission cap | the same callback |
 | `Scheduler._preempt_request(request, timestamp)` | freeing a paused request's KV blocks under memory pressure | a preemption API |
 | `Scheduler.kv_cache_manager.block_pool.get_num_free_blocks()`, `block_size` | free KV tokens for the ranking | a KV-usage query |
 | `Request.{status, num_computed_tokens, num_prompt_tokens, num_output_tokens, num_output_placeholders, num_tokens, is_prefill_chunk, max_tokens, block_hashes, arrival_time, sampling_params, is_finished()}` | a request's progress, budget and prefix blocks | (stable fields) |
@@ -27,7 +28,8 @@ import time
 
 SUPPORTED_VLLM = ((0, 32), (0, 34))  # [lowest, first unsupported): 0.32 run here (CPU); 0.33 read, see README
 SCHEDULER_ATTRS = ("running", "waiting", "kv_holding_waiting", "requests", "max_num_active_reqs", "max_num_running_reqs",
-                   "max_num_scheduled_tokens", "kv_cache_manager", "block_size", "_preempt_request", "_free_request")
+                   "max_num_scheduled_tokens", "kv_cache_manager", "block_size", "_preempt_request", "_free_request",
+                   "_handle_blocked_waiting_request")
 REQUEST_ATTRS = ("status", "num_computed_tokens", "num_prompt_tokens", "num_output_tokens", "num_output_placeholders",
                  "num_tokens", "is_prefill_chunk", "max_tokens", "block_hashes", "arrival_time", "sampling_params",
                  "is_finished")
@@ -113,6 +115,22 @@ def set_waiting_front(scheduler, front: list) -> list:
     queue.clear()  # FCFSRequestQueue is a deque
     queue.extend(moved + rest)
     return moved
+
+
+def promote_ready_waiting(scheduler) -> None:
+    """Waiting requests blocked on a grammar or on remote KV that are ready now become WAITING, by vLLM's
+    own check: TRAIL caps admission at its choice, so vLLM's admission loop may never reach them itself."""
+    from vllm.v1.request import RequestStatus
+
+    blocked = (RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR, RequestStatus.WAITING_FOR_REMOTE_KVS)
+    for queue in (scheduler.waiting, getattr(scheduler, "kv_holding_waiting", ())):
+        for r in [r for r in queue if r.status in blocked]:
+            scheduler._handle_blocked_waiting_request(r)
+
+
+def idle_streaming_sessions(scheduler) -> int:
+    """Streaming sessions waiting for input: they hold a runner slot that vLLM's admission cap counts."""
+    return int(getattr(scheduler, "num_waiting_for_streaming_input", 0) or 0)
 
 
 def generated_at_pass(request) -> int:

@@ -157,6 +157,7 @@ class TrailQueues:
     def before_step(self) -> Plan:
         """Rank and reorder vLLM's lists for its next step (nothing is changed until the decision is made)."""
         s = self.s
+        vi.promote_ready_waiting(s)  # a compiled grammar or arrived KV: startable now (vLLM's own check)
         self._admit_new()
         running = [r for r in s.running if r.request_id not in self.paused]
         ranked = [r for r in running if self._ranked(r)]
@@ -238,7 +239,7 @@ class TrailQueues:
         starts, tokens = [], 0
         for rid in self.unstarted:
             r = self.s.requests.get(rid)
-            if r is None or not _waits(r):
+            if r is None or not _ready(r):
                 continue
             if len(starts) >= slots or (starts and tokens + r.num_tokens > cap):
                 break
@@ -274,7 +275,8 @@ class TrailQueues:
         s.running = running
         moved = vi.set_waiting_front(s, admit)
         plan.active_cap = s.max_num_active_reqs
-        s.max_num_active_reqs = min(plan.active_cap, len(running) + len(moved))
+        # vLLM counts idle streaming sessions against this cap too
+        s.max_num_active_reqs = min(plan.active_cap, len(running) + len(moved) + vi.idle_streaming_sessions(s))
         for r in moved:
             plan.generated[r.request_id] = r.num_output_tokens
 
@@ -377,9 +379,21 @@ def _group(ids: list[str]) -> dict[str, list[int]]:
 
 
 def _waits(request) -> bool:
+    """In vLLM's waiting queues (ready, preempted, or blocked on its grammar, remote KV or streamed input)."""
+    return not request.is_finished() and request.status != _running_status()
+
+
+def _ready(request) -> bool:
+    """Waiting and ready to start: vLLM admits it when asked."""
     from vllm.v1.request import RequestStatus
 
     return request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+
+def _running_status():
+    from vllm.v1.request import RequestStatus
+
+    return RequestStatus.RUNNING
 
 
 def _is_requeued(request) -> bool:
