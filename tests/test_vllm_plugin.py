@@ -72,6 +72,21 @@ def test_prompt_sums_take_prefix_cached_blocks_from_the_cache():
     assert len(sums) == 0
 
 
+def test_a_prefill_computed_again_after_a_preemption_is_summed_once():
+    from trail_probe.serving.prompt_sums import PromptSums
+
+    sums = PromptSums(block_size=2, width=3)
+    ones = torch.ones(3)
+    sums.start("a", 0, 4)
+    sums.add("a", [0, 1], torch.stack([2 * ones, 4 * ones]), [2, 2])  # tokens 0-3
+    sums.start("a", 0, 2)  # vLLM preempted it: its prefill starts over (no prefix-cache hit)
+    sums.add("a", [0], (2 * ones)[None], [2])
+    sums.start("a", 2, 5)
+    sums.add("a", [1, 2], torch.stack([4 * ones, ones]), [2, 1])
+    total, count, complete = sums.finish({"a": ["h0", "h1"]})["a"]
+    assert count == 5 and torch.equal(total, 7 * ones) and complete
+
+
 def test_every_vllm_internal_the_plugin_relies_on_is_there():
     pytest.importorskip("vllm")
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler

@@ -33,10 +33,18 @@ class PromptSums:
     def __len__(self) -> int:
         return len(self._open)
 
-    def start(self, request_id: str, first_position: int) -> None:
-        """A request's first prefill chunk starts at `first_position` (block-aligned: what the prefix cache held)."""
-        if request_id not in self._open:
-            self._open[request_id] = {"first": int(first_position), "blocks": {}}
+    def start(self, request_id: str, position: int, end: int | None = None) -> None:
+        """A prefill chunk of [position, end) is scheduled. The first one starts at what the prefix cache
+        held (block-aligned); one that starts before the end of the last (vLLM preempted the request and
+        computes it again) drops the sums of the blocks it computes again, which would otherwise count twice."""
+        entry = self._open.get(request_id)
+        if entry is None:
+            entry = self._open[request_id] = {"first": int(position), "blocks": {}, "next": int(position)}
+        elif position < entry["next"]:
+            keep = position // self.block_size
+            entry["blocks"] = {b: v for b, v in entry["blocks"].items() if b < keep}
+            entry["first"] = min(entry["first"], keep * self.block_size)
+        entry["next"] = int(end if end is not None else position)
 
     def add(self, request_id: str, blocks, block_sums: torch.Tensor, counts) -> None:
         entry = self._open.get(request_id)

@@ -305,7 +305,7 @@ class TrailQueues:
             g = generated.get(rid, r.num_output_tokens + r.num_output_placeholders - (1 if async_mode and samples else 0))
             if rid in self.awaiting and self.rt.initial == "prompt_probe" and start < r.num_prompt_tokens:
                 wants.prompt[rid] = (start, r.num_prompt_tokens)
-                self.prompt_sums.start(rid, start)
+                self.prompt_sums.start(rid, start, r.num_computed_tokens)
             if samples and self._wants_state(rid, g):
                 wants.states.append(rid)
         if wants:
