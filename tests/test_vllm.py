@@ -242,8 +242,7 @@ def test_serve_bench_on_vllm_runs_fcfs_priority_trail_and_oracle(vllm_llama, vll
     bert = BertLengthPredictor.from_pretrained(tmp_path / "bert", device="cpu")
     expected = bert.predict([texts[r["id"]] for r in trail["requests"]]).tolist()
     assert [r["initial_estimate"] for r in trail["requests"]] == pytest.approx(expected, rel=1e-5)
-    # BERT ran before the engine, in the client: the scheduler itself made no estimate from text
-    assert trail["summary"]["bert_before_engine_s_per_request"] > 0 and trail["trail"]["initial_s"] >= 0
+    assert trail["summary"]["bert_before_engine_s_per_request"] > 0  # BERT ran in the client, before the engine
     assert set(report["simulator"]) == {"fifo", "priority", "trail", "oracle"}
 
 
