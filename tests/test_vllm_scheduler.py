@@ -129,6 +129,20 @@ def test_a_request_whose_grammar_compiles_later_is_started_and_never_admitted_tw
         late.structured_output_request = _Compiling(late, reads=3)
 
 
+def test_a_request_with_no_finite_estimate_ranks_at_its_budget_and_is_counted(model_folder, predictor, monkeypatch, caplog):
+    reqs, lengths = burst(n=8)
+    sched = dry_scheduler(model_folder, settings(predictor, max_running=2), max_num_seqs=8)
+    plain = sched.runtime.tracker.estimates
+    monkeypatch.setattr(sched.runtime.tracker, "estimates",
+                        lambda ids, generated: torch.where(torch.tensor([i == "r3" for i in ids]), math.nan,
+                                                           plain(ids, generated)))
+    for r in reqs:
+        sched.add_request(r)
+    StandInModel(sched, lengths, width=WIDTH).drain(5000)
+    assert not sched.has_requests() and sched.log()["live"]["fallback_steps"] == 0
+    assert sched.runtime.unestimable > 0 and "r3 has no finite length estimate" in caplog.text
+
+
 def test_without_a_queue_every_request_runs_and_nothing_is_paused(model_folder, predictor):
     reqs, lengths = burst(n=4)
     s, model = run(model_folder, settings(predictor), reqs, lengths, max_num_seqs=8)

@@ -53,7 +53,8 @@ def summarize_run(records: list[dict], steps: list[dict]) -> dict:
         "initial_s_per_request": float(sum(s["initial_s"] for s in steps)) / max(len(records), 1),
         "schedule_s_per_step": float(np.mean([s["schedule_s"] for s in timed])) if timed else 0.0,
         "max_active": max((s.get("active", 0) for s in steps), default=0),  # KV cache holders, paused included
-        "min_free_cache": min((s.get("free_cache", 1.0) for s in steps), default=1.0),
+        # measured or absent: a step log without the field (an older one) gives no number
+        "min_free_cache": min((s["free_cache"] for s in steps if s.get("free_cache") is not None), default=None),
     }
 
 

@@ -17,5 +17,5 @@ class StepRecord:
     initial_s: float  # initial estimates made in the step (BERT on prompts, or the prompt probe at prefill)
     schedule_s: float  # the whole scheduling call
     active: int = 0  # requests holding KV cache (running or paused)
-    free_cache: float = 1.0  # share of KV cache blocks free, measured
+    free_cache: float | None = None  # share of KV cache blocks free, as measured (None: not measured)
     end: float = float("nan")  # when the step's output was processed (vLLM), or the next step's start (transformers)

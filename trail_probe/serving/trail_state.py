@@ -20,6 +20,7 @@ from `trail_probe.runtime.LengthTracker` (counted down between refinements by th
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from trail_probe.errors import UserError
 from trail_probe.runtime.estimates import check_interval, count_down, refines_at
 from trail_probe.runtime.tracker import LengthTracker
 from trail_probe.serving.policies import Policy, make_policy
+
+logger = logging.getLogger(__name__)
 
 
 TRACE_LIMIT = 4096  # refinements kept per request (a 512-token answer refined every 8 tokens has 64)
@@ -118,6 +121,7 @@ class TrailState:
         self.initial_s = 0.0  # time in the BERT / prompt-probe initial estimates
         self.preemptions = 0  # running requests left out of a batch (they keep their cache)
         self.refinements = 0
+        self.unestimable = 0  # estimates that came out NaN or infinite: ranked at the request's budget
         self.paused_past_limit = 0  # must stay 0: a request past C * initial is never paused
         # request -> (generated, remaining estimate) per refinement, and its initial estimate: kept while
         # the request lives (live accuracy), after it only with `record`
@@ -257,6 +261,10 @@ class TrailState:
         for v, r, i in zip(views, remaining.tolist(), initial.tolist()):
             budget = self._budget.get(v.request_id, self.max_new_tokens)
             # never NaN or infinite: a request whose estimate is broken ranks at its own budget
+            if not (math.isfinite(r) and math.isfinite(i)):
+                self.unestimable += 1
+                logger.warning("TRAIL: request %s has no finite length estimate; ranked at its token budget",
+                               v.request_id)
             v.remaining_estimate = r if math.isfinite(r) else float(max(budget - v.generated, 0))
             v.initial_estimate = i if math.isfinite(i) else float(budget)
 
