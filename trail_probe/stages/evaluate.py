@@ -196,8 +196,10 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
         totals["bert"] = estimate(bert_probs, bins, max_new)
     last_states = _last_token_states(cfg, run) if cfg.refine.prior == "last_token" else {}
     results, details = {}, {}
+    bundled = _bundled_prompt_layer(cfg, run)
     for L in run.layers:
-        results[L], details[L] = _evaluate_layer(cfg, L, run, bert_probs, label_prior, last_states.get(L))
+        results[L], details[L] = _evaluate_layer(cfg, L, run, bert_probs, label_prior, last_states.get(L),
+                                                 prompt_layer=bundled if L == run.layer else L)
         print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
     chosen = details[run.layer]
     if chosen["prompt_probs"] is not None:
@@ -331,11 +333,31 @@ def _load_checked(cfg: RecipeConfig, task: str, layer: int, run: _Inputs):
     return probe, input_of(meta)
 
 
-def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, label_prior, last_states=None):
+def _bundled_prompt_layer(cfg: RecipeConfig, run: _Inputs) -> int:
+    """The prompt probe scored beside the chosen decode layer, and its refinements' prior: the one export
+    bundles as the server's initial estimator (the sweep's best prompt layer, which a layer search may
+    not have trained at the decode layer), else the decode layer's own."""
+    if cfg.eval.layer is not None or not cfg.paths.sweep_summary.is_file():
+        return run.layer
+    try:
+        layer = best_layer(cfg, "prompt")[0]
+    except UserError:
+        return run.layer
+    if layer != run.layer and (cfg.paths.probe("prompt", probe_name((layer,))) / "probe.json").is_file():
+        run.notes.append(f"the prompt probe beside layer {run.layer} (row b, and the refined estimate's prior) is layer "
+                         f"{layer}'s, the sweep's best prompt layer: the initial estimator export bundles for serving.")
+        return layer
+    return run.layer
+
+
+def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, label_prior, last_states=None,
+                    prompt_layer: int | None = None):
     """(metrics of every method at `layer`, the raw predictions used for curves and pictures);
-    `last_states` [held, d]: the last prompt token's states, for refine.prior=last_token."""
+    `last_states` [held, d]: the last prompt token's states, for refine.prior=last_token; `prompt_layer`:
+    the prompt probe's layer (default `layer`)."""
     extraction, held, bins, max_new = run.extraction, run.held, run.bins, run.max_new
-    prompt_probe, prompt_input = _load_checked(cfg, "prompt", layer, run) or (None, None)
+    prompt_layer = layer if prompt_layer is None else prompt_layer
+    prompt_probe, prompt_input = _load_checked(cfg, "prompt", prompt_layer, run) or (None, None)
     decode_probe, decode_input = _load_checked(cfg, "decode", layer, run) or (None, None)
     truth = held.output_tokens
     metrics = {m: None for m in METHODS}
@@ -344,7 +366,7 @@ def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, lab
     if bert_probs is not None:
         totals["bert"] = bert_probs
     if prompt_probe is not None:
-        prompt_probs = probe_probs(prompt_probe, extraction.prompt_states(layer, prompt_input)[held.rows])
+        prompt_probs = probe_probs(prompt_probe, extraction.prompt_states(prompt_layer, prompt_input)[held.rows])
         totals["prompt_probe"] = prompt_probs
     if cfg.refine.prior == "prompt_probe" and prompt_probs is None and decode_probe is not None:
         raise UserError(f"refine.prior=prompt_probe but layer {layer} has no trained prompt probe; train it "
