@@ -306,6 +306,25 @@ def test_layer_defaults_to_the_best_decode_layer_of_the_sweep(tmp_path):
     assert choose_layer(cfg)[0] == 1
 
 
+def test_after_a_layer_search_the_prompt_probe_beside_the_decode_layer_is_the_one_export_bundles(tmp_path):
+    """A search trains the best prompt layer (2) but not the decode layer's (1): row (b) and the refined
+    prior are layer 2's prompt probe, as the server's initial estimator is."""
+    from trail_probe.stages.evaluate import evaluate
+
+    cfg, extraction = make_run(tmp_path, layers=(1,), prompt=False, overrides=["eval.layer=null", "train.layers=0-2"])
+    x = extraction.prompt_states(2)[int(extraction.output_tokens.argmax())]
+    write_probe(cfg, "prompt", 2, oracle_probe(x / x.norm()), extraction)
+    sweep = cfg.paths.checkpoints / "sweep" / "layer_sweep.json"
+    sweep.parent.mkdir(parents=True)
+    sweep.write_text(json.dumps({"best_layer": {"prompt": 2, "decode": 1}}))
+    report = evaluate(cfg)
+    rows, total = held_out(cfg, extraction)
+    m = report["methods"]
+    assert m["prompt_probe"]["total"]["mae"] == pytest.approx(mae(quantised(total, MAX_NEW), total), abs=1e-3)
+    assert m["refined"]["prior"] == "prompt_probe" and any("layer 2's, the sweep's best prompt layer" in n
+                                                            for n in report["notes"])
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_refine_interval_must_be_a_multiple_of_the_stride(tmp_path):
     from trail_probe.stages.evaluate import evaluate
