@@ -297,3 +297,11 @@ def test_engine_checks_refuse_what_the_plugin_cannot_serve(model_folder, predict
     config.scheduler_config.policy = "priority"
     with pytest.raises(UserError, match="scheduling-policy priority"):
         check_engine(s, config)
+    config.scheduler_config.policy = "fcfs"
+    config.speculative_config = object()  # any speculative setup: the probe would read draft rows
+    with pytest.raises(UserError, match="speculative decoding"):
+        check_engine(s, config)
+    config.speculative_config = None
+    # the plain `vllm serve` path: the scheduler's constructor makes the same checks before any request
+    with pytest.raises(UserError, match="width 64 but the model's are 128"):
+        dry_scheduler(model_folder, TrailSettings(predictor=str(narrow), initial="none"))
