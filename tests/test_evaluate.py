@@ -321,7 +321,7 @@ def test_after_a_layer_search_the_prompt_probe_beside_the_decode_layer_is_the_on
     rows, total = held_out(cfg, extraction)
     m = report["methods"]
     assert m["prompt_probe"]["total"]["mae"] == pytest.approx(mae(quantised(total, MAX_NEW), total), abs=1e-3)
-    assert m["refined"]["prior"] == "prompt_probe" and any("layer 2's, the sweep's best prompt layer" in n
+    assert m["refined"]["prior"] == "prompt_probe" and any("layer 2's prompt probe, the sweep's best prompt layer" in n
                                                             for n in report["notes"])
 
 

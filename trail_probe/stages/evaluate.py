@@ -198,8 +198,7 @@ def evaluate(cfg: RecipeConfig, command: list[str] | None = None) -> dict:
     results, details = {}, {}
     bundled = _bundled_prompt_layer(cfg, run)
     for L in run.layers:
-        results[L], details[L] = _evaluate_layer(cfg, L, run, bert_probs, label_prior, last_states.get(L),
-                                                 prompt_layer=bundled if L == run.layer else L)
+        results[L], details[L] = _evaluate_layer(cfg, L, run, bert_probs, label_prior, last_states.get(L), bundled if L == run.layer else L)
         print(f"eval: layer {L}: " + ", ".join(f"{m} {fmt(v)}" for m, v in layer_maes(results[L]).items()), flush=True)
     chosen = details[run.layer]
     if chosen["prompt_probs"] is not None:
@@ -334,27 +333,24 @@ def _load_checked(cfg: RecipeConfig, task: str, layer: int, run: _Inputs):
 
 
 def _bundled_prompt_layer(cfg: RecipeConfig, run: _Inputs) -> int:
-    """The prompt probe scored beside the chosen decode layer, and its refinements' prior: the one export
-    bundles as the server's initial estimator (the sweep's best prompt layer, which a layer search may
-    not have trained at the decode layer), else the decode layer's own."""
+    """The prompt probe beside the chosen decode layer and its refinements' prior: the one export bundles
+    (the sweep's best prompt layer; a layer search may not train the decode layer's), else the layer's own."""
     if cfg.eval.layer is not None or not cfg.paths.sweep_summary.is_file():
         return run.layer
     try:
         layer = best_layer(cfg, "prompt")[0]
-    except UserError:
+    except UserError:  # a search that trained no prompt probe
         return run.layer
     if layer != run.layer and (cfg.paths.probe("prompt", probe_name((layer,))) / "probe.json").is_file():
-        run.notes.append(f"the prompt probe beside layer {run.layer} (row b, and the refined estimate's prior) is layer "
-                         f"{layer}'s, the sweep's best prompt layer: the initial estimator export bundles for serving.")
+        run.notes.append(f"row (b) and the refined estimate's prior: layer {layer}'s prompt probe, the sweep's best prompt layer, which export bundles.")
         return layer
     return run.layer
 
 
 def _evaluate_layer(cfg: RecipeConfig, layer: int, run: _Inputs, bert_probs, label_prior, last_states=None,
                     prompt_layer: int | None = None):
-    """(metrics of every method at `layer`, the raw predictions used for curves and pictures);
-    `last_states` [held, d]: the last prompt token's states, for refine.prior=last_token; `prompt_layer`:
-    the prompt probe's layer (default `layer`)."""
+    """(metrics of every method at `layer`, the raw predictions used for curves and pictures); `last_states`
+    [held, d]: the last prompt token's states, for refine.prior=last_token; `prompt_layer`: default `layer`."""
     extraction, held, bins, max_new = run.extraction, run.held, run.bins, run.max_new
     prompt_layer = layer if prompt_layer is None else prompt_layer
     prompt_probe, prompt_input = _load_checked(cfg, "prompt", prompt_layer, run) or (None, None)
