@@ -69,9 +69,10 @@ def describe(settings, cmd: list[str]) -> str:
     layer, prompt_layer = probe_layers(settings)
     initial = settings.initial + (f" ({settings.prompt_predictor_path()}, layer {prompt_layer})" if prompt_layer is not None else "")
     flags = " ".join(a for a in cmd[cmd.index("--additional-config") + 2:])
+    limit = settings.max_running or f"auto (within {settings.max_throughput_loss:.0%} of max_num_seqs' throughput)"
     return (f"trail-probe serve: TRAIL active: policy {settings.policy}, predictor {settings.predictor} (layer {layer}), "
             f"initial estimate {initial}, refine every {settings.refine_interval} tokens ({settings.likelihood}), "
-            f"C = {settings.preemption_c}, at most {settings.max_running or 'max_num_seqs'} decoding; "
+            f"C = {settings.preemption_c}, at most {limit} decoding; "
             f"vLLM {vllm_version()} at its defaults plus: {flags or '(nothing)'}")
 
 
