@@ -276,6 +276,21 @@ def test_settings_refuse_unknown_keys_and_bad_values(predictor):
         TrailSettings(predictor=str(predictor), prompt_predictor="/nowhere").prompt_predictor_path()
 
 
+def test_a_probe_that_reads_a_pooled_input_is_refused_where_serving_feeds_only_trails(predictor, tmp_path):
+    import json
+    import shutil
+
+    from trail_probe.errors import UserError
+    from trail_probe.serving.trail_state import build_state
+
+    pooled = tmp_path / "pooled"
+    shutil.copytree(predictor, pooled)
+    (pooled / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "mean"}))
+    with pytest.raises(UserError, match="reads 'mean', which the serving engines do not compute"):
+        build_state(TrailSettings(predictor=str(pooled), initial="none"))
+    build_state(TrailSettings(predictor=str(predictor), initial="none"))  # TRAIL's inputs: served
+
+
 def test_engine_checks_refuse_what_the_plugin_cannot_serve(model_folder, predictor, tmp_path):
     from trail_probe.errors import UserError
     from trail_probe.serving.vllm_checks import check_engine

@@ -333,6 +333,7 @@ def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> 
     (the vLLM scheduler, serve-bench's engines, predict and `trail-probe serve` all come here).
     `max_new_tokens` is the budget of a request that brings none of its own."""
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor
+    from trail_probe.runtime.probe_inputs import DEFAULT_INPUT
 
     common = {"max_new_tokens": max_new_tokens, "preemption_c": settings.preemption_c, "aging": settings.aging,
               "record": settings.record}
@@ -342,6 +343,11 @@ def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> 
     prompt_path, bert_path = settings.prompt_predictor_path(), settings.bert_path()
     prompt = None if prompt_path is None else LengthPredictor.from_pretrained(prompt_path, device=device)
     bert = None if bert_path is None else BertLengthPredictor.from_pretrained(bert_path, device=device)
+    for p, path in ((predictor, settings.predictor), (prompt, prompt_path)):
+        if p is not None and p.input != DEFAULT_INPUT[p.metadata.get("task") or "decode"]:
+            raise UserError(f"the probe in '{path}' reads '{p.input}', which the serving engines do not compute online "
+                            f"yet (they feed TRAIL's inputs: the current state, the mean prompt state); export a probe "
+                            "trained with train.decode_input=current and train.prompt_input=mean")
     return TrailState(settings.policy, predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
                         initial=settings.initial, refine_interval=settings.refine_interval,
                         likelihood=settings.likelihood, cadence=settings.cadence, **common)
