@@ -7,11 +7,12 @@ against `trail-probe serve`, with the engine-core process's resident memory from
 The server is `trail-probe serve RECIPE` at vLLM's defaults (the recipe's predictor and prompt probe).
 The client (aiohttp, `--concurrency` requests in flight) sends chat requests over the recipe's held-out
 prompts: `max_tokens` drawn from 1..32, every other one streamed, a share of the streamed ones closed by
-the client after their first chunk (vLLM aborts them), and every 50th with n = 2. Resident memory (RSS)
+the client after their first chunk (vLLM aborts them), every 100th with n = 2 (sampled) and every 100th a
+request vLLM must refuse with HTTP 400 (n = 2 with greedy sampling). Resident memory (RSS)
 of the engine-core process (where TRAIL's scheduler keeps its per-request state) and of the model
 worker is read after a warm-up and then every 500 requests; the growth from the first reading to the
-last is what the target (under 50 MB) is about. Every request must end either complete (HTTP 200, a
-finish reason) or aborted by its own client; any other outcome is counted as a failure.
+last is what the target (under 50 MB) is about. Every request must end complete (HTTP 200, a finish
+reason), aborted by its own client, or (the bad ones) refused with HTTP 400; anything else is a failure.
 Results: benchmarks/results/vllm_soak.json.
 """
 
@@ -89,9 +90,14 @@ def wait_ready(port: int, proc, timeout: float = 900.0) -> None:
 async def one_request(session, url: str, i: int, prompt: str, rng: random.Random, abort_share: float) -> str:
     stream = i % 2 == 1
     abort = stream and rng.random() < abort_share
+    n = 2 if i % 50 == 0 else 1  # i even: never streamed
+    bad = i % 100 == 50  # a request vLLM must refuse: n = 2 with greedy sampling
+    sampled = (i % 3 == 0 or n == 2) and not bad
     body = {"model": "model", "messages": [{"role": "user", "content": prompt}], "max_tokens": rng.randint(1, 32),
-            "temperature": 0.0 if i % 3 else 0.8, "stream": stream, "n": 2 if i % 50 == 0 and not stream else 1}
+            "temperature": 0.8 if sampled else 0.0, "stream": stream, "n": n}
     async with session.post(url, json=body) as resp:
+        if bad:
+            return "refused_400" if resp.status == 400 else f"bad_request_got_http_{resp.status}"
         if resp.status != 200:
             return f"http_{resp.status}"
         if not stream:
@@ -166,7 +172,7 @@ def main(argv=None) -> None:
                 os.killpg(server.pid, signal.SIGKILL)
     after_warmup = next(r for r in readings if r["requests"] >= min(args.warmup, args.requests))
     growth = {k: round(readings[-1][k] - after_warmup[k], 1) for k in ("engine_core", "worker") if k in after_warmup}
-    failures = sum(n for k, n in outcomes.items() if k not in ("completed", "aborted"))
+    failures = sum(n for k, n in outcomes.items() if k not in ("completed", "aborted", "refused_400"))
     result = {"facts": run_facts(argv), "recipe": args.recipe, "overrides": args.overrides, "requests": args.requests,
               "concurrency": args.concurrency, "outcomes": outcomes, "failures": failures, "seconds": round(seconds, 1),
               "server_alive_at_end": alive, "healthy_at_end": healthy, "rss_mb": readings,
