@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results_file import run_facts, write_results  # noqa: E402
+from vllm_serve_client import stop, wait_ready  # noqa: E402
 
 RESULTS = HERE / "results" / "vllm_soak.json"
 MB = 1 << 20
@@ -72,19 +71,6 @@ def processes(server_pid: int) -> dict:
 
 def rss_mb(procs: dict) -> dict:
     return {name: round(p.memory_info().rss / MB, 1) for name, p in procs.items()}
-
-
-def wait_ready(port: int, proc, timeout: float = 900.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return
-        except OSError:
-            time.sleep(2)
-    raise SystemExit(f"the server on port {port} was not ready after {timeout:.0f} s")
 
 
 async def one_request(session, url: str, i: int, prompt: str, rng: random.Random, abort_share: float) -> str:
@@ -164,12 +150,7 @@ def main(argv=None) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/health", timeout=10) as r:
             healthy = r.status == 200
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGINT)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
     after_warmup = next(r for r in readings if r["requests"] >= min(args.warmup, args.requests))
     growth = {k: round(readings[-1][k] - after_warmup[k], 1) for k in ("engine_core", "worker") if k in after_warmup}
     failures = sum(n for k, n in outcomes.items() if k not in ("completed", "aborted", "refused_400"))
