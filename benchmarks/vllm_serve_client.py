@@ -10,6 +10,9 @@ Each run starts a fresh server and stops it afterwards:
 - `priority`: vLLM's defaults with `--scheduling-policy priority`, each request's priority its prompt
   probe estimate (the estimate TRAIL's scheduler first ranks it by), computed before the run from
   the eval's predictions: what a user could do without TRAIL's scheduler, given the same predictor.
+- `oracle`: TRAIL's scheduler ranking by each request's true length (the eval's greedy output
+  length, sent by the client as `vllm_xargs.trail_exact_length`, which the server trusts only with
+  `client_estimates`): the bound on what any length predictor can win in this server.
 The client is `vllm.benchmarks.serve` (`vllm bench serve`: `--backend openai-chat --dataset-name
 custom --skip-chat-template`: vLLM's client otherwise applies the chat template itself and the server
 applies it again) over the recipe's held-out prompts, greedy, at most 512 new tokens; for `priority` one field
@@ -55,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for TRAIL's server (serve.max_running=64 ...)")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--loads", default="0.8,1.0,1.5,burst")
-    p.add_argument("--policies", default="fcfs,trail")
+    p.add_argument("--policies", default="fcfs,trail", help="fcfs first, then any of trail, priority, oracle")
     p.add_argument("--num-prompts", type=int, default=500)
     p.add_argument("--port", type=int, default=8350)
     p.add_argument("--seed", type=int, default=0)
@@ -65,8 +68,9 @@ def parse_args(argv=None):
 
 
 # -- the workload --
-def workload(args, folder: Path) -> tuple[Path, dict]:
-    """The held-out prompts as vLLM's custom dataset (JSONL of {"prompt"}), and each prompt's prompt-probe estimate."""
+def workload(args, folder: Path) -> tuple[Path, dict, dict]:
+    """The held-out prompts as vLLM's custom dataset (JSONL of {"prompt"}), and each prompt's prompt-probe
+    estimate and true (greedy) output length, from the eval's predictions."""
     from trail_probe.config import load_recipe
     from trail_probe.stages.serve_bench import held_out_prompts
 
@@ -74,16 +78,18 @@ def workload(args, folder: Path) -> tuple[Path, dict]:
     held = held_out_prompts(cfg)
     path = folder / "held_out.jsonl"
     path.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in held))
-    estimates = {}
+    estimates, lengths = {}, {}
     predictions = cfg.paths.eval / "predictions.json"
     if predictions.is_file():
         rows = json.loads(predictions.read_text())
         by_id = {r["id"]: r for r in (rows["requests"] if isinstance(rows, dict) else rows)}
         for p in held:
-            est = (by_id.get(p.id) or {}).get("prompt_probe_estimate")
-            if est is not None:
-                estimates[p.text] = int(round(est))
-    return path, estimates
+            row = by_id.get(p.id) or {}
+            if row.get("prompt_probe_estimate") is not None:
+                estimates[p.text] = int(round(row["prompt_probe_estimate"]))
+            if row.get("output_tokens") is not None:
+                lengths[p.text] = int(row["output_tokens"])
+    return path, estimates, lengths
 
 
 # -- servers --
@@ -91,6 +97,13 @@ def server_command(policy: str, args, model: Path) -> list[str]:
     common = ["--port", str(args.port), "--served-model-name", "model"]
     if policy == "trail":
         return ["trail-probe", "serve", args.recipe, *args.overrides, "--", *common]
+    if policy == "oracle":  # trail-probe serve's command with the oracle policy (serve has no policy setting)
+        from trail_probe.config import load_recipe
+        from trail_probe.offline.serving_setup import trail_settings
+        from trail_probe.stages.serve import vllm_command
+
+        cfg = load_recipe(args.recipe, args.overrides)
+        return vllm_command(cfg, common, trail_settings(cfg, policy="oracle", client_estimates=True))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *common,
            "--gpu-memory-utilization", "0.5"]
     return cmd + (["--scheduling-policy", "priority"] if policy == "priority" else [])
@@ -136,14 +149,14 @@ def live_stats(log: Path) -> dict | None:
 
 
 # -- one run --
-def run_once(policy: str, rate: str, args, model: Path, dataset: Path, priorities: Path, folder: Path, tag: str) -> dict:
+def run_once(policy: str, rate: str, args, model: Path, dataset: Path, extras: dict, folder: Path, tag: str) -> dict:
     log = folder / f"{tag}.server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(server_command(policy, args, model), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         wait_ready(args.port, proc)
-        client = [sys.executable, __file__, "--client", *(["--priorities", str(priorities)] if policy == "priority" else []),
+        client = [sys.executable, __file__, "--client", *([f"--{policy}", str(extras[policy])] if policy in extras else []),
                   "--", "--backend", "openai-chat", "--base-url", f"http://127.0.0.1:{args.port}",
                   "--endpoint", "/v1/chat/completions", "--model", "model", "--tokenizer", str(model),
                   "--dataset-name", "custom", "--dataset-path", str(dataset), "--custom-output-len", "512",
@@ -157,28 +170,34 @@ def run_once(policy: str, rate: str, args, model: Path, dataset: Path, prioritie
         stop(proc)
     result = json.loads((folder / f"{tag}.json").read_text())
     out = {k: result.get(k) for k in FIELDS}
-    if policy == "trail":
+    if policy in ("trail", "oracle"):
         out["trail_live"] = live_stats(log)
     return out
 
 
 def client_main(argv: list[str]) -> None:
-    """vLLM's benchmark client, with each request's priority added to its body when --priorities is given."""
+    """vLLM's benchmark client, with one field added to each request's body: its priority (--priority
+    FILE: vLLM's priority policy) or its true length (--oracle FILE: vllm_xargs for the oracle)."""
     import dataclasses
 
     from vllm.benchmarks import serve
     from vllm.benchmarks.lib import endpoint_request_func as funcs
 
-    if argv and argv[0] == "--priorities":
-        table = json.loads(Path(argv[1]).read_text())
+    if argv and argv[0] in ("--priority", "--priorities", "--oracle"):
+        kind, table = argv[0], json.loads(Path(argv[1]).read_text())
         argv = argv[2:]
         plain = funcs.ASYNC_REQUEST_FUNCS["openai-chat"]
 
-        async def with_priority(request_func_input, *a, **kw):
-            extra = {**(request_func_input.extra_body or {}), "priority": table.get(request_func_input.prompt, 512)}
+        def field(prompt: str) -> dict:
+            if kind == "--oracle":
+                return {"vllm_xargs": {"trail_exact_length": table[prompt]}}
+            return {"priority": table.get(prompt, 512)}
+
+        async def with_field(request_func_input, *a, **kw):
+            extra = {**(request_func_input.extra_body or {}), **field(request_func_input.prompt)}
             return await plain(dataclasses.replace(request_func_input, extra_body=extra), *a, **kw)
 
-        funcs.ASYNC_REQUEST_FUNCS["openai-chat"] = with_priority
+        funcs.ASYNC_REQUEST_FUNCS["openai-chat"] = with_field
     parser = argparse.ArgumentParser()
     serve.add_cli_args(parser)
     serve.main(parser.parse_args(argv[1:] if argv and argv[0] == "--" else argv))
@@ -230,25 +249,30 @@ def main(argv=None) -> None:
     state = json.loads(out_path.read_text()) if out_path.is_file() and not args.fresh else {}
     runs: list[dict] = state.get("runs", [])
     folder = Path(tempfile.mkdtemp(prefix="vllm_serve_client_"))
-    dataset, estimates = workload(args, folder)
-    priorities = folder / "priorities.json"
-    priorities.write_text(json.dumps(estimates))
+    dataset, estimates, lengths = workload(args, folder)
+    extras = {"priority": folder / "priorities.json", "oracle": folder / "lengths.json"}
+    extras["priority"].write_text(json.dumps(estimates))
+    extras["oracle"].write_text(json.dumps(lengths))
     policies = args.policies.split(",")
     if "priority" in policies and not estimates:
         raise SystemExit("the priority policy needs the eval's prompt-probe predictions; run the pipeline first")
+    if "oracle" in policies and not lengths:
+        raise SystemExit("the oracle policy needs the eval's predictions (true lengths); run the pipeline first")
 
     def save() -> None:
         state.update(runs=runs, summary=summarize(runs), facts=run_facts(argv), num_prompts=args.num_prompts,
                      recipe=args.recipe, overrides=args.overrides, logs=str(folder))
         write_results(out_path, state)
 
-    if "saturation_rps" not in state:
-        cal = run_once("fcfs", "inf", args, model, dataset, priorities, folder, "saturation")
+    loads = args.loads.split(",")
+    if "saturation_rps" not in state and any(load != "burst" for load in loads):  # a burst needs no rate
+        cal = run_once("fcfs", "inf", args, model, dataset, extras, folder, "saturation")
         state["saturation_rps"] = cal["request_throughput"]
         state["saturation_run"] = cal
         save()
-    print(f"FCFS saturation: {state['saturation_rps']:.3f} requests/s (logs in {folder})")
-    for load in args.loads.split(","):
+    if "saturation_rps" in state:
+        print(f"FCFS saturation: {state['saturation_rps']:.3f} requests/s (logs in {folder})")
+    for load in loads:
         rate = "inf" if load == "burst" else f"{float(load) * state['saturation_rps']:.4f}"
         name = "burst" if load == "burst" else f"{float(load):.1f}x"
         for pair in range(1, args.pairs + 1):
@@ -257,7 +281,7 @@ def main(argv=None) -> None:
                     continue
                 tag = f"{name}_{pair}_{policy}"
                 print(f"# {tag}: rate {rate} req/s", flush=True)
-                result = run_once(policy, rate, args, model, dataset, priorities, folder, tag)
+                result = run_once(policy, rate, args, model, dataset, extras, folder, tag)
                 runs.append({"policy": policy, "load": name, "pair": pair, "vllm_defaults": True, "request_rate": rate,
                              **result})
                 save()

@@ -188,6 +188,34 @@ def test_refinement_reads_each_requests_own_state_from_the_packed_batch(llm, tmp
         assert torch.allclose(state, ref, atol=1e-4), (rid, g)
 
 
+@pytest.mark.parametrize("prompt_input", ["mean", "last"])
+def test_the_prompt_probe_reads_its_own_layer_and_input(llm, tmp_path, prompt_input):
+    """A prompt probe on another layer than the decode probe's (layer 0 here, the decode probe's 1):
+    each request's initial estimate is that probe on its own layer's prompt states, pooled as it was
+    trained (the mean, or the last prompt token's state), from a teacher-forced pass of the prompt alone."""
+    import json
+
+    model, tok = llm
+    predictor = make_predictor(tmp_path / "p")
+    folder = write_trail_dir(tmp_path / "prompt", trail_weights(d=64, seed=5), hidden_size=64, probe_layer_idx=0,
+                             max_len=BUDGET, device="cpu")
+    (folder / "trail_probe.json").write_text(json.dumps({"task": "prompt", "input": prompt_input}))
+    prompt = LengthPredictor.from_pretrained(folder)
+    rt = TrailState("trail", record=True, predictor=predictor, prompt_predictor=prompt, initial="prompt_probe",
+                    max_new_tokens=BUDGET, refine_interval=4)
+    assert rt.state_layers == [0, LAYER] and rt.prompt_input == prompt_input
+    reqs = requests(tok, TEXTS[:3])  # prefilled together: no prompt starts from another's cached blocks
+    with ServeEngine(model, "trail", runtime=rt, max_batch=3, max_new_tokens=BUDGET, eos_token_id=tok.eos_token_id,
+                     page_size=16, num_blocks=512, max_batch_tokens=256) as eng:
+        serve(eng, reqs, [0.0, 0.0, 0.0])
+    for rid, ids, _ in reqs:
+        with torch.no_grad():
+            states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+        pooled = states.mean(0) if prompt_input == "mean" else states[-1]
+        expected = float(prompt.bins.expectation(prompt.probs(pooled[None]).double())[0])
+        assert rt.initial_estimates[rid] == pytest.approx(expected, abs=1e-2), rid
+
+
 def _two_requests(llm, fifo_run, policy, rt, bins: tuple[int, int]):
     """A long answer arrives first; once it has produced a few tokens a short one arrives. One
     request per batch, so the second waits unless the first is paused."""

@@ -31,9 +31,10 @@ def extraction_dir(tmp_path_factory):
 
 
 def overrides(ext, out, *extra):
+    # the synthetic extraction stores TRAIL's inputs only: its prompt probes read the mean prompt state
     return [f"model.name_or_path={SYNTHETIC_MODEL}", f"extract.out_dir={ext}", f"train.out_dir={out}",
             "train.hidden_dim=32", "train.epochs=4", "train.num_threads=1", "train.task=decode", "train.layers=1",
-            "train.multi_layer=none", *extra]
+            "train.multi_layer=none", "train.prompt_input=mean", *extra]
 
 
 def config(ext, out, *extra):

@@ -59,7 +59,7 @@ def test_an_old_extraction_reads_as_before_and_refuses_new_inputs_in_one_line(ol
     assert meta["input"] == "current"
     for extra, what in ((["train.decode_input=current+mean"], "not 'mean'; extract again"),
                         (["train.task=prompt", "train.prompt_input=last"], "not 'last'; extract again"),
-                        (["train.task=prompt", "train.prompt_labels=median"], "no sampled answers")):
+                        (["train.task=prompt", "train.prompt_input=mean", "train.prompt_labels=median"], "no sampled answers")):
         code = main(["train", PROBE_RECIPE, *overrides(old_dir, tmp_path / "x", *extra)])
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trail-probe")]
         assert code == 2 and len(errors) == 1 and what in errors[0], errors

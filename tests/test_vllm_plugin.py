@@ -35,9 +35,10 @@ def test_the_payload_holds_the_asked_rows_and_per_block_prompt_sums():
     torch.manual_seed(0)
     layer0, layer1 = torch.randn(12, 4), torch.randn(12, 4)
     bounds = np.array([0, 5, 6, 12])  # requests a (5 rows), b (1 row), c (6 rows)
-    wants = Wants(states=["b", "c", "gone"], prompt={"a": (14, 19), "c": (30, 33)}, block_size=16)
+    wants = Wants(states=["b", "c", "gone"], prompt={"a": (14, 19), "c": (30, 33)}, last=["a", "gone"], block_size=16)
     p = build_payload({0: layer0, 1: layer1}, ["a", "b", "c"], bounds, wants, layer=1, prompt_layer=0)
     assert p.state_ids == ["b", "c"] and torch.equal(p.states, torch.stack([layer1[5], layer1[11]]))
+    assert p.last_ids == ["a"] and torch.equal(p.last_states, layer0[4:5])  # the prompt layer's, at a's last row
     # a: positions 14..18 -> blocks 0 (14, 15) and 1 (16..18); c: positions 30..32, of which 30, 31 in block 1 and
     # 32 in block 2, then its prompt ends (33): rows 9..11 are generated tokens and are not summed
     assert p.prompt_ids == ["a", "a", "c", "c"] and p.prompt_blocks.tolist() == [0, 1, 1, 2]
@@ -48,6 +49,7 @@ def test_the_payload_holds_the_asked_rows_and_per_block_prompt_sums():
 
     back = pickle.loads(pickle.dumps(p))  # crosses to the scheduler as numpy arrays
     assert isinstance(back, Payload) and isinstance(back.states, np.ndarray) and np.allclose(back.prompt_sums, expected.numpy())
+    assert back.last_ids == ["a"] and np.allclose(back.last_states, layer0[4:5].numpy())
 
 
 def test_prompt_sums_take_prefix_cached_blocks_from_the_cache():

@@ -174,6 +174,39 @@ def test_prompt_probe_estimate_is_the_mean_over_every_prompt_token_even_after_a_
     assert len({round(e, 3) for e in log["initial_estimates"].values()}) > 1
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_last_token_prompt_probe_estimates_from_the_last_prompt_tokens_state(model_folder, predictor, tmp_path,
+                                                                                async_scheduling):
+    """A prompt probe trained on the last prompt token's state (train.prompt_input=last) is served:
+    each request's initial estimate is that probe on its last prompt token's state, also after a
+    prefix-cache hit and with chunked prefills, and no prompt sums are kept."""
+    import json
+    import shutil
+
+    from trail_probe.runtime import LengthPredictor
+
+    last = tmp_path / "last"
+    shutil.copytree(predictor, last)
+    (last / "prompt" / "trail_probe.json").write_text(json.dumps({"task": "prompt", "input": "last"}))
+    reqs, lengths = burst(n=4, shared=2 * BLOCK)
+    sched = dry_scheduler(model_folder, settings(last), max_num_seqs=2, max_num_batched_tokens=24,
+                          async_scheduling=async_scheduling)
+    assert sched.trail.prompt_sums is None
+    model = StandInModel(sched, lengths, width=WIDTH, async_scheduling=async_scheduling)
+    for r in reqs:
+        sched.add_request(r)
+        model.step()
+    model.drain(5000)
+    log = sched.log()
+    prompt = LengthPredictor.from_pretrained(last / "prompt", device="cpu")
+    assert prompt.input == "last"
+    for r in reqs:
+        state = fixed_state(r.prompt_token_ids, WIDTH)
+        expected = float(prompt.bins.expectation(prompt.probs(state[None]).double())[0])
+        assert log["initial_estimates"][r.request_id] == pytest.approx(min(expected, r.max_tokens), abs=1e-3)
+    assert log["live"]["unestimated"] == 0 and log["live"]["finished_scored"] == len(reqs)
+
+
 def test_async_scheduling_refines_at_the_same_points_with_the_same_estimates(model_folder, predictor):
     reqs, lengths = burst(n=6)
     logs = []
@@ -286,9 +319,15 @@ def test_a_probe_that_reads_a_pooled_input_is_refused_where_serving_feeds_only_t
     pooled = tmp_path / "pooled"
     shutil.copytree(predictor, pooled)
     (pooled / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "mean"}))
-    with pytest.raises(UserError, match="reads 'mean', which the serving engines do not compute"):
+    with pytest.raises(UserError, match="decode probe .* reads 'mean', which the serving engines do not compute"):
         build_state(TrailSettings(predictor=str(pooled), initial="none"))
+    (pooled / "trail_probe.json").unlink()
+    (pooled / "prompt" / "trail_probe.json").write_text(json.dumps({"task": "prompt", "input": "entropy"}))
+    with pytest.raises(UserError, match="prompt probe .* reads 'entropy'.*train.prompt_input=mean"):
+        build_state(TrailSettings(predictor=str(pooled)))
     build_state(TrailSettings(predictor=str(predictor), initial="none"))  # TRAIL's inputs: served
+    (pooled / "prompt" / "trail_probe.json").write_text(json.dumps({"task": "prompt", "input": "last"}))
+    assert build_state(TrailSettings(predictor=str(pooled))).prompt_input == "last"  # the last prompt token: served
 
 
 def test_engine_checks_refuse_what_the_plugin_cannot_serve(model_folder, predictor, tmp_path):

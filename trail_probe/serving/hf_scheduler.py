@@ -101,19 +101,21 @@ class _StepLog:
 
 
 def attach(model, runtime: TrailState) -> LayerCapture | None:
-    """The forward hook on the probe's layer (None when the policy needs no hidden states), after
+    """The forward hooks on the probes' layers (None when the policy needs no hidden states), after
     checking that the predictor fits the model. The engine packs a batch into one row: [1, tokens, d]."""
     layers = len(decoder_layers(model))
     runtime.check_model(layers, getattr(model.config, "hidden_size", None))
-    return LayerCapture(model, [runtime.layer]) if runtime.needs_states else None
+    return LayerCapture(model, runtime.state_layers) if runtime.needs_states else None
 
 
-def absorb(runtime: TrailState, batch, states: torch.Tensor | None) -> None:
+def absorb(runtime: TrailState, batch, states: torch.Tensor | None, prompt_states: torch.Tensor | None = None) -> None:
     """Hand the runtime the hooked states of the forward pass that ran `batch` (the scheduler's last
-    answer): request i's last token is at cumsum(query lengths)[i] - 1 in the packed row."""
+    answer) at the decode probe's layer and at the prompt probe's (`prompt_states`, default the same):
+    request i's last token is at cumsum(query lengths)[i] - 1 in the packed row."""
     if batch is None or states is None:
         return
     states = states.reshape(-1, states.shape[-1])
+    prompt_states = states if prompt_states is None else prompt_states.reshape(-1, prompt_states.shape[-1])
     ids, rows, gens = [], [], []
     end = 0
     for fs in batch:
@@ -123,7 +125,7 @@ def absorb(runtime: TrailState, batch, states: torch.Tensor | None) -> None:
             continue  # finished or cancelled in update_batch
         gen = generated_count(fs.state) - (1 if fs.has_new_token else 0)  # at the time of that forward
         if gen == 0 and not fs.state._true_initial_tokens:  # a prefill chunk of the original prompt
-            runtime.add_prompt_states(rid, states[start:end], done=fs.has_new_token)
+            runtime.add_prompt_states(rid, prompt_states[start:end], done=fs.has_new_token, decode_states=states[start:end])
         if fs.has_new_token and gen >= 1:
             ids.append(rid)
             rows.append(end - 1)
@@ -186,7 +188,8 @@ class _Trail(_StepLog):
         rt = self.runtime
         initial_before = rt.initial_s
         if self.capture is not None:
-            absorb(rt, self._last_batch, self.capture.take(rt.layer))
+            layers = {layer: self.capture.take(layer) for layer in rt.state_layers}
+            absorb(rt, self._last_batch, layers[rt.layer], layers.get(rt.prompt_layer))
         self._last_batch = None
         new = [s for s in self.waiting_requests.values() if s.request_id not in self._views]
         for s in new:

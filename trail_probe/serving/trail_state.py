@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 TRACE_LIMIT = 4096  # refinements kept per request (a 512-token answer refined every 8 tokens has 64)
+SERVED_INPUTS = {"decode": ("current",), "prompt": ("mean", "last")}  # probe inputs the engines compute online
 RECORD_LIMIT = 100_000  # finished requests whose estimates a recording runtime keeps
 
 
@@ -98,6 +99,9 @@ class TrailState:
         self.prompt_texts: dict[str, str] = {}
         self.initial_probs: dict[str, list[float]] = {}  # BERT's distribution, computed before the engine (set before `admit`)
         self.layer = None if predictor is None else predictor.layer
+        uses_prompt = initial == "prompt_probe" and prompt_predictor is not None
+        self.prompt_layer = prompt_predictor.layer if uses_prompt else None  # the prompt probe's layer
+        self.prompt_input = probe_input(prompt_predictor, "prompt") if uses_prompt else None  # "mean" or "last"
         self.max_new_tokens = max_new_tokens
         self.record = record  # keep finished requests' estimates (benchmarks; bounded by RECORD_LIMIT)
         self._budget: dict[str, int] = {}
@@ -107,6 +111,11 @@ class TrailState:
     def needs_states(self) -> bool:
         """Whether the engine must hand over hidden states at all (refinement or prompt-probe estimates)."""
         return self.refine or self.initial in ("prompt_probe", "last_token")
+
+    @property
+    def state_layers(self) -> list[int]:
+        """The layers an engine must capture: the decode probe's and, when it differs, the prompt probe's."""
+        return sorted({layer for layer in (self.layer, self.prompt_layer) if layer is not None})
 
     def reset(self) -> None:
         for rid in self.tracker.request_ids:
@@ -133,6 +142,8 @@ class TrailState:
         if not 0 <= self.layer < num_layers:
             raise UserError(f"the predictor reads layer {self.layer} but the model has layers 0..{num_layers - 1}; export a predictor for this model")
         self.predictor.check_serving_model(num_layers, hidden_size)
+        if self.prompt_layer is not None:
+            self.prompt_predictor.check_serving_model(num_layers, hidden_size)
 
     def tracks(self, request_id: str) -> bool:
         return request_id in self.tracker
@@ -193,15 +204,29 @@ class TrailState:
         for i, e in zip(ids, self.tracker.initial_estimates(ids).tolist()):
             self.initial_estimates[i] = e
 
-    def add_prompt_states(self, request_id: str, states: torch.Tensor, done: bool) -> None:
-        """Prompt-probe initial estimates: accumulate a prefill chunk's states [T, d]; on the chunk that
-        completes the prompt (`done`), the prompt probe on their mean replaces the initial estimate.
-        With initial='last_token', the last state of that chunk feeds the decode probe instead."""
+    def add_prompt_states(self, request_id: str, states: torch.Tensor, done: bool,
+                          decode_states: torch.Tensor | None = None) -> None:
+        """Prompt-probe initial estimates from a prefill chunk's states [T, d] at the prompt probe's layer:
+        on the chunk that completes the prompt (`done`), the prompt probe on its input (the mean of all
+        chunks' states, or the last state) replaces the initial estimate. With initial='last_token', the
+        last state of that chunk at the decode probe's layer (`decode_states`, default `states`) feeds
+        the decode probe instead."""
         if self.initial == "last_token":
             if done:
-                self._initial_from_last_token([request_id], states[-1:])
+                self._initial_from_last_token([request_id], (states if decode_states is None else decode_states)[-1:])
+            return
+        if self.prompt_input == "last":
+            if done:
+                self.add_prompt_last(request_id, states[-1])
             return
         self.add_prompt_sum(request_id, states.float().sum(0), states.shape[0], done)
+
+    def add_prompt_last(self, request_id: str, state: torch.Tensor) -> None:
+        """`add_prompt_states` for a prompt probe reading the last prompt token (`prompt_input` 'last'):
+        that token's state [d] at the prompt probe's layer, from the pass that completed the prompt."""
+        if self.initial != "prompt_probe" or not self.tracks(request_id):
+            return
+        self._set_prompt_estimate(request_id, self.prompt_predictor.probs(state.float().reshape(1, -1)))
 
     def add_prompt_sum(self, request_id: str, total: torch.Tensor, count: int, done: bool) -> None:
         """`add_prompt_states` for an engine that sums a chunk's states itself (vLLM's worker): the sum
@@ -212,10 +237,12 @@ class TrailState:
         self._prompt_sums[request_id] = (total.float() + so_far, seen + int(count))
         if done:
             total, count = self._prompt_sums.pop(request_id)
-            probs = self.prompt_predictor.probs((total / count)[None])
-            self.tracker.remove([request_id])
-            self._add([request_id], initial_probs=probs)
-            self.initial_estimates[request_id] = float(self.tracker.initial_estimates([request_id])[0])
+            self._set_prompt_estimate(request_id, self.prompt_predictor.probs((total / count)[None]))
+
+    def _set_prompt_estimate(self, request_id: str, probs: torch.Tensor) -> None:
+        self.tracker.remove([request_id])
+        self._add([request_id], initial_probs=probs)
+        self.initial_estimates[request_id] = float(self.tracker.initial_estimates([request_id])[0])
 
     def observe(self, ids: Sequence[str], states: torch.Tensor, generated: Sequence[int]) -> None:
         """The probe-layer states [B, d] of the forward passes that produced token `generated[i]` of
@@ -328,12 +355,19 @@ class ExactLengths:
         return count_down(self.initial_estimates(ids), list(generated))
 
 
+def probe_input(predictor, task: str) -> str:
+    """What a probe serving as the `task` probe reads (runtime/probe_inputs.py): its export's `input`,
+    else TRAIL's for that task (a release directory records none)."""
+    from trail_probe.runtime.probe_inputs import DEFAULT_INPUT
+
+    return predictor.metadata.get("input") or DEFAULT_INPUT[task]
+
+
 def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> TrailState:
     """The runtime a `TrailSettings` describes, its predictors loaded: the one place serving loads them
     (the vLLM scheduler, serve-bench's engines, predict and `trail-probe serve` all come here).
     `max_new_tokens` is the budget of a request that brings none of its own."""
     from trail_probe.runtime import BertLengthPredictor, LengthPredictor
-    from trail_probe.runtime.probe_inputs import DEFAULT_INPUT
 
     common = {"max_new_tokens": max_new_tokens, "preemption_c": settings.preemption_c, "aging": settings.aging,
               "record": settings.record}
@@ -343,11 +377,11 @@ def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> 
     prompt_path, bert_path = settings.prompt_predictor_path(), settings.bert_path()
     prompt = None if prompt_path is None else LengthPredictor.from_pretrained(prompt_path, device=device)
     bert = None if bert_path is None else BertLengthPredictor.from_pretrained(bert_path, device=device)
-    for p, path in ((predictor, settings.predictor), (prompt, prompt_path)):
-        if p is not None and p.input != DEFAULT_INPUT[p.metadata.get("task") or "decode"]:
-            raise UserError(f"the probe in '{path}' reads '{p.input}', which the serving engines do not compute online "
-                            f"yet (they feed TRAIL's inputs: the current state, the mean prompt state); export a probe "
-                            "trained with train.decode_input=current and train.prompt_input=mean")
+    for p, path, task in ((predictor, settings.predictor, "decode"), (prompt, prompt_path, "prompt")):
+        if p is not None and probe_input(p, task) not in SERVED_INPUTS[task]:
+            raise UserError(f"the {task} probe in '{path}' reads '{probe_input(p, task)}', which the serving engines do not compute "
+                            f"online yet (they feed {' or '.join(SERVED_INPUTS[task])}); export a probe trained with "
+                            f"train.{task}_input={SERVED_INPUTS[task][0]}")
     return TrailState(settings.policy, predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
                         initial=settings.initial, refine_interval=settings.refine_interval,
                         likelihood=settings.likelihood, cadence=settings.cadence, **common)

@@ -142,7 +142,8 @@ class StandInModel:
         return result
 
     def _payload(self, at: dict, wants):
-        """What the worker would send: the last scheduled token's state, and prompt sums per block."""
+        """What the worker would send: the last scheduled token's state, prompt sums per block, and the
+        last prompt token's state (the stand-in model's states are the same at every layer)."""
         from trail_probe.serving.vllm_worker import Payload
 
         states, last, tokens = [], {}, {}
@@ -160,6 +161,7 @@ class StandInModel:
                 p_blocks.append(b)
                 p_sums.append(torch.stack([fixed_state(tokens[rid][: p + 1], self.width) for p in range(lo, hi)]).sum(0))
                 p_counts.append(hi - lo)
+        lasts = [fixed_state(tokens[rid][: last[rid] + 1], self.width) for rid in wants.last]
         stack = (lambda xs: torch.stack(xs).numpy() if xs else np.zeros((0, self.width), np.float32))
         return Payload(list(wants.states), stack(states), p_ids, np.array(p_blocks, dtype=np.int64), stack(p_sums),
-                       np.array(p_counts, dtype=np.int64))
+                       np.array(p_counts, dtype=np.int64), list(wants.last), stack(lasts))

@@ -303,9 +303,11 @@ class TrailQueues:
             start = r.num_computed_tokens - n
             samples = not r.is_prefill_chunk
             g = generated.get(rid, r.num_output_tokens + r.num_output_placeholders - (1 if async_mode and samples else 0))
-            if rid in self.awaiting and self.rt.initial == "prompt_probe" and start < r.num_prompt_tokens:
+            if rid in self.awaiting and self.prompt_sums is not None and start < r.num_prompt_tokens:
                 wants.prompt[rid] = (start, r.num_prompt_tokens)
                 self.prompt_sums.start(rid, start, r.num_computed_tokens)
+            if rid in self.awaiting and self.rt.prompt_input == "last" and samples and g == 0:
+                wants.last.append(rid)  # this pass ends the prompt: its last token's state is the input
             if samples and self._wants_state(rid, g):
                 wants.states.append(rid)
         if wants:
@@ -339,6 +341,12 @@ class TrailQueues:
             for rid, rows in _group(payload.prompt_ids).items():
                 self.prompt_sums.add(rid, [payload.prompt_blocks[i] for i in rows], sums[rows],
                                      [payload.prompt_counts[i] for i in rows])
+        if payload is not None and payload.last_ids:
+            last = torch.as_tensor(payload.last_states)
+            for i, rid in enumerate(payload.last_ids):
+                if rid in self.awaiting and rid in s.requests:
+                    rt.add_prompt_last(rid, last[i])
+                    self.awaiting.discard(rid)
         if payload is not None and payload.state_ids:
             rows = [i for i, rid in enumerate(payload.state_ids) if rid in s.requests and rt.tracks(rid)]
             ids = [payload.state_ids[i] for i in rows]

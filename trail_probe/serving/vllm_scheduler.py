@@ -136,7 +136,7 @@ class TrailVLLMScheduler(RecordingScheduler):
         loaded = [p for p in (self.runtime.predictor, self.runtime.prompt_predictor) if p is not None]
         check_predictors(self.settings, model.model, str(model.dtype).removeprefix("torch."), loaded)
         self.stats = LiveStats()
-        sums = None if self.runtime.initial != "prompt_probe" else PromptSums(self.block_size, self.runtime.prompt_predictor.hidden_size)
+        sums = None if self.runtime.prompt_input != "mean" else PromptSums(self.block_size, self.runtime.prompt_predictor.hidden_size)
         self.trail = TrailQueues(self, self.runtime, self.settings, self.stats, sums)
         self.async_mode = isinstance(self, AsyncScheduler)
         self.observed: deque = deque(maxlen=100_000)  # with record_states: the states refinements used

@@ -9,9 +9,11 @@ without that path falls back to forward hooks, which run only with `--enforce-ea
 
 Each step the scheduler attaches `Wants` to its `SchedulerOutput` (pickled to the worker with it):
 which requests need the decode probe layer's state of their last scheduled token (those on the
-refinement cadence, and a completed prefill for initial=last_token), and which need the sums of
-their prompt rows at the prompt probe's layer, per KV block (so the scheduler can add the blocks a
-prefix-cache hit skipped). Only those rows leave the device; they ride on the step's
+refinement cadence, and a completed prefill for initial=last_token), which need the sums of their
+prompt rows at the prompt probe's layer, per KV block (a prompt probe reading the mean prompt
+state; per block so the scheduler can add the blocks a prefix-cache hit skipped), and which need
+the prompt layer's state of their last prompt token (a prompt probe reading the last token: that
+token is always computed, prefix cache or not). Only those rows leave the device; they ride on the step's
 `ModelRunnerOutput` (also under async scheduling, inside its async wrapper) as a `Payload`, which
 pickles to numpy arrays. Layer numbering is TRAIL's: layer L is the residual stream after decoder
 layer L, vLLM's auxiliary output L + 1. The internals used are listed in `vllm_internals`.
@@ -36,27 +38,31 @@ class Wants:
 
     states: list[str] = field(default_factory=list)  # the state of each request's last scheduled token
     prompt: dict[str, tuple[int, int]] = field(default_factory=dict)  # request -> (first position in the pass, prompt length)
+    last: list[str] = field(default_factory=list)  # the prompt layer's state of the last prompt token (its prefill ends here)
     block_size: int = 16
 
     def __bool__(self) -> bool:
-        return bool(self.states or self.prompt)
+        return bool(self.states or self.prompt or self.last)
 
 
 class Payload:
     """What comes back: `state_ids` with `states` [n, d]; per (request, KV block) prompt sums
-    (`prompt_ids`, `prompt_blocks` [m], `prompt_sums` [m, d], `prompt_counts` [m]). Tensors while in
-    the worker (a device-to-host copy may still run), numpy arrays once pickled."""
+    (`prompt_ids`, `prompt_blocks` [m], `prompt_sums` [m, d], `prompt_counts` [m]); `last_ids` with
+    `last_states` [l, d], the prompt layer's state of their last prompt token. Tensors while in the
+    worker (a device-to-host copy may still run), numpy arrays once pickled."""
 
-    def __init__(self, state_ids, states, prompt_ids, prompt_blocks, prompt_sums, prompt_counts):
+    def __init__(self, state_ids, states, prompt_ids, prompt_blocks, prompt_sums, prompt_counts,
+                 last_ids=(), last_states=None):
         self.state_ids, self.states = state_ids, states
         self.prompt_ids, self.prompt_blocks, self.prompt_sums, self.prompt_counts = (
             prompt_ids, prompt_blocks, prompt_sums, prompt_counts)
+        self.last_ids, self.last_states = list(last_ids), last_states
 
     def __reduce__(self):
         def arr(x):
             return x.numpy() if isinstance(x, torch.Tensor) else x
         return Payload, (self.state_ids, arr(self.states), self.prompt_ids, arr(self.prompt_blocks),
-                         arr(self.prompt_sums), arr(self.prompt_counts))
+                         arr(self.prompt_sums), arr(self.prompt_counts), self.last_ids, arr(self.last_states))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -103,10 +109,17 @@ def build_payload(states: dict[int, torch.Tensor], req_ids: list[str], bounds: n
                   layer: int, prompt_layer: int | None) -> Payload:
     """The rows `wants` asks for out of one pass's layer states (`bounds`: query_start_loc [n + 1])."""
     index = {rid: i for i, rid in enumerate(req_ids)}
-    ids = [r for r in wants.states if r in index]
-    rows = torch.as_tensor([int(bounds[index[r] + 1]) - 1 for r in ids], dtype=torch.long)
     decode = states[layer]
-    picked = _to_host(decode.index_select(0, rows.to(decode.device))) if ids else torch.empty(0, decode.shape[-1])
+
+    def last_rows(layer_states: torch.Tensor, wanted: list[str]) -> tuple[list[str], torch.Tensor]:
+        ids = [r for r in wanted if r in index]
+        if not ids:
+            return ids, torch.empty(0, layer_states.shape[-1])
+        rows = torch.as_tensor([int(bounds[index[r] + 1]) - 1 for r in ids], dtype=torch.long)
+        return ids, _to_host(layer_states.index_select(0, rows.to(layer_states.device)))
+
+    ids, picked = last_rows(decode, wants.states)
+    last_ids, last_states = last_rows(states[prompt_layer], wants.last) if prompt_layer is not None else ([], None)
     p_ids, p_rows, p_segments, p_blocks = [], [], [], []
     for rid, (start, prompt_len) in wants.prompt.items():
         i = index.get(rid)
@@ -131,7 +144,7 @@ def build_payload(states: dict[int, torch.Tensor], req_ids: list[str], bounds: n
         prompt_part = (p_ids, torch.as_tensor(p_blocks, dtype=torch.long), _to_host(sums), counts.cpu())
     else:
         prompt_part = ([], torch.empty(0, dtype=torch.long), torch.empty(0, decode.shape[-1]), torch.empty(0, dtype=torch.long))
-    return Payload(ids, picked, *prompt_part)
+    return Payload(ids, picked, *prompt_part, last_ids, last_states)
 
 
 def attach(runner, layer: int, prompt_layer: int | None = None) -> dict:

@@ -91,7 +91,8 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
     estimate, token_text)` runs at every refinement (the live view). Returns the whole record."""
     import torch
 
-    from trail_probe.runtime.models import encode_prompt, eos_token_ids
+    from trail_probe.runtime.capture import LayerCapture
+    from trail_probe.runtime.models import decoder_layers, encode_prompt, eos_token_ids
     from trail_probe.serving.trail_state import build_state
 
     settings, bert = predictors
@@ -104,34 +105,41 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
     runtime.admit([REQUEST_ID])
     prompt_ids = encode_prompt(tokenizer, text)
     eos = sorted(eos_token_ids(model, tokenizer))
-    forwards = [0]
+    runtime.check_model(len(decoder_layers(model)), getattr(model.config, "hidden_size", None))
+    prompt_layer = runtime.layer if runtime.prompt_layer is None else runtime.prompt_layer
+    forwards = {layer: 0 for layer in runtime.state_layers}  # forward passes each hooked layer has seen
     new_tokens: list[int] = []
 
-    def on_forward(states: torch.Tensor) -> None:
-        # the first forward pass is the prefill; decode pass g reads the state of token g (generated = g)
-        if forwards[0] == 0:
+    def on_forward(layer: int, states: torch.Tensor) -> None:
+        # the first forward pass is the prefill (the prompt probe's layer gives the initial estimate);
+        # decode pass g reads the decode probe layer's state of token g (generated = g)
+        g, forwards[layer] = forwards[layer], forwards[layer] + 1
+        if g == 0 and layer == prompt_layer:
             runtime.add_prompt_states(REQUEST_ID, states[0], done=True)
-        else:
+        elif g > 0 and layer == runtime.layer:
             before = len(runtime.trace.get(REQUEST_ID, []))
-            runtime.observe([REQUEST_ID], states[:, -1], [forwards[0]])
+            runtime.observe([REQUEST_ID], states[:, -1], [g])
             points = runtime.trace.get(REQUEST_ID, [])
             if on_refine is not None and len(points) > before:
                 on_refine(points[-1][0], points[-1][1])
-        forwards[0] += 1
 
     class Tokens:  # a streamer: generate hands it each new token
         def put(self, value):
-            if forwards[0] > 0:  # the prompt comes first, then one token per step
+            if forwards[runtime.layer] > 0:  # the prompt comes first, then one token per step
                 new_tokens.extend(value.reshape(-1).tolist())
 
         def end(self):
             pass
 
     start = time.perf_counter()
-    with torch.inference_mode(), predictor.capture(model, on_forward):
-        model.generate(torch.tensor([prompt_ids], device=next(model.parameters()).device), do_sample=False,
-                       max_new_tokens=cfg.generation.max_new_tokens, eos_token_id=eos, pad_token_id=eos[0],
-                       streamer=Tokens())
+    capture = LayerCapture(model, runtime.state_layers, on_forward=on_forward, keep=False)
+    try:
+        with torch.inference_mode():
+            model.generate(torch.tensor([prompt_ids], device=next(model.parameters()).device), do_sample=False,
+                           max_new_tokens=cfg.generation.max_new_tokens, eos_token_id=eos, pad_token_id=eos[0],
+                           streamer=Tokens())
+    finally:
+        capture.remove()
     elapsed = time.perf_counter() - start
     ended = bool(new_tokens) and new_tokens[-1] in eos
     n = len(new_tokens) - 1 if ended else len(new_tokens)  # as extraction counts an answer: without its EOS
