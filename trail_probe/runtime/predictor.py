@@ -149,7 +149,12 @@ class LengthPredictor:
     def input(self) -> str:
         """What the probe reads (`runtime/probe_inputs.py`): trail_probe.json's `input`; TRAIL's (the
         current token's state; the mean prompt state for a prompt probe) where the export does not say."""
-        return self.metadata.get("input") or DEFAULT_INPUT["prompt" if self.metadata.get("task") == "prompt" else "decode"]
+        return self.input_for("prompt" if self.metadata.get("task") == "prompt" else "decode")
+
+    def input_for(self, task: str) -> str:
+        """What the probe reads serving as the `task` probe: trail_probe.json's `input`, else TRAIL's for
+        that task (a release directory records no task, so the slot it serves in decides)."""
+        return self.metadata.get("input") or DEFAULT_INPUT[task]
 
     @property
     def state_width(self) -> int:

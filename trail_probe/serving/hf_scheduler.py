@@ -100,12 +100,13 @@ class _StepLog:
         return pending
 
 
-def attach(model, runtime: TrailState) -> LayerCapture | None:
+def attach(model, runtime: TrailState, on_forward=None, keep: bool = True) -> LayerCapture | None:
     """The forward hooks on the probes' layers (None when the policy needs no hidden states), after
-    checking that the predictor fits the model. The engine packs a batch into one row: [1, tokens, d]."""
+    checking that the predictor fits the model. The engine packs a batch into one row: [1, tokens, d].
+    `on_forward(layer, states)` and `keep` as `LayerCapture`'s (predict consumes each pass as it runs)."""
     layers = len(decoder_layers(model))
     runtime.check_model(layers, getattr(model.config, "hidden_size", None))
-    return LayerCapture(model, runtime.state_layers) if runtime.needs_states else None
+    return LayerCapture(model, runtime.state_layers, on_forward=on_forward, keep=keep) if runtime.needs_states else None
 
 
 def absorb(runtime: TrailState, batch, states: torch.Tensor | None, prompt_states: torch.Tensor | None = None) -> None:

@@ -101,7 +101,7 @@ class TrailState:
         self.layer = None if predictor is None else predictor.layer
         uses_prompt = initial == "prompt_probe" and prompt_predictor is not None
         self.prompt_layer = prompt_predictor.layer if uses_prompt else None  # the prompt probe's layer
-        self.prompt_input = probe_input(prompt_predictor, "prompt") if uses_prompt else None  # "mean" or "last"
+        self.prompt_input = prompt_predictor.input_for("prompt") if uses_prompt else None  # "mean" or "last"
         self.max_new_tokens = max_new_tokens
         self.record = record  # keep finished requests' estimates (benchmarks; bounded by RECORD_LIMIT)
         self._budget: dict[str, int] = {}
@@ -355,14 +355,6 @@ class ExactLengths:
         return count_down(self.initial_estimates(ids), list(generated))
 
 
-def probe_input(predictor, task: str) -> str:
-    """What a probe serving as the `task` probe reads (runtime/probe_inputs.py): its export's `input`,
-    else TRAIL's for that task (a release directory records none)."""
-    from trail_probe.runtime.probe_inputs import DEFAULT_INPUT
-
-    return predictor.metadata.get("input") or DEFAULT_INPUT[task]
-
-
 def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> TrailState:
     """The runtime a `TrailSettings` describes, its predictors loaded: the one place serving loads them
     (the vLLM scheduler, serve-bench's engines, predict and `trail-probe serve` all come here).
@@ -378,8 +370,8 @@ def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> 
     prompt = None if prompt_path is None else LengthPredictor.from_pretrained(prompt_path, device=device)
     bert = None if bert_path is None else BertLengthPredictor.from_pretrained(bert_path, device=device)
     for p, path, task in ((predictor, settings.predictor, "decode"), (prompt, prompt_path, "prompt")):
-        if p is not None and probe_input(p, task) not in SERVED_INPUTS[task]:
-            raise UserError(f"the {task} probe in '{path}' reads '{probe_input(p, task)}', which the serving engines do not compute "
+        if p is not None and p.input_for(task) not in SERVED_INPUTS[task]:
+            raise UserError(f"the {task} probe in '{path}' reads '{p.input_for(task)}', which the serving engines do not compute "
                             f"online yet (they feed {' or '.join(SERVED_INPUTS[task])}); export a probe trained with "
                             f"train.{task}_input={SERVED_INPUTS[task][0]}")
     return TrailState(settings.policy, predictor=predictor, text_predictor=bert, prompt_predictor=prompt,

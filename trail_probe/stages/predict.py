@@ -91,8 +91,8 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
     estimate, token_text)` runs at every refinement (the live view). Returns the whole record."""
     import torch
 
-    from trail_probe.runtime.capture import LayerCapture
-    from trail_probe.runtime.models import decoder_layers, encode_prompt, eos_token_ids
+    from trail_probe.runtime.models import encode_prompt, eos_token_ids
+    from trail_probe.serving.hf_scheduler import attach
     from trail_probe.serving.trail_state import build_state
 
     settings, bert = predictors
@@ -105,7 +105,6 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
     runtime.admit([REQUEST_ID])
     prompt_ids = encode_prompt(tokenizer, text)
     eos = sorted(eos_token_ids(model, tokenizer))
-    runtime.check_model(len(decoder_layers(model)), getattr(model.config, "hidden_size", None))
     prompt_layer = runtime.layer if runtime.prompt_layer is None else runtime.prompt_layer
     forwards = {layer: 0 for layer in runtime.state_layers}  # forward passes each hooked layer has seen
     new_tokens: list[int] = []
@@ -132,7 +131,7 @@ def predict_one(cfg: RecipeConfig, model, tokenizer, predictors: tuple, text: st
             pass
 
     start = time.perf_counter()
-    capture = LayerCapture(model, runtime.state_layers, on_forward=on_forward, keep=False)
+    capture = attach(model, runtime, on_forward, keep=False)  # the policy refines: never None here
     try:
         with torch.inference_mode():
             model.generate(torch.tensor([prompt_ids], device=next(model.parameters()).device), do_sample=False,

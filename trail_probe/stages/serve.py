@@ -18,8 +18,6 @@ live accuracy every `stats_interval_s`, and its /metrics the same numbers (`trai
 
 from __future__ import annotations
 
-import json
-
 import os
 import sys
 import tempfile
@@ -65,7 +63,7 @@ def _on_cpu() -> bool:
 
 
 def describe(settings, cmd: list[str]) -> str:
-    from trail_probe.runtime.probe_inputs import DEFAULT_INPUT
+    from trail_probe.runtime import LengthPredictor
     from trail_probe.runtime.probe_inputs import describe as input_description
     from trail_probe.serving.vllm_checks import probe_layers
     from trail_probe.serving.vllm_internals import vllm_version
@@ -74,8 +72,7 @@ def describe(settings, cmd: list[str]) -> str:
     initial = settings.initial
     if prompt_layer is not None:
         path = settings.prompt_predictor_path()
-        meta = path / "trail_probe.json"
-        kind = (json.loads(meta.read_text()).get("input") if meta.is_file() else None) or DEFAULT_INPUT["prompt"]
+        kind = LengthPredictor.from_pretrained(path, device="cpu").input_for("prompt")
         initial += f" ({path}, layer {prompt_layer}, reading the {input_description('prompt', kind)})"
     flags = " ".join(a for a in cmd[cmd.index("--additional-config") + 2:])
     limit = settings.max_running or f"auto (within {settings.max_throughput_loss:.0%} of max_num_seqs' throughput)"
