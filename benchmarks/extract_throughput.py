@@ -4,13 +4,16 @@
     python benchmarks/extract_throughput.py --num-prompts 128 --batch-sizes 32,64 --vllm-dtype bfloat16
 
 Modes: `generate` (plain transformers `model.generate`), `extract` (the transformers extractor,
-TRAIL's states only: extract.pooled_inputs=false), `vllm_generate` (plain vLLM: its default engine,
+TRAIL's states only: extract.inputs=trail), `vllm_generate` (plain vLLM: its default engine,
 compiled, prefix caching on, no trail_probe code) and `vllm_extract` (`extract.engine=vllm`: eager,
 prefix caching off, every layer captured, TRAIL's states only), the vLLM modes at each batch size as
 `max_num_seqs`, in `--vllm-dtype`. Issue 27's pooled inputs: `extract_pooled` / `vllm_extract_pooled`
-(the default extraction: the pooled inputs and their entropies, an lm_head over every prompt token)
+(extract.inputs=all: the pooled inputs and their entropies, an lm_head over every prompt token)
 and `..._pooled_noentropy` (extract.entropy=false); the summary gives each one's cost against TRAIL's
-states alone (`pooled_cost`), e.g. `--modes extract,extract_pooled,extract_pooled_noentropy`.
+states alone (`pooled_cost`), e.g. `--modes extract,extract_pooled,extract_pooled_noentropy`. The
+default recipe's extraction: `extract_last` / `vllm_extract_last` (extract.inputs=trained: TRAIL's two
+and the last prompt token) and `vllm_extract_last_compiled` (the same in vLLM's compiled graphs, the
+layers as auxiliary outputs: extract.vllm_compile=true). The KV cache is sized for the batch.
 
 "Useful" tokens are those up to EOS (EOS not counted), summed over requests, divided by wall time.
 Plain `generate` keeps decoding finished rows until the longest answer of its batch ends, so much
@@ -35,15 +38,18 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "extract_throughput.json"
-# extractor modes -> (extract.pooled_inputs, extract.entropy); each also runs on vLLM as "vllm_" + mode
-EXTRACT_MODES = {"extract": (False, False), "extract_pooled": (True, True), "extract_pooled_noentropy": (True, False)}
-ORDER = ["generate", *EXTRACT_MODES, "vllm_generate", *(f"vllm_{m}" for m in EXTRACT_MODES)]
+# extractor modes -> (extract.inputs, extract.entropy); each also runs on vLLM as "vllm_" + mode. extract_last:
+# the default recipe's (extract.inputs=trained with train.prompt_input=last: TRAIL's two and the last prompt token)
+EXTRACT_MODES = {"extract": ("trail", False), "extract_pooled": ("all", True), "extract_pooled_noentropy": ("all", False),
+                 "extract_last": ("trained", False)}
+COMPILED = "vllm_extract_last_compiled"  # the default recipe's inputs in compiled graphs (extract.vllm_compile=true)
+ORDER = ["generate", *EXTRACT_MODES, "vllm_generate", *(f"vllm_{m}" for m in EXTRACT_MODES), COMPILED]
 
 
 def _inputs(mode: str) -> dict:
     from trail_probe.offline.store import stored_inputs
 
-    return stored_inputs(*EXTRACT_MODES[mode.removeprefix("vllm_")])
+    return stored_inputs(*EXTRACT_MODES[mode.removeprefix("vllm_").removesuffix("_compiled")], prompt_input="last")
 
 
 def _setup(num_prompts: int):
@@ -100,6 +106,11 @@ def run_extract(num_prompts: int, batch_size: int, mode: str = "extract") -> dic
             "stored_decode_positions": stored_positions, "captured_layers": len(layers)}
 
 
+def kv_cache_gb(batch_size: int) -> float:
+    """Room for every running answer (SmolLM2: 23 KB per token in bf16; 256 x 600 tokens is 3.5 GB)."""
+    return 4.0 * max(1.0, batch_size / 128)
+
+
 def _vllm_setup(num_prompts: int):
     from trail_probe.config import load_recipe
     from trail_probe.offline.generation import prepare_prompts
@@ -118,7 +129,7 @@ def run_vllm_generate(num_prompts: int, batch_size: int, dtype: str) -> dict:
 
     cfg, folder, _, eos, ready = _vllm_setup(num_prompts)
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # every core to the model, as extract.engine=vllm does
-    llm = LLM(model=str(folder), dtype=dtype, max_num_seqs=batch_size, kv_cache_memory_bytes=4 << 30, seed=0,
+    llm = LLM(model=str(folder), dtype=dtype, max_num_seqs=batch_size, kv_cache_memory_bytes=int(kv_cache_gb(batch_size) * (1 << 30)), seed=0,
               max_model_len=max(len(ids) for _, ids, _ in ready) + 512)
     params = SamplingParams(temperature=0.0, max_tokens=512, stop_token_ids=sorted(eos), detokenize=False)
     start = time.perf_counter()
@@ -141,8 +152,8 @@ def run_vllm_extract(num_prompts: int, batch_size: int, dtype: str, mode: str = 
     useful = stored_positions = 0
     stats: dict = {}
     for req in generate_with_vllm(folder, tokenizer, eos, ready, cfg.generation, layers, layers,
-                                  cfg.extract.decode_stride, torch.float16, dtype=dtype, kv_cache_gb=4.0, stats=stats,
-                                  inputs=_inputs(mode)):
+                                  cfg.extract.decode_stride, torch.float16, dtype=dtype, kv_cache_gb=kv_cache_gb(batch_size),
+                                  stats=stats, inputs=_inputs(mode), compiled=mode.endswith("_compiled")):
         useful += req.record["output_tokens"]
         stored_positions += req.decode_generated.numel()
         last = time.perf_counter()  # the engine's shutdown after the last request is left out, as for vllm_generate
@@ -195,7 +206,7 @@ def main() -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     runs = [("generate", sizes[0])] + [(mode, b) for b in sizes for mode in EXTRACT_MODES]
     if not args.no_vllm:
-        runs += [(mode, b) for b in sizes for mode in ("vllm_generate", *(f"vllm_{m}" for m in EXTRACT_MODES))]
+        runs += [(mode, b) for b in sizes for mode in ("vllm_generate", *(f"vllm_{m}" for m in EXTRACT_MODES), COMPILED)]
     rows = []
     if args.modes:  # rerun some modes; the others' rows are kept from the last run, marked as such
         keep = set(args.modes.split(","))

@@ -6,8 +6,8 @@ the validation split, the chosen combination scored once on the held-out side, f
     python scripts/input_ablation.py --set train.standardize=true --set train.lr=0.001 --name inputs_tuned
     python scripts/input_ablation.py --report                            # the report from the runs already there
 
-It needs an extraction with the pooled inputs (`trail-probe extract`, extract.pooled_inputs and
-extract.entropy on, the defaults) and, for the label rows, sampled answers (extract.num_samples=N);
+It needs an extraction with every pooled input (`trail-probe extract RECIPE extract.inputs=all`, with
+extract.entropy on, its default; the default `trained` stores only what the recipe's probes read) and, for the label rows, sampled answers (extract.num_samples=N);
 rows whose inputs or samples the extraction lacks are left out with a note. For each split seed
 (train.split_seed; train.validation_fraction carves the validation side out of the training side, so
 the held-out 25% is not read until step 3), at one layer L for both probes:

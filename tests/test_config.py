@@ -121,3 +121,18 @@ def test_overrides_may_follow_a_commands_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["extract", "recipes/smollm2_alpaca.yaml", "--verify", "not-an-override"])
     assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
+def test_an_extraction_stores_what_its_probes_read_and_a_renamed_key_names_its_successor():
+    from trail_probe.offline.store import OLD_INPUTS, stored_inputs
+
+    cfg = load_recipe(None, ["train.prompt_input=last", "train.decode_input=current+entropy"])
+    assert cfg.extract.inputs == "trained"
+    assert stored_inputs(cfg.extract.inputs, cfg.extract.entropy, cfg.train.prompt_input, cfg.train.decode_input) == \
+        {"prompt": ["mean", "last"], "decode": ["current", "entropy"]}
+    assert stored_inputs("trained") == stored_inputs("trail") == OLD_INPUTS  # TRAIL's own probes: TRAIL's two
+    assert stored_inputs("all", entropy=False) == {"prompt": ["mean", "last"], "decode": ["current", "mean"]}
+    with pytest.raises(UserError, match="extract.inputs = 'some' is not one of trained, all, trail"):
+        stored_inputs("some")
+    with pytest.raises(UserError, match="'extract.pooled_inputs' is now 'extract.inputs' .*false is extract.inputs=trail"):
+        load_recipe(None, ["extract.pooled_inputs=false"])

@@ -96,7 +96,7 @@ def test_stored_pooled_inputs_equal_their_definitions_on_a_teacher_forced_pass(v
     ready, _ = prepare_prompts(prompts, tokenizer, 30, 512, "skip")
     layers = [0, 1, 2]
     requests = list(generate_with_capture(model, tokenizer, ready, cfg.generation, layers, layers, 2, torch.float32,
-                                          inputs=stored_inputs(True, True)))
+                                          inputs=stored_inputs("all")))
     ids_of = {p.id: ids for p, ids, _ in ready}
     steps, gaps, errors = 0, [], []
     for req in requests:
@@ -495,7 +495,9 @@ def test_last_prompt_states_use_the_extractions_tokens_and_layer_numbering(tiny_
 def test_sampled_answer_lengths_are_stored_beside_and_a_resumed_run_keeps_them(tiny_llama, prompts_file, tmp_path,
                                                                                 monkeypatch):
     out = tmp_path / "ex"
-    cfg = _cfg(tiny_llama, prompts_file, out, "extract.num_samples=3", "generation.temperature=1.5")
+    # extract.inputs=trained (the default): TRAIL's two and what these probes read, nothing else
+    cfg = _cfg(tiny_llama, prompts_file, out, "extract.num_samples=3", "generation.temperature=1.5",
+               "train.prompt_input=last", "train.decode_input=current+entropy")
     real = extract_mod.sample_lengths
     monkeypatch.setattr(extract_mod, "sample_lengths", dies_after(4, real))
     with pytest.raises(KeyboardInterrupt):
@@ -512,10 +514,10 @@ def test_sampled_answer_lengths_are_stored_beside_and_a_resumed_run_keeps_them(t
     saved = json.loads((out / "samples" / "worker-0.json").read_text())
     assert (saved["num_samples"], saved["temperature"], saved["top_p"], saved["seed"]) == (3, 1.5, 1.0, 0)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["inputs"] == {"prompt": ["mean", "last", "entropy"], "decode": ["current", "mean", "entropy"]}
+    assert manifest["inputs"] == {"prompt": ["mean", "last"], "decode": ["current", "entropy"]}
     with pytest.raises(UserError, match="holds answers sampled with .*'num_samples': 3.*delete the folder"):
-        run_extract(_cfg(tiny_llama, prompts_file, out, "extract.num_samples=5", "generation.temperature=1.5"),
-                    show_progress=False)
+        run_extract(_cfg(tiny_llama, prompts_file, out, "extract.num_samples=5", "generation.temperature=1.5",
+                         "train.prompt_input=last", "train.decode_input=current+entropy"), show_progress=False)
 
 
 def test_sampled_answers_added_later_keep_the_extraction_as_it_was(tiny_llama, prompts_file, tmp_path):
@@ -530,11 +532,11 @@ def test_sampled_answers_added_later_keep_the_extraction_as_it_was(tiny_llama, p
 
 
 def test_a_folder_from_before_the_pooled_inputs_is_kept_with_them_off(tiny_llama, prompts_file, tmp_path, capsys):
-    """An extraction made before issue 27 (no inputs in its manifest, as extract.pooled_inputs=false
-    writes it): refused by the new defaults, which store more, naming what differs; resumed as it is,
-    its manifest unchanged, with extract.pooled_inputs=false."""
+    """An extraction made before issue 27 (no inputs in its manifest, as extract.inputs=trail writes
+    it): refused with extract.inputs=all, which stores more, naming what differs; resumed as it is, its
+    manifest unchanged, with extract.inputs=trail."""
     out = tmp_path / "ex"
-    run_extract(_cfg(tiny_llama, prompts_file, out, "extract.pooled_inputs=false"), show_progress=False)
+    run_extract(_cfg(tiny_llama, prompts_file, out, "extract.inputs=trail"), show_progress=False)
     before = (out / "manifest.json").read_bytes()
     manifest = json.loads(before)  # with TRAIL's inputs only, the manifest is what older versions wrote
     assert not {"inputs", "num_samples", "samples"} & (set(manifest) | set(manifest["identity"]))
@@ -544,8 +546,8 @@ def test_a_folder_from_before_the_pooled_inputs_is_kept_with_them_off(tiny_llama
         ex.decode(1, "mean")
     args = [f"model.name_or_path={tiny_llama}", f"prompts.source={prompts_file}", f"extract.out_dir={out}",
             "generation.max_new_tokens=24", "generation.batch_size=3", "extract.decode_stride=2", "extract.shard_size=2"]
-    code, err = _run_cli(capsys, *args)
+    code, err = _run_cli(capsys, *args, "extract.inputs=all")
     assert code == 2 and "different config (inputs.decode: ['current'] there" in err
-    assert _run_cli(capsys, *args, "extract.pooled_inputs=false")[0] == 0
-    run_extract(_cfg(tiny_llama, prompts_file, out, "extract.pooled_inputs=false"), show_progress=False)
+    assert _run_cli(capsys, *args, "extract.inputs=trail")[0] == 0
+    run_extract(_cfg(tiny_llama, prompts_file, out, "extract.inputs=trail"), show_progress=False)
     assert (out / "manifest.json").read_bytes() == before  # so its hash, which every probe records, is kept

@@ -1,7 +1,10 @@
-"""The layer search's rounds (`offline/layer_search.py`) on known validation curves, without training."""
+"""The layer search's rounds (`offline/layer_search.py`) on known validation curves, without training, and the
+ridge screen that can choose its first round (`offline/layer_screen.py`)."""
 
 import pytest
+import torch
 
+from trail_probe.offline.layer_screen import ridge_mae, screened
 from trail_probe.offline.layer_search import coarse_grid, expected_probes, search_layers
 
 # The decode sweep of the committed fp32 run (reports/smollm2_alpaca/sweep_layer_sweep.json), rounded:
@@ -41,3 +44,22 @@ def test_a_round_that_trains_nothing_ends_the_search():
     calls = []
     found = search_layers(list(range(30)), 6, 2, lambda todo: calls.append(todo) or {})
     assert calls == [[0, 6, 12, 17, 23, 29]] and found.best is None and found.summary(6, 2)["trained"] == []
+
+
+def test_a_screened_first_round_replaces_the_grid_and_the_rounds_after_it_are_the_same():
+    curve = [9, 8, 7, 6, 5, 4, 3, 2, 3, 4]
+    found = search_layers(list(range(10)), 3, 1, lambda todo: {layer: curve[layer] for layer in todo}, first=[8, 6, 2])
+    assert found.rounds[0] == [2, 6, 8] and found.best == 7 and found.screened
+    assert found.summary(3, 1)["method"].startswith("the best-screened layers")
+
+
+def test_the_ridge_screen_ranks_the_layer_whose_states_carry_the_length_first():
+    g = torch.Generator().manual_seed(0)
+    n, d = 600, 16
+    length = torch.randint(1, 512, (n,), generator=g).float()
+    noise = torch.randn(n, d, generator=g)
+    layers = {gain: noise + length[:, None] / 512 * gain * torch.randn(d, generator=g) for gain in (0.0, 0.5, 4.0)}
+    scores = {gain: ridge_mae(x[:450], length[:450], x[450:], length[450:], cap=512.0) for gain, x in layers.items()}
+    assert scores[4.0] < 0.3 * scores[0.0] and scores[4.0] < scores[0.5] < scores[0.0]
+    assert 100 < scores[0.0] < 160  # no signal: about the MAE of the mean (uniform lengths: 128)
+    assert screened({3: 50.0, 1: 20.0, 7: 20.0, 0: 90.0}, 2) == [1, 7]

@@ -456,7 +456,7 @@ def _trained(folder, task="decode"):
 
 
 def test_a_layer_search_finds_the_best_layer_with_fewer_probes_than_the_sweep(peaked_dir, tmp_path, capsys):
-    cfg = config(peaked_dir, tmp_path, "train.layers=search")
+    cfg = config(peaked_dir, tmp_path, "train.layers=search", "train.ridge_screen=none")  # the grid's first round
     results = train(cfg)
     sweep = json.loads((tmp_path / "sweep" / "layer_sweep.json").read_text())
     search = sweep["search"]["decode"]
@@ -483,6 +483,21 @@ class _InterruptInRun(L.Callback):
     def on_train_epoch_start(self, trainer, module):
         if self.started == self.run and trainer.current_epoch == 1:
             raise _Interrupt()
+
+
+def test_a_ridge_screened_search_starts_at_the_layers_that_carry_the_length(peaked_dir, tmp_path, capsys):
+    """train.ridge_screen=decode: every layer scored by a ridge regression first; the first round is the
+    best-screened layers, around the signal's peak, and the search ends on the peak with fewer probes."""
+    cfg = config(peaked_dir, tmp_path, "train.layers=search", "train.ridge_screen=decode", "train.screen_points=3",
+                 "train.search_radius=1")
+    train(cfg)
+    search = json.loads((tmp_path / "sweep" / "layer_sweep.json").read_text())["search"]["decode"]
+    screen = {int(k): v for k, v in search["screen"]["val_mae"].items()}
+    assert sorted(screen) == list(range(16)) and min(screen, key=screen.get) in (PEAK - 1, PEAK, PEAK + 1)
+    assert all(abs(layer - PEAK) <= 2 for layer in search["rounds"][0]) and len(search["rounds"][0]) == 3
+    assert search["best_layer"] == PEAK and len(search["trained"]) <= 5
+    captured = capsys.readouterr()
+    assert "ridge screen of 16 layers" in captured.err + captured.out
 
 
 def test_a_stacked_layer_search_resumes_to_the_choice_of_an_uninterrupted_one(peaked_dir, tmp_path):
@@ -513,6 +528,8 @@ def test_a_layer_search_refuses_what_it_cannot_do(peaked_dir, tmp_path, capsys):
     assert code == 2 and "use train.layers=all there" in errors[0]
     code, errors = cli(capsys, peaked_dir, tmp_path, "train.layers=search", "train.search_points=1")
     assert code == 2 and "train.search_points = 1" in errors[0]
+    code, errors = cli(capsys, peaked_dir, tmp_path, "train.layers=search", "train.ridge_screen=both", "train.screen_points=0")
+    assert code == 2 and "train.screen_points = 0 must be >= 1" in errors[0]
     with pytest.raises(UserError, match="names none; run 'trail-probe train' first"):
         best_layer(config(peaked_dir, tmp_path, "train.layers=search"), "decode")
     assert not (tmp_path / "probes").exists()

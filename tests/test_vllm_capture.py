@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -53,10 +54,15 @@ class ToyModel(nn.Module):
 
 
 class FakeRunner:
-    """The runner attributes the hooks read, and vLLM's execute_model / sample_tokens pair."""
+    """The runner attributes the hooks read, and vLLM's execute_model / sample_tokens pair. With
+    `aux_layers` it runs "compiled": no hook fires (none is registered), and each pass's states of those
+    layers come as the model's auxiliary outputs, as `vllm_internals.request_aux_states` sets them up."""
 
-    def __init__(self, model):
+    def __init__(self, model, aux_layers=None):
         self.model, self.execute_model_state = model, None
+        self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=aux_layers is None))
+        if aux_layers is not None:
+            self._trail_probe_aux_layers = sorted(aux_layers)
 
     def execute_model(self, batch):
         """`batch`: (request id, its tokens, computed, prompt length, tokens in this pass) per request."""
@@ -66,10 +72,19 @@ class FakeRunner:
                                            num_prompt_tokens=np.array([b[3] for b in batch]))
         self.query_start_loc = SimpleNamespace(np=np.concatenate([[0], np.cumsum(counts)]))
         ids = torch.tensor([t for _, tokens, c, _, n in batch for t in tokens[c:c + n]])
+        aux = None
         with torch.inference_mode():
-            hidden = self.model(ids)
+            if hasattr(self, "_trail_probe_aux_layers"):
+                streams, (hidden, residual) = [], (self.model.model.embed(ids), None)
+                for layer in self.model.model.layers:
+                    hidden, residual = layer(hidden, residual)
+                    streams.append(hidden + residual)
+                hidden = torch.tanh(hidden + residual)
+                aux = [streams[layer] for layer in self._trail_probe_aux_layers]
+            else:
+                hidden = self.model(ids)
             logits = self.model.compute_logits(hidden[torch.tensor(np.cumsum(counts) - 1)])
-        self.execute_model_state = SimpleNamespace(logits=logits, hidden_states=hidden)
+        self.execute_model_state = SimpleNamespace(logits=logits, hidden_states=hidden, aux_hidden_states=aux)
 
     def sample_tokens(self, grammar=None):
         self.execute_model_state = None
@@ -88,10 +103,11 @@ def token_reference(model, tokens):
     return torch.stack(states, 1), -(p * torch.log_softmax(logits, -1)).sum(-1)
 
 
-def test_the_worker_hooks_store_each_input_as_defined_through_chunks_and_a_recompute():
+@pytest.mark.parametrize("compiled", [False, True], ids=["hooks", "aux_states"])
+def test_the_worker_hooks_store_each_input_as_defined_through_chunks_and_a_recompute(compiled):
     model, stride = ToyModel(), 2
-    runner = FakeRunner(model)
-    capture = _Capture(runner, [0, 1, 2], [0, 2], stride, "float32", stored_inputs(True, True))
+    runner = FakeRunner(model, aux_layers=[0, 1, 2] if compiled else None)
+    capture = _Capture(runner, [0, 1, 2], [0, 2], stride, "float32", stored_inputs("all"))
     capture.skip.add("c")  # a sampled answer: nothing of it is kept
     g = torch.Generator().manual_seed(1)
     full = {"a": torch.randint(0, VOCAB, (7 + 9,), generator=g).tolist(),  # prompt 7, 9 generated
@@ -136,7 +152,7 @@ def test_the_worker_hooks_store_each_input_as_defined_through_chunks_and_a_recom
 def test_without_pooled_inputs_the_worker_keeps_trails_states_only():
     model = ToyModel()
     runner = FakeRunner(model)
-    capture = _Capture(runner, [1], [1], 1, "float32", stored_inputs(False, True))
+    capture = _Capture(runner, [1], [1], 1, "float32", stored_inputs("trail"))
     tokens = list(range(5, 15))
     for c, n in ((0, 6), (6, 1), (7, 1)):
         runner.execute_model([("a", tokens, c, 6, n)])
@@ -145,3 +161,12 @@ def test_without_pooled_inputs_the_worker_keeps_trails_states_only():
     states, _ = token_reference(model, tokens)
     assert got["pooled"] == {} and got["generated"] == [1, 2]
     torch.testing.assert_close(from_wire(got["decode"])[0], states[[6, 7], 1], atol=1e-6, rtol=1e-6)
+
+
+def test_a_compiled_engine_without_auxiliary_states_is_refused_in_one_line():
+    """Forward hooks do not run in compiled graphs: without the model's auxiliary outputs the extraction
+    would store nothing, so it stops and says which setting works."""
+    runner = FakeRunner(ToyModel())
+    runner.vllm_config.model_config.enforce_eager = False
+    with pytest.raises(RuntimeError, match="returns no auxiliary hidden states.*extract.vllm_compile=false"):
+        _Capture(runner, [1], [1], 1, "float32", stored_inputs("trail"))

@@ -18,7 +18,7 @@ def _cfg(model, prompts, out, engine, *extra):
     return load_recipe(None, [
         f"model.name_or_path={model}", f"prompts.source={prompts}", f"extract.out_dir={out}", f"extract.engine={engine}",
         "generation.max_new_tokens=40", "generation.batch_size=4", "extract.decode_stride=3", "extract.shard_size=3",
-        "extract.storage_dtype=float32", "extract.vllm_kv_cache_gb=0.125", *extra,
+        "extract.storage_dtype=float32", "extract.vllm_kv_cache_gb=0.125", "extract.inputs=all", *extra,
     ])
 
 
@@ -78,3 +78,27 @@ def test_vllm_extraction_equals_the_transformers_extraction(vllm_llama, tmp_path
     assert sorted(p.stat().st_mtime_ns for p in [*(vl / "shards").iterdir(), *(vl / "samples").iterdir()]) == stamp
     status = json.loads((vl / "workers" / "worker-0.json").read_text())
     assert status["complete"] and status["done"] == len(rows)
+
+
+@pytest.mark.slow
+def test_a_compiled_extraction_reads_the_same_states_as_the_eager_one(vllm_llama, tmp_path):
+    """extract.vllm_compile=true: vLLM's compiled graphs, each layer's state read as the model's auxiliary
+    output (no forward hooks): the same records, and every stored input equal to fp32 tolerance, as the
+    eager extraction's forward hooks give, chunked prefills included."""
+    rows = [{"id": f"p{i}", "prompt": f"Say something about number {i} and " + "the quiet green hills " * (i % 3)}
+            for i in range(7)]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", rows=rows)
+    common = ("extract.vllm_max_batch_tokens=16",)
+    eager = Extraction(run_extract(_cfg(vllm_llama, prompts, tmp_path / "eager", "vllm", *common), show_progress=False))
+    compiled = Extraction(run_extract(_cfg(vllm_llama, prompts, tmp_path / "compiled", "vllm", *common,
+                                           "extract.vllm_compile=true"), show_progress=False))
+    assert eager.manifest["identity"] == compiled.manifest["identity"]  # how the states are read is not what they are
+    ref, got = _by_request(eager, eager.decode_layers), _by_request(compiled, compiled.decode_layers)
+    assert sorted(ref) == sorted(got) == sorted(r["id"] for r in rows)
+    for rid in ref:
+        assert got[rid]["record"] == ref[rid]["record"], rid
+        for layer in eager.decode_layers:
+            (p_ref, g_ref, s_ref), (p_got, g_got, s_got) = ref[rid][layer], got[rid][layer]
+            torch.testing.assert_close(p_got, p_ref, atol=1e-4, rtol=1e-4)
+            assert g_got.tolist() == g_ref.tolist(), (rid, layer)
+            torch.testing.assert_close(s_got, s_ref, atol=1e-4, rtol=1e-4)

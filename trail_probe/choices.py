@@ -25,10 +25,17 @@ ProbeLoss = Literal["ce", "balanced_ce", "emd", "rank"]
 # decode step the current token's state (TRAIL's), a running pool of the generated tokens' states so
 # far, or both side by side
 PromptInput = Literal["mean", "last", "entropy"]
+# what an extraction stores beside TRAIL's two (the prompt mean, the current token's state): trained: the
+# inputs the recipe's train.prompt_input / train.decode_input read (the default: nothing it does not use);
+# all: every pooled input (the input ablation's; the entropy ones only with extract.entropy); trail: none
+ExtractInputs = Literal["trained", "all", "trail"]
 DecodeInput = Literal["current", "mean", "entropy", "current+mean", "current+entropy"]
 # the prompt probe's labels: the greedy answer's length (TRAIL's), or from extract.num_samples sampled
 # answers: their median length, or their histogram over the bins as soft targets
 PromptLabels = Literal["greedy", "median", "soft"]
+# which tasks' layer searches (train.layers=search) start from the layers a ridge screen of every layer
+# ranks best (offline/layer_screen.py) instead of an evenly spread grid
+RidgeScreen = Literal["none", "decode", "both"]
 TooLong = Literal["skip", "truncate"]  # prompts that leave no room for max_new_tokens
 # The per-step factor of the Bayes update: TRAIL's rule (the probe's output as it is), or the same
 # with the training labels' bin frequencies divided out (refine.step_likelihood).

@@ -28,6 +28,7 @@ from trail_probe.choices import (
     DecodeInput,
     EngineName,
     EvalSplit,
+    ExtractInputs,
     ExtractionCheck,
     InitialSource,
     Likelihood,
@@ -39,13 +40,14 @@ from trail_probe.choices import (
     PromptLabels,
     RefineCadence,
     RefinePrior,
+    RidgeScreen,
     Task,
     TaskSelection,
     TooLong,
 )
 from trail_probe.errors import UserError
 from trail_probe.paths import RunPaths
-from trail_probe.recipe_files import read_recipe_file, set_override
+from trail_probe.recipe_files import MOVED, read_recipe_file, set_override
 
 # A layer selection: "all", a range string "10-15", one layer index, or a list of layer indices.
 LayerSpec = Union[str, int, list[int]]
@@ -97,8 +99,9 @@ class ExtractConfig:
     engine: EngineName = "hf"
     vllm_kv_cache_gb: float = 4.0  # vllm: KV cache (on CPU, bytes of memory); room for generation.batch_size answers
     vllm_max_batch_tokens: int = 2048  # vllm: tokens per forward pass (prefill chunks)
-    pooled_inputs: bool = True  # also the pooled probe inputs (runtime/probe_inputs.py) beside TRAIL's mean and current
-    entropy: bool = True  # and the entropy-weighted ones (costs an lm_head over every prompt token)
+    vllm_compile: bool = False  # vllm: compiled graphs, the states as the model's aux outputs; false: eager hooks
+    inputs: ExtractInputs = "trained"  # stored beside TRAIL's two (choices.ExtractInputs): what the probes read
+    entropy: bool = True  # inputs=all: with the entropy-weighted ones (costs an lm_head over every prompt token)
     num_samples: int = 0  # N > 0: also N sampled answers per prompt (generation.temperature, top_p): their lengths
 
 
@@ -112,7 +115,9 @@ class BinsConfig:
 class TrainConfig:
     task: TaskSelection = "decode"
     layers: LayerSpec = "11"  # one layer, or several (a sweep), e.g. "all" or "8-15"; "search": a layer search
-    search_points: int = 6  # train.layers=search: the coarse grid's layers, spread over the extracted ones
+    search_points: int = 6  # train.layers=search: the first round's layers (grid: spread over the extracted ones)
+    ridge_screen: RidgeScreen = "none"  # tasks whose search starts from a ridge screen (offline/layer_screen.py)
+    screen_points: int = 3  # a screened search's first round: the layers the ridge screen scores best
     search_radius: int = 2  # then every layer this close to the best so far, until none of them is better
     multi_layer: MultiLayer = "none"  # also train one probe on the whole layer set
     multi_layer_layers: LayerSpec = ""  # layers the multi-layer probe reads; "" = train.layers
@@ -338,15 +343,6 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     raise UserError(f"config key '{key}' = {value!r} is not a {_type_name(tp)}; fix the recipe or override")
 
 
-# Keys of earlier versions, so a saved recipe or a habit fails with the new name instead of a list.
-MOVED = {
-    "eval.refine_interval": "refine.interval", "eval.refine_likelihood": "refine.likelihood",
-    "eval.refine_prior": "refine.prior", "serve.refine_interval": "refine.interval",
-    "serve.refine_likelihood": "refine.likelihood", "serve.preemption_c": "refine.preemption_c",
-    "simulate.refine_interval": "refine.interval", "simulate.preemption_c": "refine.preemption_c",
-}
-
-
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -360,8 +356,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     if unknown:
         key = f"{prefix}{unknown[0]}"
         if key in MOVED:
-            raise UserError(f"config key '{key}' is now '{MOVED[key]}' (one refine section for eval, simulate and "
-                            "serve-bench); rename it in the recipe or override")
+            raise UserError(f"config key '{key}' is now '{MOVED[key][0]}' ({MOVED[key][1]}); rename it in the recipe "
+                            "or override")
         raise UserError(
             f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}"
         )

@@ -11,6 +11,18 @@ import yaml
 from trail_probe.errors import UserError
 
 
+# Keys of earlier versions, so a saved recipe or a habit fails with the new name instead of a list.
+_REFINE = "one refine section for eval, simulate and serve-bench"
+MOVED = {
+    "eval.refine_interval": ("refine.interval", _REFINE), "eval.refine_likelihood": ("refine.likelihood", _REFINE),
+    "eval.refine_prior": ("refine.prior", _REFINE), "serve.refine_interval": ("refine.interval", _REFINE),
+    "serve.refine_likelihood": ("refine.likelihood", _REFINE), "serve.preemption_c": ("refine.preemption_c", _REFINE),
+    "simulate.refine_interval": ("refine.interval", _REFINE), "simulate.preemption_c": ("refine.preemption_c", _REFINE),
+    "extract.pooled_inputs": ("extract.inputs", "pooled_inputs=true is extract.inputs=all, false is extract.inputs=trail; "
+                              "the default, trained, stores what the recipe's probes read"),
+}
+
+
 def read_recipe_file(path: Path) -> dict:
     """The recipe's sections; `base: other.yaml` (relative to the recipe's folder) is read first and
     the recipe's own keys are applied over it."""

@@ -12,6 +12,9 @@ steps over one layer whose probe trained worse than both its neighbours (the dec
 fp32 run has 17: 79.0, 18: 81.6, 19: 78.6). `scripts/compare_layer_search.py --replay` runs this
 search on the numbers of a committed full sweep.
 
+With `first` (`train.ridge_screen`: the layers `offline/layer_screen.py` scores best) the
+first round trains those layers instead of the grid; the rounds after it are the same.
+
 Each round is one call of `train_round`, which trains its layers (in stacks when the recipe stacks)
 and returns their validation MAE; a round that was already trained comes back from disk, so a run
 makes the same rounds in the same order every time, which is what lets `--resume` keep them.
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 METHOD = "coarse grid, then the layers near the best until none of them is better"
+SCREENED_METHOD = "the best-screened layers, then the layers near the best until none of them is better"
 
 
 def coarse_grid(candidates: list[int], points: int) -> list[int]:
@@ -57,6 +61,7 @@ class SearchResult:
     candidates: list[int]
     rounds: list[list[int]] = field(default_factory=list)
     scores: dict[int, float] = field(default_factory=dict)
+    screened: bool = False
 
     @property
     def best(self) -> int | None:
@@ -64,17 +69,17 @@ class SearchResult:
 
     def summary(self, points: int, radius: int) -> dict:
         """What the sweep's JSON records about a task's search."""
-        return {"method": METHOD, "points": points, "radius": radius, "candidates": self.candidates,
+        return {"method": SCREENED_METHOD if self.screened else METHOD, "points": points, "radius": radius, "candidates": self.candidates,
                 "rounds": self.rounds, "trained": sorted(self.scores), "best_layer": self.best}
 
 
 def search_layers(candidates: list[int], points: int, radius: int,
-                  train_round: Callable[[list[int]], dict[int, float]]) -> SearchResult:
-    """Train the coarse grid, then the layers near the best until all within `radius` of it are trained.
-    `train_round(layers)` trains those layers and returns {layer: validation MAE}; an empty answer
-    (a fast_dev_run writes no probes) ends the search."""
-    result = SearchResult(sorted(candidates))
-    todo = coarse_grid(result.candidates, points)
+                  train_round: Callable[[list[int]], dict[int, float]], first: list[int] | None = None) -> SearchResult:
+    """Train the coarse grid (or `first`), then the layers near the best until all within `radius` of it
+    are trained. `train_round(layers)` trains those layers and returns {layer: validation MAE}; an empty
+    answer (a fast_dev_run writes no probes) ends the search."""
+    result = SearchResult(sorted(candidates), screened=first is not None)
+    todo = sorted(first) if first is not None else coarse_grid(result.candidates, points)
     while todo:
         scores = train_round(todo)
         result.rounds.append(todo)

@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from trail_probe.choices import ExtractInputs, check_choice
 from trail_probe.errors import UserError
 from trail_probe.model_files import weights_sha256
 from trail_probe.runtime.models import decoder_layers
@@ -58,14 +59,22 @@ INPUT_TENSORS = {"prompt": {"mean": "prompt_states", "last": "prompt_last", "ent
                  "decode": {"current": "decode_states", "mean": "decode_mean", "entropy": "decode_entropy"}}
 
 
-def stored_inputs(pooled: bool, entropy: bool) -> dict:
-    """The inputs an extraction stores (the manifest's `inputs`): with `pooled`, the last prompt token
-    and the generated tokens' running mean beside TRAIL's two, and with `entropy` the entropy pools."""
-    if not pooled:
-        return {task: list(kinds) for task, kinds in OLD_INPUTS.items()}
-    extra = ["entropy"] if entropy else []
-    return {"prompt": ["mean", "last", *extra], "decode": ["current", "mean", *extra]}
-
+def stored_inputs(inputs: str = "all", entropy: bool = True, prompt_input: str = "mean",
+                  decode_input: str = "current") -> dict:
+    """The inputs an extraction stores (the manifest's `inputs`, `extract.inputs`): TRAIL's two, plus
+    with `trained` the parts of the inputs the probes read (`prompt_input`, `decode_input`), with `all`
+    the last prompt token and the generated tokens' running mean, and with `entropy` the entropy pools."""
+    check_choice(inputs, ExtractInputs, "extract.inputs")
+    if inputs == "all":
+        extra = ["entropy"] if entropy else []
+        return {"prompt": ["mean", "last", *extra], "decode": ["current", "mean", *extra]}
+    out = {task: list(kinds) for task, kinds in OLD_INPUTS.items()}
+    if inputs == "trained":
+        for task, kind in (("prompt", prompt_input), ("decode", decode_input)):
+            out[task] += [part for part in input_parts(kind) if part not in out[task]]
+        order = {"prompt": ["mean", "last", "entropy"], "decode": ["current", "mean", "entropy"]}
+        out = {task: sorted(kinds, key=order[task].index) for task, kinds in out.items()}
+    return out
 
 
 def model_fingerprint(cfg, model: torch.nn.Module, engine: str = "hf") -> dict:
@@ -277,10 +286,10 @@ class Extraction:
         missing = [part for part in input_parts(kind) if part not in self.inputs[task]]
         if missing:
             why = ("made before pooled inputs" if "inputs" not in self.manifest
-                   else "extract.pooled_inputs or extract.entropy was off")
+                   else "the extract.inputs it was made with")
             raise UserError(f"extraction '{self.root}' stores the {task} inputs {', '.join(self.inputs[task])} only ({why}), "
-                            f"not '{missing[0]}'; extract again ('trail-probe extract RECIPE --overwrite', or another "
-                            f"extract.out_dir) to train on {task} input '{kind}'")
+                            f"not '{missing[0]}'; extract again ('trail-probe extract RECIPE --overwrite' with extract.inputs=trained "
+                            f"or all, or another extract.out_dir) to train on {task} input '{kind}'")
 
     @property
     def ids(self) -> list[str]:

@@ -99,7 +99,7 @@ def make_synthetic_extraction(root: str | Path, num_requests: int = 200, hidden_
         "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
         "prompts": {"source": "synthetic", "num_available": num_requests, "num_selected": num_requests},
         "num_workers": 1, "config": {"synthetic": {"gains": {str(k): v for k, v in gains.items()}, "noise": noise}},
-        **({"inputs": stored_inputs(True, True)} if pooled else {}),
+        **({"inputs": stored_inputs("all")} if pooled else {}),
     }
     if num_samples:
         moved = lengths[:, None] + torch.randint(-40, 41, (num_requests, num_samples), generator=g)

@@ -32,6 +32,7 @@ from trail_probe.offline.pooled_states import decode_names, decode_pooled
 from trail_probe.runtime.capture import LayerCapture, first_output, residual_parts, residual_sum
 from trail_probe.runtime.estimates import refines_at
 from trail_probe.runtime.probe_inputs import RunningPools, prompt_input, token_entropy
+from trail_probe.serving import vllm_internals as vi
 
 
 @dataclass
@@ -117,15 +118,26 @@ class _Capture:
         self.decode: dict[str, list[torch.Tensor]] = {}
         self.decode_pooled: dict[str, list[dict]] = {}
         self.generated: dict[str, list[int]] = {}
-        self.capture = LayerCapture(runner.model, set(prompt_layers) | set(decode_layers), on_forward=self._on_layer,
-                                    states_of=lambda output: output, keep=False)
+        layers = sorted(set(prompt_layers) | set(decode_layers))
+        # compiled (extract.vllm_compile): the model returns the layers' states as auxiliary outputs, asked for
+        # at load (serving.vllm_worker.register); eager: forward hooks on the layers
+        self.aux_layers = layers if getattr(runner, "_trail_probe_aux_layers", None) == layers else None
+        if self.aux_layers is None and not vi.is_eager(runner):
+            raise RuntimeError(f"{type(runner.model).__name__} returns no auxiliary hidden states, and forward hooks run "
+                               "only in eager mode; extract with extract.vllm_compile=false")
+        self.capture = None if self.aux_layers else LayerCapture(runner.model, layers, on_forward=self._on_layer,
+                                                                 states_of=lambda output: output, keep=False)
         execute, sample = runner.execute_model, runner.sample_tokens
 
         def execute_model(*args, **kwargs):
-            self.armed, self.pass_ = True, None  # the hooks plan this pass on their first call
+            self.armed, self.pass_ = True, None  # the hooks (or the aux states below) plan this pass first
             return execute(*args, **kwargs)
 
         def sample_tokens(*args, **kwargs):
+            if self.armed and self.aux_layers:
+                with torch.inference_mode():
+                    for layer, states in zip(self.aux_layers, vi.aux_states(self.runner) or ()):
+                        self._on_layer(layer, states)
             if self.armed and self.pass_ is not None and self.entropy:
                 with torch.inference_mode():
                     self._entropies(self.pass_)  # before vLLM's sampler clears the pass's logits
@@ -338,7 +350,8 @@ class ExtractionWorkerExtension:
         if getattr(runner, "_trail_probe_extract", None) is None:
             runner._trail_probe_extract = _Capture(runner, prompt_layers, decode_layers, stride, storage_dtype,
                                                    inputs or OLD_INPUTS)
-        return len(runner._trail_probe_extract.capture.layers)
+        capture = runner._trail_probe_extract
+        return len(capture.aux_layers or capture.capture.layers)
 
     def trail_probe_extract_skip(self, req_ids: list[str]) -> None:
         """Requests whose states are not wanted (an extraction's sampled answers: lengths only)."""

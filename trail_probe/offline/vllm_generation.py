@@ -36,6 +36,7 @@ from trail_probe.offline.generation import SampledLengths, extracted_request, va
 from trail_probe.offline.prompts import Prompt
 from trail_probe.offline.store import OLD_INPUTS, ExtractedRequest
 from trail_probe.offline.vllm_capture import from_wire
+from trail_probe.serving.vllm_internals import EXTRACT_KEY
 
 EXTENSION = "trail_probe.offline.vllm_capture.ExtractionWorkerExtension"
 
@@ -63,10 +64,14 @@ def load_for_vllm(model_cfg) -> tuple[Path, object, object, set[int]]:
 
 
 def engine_arguments(folder: str | Path, gen, dtype: str, max_model_len: int, kv_cache_gb: float,
-                     max_batch_tokens: int) -> dict:
-    """`vllm.EngineArgs` for extraction: eager (Python hooks do not run in compiled graphs), no prefix
-    caching (every prompt token runs), no async scheduling, `generation.batch_size` running."""
-    return {"model": str(folder), "dtype": dtype, "seed": gen.seed, "enforce_eager": True, "async_scheduling": False,
+                     max_batch_tokens: int, layers: list[int] = (), compiled: bool = False) -> dict:
+    """`vllm.EngineArgs` for extraction: no prefix caching (every prompt token runs), no async scheduling,
+    `generation.batch_size` running; `compiled`: vLLM's compiled graphs, with `layers` returned as
+    auxiliary outputs (asked for at load through `additional_config`, `serving.vllm_worker.register`),
+    else eager (the forward hooks on those layers do not run in compiled graphs)."""
+    compiled_args = {"additional_config": {EXTRACT_KEY: {"layers": sorted(set(layers))}}} if compiled else {}
+    return {"model": str(folder), "dtype": dtype, "seed": gen.seed, "enforce_eager": not compiled, **compiled_args,
+            "async_scheduling": False,
             "enable_prefix_caching": False, "max_num_seqs": gen.batch_size,
             "max_num_batched_tokens": max_batch_tokens,
             "max_model_len": max_model_len, "kv_cache_memory_bytes": int(kv_cache_gb * (1 << 30)),
@@ -78,11 +83,13 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
                        storage_dtype: torch.dtype = torch.float16, dtype: str = "float32", kv_cache_gb: float = 4.0,
                        max_batch_tokens: int = 2048, fetch_every: int = 32, progress=None,
                        stats: dict | None = None, inputs: dict | None = None,
-                       samples: tuple[list, int] = ((), 0)) -> Iterator[ExtractedRequest | SampledLengths]:
+                       samples: tuple[list, int] = ((), 0), compiled: bool = False,
+                       ) -> Iterator[ExtractedRequest | SampledLengths]:
     """Stream finished requests, as `generate_with_capture` does. `prompts` are (prompt, chat-template
     token ids, truncated); `inputs` the probe inputs to store (`store.stored_inputs`; default TRAIL's
     two); `samples` (prompts, N): N sampled answers of each of those prompts, whose lengths come as
-    `SampledLengths`. The engine starts here and shuts down when the stream ends or is closed.
+    `SampledLengths`; `compiled`: vLLM's compiled graphs (the layers as auxiliary outputs), else eager
+    with forward hooks. The engine starts here and shuts down when the stream ends or is closed.
     `stats`, if given, gets `engine_start_s` (vLLM's start-up) and `generation_start` (perf_counter)."""
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -101,8 +108,9 @@ def generate_with_vllm(folder: str | Path, tokenizer, eos: set[int], prompts: li
     max_model_len = max(len(ids) for _, ids, _ in [*prompts, *sample_prompts]) + gen.max_new_tokens
     stats = {} if stats is None else stats
     began = time.perf_counter()
+    layers = sorted(set(prompt_layers) | set(decode_layers))
     engine = LLMEngine.from_engine_args(EngineArgs(**engine_arguments(folder, gen, dtype, max_model_len, kv_cache_gb,
-                                                                      max_batch_tokens)))
+                                                                      max_batch_tokens, layers, compiled)))
     affinity = pin_outside_the_worker(engine.vllm_config)
     try:
         storage = str(storage_dtype).removeprefix("torch.")

@@ -140,6 +140,32 @@ def generated_at_pass(request) -> int:
 
 
 # -- the worker side --
+# additional_config key of an extraction engine (offline/vllm_generation.py): {"layers": [...]}, the
+# layers whose states the model returns as auxiliary outputs from its compiled graph
+EXTRACT_KEY = "trail_probe_extract"
+
+
+def request_aux_states(runner, layers: list[int]) -> bool:
+    """Ask the runner's model for the residual stream after each of `layers` (TRAIL's numbering: vLLM's
+    auxiliary output L + 1, in layer order) as auxiliary outputs, the path vLLM's EAGLE-3 support uses,
+    which torch.compile and CUDA graphs keep. Must run before vLLM compiles the model. False when
+    the model has no such path (forward hooks, eager only, are then the way)."""
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    model = runner.get_model()
+    if not supports_eagle3(model):
+        return False
+    model.set_aux_hidden_state_layers(tuple(layer + 1 for layer in sorted(set(layers))))
+    runner.use_aux_hidden_state_outputs = True
+    runner._trail_probe_aux_layers = sorted(set(layers))
+    return True
+
+
+def is_eager(runner) -> bool:
+    """Whether the runner's engine runs eagerly (`enforce_eager`), where forward hooks fire."""
+    return bool(runner.vllm_config.model_config.enforce_eager)
+
+
 def aux_states(runner):
     """The auxiliary hidden states of the pass the runner just executed (list, one per aux layer), or None."""
     state = getattr(runner, "execute_model_state", None)

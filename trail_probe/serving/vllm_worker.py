@@ -78,15 +78,11 @@ class StateCapture:
     """Where a runner's probe-layer states come from: the model's auxiliary outputs, or forward hooks."""
 
     def __init__(self, runner, layers: list[int]):
-        from vllm.model_executor.models.interfaces import supports_eagle3
-
         self.layers = sorted(set(layers))
         model = runner.get_model()
-        if supports_eagle3(model):
-            model.set_aux_hidden_state_layers(tuple(layer + 1 for layer in self.layers))
-            runner.use_aux_hidden_state_outputs = True
+        if vi.request_aux_states(runner, self.layers):
             self.hooks = None
-        elif runner.vllm_config.model_config.enforce_eager:
+        elif vi.is_eager(runner):
             from trail_probe.runtime.capture import LayerCapture, residual_sum
 
             self.hooks = LayerCapture(model, self.layers, states_of=residual_sum)
@@ -207,6 +203,10 @@ def _attach_from_settings(runner) -> None:
     from trail_probe.serving.vllm_checks import check_engine, probe_layers
     from trail_probe.serving.trail_settings import TrailSettings
 
+    extra = getattr(runner.vllm_config, "additional_config", None) or {}
+    if isinstance(extra, dict) and vi.EXTRACT_KEY in extra:  # an extraction engine (offline/vllm_generation.py)
+        vi.request_aux_states(runner, list(extra[vi.EXTRACT_KEY]["layers"]))
+        return
     settings = TrailSettings.from_vllm_config(runner.vllm_config)
     if settings is None or settings.is_oracle:
         return
@@ -218,7 +218,8 @@ def _attach_from_settings(runner) -> None:
 def register() -> None:
     """The vLLM general plugin: wrap each model runner's `load_model` so that a worker of an engine
     configured for TRAIL hooks the probe layers as soon as its model is loaded (before vLLM compiles
-    the model or captures graphs, so the auxiliary outputs are part of them)."""
+    the model or captures graphs, so the auxiliary outputs are part of them); in an extraction engine
+    (`vllm_internals.EXTRACT_KEY`, `extract.vllm_compile`) the extracted layers the same way."""
     for cls in vi.runner_classes():
         original = cls.__dict__.get("load_model")
         if original is None or getattr(original, "_trail_probe", False):

@@ -87,7 +87,8 @@ IDENTITY_DEFAULTS = {"engine": "hf", "inputs": OLD_INPUTS}
 def _identity(cfg: RecipeConfig, model_info: dict, prompt_layers, decode_layers, num_workers) -> dict:
     gen = config_to_dict(cfg.generation)
     gen.pop("batch_size")  # batching changes speed, not results
-    added = {"inputs": stored_inputs(cfg.extract.pooled_inputs, cfg.extract.entropy)}
+    added = {"inputs": stored_inputs(cfg.extract.inputs, cfg.extract.entropy, cfg.train.prompt_input,
+                                     cfg.train.decode_input)}
     return {
         "model": {k: model_info[k] for k in ("name_or_path", "weights_sha256", "dtype")},
         "engine": model_info["engine"],
@@ -248,7 +249,7 @@ def _streams(cfg: RecipeConfig, serving: dict, requests: list, samples: list, la
                                    dtype=cfg.model.dtype, kv_cache_gb=cfg.extract.vllm_kv_cache_gb,
                                    max_batch_tokens=cfg.extract.vllm_max_batch_tokens,
                                    fetch_every=cfg.extract.shard_size, progress=bar, inputs=inputs,
-                                   samples=(samples, cfg.extract.num_samples))]
+                                   samples=(samples, cfg.extract.num_samples), compiled=cfg.extract.vllm_compile)]
     streams = [generate_with_capture(serving["model"], serving["tokenizer"], requests, cfg.generation, prompt_layers,
                                      decode_layers, cfg.extract.decode_stride, storage_dtype, progress=bar, inputs=inputs)]
     if samples:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,11 @@ from trail_probe.config import RecipeConfig, config_sha256, resolve_layers
 from trail_probe.errors import UserError
 from trail_probe.model_files import file_sha256
 from trail_probe.offline.artifacts import probe_input, probe_name, write_probe
+from trail_probe.offline.layer_screen import ridge_mae, screened
 from trail_probe.offline.layer_search import best_of, coarse_grid, expected_probes, search_layers
 from trail_probe.offline.probe_data import ProbeData, load_data  # noqa: F401 (ProbeData: its old home)
 from trail_probe.offline.probe_fit import fit_module, latest_checkpoint, quiet_lightning, resume_point
+from trail_probe.offline.probe_module import sample_per_group
 from trail_probe.offline.split import load_or_make_split, manifest_sha256, selection_split
 from trail_probe.offline.store import LAYER_NUMBERING, Extraction
 from trail_probe.offline.sweep_report import print_results, write_sweep
@@ -117,6 +120,8 @@ def check_train_config(cfg: RecipeConfig) -> None:
     if t.layer_search and (t.search_points < 2 or t.search_radius < 1):
         raise UserError(f"train.search_points = {t.search_points} and train.search_radius = {t.search_radius} need "
                         "at least 2 and 1 (the recipe's 6 and 2)")
+    if t.layer_search and t.ridge_screen != "none" and t.screen_points < 1:
+        raise UserError(f"train.screen_points = {t.screen_points} must be >= 1 (the recipe's 3)")
     if t.layer_search and (str(t.devices) != "1" or "ddp" in str(t.strategy)):
         raise UserError("train.layers=search picks each round's layers from the last round's results, which only rank "
                         "0 of a multi-device run holds; use train.layers=all there, or train.devices=1")
@@ -343,8 +348,31 @@ class _Session:
                                f"best so far layer {best} (val MAE {scores[best]:.1f})")
             return {layer: scores[layer] for layer in todo if layer in scores}
 
-        found = search_layers(layers, t.search_points, t.search_radius, train_round)
-        return [metas[layer] for layer in sorted(metas)], found.summary(t.search_points, t.search_radius)
+        screen = self.screen(task, layers) if t.ridge_screen in (task, "both") else None
+        first = screened(screen["val_mae"], t.screen_points) if screen else None
+        found = search_layers(layers, t.search_points, t.search_radius, train_round, first)
+        summary = found.summary(t.screen_points if screen else t.search_points, t.search_radius)
+        return [metas[layer] for layer in sorted(metas)], {**summary, **({"screen": screen} if screen else {})}
+
+    def screen(self, task: str, layers: list[int]) -> dict:
+        """`train.ridge_screen`: every candidate layer's ridge-regression validation MAE on the
+        probe's own inputs, split and targets (`offline/layer_screen.py`)."""
+        t, began, scores = self.cfg.train, time.perf_counter(), {}
+        for layer in layers:
+            data = load_data(self.extraction, ProbeSpec(task, (layer,)), self.split, self.bins,
+                             t.decode_samples_per_request, t.seed, probe_input(self.cfg, task), t.prompt_labels)
+            x, _, tokens, _ = data.train.tensors
+            if data.train_groups is not None and t.decode_samples_per_request > 0:  # as many rows as an epoch sees
+                rows = sample_per_group(data.train_groups, t.decode_samples_per_request,
+                                        torch.Generator().manual_seed(t.seed))
+                x, tokens = x[rows], tokens[rows]
+            val_x, _, val_tokens, val_cap = data.val.tensors
+            scores[layer] = round(ridge_mae(x, tokens, val_x, val_tokens, val_cap), 2)
+        seconds = round(time.perf_counter() - began, 1)
+        first = screened(scores, t.screen_points)
+        self.bar.write(f"[{task}] ridge screen of {len(layers)} layers in {seconds:.0f} s: first round layers "
+                       f"{', '.join(map(str, first))} (ridge val MAE {', '.join(f'{scores[k]:.1f}' for k in first)})")
+        return {"method": "ridge", "val_mae": scores}  # the same on a resumed run (the time is in the log line)
 
     def search_then_fit(self, specs: list[ProbeSpec]) -> tuple[list[dict], dict]:
         """Each task's layer search over the layers of its single-layer specs, then the other (multi-layer)
