@@ -72,8 +72,7 @@ def stored_inputs(inputs: str = "all", entropy: bool = True, prompt_input: str =
     if inputs == "trained":
         for task, kind in (("prompt", prompt_input), ("decode", decode_input)):
             out[task] += [part for part in input_parts(kind) if part not in out[task]]
-        order = {"prompt": ["mean", "last", "entropy"], "decode": ["current", "mean", "entropy"]}
-        out = {task: sorted(kinds, key=order[task].index) for task, kinds in out.items()}
+        out = {task: [kind for kind in INPUT_TENSORS[task] if kind in kinds] for task, kinds in out.items()}
     return out
 
 

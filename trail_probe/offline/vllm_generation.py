@@ -69,7 +69,7 @@ def engine_arguments(folder: str | Path, gen, dtype: str, max_model_len: int, kv
     `generation.batch_size` running; `compiled`: vLLM's compiled graphs, with `layers` returned as
     auxiliary outputs (asked for at load through `additional_config`, `serving.vllm_worker.register`),
     else eager (the forward hooks on those layers do not run in compiled graphs)."""
-    compiled_args = {"additional_config": {EXTRACT_KEY: {"layers": sorted(set(layers))}}} if compiled else {}
+    compiled_args = {"additional_config": {EXTRACT_KEY: {"layers": list(layers)}}} if compiled else {}
     return {"model": str(folder), "dtype": dtype, "seed": gen.seed, "enforce_eager": not compiled, **compiled_args,
             "async_scheduling": False,
             "enable_prefix_caching": False, "max_num_seqs": gen.batch_size,

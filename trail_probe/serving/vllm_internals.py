@@ -152,12 +152,12 @@ def request_aux_states(runner, layers: list[int]) -> bool:
     the model has no such path (forward hooks, eager only, are then the way)."""
     from vllm.model_executor.models.interfaces import supports_eagle3
 
-    model = runner.get_model()
+    model, layers = runner.get_model(), sorted(set(layers))
     if not supports_eagle3(model):
         return False
-    model.set_aux_hidden_state_layers(tuple(layer + 1 for layer in sorted(set(layers))))
+    model.set_aux_hidden_state_layers(tuple(layer + 1 for layer in layers))
     runner.use_aux_hidden_state_outputs = True
-    runner._trail_probe_aux_layers = sorted(set(layers))
+    runner._trail_probe_aux_layers = layers
     return True
 
 

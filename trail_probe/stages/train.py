@@ -348,15 +348,15 @@ class _Session:
                                f"best so far layer {best} (val MAE {scores[best]:.1f})")
             return {layer: scores[layer] for layer in todo if layer in scores}
 
-        screen = self.screen(task, layers) if t.ridge_screen in (task, "both") else None
-        first = screened(screen["val_mae"], t.screen_points) if screen else None
+        screen, first = self.screen(task, layers) if t.ridge_screen in (task, "both") else (None, None)
         found = search_layers(layers, t.search_points, t.search_radius, train_round, first)
         summary = found.summary(t.screen_points if screen else t.search_points, t.search_radius)
         return [metas[layer] for layer in sorted(metas)], {**summary, **({"screen": screen} if screen else {})}
 
-    def screen(self, task: str, layers: list[int]) -> dict:
-        """`train.ridge_screen`: every candidate layer's ridge-regression validation MAE on the
-        probe's own inputs, split and targets (`offline/layer_screen.py`)."""
+    def screen(self, task: str, layers: list[int]) -> tuple[dict, list[int]]:
+        """`train.ridge_screen`: every candidate layer's ridge-regression validation MAE on the probe's
+        own inputs, split and targets (`offline/layer_screen.py`), as the sweep records it, and the
+        layers the search trains first."""
         t, began, scores = self.cfg.train, time.perf_counter(), {}
         for layer in layers:
             data = load_data(self.extraction, ProbeSpec(task, (layer,)), self.split, self.bins,
@@ -368,11 +368,10 @@ class _Session:
                 x, tokens = x[rows], tokens[rows]
             val_x, _, val_tokens, val_cap = data.val.tensors
             scores[layer] = round(ridge_mae(x, tokens, val_x, val_tokens, val_cap), 2)
-        seconds = round(time.perf_counter() - began, 1)
         first = screened(scores, t.screen_points)
-        self.bar.write(f"[{task}] ridge screen of {len(layers)} layers in {seconds:.0f} s: first round layers "
-                       f"{', '.join(map(str, first))} (ridge val MAE {', '.join(f'{scores[k]:.1f}' for k in first)})")
-        return {"method": "ridge", "val_mae": scores}  # the same on a resumed run (the time is in the log line)
+        self.bar.write(f"[{task}] ridge screen of {len(layers)} layers in {time.perf_counter() - began:.0f} s: first "
+                       f"round layers {', '.join(map(str, first))} (ridge val MAE {', '.join(f'{scores[k]:.1f}' for k in first)})")
+        return {"method": "ridge", "val_mae": scores}, first  # no time recorded: a resumed run records the same
 
     def search_then_fit(self, specs: list[ProbeSpec]) -> tuple[list[dict], dict]:
         """Each task's layer search over the layers of its single-layer specs, then the other (multi-layer)
