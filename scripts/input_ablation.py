@@ -37,6 +37,7 @@ from trail_probe.atomic import atomic_write_json, atomic_write_text
 from trail_probe.config import load_recipe
 from trail_probe.offline.artifacts import best_layer
 from trail_probe.offline.store import Extraction
+from trail_probe.runtime.bins import Bins
 from trail_probe.stages.baseline import train_baseline
 from trail_probe.stages.evaluate import evaluate
 from trail_probe.stages.train import train
@@ -76,8 +77,8 @@ class Ablation:
         self.layer = args.layer if args.layer is not None else best_layer(base, "decode")[0]
         self.root, self.run_name = Path(base.paths.checkpoints) / args.name, base.run_name
         self.no_bert, self.notes = args.no_bert, []
-        extraction = Extraction(base.paths.data)
-        self.stored, self.samples = extraction.inputs, extraction.num_samples
+        self.extraction, self.bins = Extraction(base.paths.data), Bins.from_config(base.bins)
+        self.stored, self.samples = self.extraction.inputs, self.extraction.num_samples
 
     def cfg(self, seed: int, out: Path, *extra: str):
         return load_recipe(self.recipe, [*self.sets, f"train.split_seed={seed}", f"train.validation_fraction={self.vf}",
@@ -159,6 +160,32 @@ class Ablation:
                 "eval": str(out / "eval" / "report.md"), "prior": (m.get("refined") or {}).get("prior")}
 
 
+def label_noise(extraction, bins) -> dict | None:
+    """How far one greedy answer's length is from what the prompt's sampled answers say (ProD's premise:
+    one answer is a noisy draw of what the prompt asks for): the greedy length against the median of the
+    samples, the samples' own spread around it, and how often greedy and median fall in the same bin.
+    The median's MAE against the greedy lengths is what a perfect median-label probe would score on the
+    held-out greedy answers. None without samples."""
+    if not extraction.num_samples:
+        return None
+    from scipy.stats import kendalltau
+
+    greedy = extraction.output_tokens.double()
+    sampled = extraction.sampled_lengths().double()
+    median = sampled.quantile(0.5, dim=1)
+    inside = (greedy >= sampled.min(1).values) & (greedy <= sampled.max(1).values)
+    share = lambda mask: round(float(mask.double().mean()), 3)  # noqa: E731
+    return {"requests": len(greedy), "num_samples": extraction.num_samples,
+            "greedy_mean": round(float(greedy.mean()), 1), "samples_mean": round(float(sampled.mean()), 1),
+            "greedy_at_cap": share(greedy >= bins.max_len), "samples_at_cap": share(sampled >= bins.max_len),
+            "median_mae_vs_greedy": round(float((greedy - median).abs().mean()), 1),
+            "sample_mae_vs_median": round(float((sampled - median[:, None]).abs().mean()), 1),
+            "same_bin_greedy_and_median": share(bins.label(greedy) == bins.label(median)),
+            "greedy_within_sample_range": share(inside),
+            "tau_greedy_vs_median": round(float(kendalltau(greedy.numpy(), median.numpy()).statistic), 3),
+            "tau_greedy_vs_one_sample": round(float(kendalltau(greedy.numpy(), sampled[:, 0].numpy()).statistic), 3)}
+
+
 def f1(v, digits: int = 1) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -206,6 +233,17 @@ def render(result: dict) -> str:
         lines.append("")
     lines += ["Prompt rows: the prompt-time estimate (total length); decode rows: the refined estimate from the "
               "chosen prompt probe (remaining length).", ""]
+    noise = result.get("label_noise")
+    if noise:
+        lines += ["## The sampled answers against the greedy one", "",
+                  f"{noise['num_samples']} sampled answers per prompt ({noise['requests']} prompts): mean length "
+                  f"{noise['samples_mean']} (greedy {noise['greedy_mean']}), at the cap {noise['samples_at_cap']:.1%} "
+                  f"(greedy {noise['greedy_at_cap']:.1%}). The samples' median against the greedy length: MAE "
+                  f"{noise['median_mae_vs_greedy']} tokens, the same bin for {noise['same_bin_greedy_and_median']:.1%}, "
+                  f"Kendall's tau {noise['tau_greedy_vs_median']} (one sample: {noise['tau_greedy_vs_one_sample']}); "
+                  f"the greedy length within the samples' range for {noise['greedy_within_sample_range']:.1%}; a sample "
+                  f"lies {noise['sample_mae_vs_median']} tokens from its prompt's median on average. A probe that "
+                  "learned the median exactly would score that MAE on the held-out greedy lengths.", ""]
     return "\n".join(lines + ([ "## Notes", "", *[f"- {n}" for n in result["notes"]], ""] if result["notes"] else []))
 
 
@@ -224,6 +262,8 @@ def main() -> None:
     out = REPO / "reports" / ablation.run_name / args.name
     if args.report:
         result = json.loads((out / "input_ablation.json").read_text())
+        if result.get("label_noise") is None:  # a run from before it was recorded, or samples added since
+            result["label_noise"] = label_noise(ablation.extraction, ablation.bins)
     else:
         seeds = {s: ablation.choose(int(s)) for s in args.seeds.split(",")}
         held = [ablation.held_out(int(s), name, seeds[s][key]) for s in seeds for name, key in
@@ -233,7 +273,8 @@ def main() -> None:
              f"--name {args.name}",
              *(["--no-bert"] if args.no_bert else [])])
         result = {"run_name": ablation.run_name, "layer": ablation.layer, "validation_fraction": args.validation_fraction,
-                  "command": command, "seeds": seeds, "held_out": held, "notes": sorted(set(ablation.notes))}
+                  "command": command, "seeds": seeds, "held_out": held, "notes": sorted(set(ablation.notes)),
+                  "label_noise": label_noise(ablation.extraction, ablation.bins)}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "input_ablation.json", result)
     atomic_write_text(out / "input_ablation.md", render(result))

@@ -84,7 +84,10 @@ def main(recipe: str) -> None:
     sweep = json.loads((ckpt / "sweep" / "layer_sweep.json").read_text())
     best = sweep.get("best_layer", {})
     training_curves(ckpt, [(task, f"layer-{layer}") for task, layer in best.items()], out)
-    timings = json.loads((ckpt / "pipeline_timings.json").read_text()) if (ckpt / "pipeline_timings.json").is_file() else {}
+    timings_file = ckpt / "pipeline_timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    if timings:  # the README links the published copy: it must be this run's, not an earlier one's
+        shutil.copy2(timings_file, out / timings_file.name)
     previous = out / "run_summary.json"
     if not timings and previous.is_file():  # stages run by hand: keep the times recorded for them
         timings = json.loads(previous.read_text()).get("stage_seconds", {})

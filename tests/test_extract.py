@@ -520,15 +520,21 @@ def test_sampled_answer_lengths_are_stored_beside_and_a_resumed_run_keeps_them(t
                          "train.prompt_input=last", "train.decode_input=current+entropy"), show_progress=False)
 
 
-def test_sampled_answers_added_later_keep_the_extraction_as_it_was(tiny_llama, prompts_file, tmp_path):
+def test_sampled_answers_added_later_keep_the_extraction_as_it_was(tiny_llama, prompts_file, tmp_path, capsys):
     out = tmp_path / "ex"
     run_extract(_cfg(tiny_llama, prompts_file, out, "prompts.num_prompts=4"), show_progress=False)
     manifest, shards = (out / "manifest.json").read_bytes(), sorted((out / "shards").iterdir())
     with pytest.raises(UserError, match="holds no sampled answers; run the same extract command with extract.num_samples"):
         Extraction(out).sampled_lengths()
+    capsys.readouterr()
     run_extract(_cfg(tiny_llama, prompts_file, out, "prompts.num_prompts=4", "extract.num_samples=2"), show_progress=False)
     assert (out / "manifest.json").read_bytes() == manifest and sorted((out / "shards").iterdir()) == shards
-    assert Extraction(out).num_samples == 2 and Extraction(out).sampled_lengths().shape == (4, 2)
+    sampled = Extraction(out).sampled_lengths()
+    assert Extraction(out).num_samples == 2 and sampled.shape == (4, 2)
+    # the last line counts what this run generated: no extracted requests, the sampled answers and their tokens
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("extract: worker 0 complete: 0 requests, 0 tokens in ")
+    assert f"; 4 prompts' 2 sampled answers, {int(sampled.sum())} tokens (" in last
 
 
 def test_a_folder_from_before_the_pooled_inputs_is_kept_with_them_off(tiny_llama, prompts_file, tmp_path, capsys):

@@ -33,7 +33,21 @@ def test_a_file_gets_plain_lines_at_most_every_interval_and_one_at_the_end():
         for _ in range(3):
             bar.update(1)
     assert len(fast.getvalue().splitlines()) == 3  # a line per update when the interval is 0, none doubled at close
-    assert "left" in fast.getvalue().splitlines()[0]
+    assert "left" in fast.getvalue().splitlines()[1]  # a pace needs two items
+
+
+def test_the_time_left_is_paced_from_the_first_item_not_the_start(monkeypatch):
+    """An extraction's engine starts for ~100 s before its first answer; then answers come every second.
+    The ETA after the 11th of 2,000 is the remaining 1,989 at that pace (33 min), not 100 s per answer."""
+    now = [0.0]
+    monkeypatch.setattr("trail_probe.progress.time.monotonic", lambda: now[0])
+    bar = PlainProgress(total=2000, desc="extract", unit="req", every_s=3600, file=io.StringIO())
+    now[0] = 100.0
+    bar.update(1)
+    assert "left" not in bar.line()  # one item: no pace yet
+    now[0] = 110.0
+    bar.update(10)
+    assert bar.line().endswith("01:50 elapsed, 33:09 left")
 
 
 def test_a_terminal_gets_tqdm_and_a_disabled_bar_writes_nothing():

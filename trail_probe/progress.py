@@ -38,6 +38,7 @@ class PlainProgress:
         self.n, self.postfix = 0, ""
         self._start = self._last = time.monotonic()
         self._shown = -1  # n at the last line written
+        self._first: tuple[float, int] | None = None  # (time, n) of the first update: where the ETA's pace starts
 
     def __iter__(self):
         for item in self.iterable:
@@ -53,6 +54,8 @@ class PlainProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        if self._first is None and n:
+            self._first = (time.monotonic(), self.n)
         self._maybe_show()
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
@@ -75,8 +78,11 @@ class PlainProgress:
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         eta = ""
-        if self.total and 0 < self.n < self.total:
-            eta = f", {_duration(elapsed / self.n * (self.total - self.n))} left"
+        # the pace since the first item, not since the start: a job's start-up (an engine loading and
+        # compiling for a minute or two before its first answer) is not its pace, and would predict hours
+        if self.total and self._first and self._first[1] < self.n < self.total:
+            since, n0 = self._first
+            eta = f", {_duration((time.monotonic() - since) / (self.n - n0) * (self.total - self.n))} left"
         rest = f", {self.postfix}" if self.postfix else ""
         return f"{self.desc}: {done} {self.unit}{pct}, {_duration(elapsed)} elapsed{eta}{rest}"
 

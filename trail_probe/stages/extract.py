@@ -172,12 +172,14 @@ def run_extract(cfg: RecipeConfig, overwrite: bool = False, num_workers: int | N
           flush=True)
 
     start = time.time()
-    useful_tokens = _generate_into(shards, cfg, serving, (todo, sample_todo), (prompt_layers, decode_layers),
-                                   storage_dtype, inputs, show_progress)
+    useful_tokens, sampled = _generate_into(shards, cfg, serving, (todo, sample_todo), (prompt_layers, decode_layers),
+                                            storage_dtype, inputs, show_progress)
     elapsed = time.time() - start
     shards.complete(len(ready), elapsed, useful_tokens)
+    also = (f"; {sampled[0]} prompts' {cfg.extract.num_samples} sampled answers, {sampled[1]} tokens "
+            f"({(useful_tokens + sampled[1]) / max(elapsed, 1e-9):.1f} tok/s in all)") if sampled[0] else ""
     print(f"extract: worker {worker_index} complete: {len(todo)} requests, {useful_tokens} tokens in {elapsed:.0f}s "
-          f"({useful_tokens / max(elapsed, 1e-9):.1f} useful tok/s)")
+          f"({useful_tokens / max(elapsed, 1e-9):.1f} useful tok/s){also}")
     return out
 
 
@@ -211,20 +213,22 @@ def _open_folder(out: Path, identity: dict, overwrite: bool) -> None:
 
 
 def _generate_into(shards: WorkerShards, cfg: RecipeConfig, serving: dict, todo: tuple[list, list], layers: tuple,
-                   storage_dtype: torch.dtype, inputs: dict, show_progress: bool) -> int:
+                   storage_dtype: torch.dtype, inputs: dict, show_progress: bool) -> tuple[int, tuple[int, int]]:
     """Run the engine over `todo` (the requests to extract, the prompts to sample answers of), writing
     finished requests into shards and sampled lengths beside them as they come; finished ones are kept
-    on Ctrl-C too. Returns the answer tokens generated for the extraction (not the samples)."""
+    on Ctrl-C too. Returns the answer tokens generated for the extraction, and (prompts, tokens) of the
+    sampled answers."""
     requests, samples = todo
     bar = progress_bar(cfg.progress, total=len(requests) + len(samples), desc="extract", unit="req",
                        disable=not show_progress)
-    streams, useful_tokens, start = [], 0, time.time()
+    streams, useful_tokens, sampled, start = [], 0, [0, 0], time.time()
     try:
         streams = _streams(cfg, serving, requests, samples, layers, storage_dtype, inputs, bar)
         for stream in streams:
             for item in stream:
                 if isinstance(item, SampledLengths):
                     shards.add_samples(item.id, item.lengths, cfg.extract.shard_size)
+                    sampled[0], sampled[1] = sampled[0] + 1, sampled[1] + sum(item.lengths)
                     continue
                 useful_tokens += item.record["output_tokens"]
                 bar.set_postfix(tok_s=f"{useful_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
@@ -234,7 +238,7 @@ def _generate_into(shards: WorkerShards, cfg: RecipeConfig, serving: dict, todo:
             stream.close()  # the engine (vLLM's processes) stops here, also on Ctrl-C
         shards.flush()  # finished requests are kept even on Ctrl-C
         bar.close()
-    return useful_tokens
+    return useful_tokens, (sampled[0], sampled[1])
 
 
 def _streams(cfg: RecipeConfig, serving: dict, requests: list, samples: list, layers: tuple, storage_dtype: torch.dtype,
