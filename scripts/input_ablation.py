@@ -37,6 +37,7 @@ from trail_probe.atomic import atomic_write_json, atomic_write_text
 from trail_probe.config import load_recipe
 from trail_probe.offline.artifacts import best_layer
 from trail_probe.offline.store import Extraction
+from trail_probe.runtime.accuracy import kendall_tau, mae
 from trail_probe.runtime.bins import Bins
 from trail_probe.stages.baseline import train_baseline
 from trail_probe.stages.evaluate import evaluate
@@ -168,8 +169,6 @@ def label_noise(extraction, bins) -> dict | None:
     held-out greedy answers. None without samples."""
     if not extraction.num_samples:
         return None
-    from scipy.stats import kendalltau
-
     greedy = extraction.output_tokens.double()
     sampled = extraction.sampled_lengths().double()
     median = sampled.quantile(0.5, dim=1)
@@ -178,12 +177,12 @@ def label_noise(extraction, bins) -> dict | None:
     return {"requests": len(greedy), "num_samples": extraction.num_samples,
             "greedy_mean": round(float(greedy.mean()), 1), "samples_mean": round(float(sampled.mean()), 1),
             "greedy_at_cap": share(greedy >= bins.max_len), "samples_at_cap": share(sampled >= bins.max_len),
-            "median_mae_vs_greedy": round(float((greedy - median).abs().mean()), 1),
+            "median_mae_vs_greedy": round(mae(median, greedy), 1),
             "sample_mae_vs_median": round(float((sampled - median[:, None]).abs().mean()), 1),
             "same_bin_greedy_and_median": share(bins.label(greedy) == bins.label(median)),
             "greedy_within_sample_range": share(inside),
-            "tau_greedy_vs_median": round(float(kendalltau(greedy.numpy(), median.numpy()).statistic), 3),
-            "tau_greedy_vs_one_sample": round(float(kendalltau(greedy.numpy(), sampled[:, 0].numpy()).statistic), 3)}
+            "tau_greedy_vs_median": round(kendall_tau(median, greedy), 3),
+            "tau_greedy_vs_one_sample": round(kendall_tau(sampled[:, 0], greedy), 3)}
 
 
 def f1(v, digits: int = 1) -> str:

@@ -221,14 +221,14 @@ def _generate_into(shards: WorkerShards, cfg: RecipeConfig, serving: dict, todo:
     requests, samples = todo
     bar = progress_bar(cfg.progress, total=len(requests) + len(samples), desc="extract", unit="req",
                        disable=not show_progress)
-    streams, useful_tokens, sampled, start = [], 0, [0, 0], time.time()
+    streams, useful_tokens, sampled_prompts, sampled_tokens, start = [], 0, 0, 0, time.time()
     try:
         streams = _streams(cfg, serving, requests, samples, layers, storage_dtype, inputs, bar)
         for stream in streams:
             for item in stream:
                 if isinstance(item, SampledLengths):
                     shards.add_samples(item.id, item.lengths, cfg.extract.shard_size)
-                    sampled[0], sampled[1] = sampled[0] + 1, sampled[1] + sum(item.lengths)
+                    sampled_prompts, sampled_tokens = sampled_prompts + 1, sampled_tokens + sum(item.lengths)
                     continue
                 useful_tokens += item.record["output_tokens"]
                 bar.set_postfix(tok_s=f"{useful_tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
@@ -238,7 +238,7 @@ def _generate_into(shards: WorkerShards, cfg: RecipeConfig, serving: dict, todo:
             stream.close()  # the engine (vLLM's processes) stops here, also on Ctrl-C
         shards.flush()  # finished requests are kept even on Ctrl-C
         bar.close()
-    return useful_tokens, (sampled[0], sampled[1])
+    return useful_tokens, (sampled_prompts, sampled_tokens)
 
 
 def _streams(cfg: RecipeConfig, serving: dict, requests: list, samples: list, layers: tuple, storage_dtype: torch.dtype,
