@@ -13,6 +13,8 @@ Each run starts a fresh server and stops it afterwards:
 - `oracle`: TRAIL's scheduler ranking by each request's true length (the eval's greedy output
   length, sent by the client as `vllm_xargs.trail_exact_length`, which the server trusts only with
   `client_estimates`): the bound on what any length predictor can win in this server.
+- `prefill`: FCFS's server with every answer cut to one token: nothing but the prefills, so its mean
+  TTFT is the floor of any schedule that prefills in arrival order (what bounds the TTFT gain here).
 The client is `vllm.benchmarks.serve` (`vllm bench serve`: `--backend openai-chat --dataset-name
 custom --skip-chat-template`: vLLM's client otherwise applies the chat template itself and the server
 applies it again) over the recipe's held-out prompts, greedy, at most 512 new tokens; for `priority` one field
@@ -58,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for TRAIL's server (serve.max_running=64 ...)")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--loads", default="0.8,1.0,1.5,burst")
-    p.add_argument("--policies", default="fcfs,trail", help="fcfs first, then any of trail, priority, oracle")
+    p.add_argument("--policies", default="fcfs,trail", help="fcfs first, then any of trail, priority, oracle, prefill")
     p.add_argument("--num-prompts", type=int, default=500)
     p.add_argument("--port", type=int, default=8350)
     p.add_argument("--seed", type=int, default=0)
@@ -149,6 +151,20 @@ def live_stats(log: Path) -> dict | None:
 
 
 # -- one run --
+def client_command(port: int, model: Path, dataset: Path, folder: Path, tag: str, *, num_prompts: int, rate: str,
+                   output_len: int, seed: int, field: list[str] = (), extra: list[str] = ()) -> list[str]:
+    """vLLM's benchmark client over the custom dataset, saving its result to `folder/tag.json`; `field`:
+    this script's --priority/--oracle FILE (one field added to each request), `extra`: more client flags."""
+    return [sys.executable, str(Path(__file__).resolve()), "--client", *field,
+            "--", "--backend", "openai-chat", "--base-url", f"http://127.0.0.1:{port}",
+            "--endpoint", "/v1/chat/completions", "--model", "model", "--tokenizer", str(model),
+            "--dataset-name", "custom", "--dataset-path", str(dataset), "--custom-output-len", str(output_len),
+            "--skip-chat-template",  # the raw prompt as the user message; the server applies the template once
+            "--temperature", "0", "--num-prompts", str(num_prompts), "--request-rate", rate, *extra,
+            "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", str(folder), "--result-filename", f"{tag}.json"]
+
+
 def run_once(policy: str, rate: str, args, model: Path, dataset: Path, extras: dict, folder: Path, tag: str) -> dict:
     log = folder / f"{tag}.server.log"
     with open(log, "w") as f:
@@ -156,14 +172,9 @@ def run_once(policy: str, rate: str, args, model: Path, dataset: Path, extras: d
                                 start_new_session=True)
     try:
         wait_ready(args.port, proc)
-        client = [sys.executable, __file__, "--client", *([f"--{policy}", str(extras[policy])] if policy in extras else []),
-                  "--", "--backend", "openai-chat", "--base-url", f"http://127.0.0.1:{args.port}",
-                  "--endpoint", "/v1/chat/completions", "--model", "model", "--tokenizer", str(model),
-                  "--dataset-name", "custom", "--dataset-path", str(dataset), "--custom-output-len", "512",
-                  "--skip-chat-template",  # the raw prompt as the user message; the server applies the template once
-                  "--temperature", "0", "--num-prompts", str(args.num_prompts), "--request-rate", rate,
-                  "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-                  "--save-result", "--result-dir", str(folder), "--result-filename", f"{tag}.json"]
+        client = client_command(args.port, model, dataset, folder, tag, num_prompts=args.num_prompts, rate=rate,
+                                output_len=1 if policy == "prefill" else 512, seed=args.seed,
+                                field=[f"--{policy}", str(extras[policy])] if policy in extras else [])
         subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
         time.sleep(12)  # one more live-accuracy line after the last request finished
     finally:
@@ -259,8 +270,13 @@ def main(argv=None) -> None:
     if "oracle" in policies and not lengths:
         raise SystemExit("the oracle policy needs the eval's predictions (true lengths); run the pipeline first")
 
+    facts = run_facts(argv)
+    earlier = state.get("facts", {})  # a file resumed or extended: every invocation that wrote runs into it
+    facts["commands"] = list(dict.fromkeys([*earlier.get("commands", [earlier["command"]] if "command" in earlier else []),
+                                            facts["command"]]))
+
     def save() -> None:
-        state.update(runs=runs, summary=summarize(runs), facts=run_facts(argv), num_prompts=args.num_prompts,
+        state.update(runs=runs, summary=summarize(runs), facts={**earlier, **facts}, num_prompts=args.num_prompts,
                      recipe=args.recipe, overrides=args.overrides, logs=str(folder))
         write_results(out_path, state)
 

@@ -145,17 +145,19 @@ def test_serve_prints_what_is_active_and_the_vllm_command(tmp_path, capsys):
     from trail_probe.cli import main
 
     code = main(["serve", "recipes/smollm2_alpaca_hf.yaml", "serve.initial=last_token", "serve.max_running=16",
-                 "--dry-run", "--", "--port", "8123"])
+                 "serve.prefill_order=arrival", "--dry-run", "--", "--port", "8123"])
     out = capsys.readouterr().out
     assert code == 0, out
     line = next(x for x in out.splitlines() if x.startswith("trail-probe serve: TRAIL active"))
     assert "layer 19" in line and "initial estimate last_token" in line and "at most 16 decoding" in line
+    assert "prefills in arrival order" in line, line
     cmd = out.strip().splitlines()[-1]
     assert "vllm.entrypoints.openai.api_server" in cmd and "--port 8123" in cmd
     assert "TrailVLLMScheduler" in cmd and '"max_running": 16' in cmd and "--enforce-eager" not in cmd
     assert main(["serve", "recipes/smollm2_alpaca.yaml", "--dry-run"]) == 0  # the default: its bundled prompt probe
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("trail-probe serve: TRAIL active"))
     assert "initial estimate prompt_probe" in line and "reading the last prompt token's state" in line, line
+    assert "prefills shortest prompt first" in line, line
     assert main(["serve", "recipes/smollm2_alpaca_hf.yaml", "--dry-run", "--", "--scheduler-cls", "x"]) == 2
     assert "set by trail-probe serve" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # only serve passes arguments on

@@ -84,6 +84,23 @@ def test_a_burst_is_prefilled_first_then_at_most_max_running_decode(model_folder
     assert len(s.runtime.tracker) == 0
 
 
+@pytest.mark.parametrize("order", ["shortest", "arrival"])
+def test_a_burst_starts_its_prefills_shortest_prompt_first_or_in_arrival_order(model_folder, predictor, order):
+    """The later a request arrives here the shorter its prompt; the token budget fits about two prompts a step."""
+    reqs, lengths = [], {}
+    for i in range(6):
+        reqs.append(dry_request(f"r{i}", [10 + (i * 5 + j) % 50 for j in range(40 - 5 * i)], max_tokens=30,
+                                arrival=float(i)))
+        lengths[f"r{i}"] = 5 + 3 * i
+    s, model = run(model_folder, settings(predictor, prefill_order=order), reqs, lengths, max_num_batched_tokens=64)
+    assert s.log()["live"]["finished_scored"] == len(reqs)
+    first = [next(i for i, b in enumerate(model.batches) if rid in b) for rid in lengths]
+    if order == "shortest":  # each step the oldest waiting prompt, then the shortest that fit: r0 + r5, r1 + r4, r2 + r3
+        assert first == [0, 1, 2, 2, 1, 0], first
+    else:
+        assert first == sorted(first) and first[-1] > first[0], first
+
+
 def test_a_small_batch_with_chunked_prefills_never_holds_more_than_max_num_seqs(model_folder, predictor):
     """Requests awaiting their estimate keep their slots: ranking others into the same batch made vLLM's
     own check (len(running) <= max_num_seqs) kill the engine."""

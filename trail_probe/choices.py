@@ -49,6 +49,9 @@ InitialSource = Literal["bert", "prompt_probe", "last_token", "none"]
 # per_request: a request refines at its own generated = 1, 1 + k, ...; global: every k forward passes
 # of the whole batch, each request's prior advanced by T^k whatever it generated (TRAIL's release)
 RefineCadence = Literal["per_request", "global"]
+# the order in which prefill-first starts new requests (their prefill gives the first estimate): the
+# fewest prompt tokens first (a burst's mean time to first token is lowest), or arrival order
+PrefillOrder = Literal["shortest", "arrival"]
 # eval: the held-out 25% (scored once, at the end), or the validation split carved out of the training
 # side (for choosing refinement settings without looking at the held-out side)
 EvalSplit = Literal["held_out", "validation"]

@@ -35,6 +35,7 @@ from trail_probe.choices import (
     Logger,
     MultiLayer,
     PausedCache,
+    PrefillOrder,
     ProbeLoss,
     PromptInput,
     PromptLabels,
@@ -258,6 +259,7 @@ class ServeConfig:
     prompt_predictor: str = ""  # an exported prompt probe, for initial=prompt_probe; default: the one bundled in the predictor
     max_running: int = 0  # vllm: decoding requests TRAIL runs at once (0: vLLM's max_num_seqs)
     max_prefill_tokens: int = 0  # vllm: prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
+    prefill_order: PrefillOrder = "shortest"  # vllm: new requests' prefills, fewest prompt tokens first (or arrival)
     bert: str = ""  # default: the baseline folder (trail-probe train-baseline)
     threads: int = 2  # torch threads for the engine (hf)
     vllm_dtype: str = "bfloat16"  # vllm: the serving dtype (vLLM's CPU build serves bf16 fastest)

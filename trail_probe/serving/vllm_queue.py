@@ -8,9 +8,9 @@ Before vLLM's step (`before_step`), the requests fall in four groups:
   or sent back by vLLM's own recompute preemption;
 - *unranked*: no estimate yet. With an initial estimate from the model's own prefill (initial=
   prompt_probe or last_token, the default: no client help needed) a new request is prefilled at once,
-  in arrival order, up to `max_prefill_tokens` prompt tokens per step, and ranked once its prefill
-  has given its estimate (the prompt probe on the mean of its prompt states, or the decode probe on
-  its last prompt token's state).
+  shortest prompt first (`prefill_order`), up to `max_prefill_tokens` prompt tokens per step, and
+  ranked once its prefill has given its estimate (the prompt probe on the mean of its prompt states,
+  or the decode probe on its last prompt token's state).
 `policies.schedule` (the simulator's code) then ranks the ranked, paused and queued requests by
 predicted remaining length (SPRPT with limited preemption) for at most `max_running` decode slots.
 Keys of paused and queued requests cannot change (they produce no tokens), so they sit in sorted
@@ -233,14 +233,18 @@ class TrailQueues:
         return 0 if r is None or not _waits(r) else r.num_tokens
 
     def _prefill_starts(self, slots: int) -> list:
-        """Prefill-first: unranked new requests to start now, in arrival order, within the prompt-token
-        cap and `slots` (what vLLM has beside the requests TRAIL may rank into the batch)."""
+        """Prefill-first: unranked new requests to start now, within the prompt-token cap and `slots` (what
+        vLLM has beside the requests TRAIL may rank into the batch). `prefill_order` shortest: the oldest
+        waiting request, then the others by fewest prompt tokens (ties in arrival order): a prefill is
+        short work that ends in the first token, so shortest-first lowers a burst's mean time to first
+        token, and the oldest going first every step means no prompt waits for ever behind shorter ones.
+        `arrival`: in arrival order."""
         cap = self.settings.max_prefill_tokens or self.s.max_num_scheduled_tokens
+        ready = [r for r in map(self.s.requests.get, self.unstarted) if r is not None and _ready(r)]
+        if self.settings.prefill_order == "shortest":
+            ready = ready[:1] + sorted(ready[1:], key=lambda r: r.num_tokens)  # sorted is stable
         starts, tokens = [], 0
-        for rid in self.unstarted:
-            r = self.s.requests.get(rid)
-            if r is None or not _ready(r):
-                continue
+        for r in ready:
             if len(starts) >= slots or (starts and tokens + r.num_tokens > cap):
                 break
             starts.append(r)

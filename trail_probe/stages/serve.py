@@ -62,6 +62,9 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+PREFILLS = {"shortest": "prefills shortest prompt first", "arrival": "prefills in arrival order"}
+
+
 def describe(settings, cmd: list[str]) -> str:
     from trail_probe.runtime import LengthPredictor
     from trail_probe.runtime.probe_inputs import describe as input_description
@@ -78,7 +81,7 @@ def describe(settings, cmd: list[str]) -> str:
     limit = settings.max_running or f"auto (within {settings.max_throughput_loss:.0%} of max_num_seqs' throughput)"
     return (f"trail-probe serve: TRAIL active: policy {settings.policy}, predictor {settings.predictor} (layer {layer}), "
             f"initial estimate {initial}, refine every {settings.refine_interval} tokens ({settings.likelihood}), "
-            f"C = {settings.preemption_c}, at most {limit} decoding; "
+            f"C = {settings.preemption_c}, at most {limit} decoding, {PREFILLS[settings.prefill_order]}; "
             f"vLLM {vllm_version()} at its defaults plus: {flags or '(nothing)'}")
 
 
