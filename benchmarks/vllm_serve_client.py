@@ -21,7 +21,8 @@ applies it again) over the recipe's held-out prompts, greedy, at most 512 new to
 is added to each request body (its priority). Loads are fractions of FCFS's saturation, measured
 first in the same session (a burst of all prompts: completed requests per second). This machine's
 speed drifts between runs, so policies run in interleaved pairs (fcfs, trail[, priority]) per load,
-and each pair's ratio is reported with their spread. Results (vLLM's own fields as it saves them,
+and each pair's ratio is reported with their spread (`--order alternate`: every second pair in reverse,
+so a drift within the session favours no policy; each run records its `position` in its pair). Results (vLLM's own fields as it saves them,
 plus TRAIL's live accuracy from the server's log) go to benchmarks/results/vllm_serve_client.json;
 a run already there is kept (delete the file, or pass --fresh, to start over).
 """
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--loads", default="0.8,1.0,1.5,burst")
     p.add_argument("--policies", default="fcfs,trail", help="fcfs first, then any of trail, priority, oracle, prefill")
+    p.add_argument("--order", choices=("fixed", "alternate"), default="fixed",
+                   help="fixed: the policies in the given order in every pair; alternate: reversed in even pairs "
+                        "(A B, B A, ...), so a drift during the session favours neither")
     p.add_argument("--num-prompts", type=int, default=500)
     p.add_argument("--port", type=int, default=8350)
     p.add_argument("--seed", type=int, default=0)
@@ -292,14 +296,15 @@ def main(argv=None) -> None:
         rate = "inf" if load == "burst" else f"{float(load) * state['saturation_rps']:.4f}"
         name = "burst" if load == "burst" else f"{float(load):.1f}x"
         for pair in range(1, args.pairs + 1):
-            for policy in policies:
+            in_pair = policies[::-1] if args.order == "alternate" and pair % 2 == 0 else policies
+            for position, policy in enumerate(in_pair, 1):
                 if any(r["load"] == name and r["pair"] == pair and r["policy"] == policy for r in runs):
                     continue
                 tag = f"{name}_{pair}_{policy}"
                 print(f"# {tag}: rate {rate} req/s", flush=True)
                 result = run_once(policy, rate, args, model, dataset, extras, folder, tag)
-                runs.append({"policy": policy, "load": name, "pair": pair, "vllm_defaults": True, "request_rate": rate,
-                             **result})
+                runs.append({"policy": policy, "load": name, "pair": pair, "position": position, "vllm_defaults": True,
+                             "request_rate": rate, **result})
                 save()
     print_table(runs, summarize(runs))
 

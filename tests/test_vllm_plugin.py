@@ -104,7 +104,7 @@ def test_every_vllm_internal_the_plugin_relies_on_is_there():
     for name in vi.SCHEDULER_ATTRS:
         if name.startswith("_") or name in ("make_stats",):
             assert callable(getattr(Scheduler, name)), name
-    for name in ("schedule", "update_from_output", "add_request", "_free_request", "_preempt_request"):
+    for name in ("schedule", "update_from_output", "get_grammar_bitmask", "add_request", "_free_request", "_preempt_request"):
         assert callable(getattr(Scheduler, name)), name
     assert issubclass(AsyncScheduler, Scheduler) and issubclass(FCFSRequestQueue, __import__("collections").deque)
     for name in vi.RUNNER_METHODS + ("get_model",):

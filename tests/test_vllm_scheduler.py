@@ -101,6 +101,32 @@ def test_a_burst_starts_its_prefills_shortest_prompt_first_or_in_arrival_order(m
         assert first == sorted(first) and first[-1] > first[0], first
 
 
+@pytest.mark.parametrize("grammar_call", [True, False])
+def test_a_pass_refines_during_the_next_pass_at_the_output_count_of_its_states(model_folder, predictor, grammar_call):
+    """States arrive with a pass's output and refine in the scheduler's get_grammar_bitmask of the next
+    step (vLLM calls it while the worker runs that pass); a step that skips the call refines at the
+    start of the step after. Either way at the output count the states were computed at."""
+    reqs, lengths = burst(n=4, max_tokens=60)
+    s = dry_scheduler(model_folder, settings(predictor, refine_interval=1))
+    for r in reqs:
+        s.add_request(r)
+    model = StandInModel(s, {rid: 40 for rid in lengths}, width=WIDTH, grammar_call=grammar_call)
+    while not s.trail.deferred:
+        model.step()
+    (step, ids, _, gens), = s.trail.deferred
+    before, traced = s.runtime.refinements, {rid: len(s.runtime.trace.get(rid, [])) for rid in ids}
+    assert ids and all(s.requests[rid].num_output_tokens == g + 1 for rid, g in zip(ids, gens))  # tokens applied since
+    model.step()
+    waiting = [d[0] for d in s.trail.deferred]  # this step's own states wait in their turn
+    assert (step in waiting) != grammar_call  # made in this step's get_grammar_bitmask, or still waiting
+    if not grammar_call:
+        model.step()
+        assert step not in [d[0] for d in s.trail.deferred]
+    assert s.runtime.refinements >= before + len(ids)
+    for rid, g in zip(ids, gens):
+        assert s.runtime.trace[rid][traced[rid]][0] == g
+
+
 def test_a_small_batch_with_chunked_prefills_never_holds_more_than_max_num_seqs(model_folder, predictor):
     """Requests awaiting their estimate keep their slots: ranking others into the same batch made vLLM's
     own check (len(running) <= max_num_seqs) kill the engine."""

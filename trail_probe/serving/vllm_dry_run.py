@@ -13,7 +13,8 @@ blocks; `StandInModel` plays the worker: each scheduled request that samples get
 when it reaches its length), and the probe-layer states the scheduler asked for (`Wants`) come back
 as the worker would send them, from a fixed function of (request, position) so they do not depend
 on the batch (a function of the tokens up to the position, as a causal model's state is). With `async_scheduling` the stand-in keeps one step in flight, as vLLM's engine core
-does: step N+1 is scheduled before step N's output is applied.
+does: step N+1 is scheduled before step N's output is applied. Each step calls the scheduler's
+`get_grammar_bitmask` after `schedule`, as vLLM's step does (`grammar_call=False`: a step that skips it).
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def fixed_state(tokens: list[int], width: int) -> torch.Tensor:
 class StandInModel:
     """The worker's side of each step: tokens (EOS at each request's length) and the states asked for."""
 
-    def __init__(self, scheduler, lengths: dict[str, int], width: int = 64, async_scheduling: bool = False):
-        self.s, self.lengths, self.width = scheduler, lengths, width
+    def __init__(self, scheduler, lengths: dict[str, int], width: int = 64, async_scheduling: bool = False,
+                 grammar_call: bool = True):
+        self.s, self.lengths, self.width, self.grammar_call = scheduler, lengths, width, grammar_call
         self.in_flight: deque = deque()
         self.depth = 2 if async_scheduling else 1
         self.steps = 0
@@ -100,6 +102,8 @@ class StandInModel:
         """Schedule one step (and, once `depth` steps are in flight, apply the oldest's output).
         Returns the scheduler's outputs of the applied step."""
         out = self.s.schedule()
+        if self.grammar_call:  # as vLLM's EngineCore.step does while the worker runs the pass
+            self.s.get_grammar_bitmask(out)
         self.batches.append(list(out.num_scheduled_tokens))
         # what the pass computes is fixed now; its tokens are known once the steps before it are applied
         at = {rid: (self.s.requests[rid].num_computed_tokens - 1, self.s.requests[rid].is_prefill_chunk)

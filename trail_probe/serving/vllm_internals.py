@@ -8,6 +8,7 @@ version), and tests/test_vllm_plugin.py checks each against the installed vLLM.
 | internal | used for | the upstream change that would remove it |
 | --- | --- | --- |
 | `Scheduler.schedule` / `update_from_output` / `add_request` / `_free_request` overridable; `AsyncScheduler` | TRAIL's step, states in, requests in and out, stats | a scheduling-policy hook |
+| `Scheduler.get_grammar_bitmask(scheduler_output)`, called by `EngineCore.step` while the worker runs the pass | refinements overlapped with the forward pass (without the call they are made at the next step's start) | an "engine busy" callback |
 | `Scheduler.running` (list), `waiting` (`FCFSRequestQueue`, a deque), `kv_holding_waiting` | who runs, the order of admission | an "admit these, in this order" callback |
 | `Scheduler.max_num_active_reqs`, `max_num_running_reqs`, `max_num_scheduled_tokens` | capping admissions to TRAIL's choice for one step; slots and token budget | the same callback |
 | `Scheduler._handle_blocked_waiting_request(request)`, `num_waiting_for_streaming_input` | starting a request whose grammar compiled or remote KV arrived; idle streaming sessions in the admission cap | the same callback |

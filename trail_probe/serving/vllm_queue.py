@@ -21,6 +21,10 @@ the worst-ranked paused requests give their blocks back first (vLLM's recompute 
 a better-ranked running one. With no queue (nothing paused or queued, every ranked request fits)
 the ranking is skipped: it could only start everyone and pause no one.
 
+The states of a pass (`absorb`) give initial estimates at once; its refinements are made during the
+next forward pass (`refine_deferred`, from the scheduler's `get_grammar_bitmask`), off the step's
+critical path.
+
 After vLLM's step (`after_step`) TRAIL reconciles its groups with what vLLM actually did (vLLM may
 skip a request TRAIL chose, e.g. while its grammar compiles, and admit the next) and tells the
 worker which states it needs from this pass (`vllm_worker.Wants`).
@@ -101,6 +105,9 @@ class TrailQueues:
         self.paused = SortedKeys()
         self.ran: set[str] = set()  # started at least once and not finished
         self.initial_s = 0.0  # seconds in initial estimates since the scheduler last took the count
+        self.refine_s = 0.0  # seconds in deferred refinements since the scheduler last took the count
+        self.steps = 0  # before_step calls so far
+        self.deferred: list[tuple[int, list[str], torch.Tensor, list[int]]] = []  # (step, ids, states, generated)
         self.step_cost = StepCost()  # the engine's step times, for the running limit (max_running 0)
         self.running_limit, self._limit_age = scheduler.max_num_running_reqs, 0
 
@@ -157,6 +164,8 @@ class TrailQueues:
     def before_step(self) -> Plan:
         """Rank and reorder vLLM's lists for its next step (nothing is changed until the decision is made)."""
         s = self.s
+        self.steps += 1
+        self.refine_deferred(before=self.steps - 1)  # none left unless vLLM's step skipped get_grammar_bitmask
         vi.promote_ready_waiting(s)  # a compiled grammar or arrived KV: startable now (vLLM's own check)
         self._admit_new()
         running = [r for r in s.running if r.request_id not in self.paused]
@@ -337,8 +346,9 @@ class TrailQueues:
     # -- the states of a pass, back from the worker --
     def absorb(self, payload) -> None:
         """Prompt sums and probe-layer states of the pass just run: initial estimates of the requests
-        whose prefill they complete, refinements on the cadence. Called before vLLM applies the pass's
-        tokens, so a request's output count is still the one its states were computed at."""
+        whose prefill they complete, refinements on the cadence (kept with each request's output count,
+        which is still the one its states were computed at: this runs before vLLM applies the pass's
+        tokens, and the refinements themselves wait for `refine_deferred`)."""
         s, rt = self.s, self.rt
         if payload is not None and self.prompt_sums is not None and payload.prompt_ids:
             sums = torch.as_tensor(payload.prompt_sums)
@@ -355,12 +365,37 @@ class TrailQueues:
             rows = [i for i, rid in enumerate(payload.state_ids) if rid in s.requests and rt.tracks(rid)]
             ids = [payload.state_ids[i] for i in rows]
             gens = [s.requests[rid].num_output_tokens for rid in ids]
-            before = rt.refinements
-            rt.observe(ids, torch.as_tensor(payload.states)[rows], gens)
-            self.stats.count("refinements", rt.refinements - before)
-            if rt.initial == "last_token":
+            states = torch.as_tensor(payload.states)[rows]
+            if rt.initial == "last_token" and 0 in gens:  # a first estimate, needed before the request is ranked
+                self._observe(ids, states, gens)
                 self.awaiting.difference_update(rid for rid, g in zip(ids, gens) if g == 0)
+            elif ids:
+                self.deferred.append((self.steps, ids, states, gens))
         self._settle_prefills()
+
+    def refine_deferred(self, before: int | None = None) -> None:
+        """Refine with the states that arrived before step `before` (all when None). vLLM's step calls
+        the scheduler's `get_grammar_bitmask` while the worker runs the pass just scheduled, and the
+        scheduler refines there: the probe's work overlaps the forward pass instead of delaying the next
+        step, and the ranking of a step uses states at most one pass old (TRAIL refines every k tokens).
+        A request that finished in the meantime is skipped: its estimate no longer matters."""
+        if not self.deferred:
+            return
+        ready = [d for d in self.deferred if before is None or d[0] < before]
+        if not ready:
+            return
+        self.deferred = [d for d in self.deferred if not (before is None or d[0] < before)]
+        t0 = time.perf_counter()
+        for _, ids, states, gens in ready:
+            keep = [i for i, rid in enumerate(ids) if rid in self.s.requests and self.rt.tracks(rid)]
+            if keep:
+                self._observe([ids[i] for i in keep], states[keep], [gens[i] for i in keep])
+        self.refine_s += time.perf_counter() - t0
+
+    def _observe(self, ids: list[str], states: torch.Tensor, gens: list[int]) -> None:
+        before = self.rt.refinements
+        self.rt.observe(ids, states, gens)
+        self.stats.count("refinements", self.rt.refinements - before)
 
     def _settle_prefills(self) -> None:
         """Requests whose whole prompt has been summed get the prompt probe's estimate; one that has

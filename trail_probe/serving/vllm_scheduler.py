@@ -237,14 +237,21 @@ class TrailVLLMScheduler(RecordingScheduler):
         if self.settings.record_states and payload is not None:
             self.observed.extend(zip(payload.state_ids, [self.requests[r].num_output_tokens if r in self.requests else -1
                                                          for r in payload.state_ids], payload.states.tolist()))
-        if self.step_log and self.recording:
+        if self.step_log and self.recording:  # the deferred refinements count as this step's probe time
             initial_s, self.trail.initial_s = self.trail.initial_s, 0.0
-            self.step_log[-1]["probe_s"] += time.perf_counter() - t0 - initial_s
+            refine_s, self.trail.refine_s = self.trail.refine_s, 0.0
+            self.step_log[-1]["probe_s"] += time.perf_counter() - t0 - initial_s + refine_s
             self.step_log[-1]["initial_s"] += initial_s
         result = super().update_from_output(scheduler_output, model_runner_output)
         if not self.requests and self.stats.scored != self._scored_at_log:  # the engine goes idle: one more line
             self._maybe_log_stats(force=True)
         return result
+
+    def get_grammar_bitmask(self, scheduler_output):
+        """vLLM's step asks for this right after handing the pass to the worker, so the refinements
+        from the previous pass are made here, while the pass runs (`TrailQueues.refine_deferred`)."""
+        self._guarded("refine", self.trail.refine_deferred)
+        return super().get_grammar_bitmask(scheduler_output)
 
     def _time_step(self, scheduler_output, now: float) -> None:
         """The step just run, for the running limit: from its scheduling (or the previous step's end,
