@@ -8,9 +8,10 @@ after another at the same load (FCFS first and last, to bracket this machine's d
 - `aux`: the same server asking the model for the probe layers' auxiliary hidden states (16 and 17, the
   committed predictor's), the plugin's extraction path: the compiled graph's extra outputs, nothing else;
 - `trail`: `trail-probe serve RECIPE`; `norefine`: the same with `refine.interval=100000` (no refinement);
-- `rawpin` / `rawfree`: `trail-probe serve`'s vLLM command run directly, without refinements and without
-  the multiprocess metrics the serve stage turns on; `rawfree` also with TRAIL_PROBE_VLLM_PIN=0 (the
-  engine core left where the OS puts it, as at vLLM's defaults).
+- `raw`: `trail-probe serve`'s vLLM command run directly, without the multiprocess metrics the serve stage
+  turns on (so without TRAIL's gauges on /metrics); `rawpin` / `rawfree`: the same without refinements,
+  `rawfree` also with TRAIL_PROBE_VLLM_PIN=0 (the engine core left where the OS puts it, as at vLLM's
+  defaults).
 Each run: a fresh server, vLLM's own client over the recipe's 200 held-out prompts at `--rate` req/s
 (default 1.2038: 0.8x of the saturation measured by vllm_serve_client.py this session), 512 new tokens,
 greedy. Results: benchmarks/results/vllm_cost_bisect.json (appended, each run with its start time).
@@ -47,15 +48,15 @@ def command(kind: str, args, model: Path) -> tuple[list[str], dict]:
         return v.server_command("fcfs", args, model) + (["--additional-config", json.dumps(layers)] if kind == "aux" else []), env
     if kind in ("trail", "norefine"):
         return ["trail-probe", "serve", args.recipe, *(["refine.interval=100000"] if kind == "norefine" else []), "--", *common], env
-    if kind in ("rawpin", "rawfree"):
+    if kind in ("raw", "rawpin", "rawfree"):
         from trail_probe.offline.serving_setup import trail_settings
         from trail_probe.stages.serve import vllm_command
 
-        cfg = load_recipe(args.recipe, ["refine.interval=100000"])
+        cfg = load_recipe(args.recipe, [] if kind == "raw" else ["refine.interval=100000"])
         if kind == "rawfree":
             env["TRAIL_PROBE_VLLM_PIN"] = "0"
         return vllm_command(cfg, common, trail_settings(cfg)), env
-    raise SystemExit(f"unknown server '{kind}'; use fcfs, aux, trail, norefine, rawpin or rawfree")
+    raise SystemExit(f"unknown server '{kind}'; use fcfs, aux, trail, norefine, raw, rawpin or rawfree")
 
 
 def main(argv=None) -> None:
