@@ -166,10 +166,17 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
     for rid, _, text in reqs:
         tracker.add([rid], prompt_texts=[text])
         assert float(tracker.initial_estimates([rid])[0]) == pytest.approx(trail_log["initial_estimates"][rid], abs=1e-5)
+    last = {rid: g for rid, g, _ in observed}  # each request's last observed state
+    skipped = 0
     for rid, g, state in observed:
         tracker.observe([rid], torch.tensor([state]), [g])
         expected = float(tracker.estimates([rid], [g])[0])
-        assert [e for gg, e in trail_log["trace"][rid] if gg == g] == [pytest.approx(expected, abs=1e-5)]  # float32 batch rounding
+        points = [e for gg, e in trail_log["trace"][rid] if gg == g]
+        if not points and g == last[rid]:  # refinements wait for the next pass: a request that ended first skips its last
+            skipped += 1
+            continue
+        assert points == [pytest.approx(expected, abs=1e-5)]  # float32 batch rounding
+    assert skipped < len(last)
 
 
 @pytest.mark.slow
