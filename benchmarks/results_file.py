@@ -17,6 +17,14 @@ def run_facts(argv=None) -> dict:
             "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
 
 
+def merged_facts(earlier: dict, argv=None) -> dict:
+    """`run_facts` for a results file that earlier invocations also wrote runs into: every command kept."""
+    facts = run_facts(argv)
+    facts["commands"] = list(dict.fromkeys([*earlier.get("commands", [earlier["command"]] if "command" in earlier else []),
+                                            facts["command"]]))
+    return {**earlier, **facts}
+
+
 def write_results(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

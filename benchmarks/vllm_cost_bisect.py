@@ -5,8 +5,9 @@ after another at the same load (FCFS first and last, to bracket this machine's d
     python benchmarks/vllm_cost_bisect.py --servers rawpin,rawfree,fcfs
 
 - `fcfs`: vLLM's defaults (as in vllm_serve_client.py);
-- `aux`: the same server asking the model for the probe layers' auxiliary hidden states (16 and 17, the
-  committed predictor's), the plugin's extraction path: the compiled graph's extra outputs, nothing else;
+- `aux`: the same server asking the model for the probe layers' auxiliary hidden states (the recipe's
+  predictor's layers: 16 and 17 for the committed one), the plugin's extraction path: the compiled
+  graph's extra outputs, nothing else;
 - `trail`: `trail-probe serve RECIPE`; `norefine`: the same with `refine.interval=100000` (no refinement);
 - `raw`: `trail-probe serve`'s vLLM command run directly, without the multiprocess metrics the serve stage
   turns on (so without TRAIL's gauges on /metrics); `rawpin` / `rawfree`: the same without refinements,
@@ -31,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import vllm_serve_client as v  # noqa: E402
-from results_file import run_facts, write_results  # noqa: E402
+from results_file import merged_facts, write_results  # noqa: E402
 
 FIELDS = ("completed", "duration", "mean_e2el_ms", "median_e2el_ms", "mean_ttft_ms", "mean_itl_ms", "output_throughput",
           "max_concurrent_requests")
@@ -44,7 +45,10 @@ def command(kind: str, args, model: Path) -> tuple[list[str], dict]:
     env = dict(os.environ)
     common = ["--port", str(args.port), "--served-model-name", "model"]
     if kind in ("fcfs", "aux"):
-        layers = {vi.EXTRACT_KEY: {"layers": [int(x) for x in args.aux_layers.split(",")]}}
+        from trail_probe.offline.serving_setup import trail_settings
+        from trail_probe.serving.vllm_checks import probe_layers
+
+        layers = {vi.EXTRACT_KEY: {"layers": [x for x in probe_layers(trail_settings(load_recipe(args.recipe))) if x is not None]}}
         return v.server_command("fcfs", args, model) + (["--additional-config", json.dumps(layers)] if kind == "aux" else []), env
     if kind in ("trail", "norefine"):
         return ["trail-probe", "serve", args.recipe, *(["refine.interval=100000"] if kind == "norefine" else []), "--", *common], env
@@ -63,11 +67,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", default="fcfs,aux,norefine,trail,fcfs")
     p.add_argument("--rate", default="1.2038")
-    p.add_argument("--aux-layers", default="16,17")
     p.add_argument("--out", default=str(HERE / "results" / "vllm_cost_bisect.json"))
     args_in = p.parse_args(argv)
     args = v.parse_args(["--num-prompts", "200"])
-    args.aux_layers = args_in.aux_layers
     from trail_probe.config import load_recipe
     from trail_probe.model_files import plain_hf_folder
 
@@ -77,24 +79,20 @@ def main(argv=None) -> None:
     out = Path(args_in.out)
     state = json.loads(out.read_text()) if out.is_file() else {}
     runs = state.setdefault("runs", [])
+    facts = merged_facts(state.get("facts", {}), argv)
     for i, kind in enumerate(args_in.servers.split(",")):
         tag = f"{i}_{kind}"
         cmd, env = command(kind, args, model)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         print(f"# {tag} ({started})", flush=True)
-        with open(folder / f"{tag}.server.log", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        try:
-            v.wait_ready(args.port, proc)
+        with v.serving(cmd, folder / f"{tag}.server.log", args.port, env):
             client = v.client_command(args.port, model, dataset, folder, tag, num_prompts=200, rate=args_in.rate,
                                       output_len=512, seed=0)
             subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
-        finally:
-            v.stop(proc)
         result = json.loads((folder / f"{tag}.json").read_text())
         runs.append({"server": kind, "started": started, "rate": args_in.rate, **{k: result.get(k) for k in FIELDS}})
         print(f"  {kind}: mean latency {result['mean_e2el_ms'] / 1000:.2f} s, ITL {result['mean_itl_ms']:.1f} ms", flush=True)
-        state.update(facts=run_facts(sys.argv[1:] if argv is None else argv), logs=str(folder))
+        state.update(facts=facts, logs=str(folder))
         write_results(out, state)
 
 

@@ -30,6 +30,7 @@ a run already there is kept (delete the file, or pass --fresh, to start over).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_file import run_facts, write_results  # noqa: E402
+from results_file import merged_facts, write_results  # noqa: E402
 
 RESULTS = HERE / "results" / "vllm_serve_client.json"
 FIELDS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
@@ -129,6 +130,18 @@ def wait_ready(port: int, proc, timeout: float = 900.0) -> None:
     raise RuntimeError(f"the server on port {port} was not ready after {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def serving(cmd: list[str], log: Path, port: int, env: dict | None = None):
+    """A fresh server from `cmd` (its output to `log`), ready on `port`; stopped on leaving."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        wait_ready(port, proc)
+        yield proc
+    finally:
+        stop(proc)
+
+
 def stop(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -171,18 +184,12 @@ def client_command(port: int, model: Path, dataset: Path, folder: Path, tag: str
 
 def run_once(policy: str, rate: str, args, model: Path, dataset: Path, extras: dict, folder: Path, tag: str) -> dict:
     log = folder / f"{tag}.server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(server_command(policy, args, model), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        wait_ready(args.port, proc)
+    with serving(server_command(policy, args, model), log, args.port):
         client = client_command(args.port, model, dataset, folder, tag, num_prompts=args.num_prompts, rate=rate,
                                 output_len=1 if policy == "prefill" else 512, seed=args.seed,
                                 field=[f"--{policy}", str(extras[policy])] if policy in extras else [])
         subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
         time.sleep(12)  # one more live-accuracy line after the last request finished
-    finally:
-        stop(proc)
     result = json.loads((folder / f"{tag}.json").read_text())
     out = {k: result.get(k) for k in FIELDS}
     if policy in ("trail", "oracle"):
@@ -274,13 +281,10 @@ def main(argv=None) -> None:
     if "oracle" in policies and not lengths:
         raise SystemExit("the oracle policy needs the eval's predictions (true lengths); run the pipeline first")
 
-    facts = run_facts(argv)
-    earlier = state.get("facts", {})  # a file resumed or extended: every invocation that wrote runs into it
-    facts["commands"] = list(dict.fromkeys([*earlier.get("commands", [earlier["command"]] if "command" in earlier else []),
-                                            facts["command"]]))
+    facts = merged_facts(state.get("facts", {}), argv)  # a file resumed or extended: every invocation that wrote runs into it
 
     def save() -> None:
-        state.update(runs=runs, summary=summarize(runs), facts={**earlier, **facts}, num_prompts=args.num_prompts,
+        state.update(runs=runs, summary=summarize(runs), facts=facts, num_prompts=args.num_prompts,
                      recipe=args.recipe, overrides=args.overrides, logs=str(folder))
         write_results(out_path, state)
 

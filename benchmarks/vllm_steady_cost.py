@@ -47,16 +47,11 @@ def main(argv=None) -> None:
         if kind.endswith("+prom"):
             env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prom_")
         tag = f"{i}_{kind}"
-        with open(folder / f"{tag}.server.log", "w") as log:
-            proc = subprocess.Popen(v.server_command("trail" if kind.startswith("trail") else "fcfs", sargs, model),
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        try:
-            v.wait_ready(sargs.port, proc)
+        cmd = v.server_command("trail" if kind.startswith("trail") else "fcfs", sargs, model)
+        with v.serving(cmd, folder / f"{tag}.server.log", sargs.port, env):
             client = v.client_command(sargs.port, model, dataset, folder, tag, num_prompts=128, rate="inf", output_len=256,
                                       seed=0, extra=["--ignore-eos", "--max-concurrency", "32"])
             subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
-        finally:
-            v.stop(proc)
         result = json.loads((folder / f"{tag}.json").read_text())
         runs.append({"server": kind, "order": i, **{k: result.get(k) for k in FIELDS}})
         print(f"{kind:>10}: mean ITL {result['mean_itl_ms']:.2f} ms, {result['output_throughput']:.1f} tok/s", flush=True)

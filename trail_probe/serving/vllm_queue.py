@@ -379,12 +379,10 @@ class TrailQueues:
         scheduler refines there: the probe's work overlaps the forward pass instead of delaying the next
         step, and the ranking of a step uses states at most one pass old (TRAIL refines every k tokens).
         A request that finished in the meantime is skipped: its estimate no longer matters."""
-        if not self.deferred:
-            return
         ready = [d for d in self.deferred if before is None or d[0] < before]
         if not ready:
             return
-        self.deferred = [d for d in self.deferred if not (before is None or d[0] < before)]
+        self.deferred = self.deferred[len(ready):]  # in arrival order, so the ready ones are the oldest
         t0 = time.perf_counter()
         for _, ids, states, gens in ready:
             keep = [i for i, rid in enumerate(ids) if rid in self.s.requests and self.rt.tracks(rid)]
