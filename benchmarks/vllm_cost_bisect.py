@@ -3,6 +3,7 @@ after another at the same load (FCFS first and last, to bracket this machine's d
 
     python benchmarks/vllm_cost_bisect.py                                  # fcfs,aux,norefine,trail,fcfs
     python benchmarks/vllm_cost_bisect.py --servers rawpin,rawfree,fcfs
+    python benchmarks/vllm_cost_bisect.py --load closed    # 32 in flight, no request ends: the per-step cost alone
 
 - `fcfs`: vLLM's defaults (as in vllm_serve_client.py);
 - `aux`: the same server asking the model for the probe layers' auxiliary hidden states (the recipe's
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE))
 import vllm_serve_client as v  # noqa: E402
 from results_file import merged_facts, write_results  # noqa: E402
 
-FIELDS = ("completed", "duration", "mean_e2el_ms", "median_e2el_ms", "mean_ttft_ms", "mean_itl_ms", "output_throughput",
+FIELDS = ("completed", "duration", "mean_e2el_ms", "median_e2el_ms", "mean_ttft_ms", "mean_itl_ms", "median_itl_ms", "output_throughput",
           "max_concurrent_requests")
 
 
@@ -67,6 +68,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", default="fcfs,aux,norefine,trail,fcfs")
     p.add_argument("--rate", default="1.2038")
+    p.add_argument("--load", choices=("open", "closed"), default="open",
+                   help="open: 200 prompts arriving at --rate; closed: 128 prompts, 32 in flight, 256 tokens each, EOS "
+                        "ignored (no queue for TRAIL to reorder: any difference is its per-step cost, unmagnified)")
     p.add_argument("--out", default=str(HERE / "results" / "vllm_cost_bisect.json"))
     args_in = p.parse_args(argv)
     args = v.parse_args(["--num-prompts", "200"])
@@ -86,11 +90,17 @@ def main(argv=None) -> None:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         print(f"# {tag} ({started})", flush=True)
         with v.serving(cmd, folder / f"{tag}.server.log", args.port, env):
-            client = v.client_command(args.port, model, dataset, folder, tag, num_prompts=200, rate=args_in.rate,
-                                      output_len=512, seed=0)
+            if args_in.load == "closed":
+                client = v.client_command(args.port, model, dataset, folder, tag, num_prompts=128, rate="inf",
+                                          output_len=256, seed=0, extra=["--ignore-eos", "--max-concurrency", "32"])
+            else:
+                client = v.client_command(args.port, model, dataset, folder, tag, num_prompts=200, rate=args_in.rate,
+                                          output_len=512, seed=0)
             subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
         result = json.loads((folder / f"{tag}.json").read_text())
-        runs.append({"server": kind, "started": started, "rate": args_in.rate, **{k: result.get(k) for k in FIELDS}})
+        runs.append({"server": kind, "started": started, "load": args_in.load,
+                     "rate": args_in.rate if args_in.load == "open" else "closed: 32 in flight",
+                     **{k: result.get(k) for k in FIELDS}})
         print(f"  {kind}: mean latency {result['mean_e2el_ms'] / 1000:.2f} s, ITL {result['mean_itl_ms']:.1f} ms", flush=True)
         state.update(facts=facts, logs=str(folder))
         write_results(out, state)

@@ -138,7 +138,7 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
     runs = {}
     for policy in ("fifo", "trail"):
         settings = TrailSettings(predictor=str(vllm_predictor), initial="bert", bert=str(tmp_path / "bert"),
-                                 client_estimates=True, refine_interval=4, record=True,
+                                 client_estimates=True, refine_interval=4, refine_when="always", record=True,
                                  record_states=True) if policy == "trail" else None
         with VLLMEngine(vllm_llama, policy, settings, max_num_seqs=3, dtype="float32", kv_cache_memory_bytes=128 << 20,
                         max_model_len=512, enforce_eager=True) as engine:
@@ -194,7 +194,7 @@ def test_prompt_probe_initial_estimates_in_vllm_are_hf_prompt_means_over_chunked
                                  max_len=MAX_NEW, device="cpu")
     reqs = _requests(vllm_llama)
     assert max(len(ids) for _, ids, _ in reqs) > 16  # some prompts take more than one chunk
-    settings = TrailSettings(predictor=str(vllm_predictor), prompt_predictor=str(prompt_dir), record=True)
+    settings = TrailSettings(predictor=str(vllm_predictor), prompt_predictor=str(prompt_dir), record=True, refine_when="always")
     with VLLMEngine(vllm_llama, "trail", settings, max_num_seqs=3, max_num_batched_tokens=16, dtype="float32",
                     kv_cache_memory_bytes=128 << 20, max_model_len=512) as engine:  # vLLM's defaults: compiled
         results, _ = engine.replay(reqs, [0.0] * len(reqs), max_new_tokens=MAX_NEW)  # each request's own budget caps its estimate
@@ -268,7 +268,7 @@ def test_on_smollm2_the_plugin_reads_layer_19_as_hf_does(tmp_path):
     texts = ["Give three tips for staying healthy.", "What is the capital of France?", "Name a primary color."]
     reqs = [(f"q{i}", encode_prompt(tokenizer, t), t) for i, t in enumerate(texts)]
     settings = TrailSettings(predictor="checkpoints/smollm2_alpaca/predictor", initial="none", record=True,
-                             record_states=True, extraction_check="off")
+                             record_states=True, extraction_check="off", refine_when="always")
     # vLLM's defaults (torch.compile): the states come out of the compiled graph as auxiliary outputs
     with VLLMEngine(folder, "trail", settings, max_num_seqs=4, dtype="float32", kv_cache_memory_bytes=256 << 20,
                     max_model_len=1024) as engine:

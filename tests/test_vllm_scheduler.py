@@ -44,7 +44,10 @@ def predictor(tmp_path_factory):
 
 
 def settings(predictor, **changes) -> TrailSettings:
-    return TrailSettings(predictor=str(predictor), **{"refine_interval": 4, "record": True, **changes})
+    """Refinements at every k tokens (refine_when=always) unless a test asks otherwise: most tests here
+    check how refinements are made, with or without a queue."""
+    return TrailSettings(predictor=str(predictor), **{"refine_interval": 4, "record": True, "refine_when": "always",
+                                                      **changes})
 
 
 def run(folder, s, requests, lengths, async_scheduling=False, **kwargs):
@@ -99,6 +102,21 @@ def test_a_burst_starts_its_prefills_shortest_prompt_first_or_in_arrival_order(m
         assert first == [0, 1, 2, 2, 1, 0], first
     else:
         assert first == sorted(first) and first[-1] > first[0], first
+
+
+@pytest.mark.parametrize("when, max_running, refined", [("waiting", 0, False), ("always", 0, True),
+                                                        ("waiting", 2, True)])
+def test_refinements_are_made_only_while_requests_wait_for_a_slot(model_folder, predictor, when, max_running, refined):
+    """refine_when=waiting: with every request running (no queue) no state leaves the worker but the
+    prefills' and no probe runs but the prompt probe; with more requests than slots the running ones
+    are refined (and the ranking pauses some). refine_when=always refines either way."""
+    reqs, lengths = burst(n=6)
+    s, model = run(model_folder, settings(predictor, refine_when=when, max_running=max_running), reqs, lengths)
+    log = s.log()
+    assert log["live"]["finished_scored"] == len(reqs) and set(log["initial_estimates"]) == set(lengths)
+    assert (log["trail"]["refinements"] > 0) == refined, log["trail"]
+    assert (log["live"]["pauses"] > 0) == (max_running == 2), log["live"]
+    assert (model.states_asked > 0) == refined, model.states_asked
 
 
 @pytest.mark.parametrize("grammar_call", [True, False])

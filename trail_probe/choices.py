@@ -52,6 +52,10 @@ RefineCadence = Literal["per_request", "global"]
 # the order in which prefill-first starts new requests (their prefill gives the first estimate): the
 # fewest prompt tokens first (a burst's mean time to first token is lowest), or arrival order
 PrefillOrder = Literal["shortest", "arrival"]
+# when the vLLM plugin refines running requests' estimates: only while requests wait (a queue, paused
+# requests, prefills that found no slot; refinements only serve the ranking, which then has a choice to
+# make), or at every k tokens whatever the load
+RefineWhen = Literal["waiting", "always"]
 # eval: the held-out 25% (scored once, at the end), or the validation split carved out of the training
 # side (for choosing refinement settings without looking at the held-out side)
 EvalSplit = Literal["held_out", "validation"]

@@ -41,6 +41,7 @@ from trail_probe.choices import (
     PromptLabels,
     RefineCadence,
     RefinePrior,
+    RefineWhen,
     RidgeScreen,
     Task,
     TaskSelection,
@@ -260,6 +261,7 @@ class ServeConfig:
     max_running: int = 0  # vllm: decoding requests TRAIL runs at once (0: vLLM's max_num_seqs)
     max_prefill_tokens: int = 0  # vllm: prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
     prefill_order: PrefillOrder = "shortest"  # vllm: new requests' prefills, fewest prompt tokens first (or arrival)
+    refine_when: RefineWhen = "waiting"  # vllm: refine only while requests wait (no queue: no work), or always
     bert: str = ""  # default: the baseline folder (trail-probe train-baseline)
     threads: int = 2  # torch threads for the engine (hf)
     vllm_dtype: str = "bfloat16"  # vllm: the serving dtype (vLLM's CPU build serves bf16 fastest)

@@ -32,6 +32,7 @@ COUNTERS = ("pauses", "resumes", "refinements", "kv_preemptions", "ignored_clien
 
 class LiveStats:
     def __init__(self, window: int = 1000):
+        from scipy.stats import kendalltau  # noqa: F401 - imported now: its first import (~1 s) must not stall a step
         self.scored = 0
         self.initial_abs = 0.0
         self.refined_abs = 0.0

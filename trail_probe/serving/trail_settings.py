@@ -20,7 +20,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from trail_probe.choices import ExtractionCheck, InitialSource, Likelihood, PrefillOrder, RefineCadence, check_choice
+from trail_probe.choices import (ExtractionCheck, InitialSource, Likelihood, PrefillOrder, RefineCadence, RefineWhen,
+                                  check_choice)
 from trail_probe.errors import UserError
 from trail_probe.runtime.estimates import check_interval
 from trail_probe.serving.policies import check_aging, check_preemption_c, make_policy
@@ -50,6 +51,7 @@ class TrailSettings:
     max_throughput_loss: float = 0.04  # with max_running 0; 0 keeps vLLM's max_num_seqs
     max_prefill_tokens: int = 0  # prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
     prefill_order: str = "shortest"  # which new requests start their prefill first: shortest prompts, or arrival
+    refine_when: str = "waiting"  # refine only while requests wait for a slot (the ranking has a choice), or always
     client_estimates: bool = False  # trust trail_* vllm_xargs from clients (estimates, exact lengths, prompt text)
     record: bool = False  # keep a step log and per-request estimates for benchmarks (bounded)
     record_states: bool = False  # keep the states refinements used (parity tests only; bounded)
@@ -64,6 +66,7 @@ class TrailSettings:
         check_choice(self.likelihood, Likelihood, f"{KEY}.likelihood")
         check_choice(self.cadence, RefineCadence, f"{KEY}.cadence")
         check_choice(self.prefill_order, PrefillOrder, f"{KEY}.prefill_order")
+        check_choice(self.refine_when, RefineWhen, f"{KEY}.refine_when")
         check_choice(self.extraction_check, ExtractionCheck, f"{KEY}.extraction_check")
         check_interval(self.refine_interval, f"{KEY}.refine_interval")
         check_preemption_c(self.preemption_c, f"{KEY}.preemption_c")

@@ -97,6 +97,7 @@ class StandInModel:
         self.depth = 2 if async_scheduling else 1
         self.steps = 0
         self.batches: list[list[str]] = []
+        self.states_asked = 0  # decode-layer states the scheduler asked for (refinements; last_token's first ones)
 
     def step(self) -> dict:
         """Schedule one step (and, once `depth` steps are in flight, apply the oldest's output).
@@ -142,6 +143,7 @@ class StandInModel:
                                    sampled_token_ids=tokens)
         wants = getattr(out, WANTS_ATTR, None)
         if wants:
+            self.states_asked += len(wants.states)
             setattr(result, PAYLOAD_ATTR, self._payload(at, wants))
         return result
 

@@ -23,7 +23,8 @@ the ranking is skipped: it could only start everyone and pause no one.
 
 The states of a pass (`absorb`) give initial estimates at once; its refinements are made during the
 next forward pass (`refine_deferred`, from the scheduler's `get_grammar_bitmask`), off the step's
-critical path.
+critical path; by default (`refine_when=waiting`) only while some request waits for a slot, the only
+time the ranking has a choice to make.
 
 After vLLM's step (`after_step`) TRAIL reconciles its groups with what vLLM actually did (vLLM may
 skip a request TRAIL chose, e.g. while its grammar compiles, and admit the next) and tells the
@@ -32,7 +33,6 @@ worker which states it needs from this pass (`vllm_worker.Wants`).
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -42,44 +42,14 @@ import torch
 from trail_probe.runtime.estimates import refines_at
 from trail_probe.serving import vllm_internals as vi
 from trail_probe.serving.policies import RequestQueue, schedule
+from trail_probe.serving.sorted_keys import SortedKeys
 from trail_probe.serving.step_cost import StepCost
 from trail_probe.serving.trail_state import RequestView
 from trail_probe.serving.vllm_worker import WANTS_ATTR, Wants
 
 
 PREFILL_SHARE = 8  # with new requests waiting for their prefill, 1/8 of vLLM's batch slots is kept for them
-
-
-class SortedKeys:
-    """(key, request id) pairs kept sorted; removal checks the id (a stale or odd key never removes another)."""
-
-    def __init__(self):
-        self.items: list[tuple[tuple, str]] = []
-        self.keys: dict[str, tuple] = {}
-
-    def __contains__(self, rid: str) -> bool:
-        return rid in self.keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def insert(self, rid: str, key: tuple) -> None:
-        self.remove(rid)
-        self.keys[rid] = key
-        bisect.insort(self.items, (key, rid))
-
-    def remove(self, rid: str) -> None:
-        key = self.keys.pop(rid, None)
-        if key is None:
-            return
-        i = bisect.bisect_left(self.items, (key, rid))
-        if i < len(self.items) and self.items[i][1] == rid:
-            del self.items[i]
-        else:  # never expected (keys are finite); keep the list true rather than trust the position
-            self.items = [(k, r) for k, r in self.items if r != rid]
-
-    def best(self, n: int) -> list[str]:
-        return [rid for _, rid in self.items[:n]]
+REFINE_HOLD_STEPS = 64  # refine_when=waiting: steps after the last one where a request waited that refinements go on
 
 
 @dataclass
@@ -110,6 +80,7 @@ class TrailQueues:
         self.deferred: list[tuple[int, list[str], torch.Tensor, list[int]]] = []  # (step, ids, states, generated)
         self.step_cost = StepCost()  # the engine's step times, for the running limit (max_running 0)
         self.running_limit, self._limit_age = scheduler.max_num_running_reqs, 0
+        self.waited_at = -REFINE_HOLD_STEPS - 1  # the last step at which a request waited for a slot
 
     # -- requests come and go --
     def track(self, request) -> None:
@@ -150,6 +121,16 @@ class TrailQueues:
     @property
     def current_limit(self) -> int:
         return min(self.settings.max_running or self.running_limit, self.s.max_num_running_reqs)
+
+    @property
+    def refining(self) -> bool:
+        """Whether running requests' estimates are refined now: always, or (refine_when=waiting) while a
+        request waits for a slot (paused, or left in vLLM's waiting queue after its step) and
+        REFINE_HOLD_STEPS after. Refinements only serve the ranking, which
+        has a choice to make only then; with no queue TRAIL then costs its initial estimates alone
+        (no states leave the worker, no probe runs), and a request that starts refining again does so
+        from its last estimate counted down (the tracker moves it by the tokens generated since)."""
+        return self.settings.refine_when == "always" or self.steps - self.waited_at <= REFINE_HOLD_STEPS
 
     def _limit(self) -> int:
         """Decode slots TRAIL fills: the setting, else the step-cost rule (recomputed every 64 steps)."""
@@ -306,8 +287,11 @@ class TrailQueues:
     # -- after vLLM's step --
     def after_step(self, out, plan: Plan | None, async_mode: bool) -> None:
         """Reconcile with what vLLM scheduled and tell the worker which states this pass must return."""
+        if plan is None or plan.held or any(_ready(r) for r in self.s.waiting):  # someone waits for a slot
+            self.waited_at = self.steps  # (TRAIL's hold, vLLM's slots, token budget or KV blocks; None: a failed ranking)
         wants = Wants(block_size=self.s.block_size)
         generated = plan.generated if plan is not None else {}
+        refining = self.refining
         for rid, n in out.num_scheduled_tokens.items():
             r = self.s.requests.get(rid)
             if r is None or rid not in self.views:
@@ -321,7 +305,7 @@ class TrailQueues:
                 self.prompt_sums.start(rid, start, r.num_computed_tokens)
             if rid in self.awaiting and self.rt.prompt_input == "last" and samples and g == 0:
                 wants.last.append(rid)  # this pass ends the prompt: its last token's state is the input
-            if samples and self._wants_state(rid, g):
+            if samples and self._wants_state(rid, g, refining):
                 wants.states.append(rid)
         if wants:
             setattr(out, WANTS_ATTR, wants)
@@ -335,12 +319,12 @@ class TrailQueues:
             self.awaiting.add(rid)
         self.ran.add(rid)
 
-    def _wants_state(self, rid: str, g: int) -> bool:
+    def _wants_state(self, rid: str, g: int, refining: bool = True) -> bool:
         if not self.rt.needs_states or not self.rt.tracks(rid):
             return False
         if g == 0:
             return self.rt.initial == "last_token"
-        return self.rt.refine and (self.rt.cadence == "global" or refines_at(g, self.rt.refine_interval))
+        return refining and self.rt.refine and (self.rt.cadence == "global" or refines_at(g, self.rt.refine_interval))
 
 
     # -- the states of a pass, back from the worker --

@@ -224,7 +224,7 @@ class TrailVLLMScheduler(RecordingScheduler):
         t1 = time.perf_counter()
         self._guarded("reconcile", self.trail.after_step, out, plan, self.async_mode)
         self._log_step(t0, out, trail_s + time.perf_counter() - t1)
-        self._maybe_log_stats()
+        self._maybe_log_stats(late_by=self.settings.stats_interval_s)  # only if get_grammar_bitmask never came
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -249,8 +249,10 @@ class TrailVLLMScheduler(RecordingScheduler):
 
     def get_grammar_bitmask(self, scheduler_output):
         """vLLM's step asks for this right after handing the pass to the worker, so the refinements
-        from the previous pass are made here, while the pass runs (`TrailQueues.refine_deferred`)."""
+        from the previous pass are made here, while the pass runs (`TrailQueues.refine_deferred`), and
+        so is the live-accuracy line."""
         self._guarded("refine", self.trail.refine_deferred)
+        self._maybe_log_stats()  # the live-accuracy line's taus (~25 ms) also while the pass runs
         return super().get_grammar_bitmask(scheduler_output)
 
     def _time_step(self, scheduler_output, now: float) -> None:
@@ -272,9 +274,9 @@ class TrailVLLMScheduler(RecordingScheduler):
             logger.exception("TRAIL: %s failed; this step runs as vLLM's FCFS step", what)
             return None
 
-    def _maybe_log_stats(self, force: bool = False) -> None:
+    def _maybe_log_stats(self, force: bool = False, late_by: float = 0.0) -> None:
         now = time.monotonic()
-        if not self.settings.stats_interval_s or (now < self._next_stats and not force):
+        if not self.settings.stats_interval_s or (now < self._next_stats + late_by and not force):
             return
         self._next_stats = now + (self.settings.stats_interval_s or math.inf)
         self._scored_at_log = self.stats.scored

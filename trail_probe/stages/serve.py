@@ -63,6 +63,7 @@ def _on_cpu() -> bool:
 
 
 PREFILLS = {"shortest": "prefills shortest prompt first", "arrival": "prefills in arrival order"}
+REFINES = {"waiting": ", while requests wait", "always": ", always"}
 
 
 def describe(settings, cmd: list[str]) -> str:
@@ -80,7 +81,7 @@ def describe(settings, cmd: list[str]) -> str:
     flags = " ".join(a for a in cmd[cmd.index("--additional-config") + 2:])
     limit = settings.max_running or f"auto (within {settings.max_throughput_loss:.0%} of max_num_seqs' throughput)"
     return (f"trail-probe serve: TRAIL active: policy {settings.policy}, predictor {settings.predictor} (layer {layer}), "
-            f"initial estimate {initial}, refine every {settings.refine_interval} tokens ({settings.likelihood}), "
+            f"initial estimate {initial}, refine every {settings.refine_interval} tokens ({settings.likelihood}{REFINES[settings.refine_when]}), "
             f"C = {settings.preemption_c}, at most {limit} decoding, {PREFILLS[settings.prefill_order]}; "
             f"vLLM {vllm_version()} at its defaults plus: {flags or '(nothing)'}")
 
