@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,12 +73,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(HERE / "results" / "vllm_cost_bisect.json"))
     args_in = p.parse_args(argv)
     args = v.parse_args(["--num-prompts", "200"])
-    from trail_probe.config import load_recipe
-    from trail_probe.model_files import plain_hf_folder
-
-    model = plain_hf_folder(load_recipe(args.recipe).model)
-    folder = Path(tempfile.mkdtemp(prefix="vllm_cost_bisect_"))
-    dataset, _, _ = v.workload(args, folder)
+    model, folder, dataset, _, _ = v.prepare(args, "vllm_cost_bisect_")
     out = Path(args_in.out)
     state = json.loads(out.read_text()) if out.is_file() else {}
     runs = state.setdefault("runs", [])
@@ -91,8 +85,7 @@ def main(argv=None) -> None:
         print(f"# {tag} ({started})", flush=True)
         with v.serving(cmd, folder / f"{tag}.server.log", args.port, env):
             if args_in.load == "closed":
-                client = v.client_command(args.port, model, dataset, folder, tag, num_prompts=128, rate="inf",
-                                          output_len=256, seed=0, extra=["--ignore-eos", "--max-concurrency", "32"])
+                client = v.closed_loop_client(args.port, model, dataset, folder, tag)
             else:
                 client = v.client_command(args.port, model, dataset, folder, tag, num_prompts=200, rate=args_in.rate,
                                           output_len=512, seed=0)

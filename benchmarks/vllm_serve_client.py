@@ -182,6 +182,26 @@ def client_command(port: int, model: Path, dataset: Path, folder: Path, tag: str
             "--save-result", "--result-dir", str(folder), "--result-filename", f"{tag}.json"]
 
 
+CLOSED_LOOP = dict(num_prompts=128, rate="inf", output_len=256, seed=0, extra=["--ignore-eos", "--max-concurrency", "32"])
+
+
+def closed_loop_client(port: int, model: Path, dataset: Path, folder: Path, tag: str) -> list[str]:
+    """vLLM's client with 32 requests always in flight, 256 tokens each, EOS ignored: no queue for TRAIL
+    to reorder and no request ending early, so a difference between servers is their per-step cost."""
+    return client_command(port, model, dataset, folder, tag, **CLOSED_LOOP)
+
+
+def prepare(args, prefix: str) -> tuple[Path, Path, Path, dict, dict]:
+    """The serving model's plain folder, a fresh folder for logs, and the held-out workload written there
+    (`workload`: the dataset file, the prompt-probe estimates, the true lengths)."""
+    from trail_probe.config import load_recipe
+    from trail_probe.model_files import plain_hf_folder
+
+    model = plain_hf_folder(load_recipe(args.recipe).model)
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    return (model, folder, *workload(args, folder))
+
+
 def run_once(policy: str, rate: str, args, model: Path, dataset: Path, extras: dict, folder: Path, tag: str) -> dict:
     log = folder / f"{tag}.server.log"
     with serving(server_command(policy, args, model), log, args.port):
@@ -263,15 +283,10 @@ def main(argv=None) -> None:
     if argv and argv[0] == "--client":
         return client_main(argv[1:])
     args = parse_args(argv)
-    from trail_probe.config import load_recipe
-    from trail_probe.model_files import plain_hf_folder
-
-    model = plain_hf_folder(load_recipe(args.recipe).model)
     out_path = Path(args.out)
     state = json.loads(out_path.read_text()) if out_path.is_file() and not args.fresh else {}
     runs: list[dict] = state.get("runs", [])
-    folder = Path(tempfile.mkdtemp(prefix="vllm_serve_client_"))
-    dataset, estimates, lengths = workload(args, folder)
+    model, folder, dataset, estimates, lengths = prepare(args, "vllm_serve_client_")
     extras = {"priority": folder / "priorities.json", "oracle": folder / "lengths.json"}
     extras["priority"].write_text(json.dumps(estimates))
     extras["oracle"].write_text(json.dumps(lengths))

@@ -35,12 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(HERE / "results" / "vllm_steady_cost.json"))
     args = p.parse_args(argv)
     sargs = v.parse_args(["--num-prompts", "128"])
-    from trail_probe.config import load_recipe
-    from trail_probe.model_files import plain_hf_folder
-
-    model = plain_hf_folder(load_recipe(sargs.recipe).model)
-    folder = Path(tempfile.mkdtemp(prefix="vllm_steady_cost_"))
-    dataset, _, _ = v.workload(sargs, folder)
+    model, folder, dataset, _, _ = v.prepare(sargs, "vllm_steady_cost_")
     runs = []
     for i, kind in enumerate(args.servers.split(",")):
         env = dict(os.environ)
@@ -49,8 +44,7 @@ def main(argv=None) -> None:
         tag = f"{i}_{kind}"
         cmd = v.server_command("trail" if kind.startswith("trail") else "fcfs", sargs, model)
         with v.serving(cmd, folder / f"{tag}.server.log", sargs.port, env):
-            client = v.client_command(sargs.port, model, dataset, folder, tag, num_prompts=128, rate="inf", output_len=256,
-                                      seed=0, extra=["--ignore-eos", "--max-concurrency", "32"])
+            client = v.closed_loop_client(sargs.port, model, dataset, folder, tag)
             subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
         result = json.loads((folder / f"{tag}.json").read_text())
         runs.append({"server": kind, "order": i, **{k: result.get(k) for k in FIELDS}})

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,14 +39,11 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     args = v.parse_args(["--num-prompts", "200", "--overrides", *a.overrides] if a.overrides else ["--num-prompts", "200"])
     from trail_probe.config import load_recipe
-    from trail_probe.model_files import plain_hf_folder
     from trail_probe.offline.serving_setup import trail_settings
     from trail_probe.stages.serve import vllm_command
 
     cfg = load_recipe(args.recipe, a.overrides)
-    model = plain_hf_folder(cfg.model)
-    folder = Path(tempfile.mkdtemp(prefix="vllm_step_overhead_"))
-    dataset, _, _ = v.workload(args, folder)
+    model, folder, dataset, _, _ = v.prepare(args, "vllm_step_overhead_")
     cmd = vllm_command(cfg, ["--port", str(args.port), "--served-model-name", "model"], trail_settings(cfg))
     cmd[cmd.index("--scheduler-cls") + 1] = "step_overhead_scheduler.TimedTrailScheduler"
     timings = folder / "hooks.json"

@@ -126,8 +126,8 @@ class TrailQueues:
     def refining(self) -> bool:
         """Whether running requests' estimates are refined now: always, or (refine_when=waiting) while a
         request waits for a slot (paused, or left in vLLM's waiting queue after its step) and
-        REFINE_HOLD_STEPS after. Refinements only serve the ranking, which
-        has a choice to make only then; with no queue TRAIL then costs its initial estimates alone
+        REFINE_HOLD_STEPS after (a failed ranking counts as waiting). Refinements only serve the ranking,
+        which has a choice to make only then; with no queue TRAIL then costs its initial estimates alone
         (no states leave the worker, no probe runs), and a request that starts refining again does so
         from its last estimate counted down (the tracker moves it by the tokens generated since)."""
         return self.settings.refine_when == "always" or self.steps - self.waited_at <= REFINE_HOLD_STEPS
@@ -287,8 +287,8 @@ class TrailQueues:
     # -- after vLLM's step --
     def after_step(self, out, plan: Plan | None, async_mode: bool) -> None:
         """Reconcile with what vLLM scheduled and tell the worker which states this pass must return."""
-        if plan is None or plan.held or any(_ready(r) for r in self.s.waiting):  # someone waits for a slot
-            self.waited_at = self.steps  # (TRAIL's hold, vLLM's slots, token budget or KV blocks; None: a failed ranking)
+        if self.settings.refine_when == "waiting" and (plan is None or plan.held or any(map(_ready, self.s.waiting))):
+            self.waited_at = self.steps  # someone waits for a slot: TRAIL's hold, vLLM's slots, token budget or KV
         wants = Wants(block_size=self.s.block_size)
         generated = plan.generated if plan is not None else {}
         refining = self.refining
@@ -319,7 +319,7 @@ class TrailQueues:
             self.awaiting.add(rid)
         self.ran.add(rid)
 
-    def _wants_state(self, rid: str, g: int, refining: bool = True) -> bool:
+    def _wants_state(self, rid: str, g: int, refining: bool) -> bool:
         if not self.rt.needs_states or not self.rt.tracks(rid):
             return False
         if g == 0:
