@@ -56,15 +56,13 @@ def command(kind: str, args, model: Path, port: int, share: float, timer_out: st
         cmd[cmd.index("--gpu-memory-utilization") + 1] = f"{share:.3f}"
     else:
         cmd += ["--gpu-memory-utilization", f"{share:.3f}"]
-    env.update(PYTHONPATH=os.pathsep.join([str(HERE / "worker_step_timer"), env.get("PYTHONPATH", "")]),
+    env.update(PYTHONPATH=os.pathsep.join(p for p in [str(HERE / "worker_step_timer"), env.get("PYTHONPATH", "")] if p),
                TRAIL_STEP_TIMER_OUT=timer_out)
     return cmd, env
 
 
 async def window(session, port: int, in_flight: int, seconds: float, prompts: list[str], rng: random.Random) -> int:
     """`in_flight` closed-loop clients on one server for `seconds`; returns the requests completed."""
-    import aiohttp  # noqa: F401 - vLLM's client needs it too
-
     url, end = f"http://127.0.0.1:{port}/v1/chat/completions", time.perf_counter() + seconds
 
     async def client() -> int:
@@ -116,9 +114,10 @@ def drive_open(ports: dict, a, args, model: Path, dataset: Path, folder: Path) -
     return windows
 
 
-def load_rows(pattern_dir: Path, prefix: str) -> list[list]:
+def load_rows(folder: Path, prefix: str) -> list[list]:
+    """Every timed pass of the server whose timer files start with `prefix` (one file per worker process)."""
     rows = []
-    for f in sorted(pattern_dir.glob(f"{prefix}_*.json")):
+    for f in sorted(folder.glob(f"{prefix}_*.json")):
         rows += json.loads(f.read_text())
     return rows
 
