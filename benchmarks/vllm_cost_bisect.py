@@ -87,8 +87,7 @@ def main(argv=None) -> None:
             if args_in.load == "closed":
                 client = v.closed_loop_client(args.port, model, dataset, folder, tag)
             else:
-                client = v.client_command(args.port, model, dataset, folder, tag, num_prompts=200, rate=args_in.rate,
-                                          output_len=512, seed=0)
+                client = v.open_loop_client(args.port, model, dataset, folder, tag, args_in.rate)
             subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
         result = json.loads((folder / f"{tag}.json").read_text())
         runs.append({"server": kind, "started": started, "load": args_in.load,

@@ -185,6 +185,12 @@ def client_command(port: int, model: Path, dataset: Path, folder: Path, tag: str
 CLOSED_LOOP = dict(num_prompts=128, rate="inf", output_len=256, seed=0, extra=["--ignore-eos", "--max-concurrency", "32"])
 
 
+def open_loop_client(port: int, model: Path, dataset: Path, folder: Path, tag: str, rate: str) -> list[str]:
+    """vLLM's client sending the 200 held-out prompts at `rate` requests/s, 512 new tokens, greedy: the
+    0.8x load of the cost benchmarks (vllm_cost_bisect, vllm_step_overhead, vllm_side_by_side)."""
+    return client_command(port, model, dataset, folder, tag, num_prompts=200, rate=rate, output_len=512, seed=0)
+
+
 def closed_loop_client(port: int, model: Path, dataset: Path, folder: Path, tag: str) -> list[str]:
     """vLLM's client with 32 requests always in flight, 256 tokens each, EOS ignored: no queue for TRAIL
     to reorder and no request ending early, so a difference between servers is their per-step cost."""

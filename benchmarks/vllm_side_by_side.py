@@ -47,11 +47,9 @@ PARTS = ("forward", "sample", "gap", "step")
 
 def command(kind: str, args, model: Path, port: int, share: float, timer_out: str) -> tuple[list[str], dict]:
     args.port = port
+    cmd, env = bisect.command("trail" if kind == "trailfree" else kind, args, model)
     if kind in ("trail", "trailfree"):
-        cmd, env = ["trail-probe", "serve", args.recipe, "--", "--port", str(port), "--served-model-name", "model"], dict(os.environ)
         env["TRAIL_PROBE_VLLM_PIN"] = "0" if kind == "trailfree" else "1"
-    else:
-        cmd, env = bisect.command(kind, args, model)
     if "--gpu-memory-utilization" in cmd:
         cmd[cmd.index("--gpu-memory-utilization") + 1] = f"{share:.3f}"
     else:
@@ -103,7 +101,7 @@ def drive_open(ports: dict, a, args, model: Path, dataset: Path, folder: Path) -
     for rep in range(a.reps):
         for kind in (list(ports) if rep % 2 == 0 else list(ports)[::-1]):
             tag, t0 = f"open_{rep}_{kind}", time.perf_counter()
-            client = v.client_command(ports[kind], model, dataset, folder, tag, num_prompts=200, rate=a.rate, output_len=512, seed=0)
+            client = v.open_loop_client(ports[kind], model, dataset, folder, tag, a.rate)
             subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
             r = json.loads((folder / f"{tag}.json").read_text())
             windows.append({"server": kind, "rep": rep, "in_flight": "open", "t0": t0, "t1": time.perf_counter(),

@@ -51,8 +51,7 @@ def main(argv=None) -> None:
            "TRAIL_STEP_OVERHEAD_OUT": str(timings)}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     with v.serving(cmd, folder / "server.log", args.port, env):
-        client = v.client_command(args.port, model, dataset, folder, "client", num_prompts=200, rate=a.rate, output_len=512,
-                                  seed=0)
+        client = v.open_loop_client(args.port, model, dataset, folder, "client", a.rate)
         subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / "client.log", "w"))
         time.sleep(3)  # the last step's totals
     hooks = json.loads(timings.read_text())
