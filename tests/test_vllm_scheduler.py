@@ -104,6 +104,44 @@ def test_a_burst_starts_its_prefills_shortest_prompt_first_or_in_arrival_order(m
         assert first == sorted(first) and first[-1] > first[0], first
 
 
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_bursts_prefills_run_alone_while_they_fill_the_prefill_budget(model_folder, predictor, alone):
+    """prefills_alone: while the new requests' prompts fill a step's prefill budget (about three 20-token
+    prompts here), the step prefills and nothing decodes; without it the running requests decode beside them."""
+    reqs, lengths = burst(n=10)
+    budget = 64
+    s, model = run(model_folder, settings(predictor, prefills_alone=alone, max_prefill_tokens=budget), reqs, lengths,
+                   max_num_batched_tokens=budget)
+    log = s.log()
+    assert log["live"]["finished_scored"] == len(reqs) and log["live"]["fallback_steps"] == 0
+    first = {rid: next(i for i, b in enumerate(model.batches) if rid in b) for rid in lengths}
+    # the steps that started new requests while the waiting prompts still filled the budget
+    prompt = {r.request_id: r.num_prompt_tokens for r in reqs}
+    full = [b for b in range(len(model.batches))
+            if sum(prompt[rid] for rid in lengths if first[rid] >= b) >= budget and any(first[rid] == b for rid in lengths)]
+    decoding = [[rid for rid in model.batches[b] if first[rid] < b] for b in full]
+    assert full and (log["live"]["prefill_steps"] > 0) == alone, log["live"]
+    if alone:
+        assert not any(decoding), decoding
+        assert log["live"]["prefill_steps"] == len(full)
+    else:
+        assert any(decoding), decoding
+
+
+def test_a_trickle_of_arrivals_never_holds_the_decodes(model_folder, predictor):
+    """One new prompt at a time never fills the prefill budget: no step runs prefills alone."""
+    reqs, lengths = burst(n=6)
+    sched = dry_scheduler(model_folder, settings(predictor))
+    model = StandInModel(sched, lengths, width=WIDTH)
+    for r in reqs:
+        sched.add_request(r)
+        for _ in range(3):
+            model.step()
+    model.drain(5000)
+    log = sched.log()
+    assert log["live"]["finished_scored"] == len(reqs) and log["live"]["prefill_steps"] == 0
+
+
 @pytest.mark.parametrize("when, max_running, refined", [("waiting", 0, False), ("always", 0, True),
                                                         ("waiting", 2, True)])
 def test_refinements_are_made_only_while_requests_wait_for_a_slot(model_folder, predictor, when, max_running, refined):

@@ -261,6 +261,7 @@ class ServeConfig:
     max_running: int = 0  # vllm: decoding requests TRAIL runs at once (0: vLLM's max_num_seqs)
     max_prefill_tokens: int = 0  # vllm: prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
     prefill_order: PrefillOrder = "shortest"  # vllm: new requests' prefills, fewest prompt tokens first (or arrival)
+    prefills_alone: bool = True  # vllm: while new prompts fill a step's prefill budget (a burst), they run alone
     refine_when: RefineWhen = "waiting"  # vllm: refine only while requests wait (no queue: no work), or always
     bert: str = ""  # default: the baseline folder (trail-probe train-baseline)
     threads: int = 2  # torch threads for the engine (hf)

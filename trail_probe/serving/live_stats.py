@@ -27,7 +27,7 @@ import torch
 from trail_probe.runtime.accuracy import kendall_tau, same_step_tau
 
 COUNTERS = ("pauses", "resumes", "refinements", "kv_preemptions", "ignored_client_inputs", "fallback_steps",
-            "unestimated", "incomplete_prompt_means")
+            "unestimated", "incomplete_prompt_means", "prefill_steps")
 
 
 class LiveStats:
@@ -77,7 +77,7 @@ class LiveStats:
         s = snap or self.snapshot()
         return (f"TRAIL: {s['finished_scored']} finished | initial MAE {s['initial_mae']:.1f} tau {s['initial_tau']:.3f} | "
                 f"refined MAE {s['refined_mae']:.1f} tau (same step) {s['refined_tau_same_step']:.3f} over "
-                f"{s['refined_points']} refinements | pauses {s['pauses']}, KV preemptions {s['kv_preemptions']}, "
+                f"{s['refined_points']} refinements | pauses {s['pauses']}, prefill-only steps {s['prefill_steps']}, KV preemptions {s['kv_preemptions']}, "
                 f"ignored client inputs {s['ignored_client_inputs']}, fallback steps {s['fallback_steps']}"
                 + (f" | decoding at most {s['running_limit']}" if "running_limit" in s else ""))
 

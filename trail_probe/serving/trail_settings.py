@@ -51,6 +51,9 @@ class TrailSettings:
     max_throughput_loss: float = 0.04  # with max_running 0; 0 keeps vLLM's max_num_seqs
     max_prefill_tokens: int = 0  # prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
     prefill_order: str = "shortest"  # which new requests start their prefill first: shortest prompts, or arrival
+    # while new requests' prompts fill a step's prefill budget (a burst), that step runs their prefills alone
+    # (the running requests skip it): a burst's first tokens come sooner, at one step's fixed cost per step held
+    prefills_alone: bool = True
     refine_when: str = "waiting"  # refine only while requests wait for a slot (the ranking has a choice), or always
     client_estimates: bool = False  # trust trail_* vllm_xargs from clients (estimates, exact lengths, prompt text)
     record: bool = False  # keep a step log and per-request estimates for benchmarks (bounded)
@@ -71,6 +74,8 @@ class TrailSettings:
         check_interval(self.refine_interval, f"{KEY}.refine_interval")
         check_preemption_c(self.preemption_c, f"{KEY}.preemption_c")
         check_aging(self.aging, f"{KEY}.aging")
+        if not isinstance(self.prefills_alone, bool):
+            raise UserError(f"{KEY}.prefills_alone = {self.prefills_alone!r} must be true or false")
         for name in ("max_running", "max_prefill_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -8,9 +8,9 @@ Before vLLM's step (`before_step`), the requests fall in four groups:
   or sent back by vLLM's own recompute preemption;
 - *unranked*: no estimate yet. With an initial estimate from the model's own prefill (initial=
   prompt_probe or last_token, the default: no client help needed) a new request is prefilled at once,
-  shortest prompt first (`prefill_order`), up to `max_prefill_tokens` prompt tokens per step, and
-  ranked once its prefill has given its estimate (the prompt probe on the mean of its prompt states,
-  or the decode probe on its last prompt token's state).
+  shortest prompt first (`prefill_order`), up to `max_prefill_tokens` prompt tokens per step (alone while
+  they fill it: `prefills_alone`), and ranked once its prefill has given its estimate (the prompt probe
+  on the mean of its prompt states, or the decode probe on its last prompt token's state).
 `policies.schedule` (the simulator's code) then ranks the ranked, paused and queued requests by
 predicted remaining length (SPRPT with limited preemption) for at most `max_running` decode slots.
 Keys of paused and queued requests cannot change (they produce no tokens), so they sit in sorted
@@ -158,9 +158,18 @@ class TrailQueues:
         limit = min(self._limit(), max(s.max_num_running_reqs - len(unranked), 0))
         if self.unstarted:  # keep batch slots for new requests' prefills, which give their estimates
             limit = min(limit, max(1, s.max_num_running_reqs - max(1, s.max_num_running_reqs // PREFILL_SHARE)))
-        candidates = len(ranked) + len(self.paused) + len(self.queued) + len(requeued)
-        starts = self._prefill_starts(s.max_num_running_reqs - len(unranked) - min(limit, candidates))
         plan = Plan(generated={r.request_id: vi.generated_at_pass(r) for r in running})
+        ready = [r for r in map(s.requests.get, self.unstarted) if r is not None and _ready(r)]  # new, startable
+        if ready and self._prefills_alone(ready):  # a burst: this step prefills new requests and nothing else
+            prefilling = [r for r in unranked if r.num_computed_tokens < r.num_prompt_tokens]
+            starts = self._prefill_starts(ready, s.max_num_running_reqs - len(prefilling))
+            if starts and sum(r.num_tokens for r in starts) <= vi.free_kv_tokens(s):  # else the ranking frees KV first
+                step = {id(r) for r in prefilling}
+                self._apply(plan, prefilling, [r for r in s.running if id(r) not in step], starts)
+                self.stats.count("prefill_steps")
+                return plan
+        candidates = len(ranked) + len(self.paused) + len(self.queued) + len(requeued)
+        starts = self._prefill_starts(ready, s.max_num_running_reqs - len(unranked) - min(limit, candidates))
         if not self.paused and not requeued and len(ranked) + len(self.queued) <= limit:
             admit = [s.requests[rid] for rid in self.queued.best(limit)]  # no queue: nobody to rank or pause
             self._apply(plan, ranked + unranked, [], admit + starts)
@@ -222,15 +231,23 @@ class TrailQueues:
         r = self.s.requests.get(rid)
         return 0 if r is None or not _waits(r) else r.num_tokens
 
-    def _prefill_starts(self, slots: int) -> list:
-        """Prefill-first: unranked new requests to start now, within the prompt-token cap and `slots` (what
-        vLLM has beside the requests TRAIL may rank into the batch). `prefill_order` shortest: the oldest
-        waiting request, then the others by fewest prompt tokens (ties in arrival order): a prefill is
-        short work that ends in the first token, so shortest-first lowers a burst's mean time to first
-        token, and the oldest going first every step means no prompt waits for ever behind shorter ones.
-        `arrival`: in arrival order."""
-        cap = self.settings.max_prefill_tokens or self.s.max_num_scheduled_tokens
-        ready = [r for r in map(self.s.requests.get, self.unstarted) if r is not None and _ready(r)]
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens of new requests started per step: the setting, else vLLM's token budget."""
+        return self.settings.max_prefill_tokens or self.s.max_num_scheduled_tokens
+
+    def _prefills_alone(self, ready: list) -> bool:
+        """`prefills_alone`, while the waiting prompts fill the prefill budget (a burst; never a trickle): the
+        running requests lose the step's fixed cost, and its prefills do not wait for their decodes."""
+        return self.settings.prefills_alone and sum(r.num_tokens for r in ready) >= self.prefill_budget
+
+    def _prefill_starts(self, ready: list, slots: int) -> list:
+        """Prefill-first: which of `ready` to start now, within the prefill budget and `slots` (what vLLM
+        has beside the requests TRAIL may rank into the batch). `prefill_order` shortest: the oldest
+        waiting request, then the fewest prompt tokens (ties in arrival order): a prefill ends in the first
+        token, so shortest-first lowers a burst's mean TTFT, and the oldest first keeps any prompt from
+        waiting for ever. `arrival`: in arrival order."""
+        cap = self.prefill_budget
         if self.settings.prefill_order == "shortest":
             ready = ready[:1] + sorted(ready[1:], key=lambda r: r.num_tokens)  # sorted is stable
         starts, tokens = [], 0

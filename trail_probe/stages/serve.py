@@ -80,9 +80,12 @@ def describe(settings, cmd: list[str]) -> str:
         initial += f" ({path}, layer {prompt_layer}, reading the {input_description('prompt', kind)})"
     flags = " ".join(a for a in cmd[cmd.index("--additional-config") + 2:])
     limit = settings.max_running or f"auto (within {settings.max_throughput_loss:.0%} of max_num_seqs' throughput)"
+    budget = f"{settings.max_prefill_tokens} prompt tokens" if settings.max_prefill_tokens else "vLLM's token budget"
+    prefills = PREFILLS[settings.prefill_order] + f", at most {budget} a step" + (
+        ", alone while new prompts fill that (a burst)" if settings.prefills_alone else "")
     return (f"trail-probe serve: TRAIL active: policy {settings.policy}, predictor {settings.predictor} (layer {layer}), "
             f"initial estimate {initial}, refine every {settings.refine_interval} tokens ({settings.likelihood}{REFINES[settings.refine_when]}), "
-            f"C = {settings.preemption_c}, at most {limit} decoding, {PREFILLS[settings.prefill_order]}; "
+            f"C = {settings.preemption_c}, at most {limit} decoding, {prefills}; "
             f"vLLM {vllm_version()} at its defaults plus: {flags or '(nothing)'}")
 
 
