@@ -104,14 +104,14 @@ def test_a_burst_starts_its_prefills_shortest_prompt_first_or_in_arrival_order(m
         assert first == sorted(first) and first[-1] > first[0], first
 
 
-@pytest.mark.parametrize("alone", [True, False])
-def test_a_bursts_prefills_run_alone_while_they_fill_the_prefill_budget(model_folder, predictor, alone):
+@pytest.mark.parametrize("alone, async_scheduling", [(True, False), (False, False), (True, True)])
+def test_a_bursts_prefills_run_alone_while_they_fill_the_prefill_budget(model_folder, predictor, alone, async_scheduling):
     """prefills_alone: while the new requests' prompts fill a step's prefill budget (about three 20-token
     prompts here), the step prefills and nothing decodes; without it the running requests decode beside them."""
     reqs, lengths = burst(n=10)
     budget = 64
     s, model = run(model_folder, settings(predictor, prefills_alone=alone, max_prefill_tokens=budget), reqs, lengths,
-                   max_num_batched_tokens=budget)
+                   async_scheduling=async_scheduling, max_num_batched_tokens=budget)
     log = s.log()
     assert log["live"]["finished_scored"] == len(reqs) and log["live"]["fallback_steps"] == 0
     first = {rid: next(i for i, b in enumerate(model.batches) if rid in b) for rid in lengths}
