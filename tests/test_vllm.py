@@ -112,6 +112,9 @@ def test_bad_setups_fail_in_one_line_before_vllm_starts(vllm_llama, tiny_llama, 
     assert capsys.readouterr().err == ""
     with pytest.raises(UserError, match="extraction_check = 'maybe' is not one of warn, refuse, off"):
         settings(hf32, extraction_check="maybe")
+    for switch in ("prefills_alone", "client_estimates"):  # "false" as a string is not off
+        with pytest.raises(UserError, match=f"{switch} = 'false' must be true or false"):
+            settings(hf32, **{switch: "false"})
     monkeypatch.setitem(__import__("sys").modules, "vllm", None)
     with pytest.raises(UserError, match="vLLM is not installed"):
         check_vllm()

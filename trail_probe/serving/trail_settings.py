@@ -74,8 +74,9 @@ class TrailSettings:
         check_interval(self.refine_interval, f"{KEY}.refine_interval")
         check_preemption_c(self.preemption_c, f"{KEY}.preemption_c")
         check_aging(self.aging, f"{KEY}.aging")
-        if not isinstance(self.prefills_alone, bool):
-            raise UserError(f"{KEY}.prefills_alone = {self.prefills_alone!r} must be true or false")
+        for f in fields(self):  # a switch given as a string ("false") would otherwise count as on
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise UserError(f"{KEY}.{f.name} = {getattr(self, f.name)!r} must be true or false")
         for name in ("max_running", "max_prefill_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
