@@ -161,11 +161,22 @@ def test_trail_gives_every_request_the_same_tokens_as_fifo(llm, fifo_run, tmp_pa
     assert len(rt.tracker) == 0  # every finished request left the tracker
 
 
-def test_refinement_reads_each_requests_own_state_from_the_packed_batch(llm, tmp_path):
-    """The states the tracker is given equal a teacher-forced forward pass of that request alone."""
+@pytest.mark.parametrize("decode_input", ["current", "mean", "current+mean"])
+def test_refinement_reads_each_requests_own_input_from_the_packed_batch(llm, tmp_path, decode_input):
+    """The input the tracker is given at every refinement equals `probe_inputs.decode_input` over a
+    teacher-forced forward pass of that request alone: TRAIL's current state, and (issue 27's parity
+    check) the generated tokens' running mean the runtime pools online, alone or beside it."""
+    import json
+
+    from trail_probe.runtime.probe_inputs import decode_input as offline_input
+
     model, tok = llm
-    predictor = make_predictor(tmp_path / "p")
-    rt = runtime(predictor, k=4)
+    width = 64 * (2 if "+" in decode_input else 1)
+    folder = write_trail_dir(tmp_path / "p", trail_weights(d=width), hidden_size=width, probe_layer_idx=LAYER,
+                             max_len=BUDGET, device="cpu")
+    (folder / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": decode_input}))
+    rt = runtime(LengthPredictor.from_pretrained(folder), k=4)
+    assert (rt.pools is None) == (decode_input == "current")
     seen = []
     observe = rt.tracker.observe
 
@@ -179,13 +190,26 @@ def test_refinement_reads_each_requests_own_state_from_the_packed_batch(llm, tmp
         results, _ = serve(eng, reqs, [0.0, 0.0, 0.01, 0.02, 0.02])
     tokens = {r.request_id: r.tokens for r in results}
     prompts = {rid: ids for rid, ids, _ in reqs}
-    assert {g for _, _, g in seen} >= {1, 5, 9}
-    assert all((g - 1) % 4 == 0 for _, _, g in seen)
+    assert {g for _, _, g in seen} >= {1, 5, 9} and all((g - 1) % 4 == 0 for _, _, g in seen)
+    assert all(s.shape == (width,) for _, s, _ in seen)
     for rid, state, g in seen[::3]:
-        ids = torch.tensor([prompts[rid] + tokens[rid][:g]])
         with torch.no_grad():
-            ref = model(ids, output_hidden_states=True).hidden_states[LAYER + 1][0, -1]
+            h = model(torch.tensor([prompts[rid] + tokens[rid][:g]]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+        generated = h[len(prompts[rid]):]  # positions P - 1 + j, j = 1 .. g
+        assert len(generated) == g
+        ref = offline_input(decode_input, h[-1], sum_h=generated.sum(0), count=g)
         assert torch.allclose(state, ref, atol=1e-4), (rid, g)
+    assert rt.pools is None or len(rt.pools) == 0  # every finished request's pool was freed
+
+
+def test_last_token_initial_refuses_a_pooled_decode_probe(tmp_path):
+    import json
+
+    folder = write_trail_dir(tmp_path / "p", trail_weights(d=128), hidden_size=128, probe_layer_idx=LAYER,
+                             max_len=BUDGET, device="cpu")
+    (folder / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "current+mean"}))
+    with pytest.raises(UserError, match="last_token.*current\\+mean"):
+        TrailState("trail", predictor=LengthPredictor.from_pretrained(folder), initial="last_token", max_new_tokens=BUDGET)
 
 
 @pytest.mark.parametrize("prompt_input", ["mean", "last"])

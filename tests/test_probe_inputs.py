@@ -79,3 +79,28 @@ def test_running_pools_keep_each_request_apart_through_reset_shrink_and_growth()
     assert float(pools.count[3]) == 2 and float(pools.sum_w[3]) == 4.0
     with pytest.raises(ValueError, match="entropy"):
         RunningPools(1, (4,), weighted=False).pooled("entropy", torch.tensor([0]))
+
+
+def test_request_pools_keep_one_row_per_generated_token_and_reuse_freed_slots():
+    """A server's pools (`RequestPools`): the mean of rows g = 1 .. G whatever passes repeat them, NaN for a
+    request never seen (ranked at its budget by the runtime), and memory bounded by the requests alive."""
+    from trail_probe.runtime.probe_inputs import RequestPools
+
+    torch.manual_seed(0)
+    pools = RequestPools("mean", 3)
+    rows = torch.randn(40, 3)
+    for g in range(20):  # 20 requests, each with its generated rows 1 .. 4 (row 0: the prompt, never pooled)
+        pools.add([f"r{g}"] * 5, [0, 1, 2, 3, 4], rows[g:g + 5])
+    pools.add(["r0"] * 3, [2, 3, 4], torch.zeros(3, 3))  # recomputed rows are not added again
+    got = pools.inputs(["r0", "r7", "new"], torch.zeros(3, 3))
+    assert torch.allclose(got[0], rows[1:5].mean(0)) and torch.allclose(got[1], rows[8:12].mean(0))
+    assert torch.isnan(got[2]).all()
+    capacity = len(pools.pools)
+    for _ in range(50):  # requests come and go: the table does not grow
+        pools.drop([f"r{g}" for g in range(20)])
+        for g in range(20):
+            pools.add([f"r{g}"], [1], rows[g:g + 1])
+    assert len(pools) == 20 and len(pools.pools) == capacity
+    assert torch.allclose(pools.inputs(["r3"], torch.zeros(1, 3))[0], rows[3])  # a reused slot starts empty
+    with pytest.raises(ValueError, match="entropy"):
+        RequestPools("current+entropy", 3)

@@ -183,6 +183,40 @@ def test_trail_in_vllm_reads_the_layer_hf_computes_and_keeps_fcfs_tokens(vllm_ll
 
 
 @pytest.mark.slow
+def test_a_pooled_decode_probe_in_vllm_gets_the_generated_tokens_mean_hf_computes(vllm_llama, tmp_path):
+    """Issue 27's parity check on vLLM: a decode probe reading current+mean is sent, at each refinement,
+    [the current state, the mean of the generated tokens' states so far] as the worker pooled them
+    over the engine's passes, equal to a teacher-forced HF pass and `probe_inputs.decode_input`."""
+    from conftest import trail_weights, write_trail_dir
+    from transformers import AutoModelForCausalLM
+
+    from trail_probe.runtime.probe_inputs import decode_input
+    from trail_probe.serving.trail_settings import TrailSettings
+    from trail_probe.serving.vllm_engine import VLLMEngine
+
+    folder = write_trail_dir(tmp_path / "pooled", trail_weights(d=256), hidden_size=256, probe_layer_idx=1,
+                             max_len=MAX_NEW, device="cpu")
+    (folder / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "current+mean"}))
+    settings = TrailSettings(predictor=str(folder), initial="none", refine_interval=4, refine_when="always",
+                             record=True, record_states=True)
+    reqs = _requests(vllm_llama)
+    with VLLMEngine(vllm_llama, "trail", settings, max_num_seqs=3, dtype="float32", kv_cache_memory_bytes=128 << 20,
+                    max_model_len=512, enforce_eager=True) as engine:
+        results, _ = engine.replay(reqs, [0.0] * 5 + [0.05] * 5, max_new_tokens=MAX_NEW)
+        log = engine.scheduler_log()
+    tokens = {r.request_id: r.tokens for r in results}
+    observed = log["observed"]
+    assert {g for _, g, _ in observed} >= {1, 5, 9} and log["trail"]["refinements"] > 0
+    model = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32).eval()
+    prompts = {rid: ids for rid, ids, _ in reqs}
+    for rid, g, state in observed[::2]:
+        with torch.no_grad():
+            h = model(torch.tensor([prompts[rid] + tokens[rid][:g]]), output_hidden_states=True).hidden_states[2][0]
+        ref = decode_input("current+mean", h[-1], sum_h=h[len(prompts[rid]):].sum(0), count=g)
+        assert torch.tensor(state).shape == (256,) and torch.allclose(torch.tensor(state), ref, atol=1e-4), (rid, g)
+
+
+@pytest.mark.slow
 def test_prompt_probe_initial_estimates_in_vllm_are_hf_prompt_means_over_chunked_prefills(vllm_llama, vllm_predictor, tmp_path):
     """initial='prompt_probe': the worker sums each prefill chunk's states at the prompt probe's layer
     (16-token chunks here), and the initial estimate is the prompt probe on the mean, as with HF."""

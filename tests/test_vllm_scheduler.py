@@ -408,7 +408,7 @@ def test_settings_refuse_unknown_keys_and_bad_values(predictor):
         TrailSettings(predictor=str(predictor), prompt_predictor="/nowhere").prompt_predictor_path()
 
 
-def test_a_probe_that_reads_a_pooled_input_is_refused_where_serving_feeds_only_trails(predictor, tmp_path):
+def test_a_probe_that_reads_an_entropy_pool_is_refused_and_a_mean_pool_is_served(predictor, tmp_path):
     import json
     import shutil
 
@@ -417,9 +417,11 @@ def test_a_probe_that_reads_a_pooled_input_is_refused_where_serving_feeds_only_t
 
     pooled = tmp_path / "pooled"
     shutil.copytree(predictor, pooled)
-    (pooled / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "mean"}))
-    with pytest.raises(UserError, match="decode probe .* reads 'mean', which the serving engines do not compute"):
+    (pooled / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "entropy"}))
+    with pytest.raises(UserError, match="decode probe .* reads 'entropy', which the serving engines do not compute"):
         build_state(TrailSettings(predictor=str(pooled), initial="none"))
+    (pooled / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "mean"}))
+    assert build_state(TrailSettings(predictor=str(pooled), initial="none")).pools is not None  # the generated tokens' mean
     (pooled / "trail_probe.json").unlink()
     (pooled / "prompt" / "trail_probe.json").write_text(json.dumps({"task": "prompt", "input": "entropy"}))
     with pytest.raises(UserError, match="prompt probe .* reads 'entropy'.*train.prompt_input=mean"):
@@ -427,6 +429,24 @@ def test_a_probe_that_reads_a_pooled_input_is_refused_where_serving_feeds_only_t
     build_state(TrailSettings(predictor=str(predictor), initial="none"))  # TRAIL's inputs: served
     (pooled / "prompt" / "trail_probe.json").write_text(json.dumps({"task": "prompt", "input": "last"}))
     assert build_state(TrailSettings(predictor=str(pooled))).prompt_input == "last"  # the last prompt token: served
+
+
+def test_a_current_plus_mean_probe_reads_two_states_of_the_models_width(tmp_path):
+    """Its config.json's hidden_size is twice the model's: the engine's shape check and the worker's
+    attach read the input from trail_probe.json."""
+    import json
+
+    from trail_probe.errors import UserError
+    from trail_probe.serving.vllm_checks import check_model_shape, decode_input_of
+
+    folder = write_trail_dir(tmp_path / "p", trail_weights(d=2 * WIDTH), hidden_size=2 * WIDTH, probe_layer_idx=1,
+                             max_len=MAX_LEN, device="cpu")
+    s = TrailSettings(predictor=str(folder), initial="none")
+    with pytest.raises(UserError, match=f"width {2 * WIDTH} but the model's are {WIDTH}"):
+        check_model_shape(s, 4, WIDTH)  # read as the current state alone: the wrong width
+    (folder / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "current+mean"}))
+    check_model_shape(s, 4, WIDTH)
+    assert decode_input_of(s) == "current+mean"
 
 
 def test_engine_checks_refuse_what_the_plugin_cannot_serve(model_folder, predictor, tmp_path):

@@ -62,6 +62,17 @@ def read_predictor_config(folder: Path) -> dict:
     return config
 
 
+def read_predictor_input(folder: Path, task: str) -> str:
+    """What the probe in `folder` reads serving as the `task` probe (`LengthPredictor.input_for`), from
+    its trail_probe.json alone (a server's worker needs it before, or without, loading the weights)."""
+    path = Path(folder) / METADATA_FILE
+    return _input_for(_read_json(path) if path.is_file() else {}, task)
+
+
+def _input_for(metadata: dict, task: str) -> str:
+    return metadata.get("input") or DEFAULT_INPUT[task]
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -154,7 +165,7 @@ class LengthPredictor:
     def input_for(self, task: str) -> str:
         """What the probe reads serving as the `task` probe: trail_probe.json's `input`, else TRAIL's for
         that task (a release directory records no task, so the slot it serves in decides)."""
-        return self.metadata.get("input") or DEFAULT_INPUT[task]
+        return _input_for(self.metadata, task)
 
     @property
     def state_width(self) -> int:
@@ -310,5 +321,5 @@ def _trained_max_length(folder: Path) -> int | None:
     return None
 
 
-__all__ = ["LengthPredictor", "BertLengthPredictor", "read_predictor_config", "read_probe_weights",
+__all__ = ["LengthPredictor", "BertLengthPredictor", "read_predictor_config", "read_predictor_input", "read_probe_weights",
            "check_probe_weights", "CONFIG_FILE", "METADATA_FILE", "PROBE_KEYS"]

