@@ -19,7 +19,8 @@ The client is `vllm.benchmarks.serve` (`vllm bench serve`: `--backend openai-cha
 custom --skip-chat-template`: vLLM's client otherwise applies the chat template itself and the server
 applies it again) over the recipe's held-out prompts, greedy, at most 512 new tokens; for `priority` one field
 is added to each request body (its priority). Loads are fractions of FCFS's saturation, measured
-first in the same session (a burst of all prompts: completed requests per second). This machine's
+first in the same session from a burst of all prompts: completions per second between its 10th and
+90th percentile completion, the simulator's rule (`completion_rate`), so that loads above 1 queue. This machine's
 speed drifts between runs, so policies run in interleaved pairs (fcfs, trail[, priority]) per load,
 and each pair's ratio is reported with their spread (`--order alternate`: every second pair in reverse,
 so a drift within the session favours no policy; each run records its `position` in its pair). Results (vLLM's own fields as it saves them,
@@ -33,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -47,14 +47,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results_file import merged_facts, write_results  # noqa: E402
 
+from trail_probe.serving.simulator import completion_rate  # noqa: E402
+
 RESULTS = HERE / "results" / "vllm_serve_client.json"
 FIELDS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
           "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
           "mean_tpot_ms", "mean_itl_ms", "max_concurrent_requests")
-LIVE = re.compile(r"TRAIL: (\d+) finished \| initial MAE ([\d.na]+) tau ([-\d.na]+) \| refined MAE ([\d.na]+) "
-                  r"tau \(same step\) ([-\d.na]+) over (\d+) refinements \| pauses (\d+), KV preemptions (\d+)"
-                  r".*?(?:decoding at most (\d+))?$")
-
+SATURATION_RULE = ("completions per second between the 10th and 90th percentile completion of FCFS's burst "
+                   "(trail_probe.serving.simulator.completion_rate); files without this key: all requests / the "
+                   "burst's duration, which counts the drain's few long requests and puts 1.5x below a queue")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -153,18 +154,13 @@ def stop(proc) -> None:
 
 
 def live_stats(log: Path) -> dict | None:
-    """TRAIL's last live-accuracy line in the server's log."""
+    """TRAIL's last live-accuracy line in the server's log (`LiveStats.parse`)."""
+    from trail_probe.serving.live_stats import LiveStats
+
     last = None
     for line in log.read_text(errors="replace").splitlines():
-        m = LIVE.search(line)
-        if m:
-            last = m
-    if last is None:
-        return None
-    num = [float(x) if x not in ("nan",) else None for x in last.groups()[:6]]
-    return {"finished_scored": int(num[0]), "initial_mae": num[1], "initial_tau": num[2], "refined_mae": num[3],
-            "refined_tau_same_step": num[4], "refined_points": int(num[5]), "pauses": int(last.group(7)),
-            "kv_preemptions": int(last.group(8)), "running_limit": int(last.group(9)) if last.group(9) else None}
+        last = LiveStats.parse(line) or last
+    return last
 
 
 # -- one run --
@@ -208,16 +204,23 @@ def prepare(args, prefix: str) -> tuple[Path, Path, Path, dict, dict]:
     return (model, folder, *workload(args, folder))
 
 
-def run_once(policy: str, rate: str, args, model: Path, dataset: Path, extras: dict, folder: Path, tag: str) -> dict:
+def run_once(policy: str, rate: str, args, model: Path, dataset: Path, extras: dict, folder: Path, tag: str,
+             detailed: bool = False) -> dict:
+    """One fresh server under one load; vLLM's result fields (with `detailed`, also each request's
+    completion time from the first request's start, `finish_s`)."""
     log = folder / f"{tag}.server.log"
     with serving(server_command(policy, args, model), log, args.port):
         client = client_command(args.port, model, dataset, folder, tag, num_prompts=args.num_prompts, rate=rate,
                                 output_len=1 if policy == "prefill" else 512, seed=args.seed,
-                                field=[f"--{policy}", str(extras[policy])] if policy in extras else [])
+                                field=[f"--{policy}", str(extras[policy])] if policy in extras else [],
+                                extra=["--save-detailed"] if detailed else [])
         subprocess.run(client, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / f"{tag}.client.log", "w"))
         time.sleep(12)  # one more live-accuracy line after the last request finished
     result = json.loads((folder / f"{tag}.json").read_text())
     out = {k: result.get(k) for k in FIELDS}
+    if detailed:
+        t0 = min(result["start_times"])
+        out["finish_s"] = [s + lat - t0 for s, lat in zip(result["start_times"], result["latencies"])]
     if policy in ("trail", "oracle"):
         out["trail_live"] = live_stats(log)
     return out
@@ -311,8 +314,9 @@ def main(argv=None) -> None:
 
     loads = args.loads.split(",")
     if "saturation_rps" not in state and any(load != "burst" for load in loads):  # a burst needs no rate
-        cal = run_once("fcfs", "inf", args, model, dataset, extras, folder, "saturation")
-        state["saturation_rps"] = cal["request_throughput"]
+        cal = run_once("fcfs", "inf", args, model, dataset, extras, folder, "saturation", detailed=True)
+        state["saturation_rps"] = completion_rate(cal.pop("finish_s"))
+        state["saturation_rule"] = SATURATION_RULE
         state["saturation_run"] = cal
         save()
     if "saturation_rps" in state:

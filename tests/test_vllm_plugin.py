@@ -52,6 +52,50 @@ def test_the_payload_holds_the_asked_rows_and_per_block_prompt_sums():
     assert back.last_ids == ["a"] and np.allclose(back.last_states, layer0[4:5].numpy())
 
 
+def _step(new=(), cached=(), finished=()):
+    """A stand-in SchedulerOutput: new requests (id, prompt length, first position), cached ones (id,
+    first position), finished ids."""
+    from types import SimpleNamespace as NS
+
+    return NS(scheduled_new_reqs=[NS(req_id=r, prompt_token_ids=[0] * n, num_computed_tokens=c) for r, n, c in new],
+              scheduled_cached_reqs=NS(req_ids=[r for r, _ in cached], num_computed_tokens=[c for _, c in cached]),
+              finished_req_ids=set(finished))
+
+
+def test_the_worker_pools_the_generated_rows_once_and_sends_the_probe_input():
+    """A decode probe reading current+mean: the worker adds each request's generated rows (positions >=
+    its prompt length, across chunked prefills, decodes and a recomputation after a preemption) once, and
+    the state it sends is [current, mean of the generated rows so far]; a finished request's pool is freed."""
+    from trail_probe.serving.vllm_worker import Wants, WorkerPools, build_payload
+
+    torch.manual_seed(0)
+    h = {"a": torch.randn(12, 4), "b": torch.randn(12, 4)}  # each request's state at each position
+    pools = WorkerPools("current+mean", 4)
+
+    def run(step, layout, wants=None):
+        """layout: [(request, first position, rows)] in batch order."""
+        pools.schedule(step)
+        rows = torch.cat([h[r][pos:pos + n] for r, pos, n in layout])
+        bounds = np.cumsum([0] + [n for _, _, n in layout])
+        req_ids = [r for r, _, _ in layout]
+        pools.add_pass(rows, req_ids, bounds)
+        return build_payload({1: rows}, req_ids, bounds, wants, layer=1, prompt_layer=None, pools=pools) if wants else None
+
+    run(_step(new=[("a", 5, 0), ("b", 3, 0)]), [("a", 0, 3), ("b", 0, 3)])  # a: a chunk of its prompt; b: its prompt
+    assert pools.pools.added == {}  # nothing generated yet (b's row 2 is the last prompt token, g = 0)
+    run(_step(cached=[("a", 3), ("b", 3)]), [("a", 3, 2), ("b", 3, 1)])  # a: prompt ends; b: g = 1 (position 3)
+    p = run(_step(cached=[("a", 5), ("b", 4)]), [("a", 5, 1), ("b", 4, 1)], Wants(states=["a", "b"]))
+    assert p.state_ids == ["a", "b"]
+    assert torch.allclose(p.states[0], torch.cat([h["a"][5], h["a"][5]]))  # a at g = 1: position 5 only
+    assert torch.allclose(p.states[1], torch.cat([h["b"][4], h["b"][3:5].mean(0)]))  # b at g = 2
+    # b preempted and recomputed from position 0 (prompt and its generated rows again, plus a new one)
+    p = run(_step(cached=[("b", 0)]), [("b", 0, 6)], Wants(states=["b"]))
+    assert pools.pools.added["b"] == 3
+    assert torch.allclose(p.states[0], torch.cat([h["b"][5], h["b"][3:6].mean(0)]))
+    run(_step(finished=["a"], cached=[("b", 6)]), [("b", 6, 1)])
+    assert set(pools.pools.slots) == {"b"} and "a" not in pools.prompt_len
+
+
 def test_prompt_sums_take_prefix_cached_blocks_from_the_cache():
     from trail_probe.serving.prompt_sums import PromptSums
 
@@ -190,3 +234,17 @@ def test_the_running_limit_follows_the_engines_step_costs():
     for k in range(1, 200):
         window.add(k % 50 + 1, 1.0 + 0.5 * (k % 50 + 1) if k < 100 else 0.02 + 0.003 * (k % 50 + 1))
     assert window.fit()[1] == pytest.approx(0.003)  # only the latest steps count
+
+
+def test_a_live_line_reads_back_as_the_numbers_it_shows():
+    """Benchmarks read the server's live line back (`LiveStats.parse`): every field, in the line's own format."""
+    stats = LiveStats()
+    stats.finished({"initial": 100.0, "trace": [(1, 80.0), (9, 60.0)]}, length=90)
+    stats.count("pauses", 4)
+    stats.count("prefill_steps", 2)
+    snap = {**stats.snapshot(), "running_limit": 71}
+    back = LiveStats.parse("(EngineCore pid=7) INFO 12-08 03:23:31 [vllm_scheduler.py:284] " + stats.line(snap))
+    for key, value in back.items():
+        assert value == pytest.approx(snap[key], abs=0.05, nan_ok=True), key
+    assert back["pauses"] == 4 and back["prefill_steps"] == 2 and back["running_limit"] == 71 and len(back) == 12
+    assert LiveStats.parse("INFO Engine 000: Avg prompt throughput: 42.3 tokens/s") is None

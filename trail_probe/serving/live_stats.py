@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter, deque
 
 import torch
 
 from trail_probe.runtime.accuracy import kendall_tau, same_step_tau
 
+LINE_FIELDS = {"finished_scored": r"(\d+) finished", "initial_mae": r"initial MAE (\S+) tau", "initial_tau": r"initial MAE \S+ tau (\S+) \|",
+               "refined_mae": r"refined MAE (\S+) tau", "refined_tau_same_step": r"tau \(same step\) (\S+) over",
+               "refined_points": r"over (\d+) refinements", "pauses": r"pauses (\d+)", "prefill_steps": r"prefill-only steps (\d+)",
+               "kv_preemptions": r"KV preemptions (\d+)", "ignored_client_inputs": r"ignored client inputs (\d+)",
+               "fallback_steps": r"fallback steps (\d+)", "running_limit": r"decoding at most (\d+)"}  # `LiveStats.line`'s parts
 COUNTERS = ("pauses", "resumes", "refinements", "kv_preemptions", "ignored_client_inputs", "fallback_steps",
             "unestimated", "incomplete_prompt_means", "prefill_steps")
 
@@ -80,6 +86,19 @@ class LiveStats:
                 f"{s['refined_points']} refinements | pauses {s['pauses']}, prefill-only steps {s['prefill_steps']}, KV preemptions {s['kv_preemptions']}, "
                 f"ignored client inputs {s['ignored_client_inputs']}, fallback steps {s['fallback_steps']}"
                 + (f" | decoding at most {s['running_limit']}" if "running_limit" in s else ""))
+
+    @staticmethod
+    def parse(text: str) -> dict | None:
+        """The numbers of a log line `line` wrote (None for any other line; a field the line lacks, such as
+        an older server's, left out): what benchmarks read back from a server's log."""
+        if "TRAIL: " not in text or " finished | initial MAE " not in text:
+            return None
+        out = {}
+        for key, pattern in LINE_FIELDS.items():
+            m = re.search(pattern, text)
+            if m:
+                out[key] = int(m.group(1)) if m.group(1).isdigit() else float(m.group(1))
+        return out
 
     def publish(self, snap: dict) -> None:
         """Prometheus gauges beside vLLM's own, where vLLM's /metrics reads other processes' metrics
