@@ -53,9 +53,9 @@ RESULTS = HERE / "results" / "vllm_serve_client.json"
 FIELDS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
           "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
           "mean_tpot_ms", "mean_itl_ms", "max_concurrent_requests")
-SATURATION_RULE = ("completions per second between the 10th and 90th percentile completion of FCFS's burst "
-                   "(trail_probe.serving.simulator.completion_rate); files without this key: all requests / the "
-                   "burst's duration, which counts the drain's few long requests and puts 1.5x below a queue")
+SATURATION_RULE = ("completions per second between the 10th and 90th percentile completion of FCFS's burst of "
+                   "--num-prompts (trail_probe.serving.simulator.completion_rate); files without this key: all "
+                   "requests / the burst's duration, which counts the drain's few long requests")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -136,3 +136,29 @@ def test_an_extraction_stores_what_its_probes_read_and_a_renamed_key_names_its_s
         stored_inputs("some")
     with pytest.raises(UserError, match="'extract.pooled_inputs' is now 'extract.inputs' .*false is extract.inputs=trail"):
         load_recipe(None, ["extract.pooled_inputs=false"])
+
+
+def test_every_serve_setting_the_scheduler_shares_reaches_it():
+    """A `serve.*` recipe field named like a TrailSettings field is passed to the scheduler
+    (`serving_setup.trail_settings`): set each to another valid value and read it back."""
+    import dataclasses
+
+    from trail_probe.config import ServeConfig
+    from trail_probe.offline.serving_setup import trail_settings
+    from trail_probe.serving.trail_settings import TrailSettings
+
+    other = {"initial": "none", "max_prefill_tokens": 300, "max_running": 33, "max_throughput_loss": 0.02,
+             "prefill_order": "arrival", "prefills_alone": False, "refine_when": "always",
+             "predictor": "checkpoints/smollm2_alpaca_vllm/predictor", "prompt_predictor": "elsewhere/prompt", "bert": None}
+    shared = {f.name for f in dataclasses.fields(ServeConfig)} & {f.name for f in dataclasses.fields(TrailSettings)}
+    assert shared <= set(other), f"give the new shared field {sorted(shared - set(other))} a value here"
+    # the scheduler's other settings come from refine: (aging ... refine_interval), are derived (client_estimates
+    # from initial, extraction_check from serve.vllm_extraction_check) or are set per engine run, never by a recipe
+    elsewhere = {"aging", "cadence", "likelihood", "preemption_c", "refine_interval", "client_estimates", "extraction_check",
+                 "policy", "record", "record_states", "stats_interval_s"}
+    assert {f.name for f in dataclasses.fields(TrailSettings)} - shared == elsewhere, "a new scheduler setting: add serve.<it>"
+    overrides = [f"serve.{k}={v}" for k, v in other.items() if v is not None]
+    got = trail_settings(load_recipe("recipes/smollm2_alpaca.yaml", overrides))
+    for name, value in other.items():
+        if value is not None and name != "predictor":  # the predictor path is resolved against the recipe's folders
+            assert getattr(got, name) == value, name

@@ -163,6 +163,7 @@ def test_every_vllm_internal_the_plugin_relies_on_is_there():
 
     assert supports_eagle3(LlamaForCausalLM) and callable(LlamaForCausalLM.set_aux_hidden_state_layers)
     assert len(vi.runner_classes()) >= 2  # V1's GPU runner and the CPU runner built on it (V2 where it imports)
+    vi.check_scheduler_output()  # the fields a worker pooling a decode probe's input reads
 
 
 def test_a_changed_internal_fails_loudly_with_the_version(monkeypatch):

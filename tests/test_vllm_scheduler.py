@@ -449,6 +449,21 @@ def test_a_current_plus_mean_probe_reads_two_states_of_the_models_width(tmp_path
     assert decode_input_of(s) == "current+mean"
 
 
+def test_a_pooled_probe_in_the_scheduler_refines_from_the_inputs_the_worker_sends(model_folder, tmp_path):
+    """The scheduler hands a current+mean probe's inputs (twice the model's width) to the tracker as they
+    come from the worker, without pooling them again (`observe(pooled=True)`)."""
+    import json
+
+    folder = write_trail_dir(tmp_path / "p", trail_weights(d=2 * WIDTH), hidden_size=2 * WIDTH, probe_layer_idx=1,
+                             max_len=MAX_LEN, device="cpu")
+    (folder / "trail_probe.json").write_text(json.dumps({"task": "decode", "input": "current+mean"}))
+    reqs, lengths = burst(n=6)
+    sched, model = run(model_folder, settings(folder, initial="none", record_states=True), reqs, lengths)
+    observed = list(sched.observed)
+    assert sched.runtime.refinements > 0 and observed and all(len(s) == 2 * WIDTH for _, _, s in observed)
+    assert sched.runtime.unestimable == 0 and len(sched.runtime.pools) == 0  # the runtime's own pools unused
+
+
 def test_engine_checks_refuse_what_the_plugin_cannot_serve(model_folder, predictor, tmp_path):
     from trail_probe.errors import UserError
     from trail_probe.serving.vllm_checks import check_engine

@@ -259,6 +259,7 @@ class ServeConfig:
     predictor: str = ""  # default: <checkpoint_dir>/predictor (the decode probe, trail-probe export)
     prompt_predictor: str = ""  # an exported prompt probe, for initial=prompt_probe; default: the one bundled in the predictor
     max_running: int = 0  # vllm: decoding requests TRAIL runs at once (0: vLLM's max_num_seqs)
+    max_throughput_loss: float = 0.04  # vllm, max_running 0: the smallest batch within this share of max_num_seqs' throughput (0: max_num_seqs)
     max_prefill_tokens: int = 0  # vllm: prompt tokens of not-yet-ranked requests started per step (0: vLLM's token budget)
     prefill_order: PrefillOrder = "shortest"  # vllm: new requests' prefills, fewest prompt tokens first (or arrival)
     prefills_alone: bool = True  # vllm: while new prompts fill a step's prefill budget (a burst), they run alone

@@ -20,7 +20,8 @@ def trail_settings(cfg, **overrides) -> TrailSettings:
         "predictor": str(cfg.paths.serve_predictor), "initial": sc.initial, "prompt_predictor": sc.prompt_predictor,
         "bert": str(cfg.paths.serve_bert) if sc.initial == "bert" else "", "refine_interval": refine.interval,
         "likelihood": refine.likelihood, "cadence": refine.cadence, "preemption_c": refine.preemption_c,
-        "aging": refine.aging, "max_running": sc.max_running, "max_prefill_tokens": sc.max_prefill_tokens,
+        "aging": refine.aging, "max_running": sc.max_running, "max_throughput_loss": sc.max_throughput_loss,
+        "max_prefill_tokens": sc.max_prefill_tokens,
         "prefill_order": sc.prefill_order, "prefills_alone": sc.prefills_alone, "refine_when": sc.refine_when,
         "extraction_check": sc.vllm_extraction_check, "client_estimates": sc.initial == "bert",
     }

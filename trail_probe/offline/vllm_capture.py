@@ -31,7 +31,7 @@ import torch
 from trail_probe.offline.pooled_states import decode_names, decode_pooled
 from trail_probe.runtime.capture import LayerCapture, first_output, residual_parts, residual_sum
 from trail_probe.runtime.estimates import refines_at
-from trail_probe.runtime.probe_inputs import RunningPools, prompt_input, token_entropy
+from trail_probe.runtime.probe_inputs import RunningPools, generated_rows, prompt_input, token_entropy
 from trail_probe.serving import vllm_internals as vi
 
 
@@ -171,10 +171,9 @@ class _Capture:
             p.last_reqs = np.nonzero(wanted & (computed <= prompt - 1) & (end >= prompt))[0]
             p.last_prompt_rows = torch.from_numpy(bounds[p.last_reqs] + prompt[p.last_reqs] - 1 - computed[p.last_reqs])
         if self.decode_kinds:  # every generated token's row: positions max(computed, P) .. end - 1
-            first = np.maximum(computed, prompt)
-            counts = np.clip(end - first, 0, None) * wanted
-            p.pool_reqs = np.repeat(np.arange(n, dtype=np.int64), counts)
-            p.pool_rows = torch.from_numpy(_segments(bounds[:n] + first - computed, counts))
+            reqs, rows, _ = generated_rows(computed, prompt, bounds)
+            keep = wanted[reqs]
+            p.pool_reqs, p.pool_rows = reqs[keep], torch.from_numpy(rows[keep])
         if self.prompt_entropy:
             p.prompt_rows = torch.from_numpy(_segments(p.prompt_starts, p.prompt_counts))
         return p

@@ -33,6 +33,7 @@ once that pass's logits are, not in the layer's hook.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from trail_probe.choices import DecodeInput, PromptInput, check_choice
@@ -186,6 +187,27 @@ class RunningPools:
         return entropy_pool(self.sum_wh[index], self.sum_w[index], self.sum_h[index], self.count[index])
 
 
+def generated_rows(starts, prompt_lens, bounds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which rows of a forward pass are generated tokens: request i of the pass covers positions starts[i]
+    .. at rows bounds[i] .. bounds[i + 1] - 1, and its rows at positions >= prompt_lens[i] (P) are the
+    generated rows g = position - P + 1 >= 1. Returns (request index, row, g) of each, in row order:
+    what the extraction's pools (`offline/vllm_capture`) and a server's (`serving/vllm_worker`) add."""
+    starts, prompt_lens, bounds = (np.asarray(x, dtype=np.int64) for x in (starts, prompt_lens, bounds))
+    first = np.maximum(starts, prompt_lens)  # the first generated position in the pass
+    counts = np.clip(starts + np.diff(bounds) - first, 0, None)
+    reqs = np.repeat(np.arange(len(starts), dtype=np.int64), counts)
+    positions = np.repeat(first, counts) + np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return reqs, bounds[:-1][reqs] + positions - starts[reqs], positions - prompt_lens[reqs] + 1
+
+
+def device_index(values, device) -> torch.Tensor:
+    """A long index on `device`; to a GPU from pinned memory, so the host does not wait for the stream
+    (a pageable copy would wait for the forward pass in flight)."""
+    t = torch.as_tensor(values, dtype=torch.long)
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def pools_needed(kind: str) -> bool:
     """Whether the decode input `kind` reads a pool of the generated tokens (not the current state alone)."""
     return any(part != "current" for part in input_parts(kind))
@@ -235,8 +257,8 @@ class RequestPools:
             rows.append(i)
             slots.append(self._slot(rid))
         if rows:
-            index = torch.as_tensor(slots, dtype=torch.long, device=self.pools.count.device)
-            picked = states if len(rows) == len(states) else states[torch.as_tensor(rows, device=states.device)]
+            index = device_index(slots, self.pools.count.device)
+            picked = states if len(rows) == len(states) else states[device_index(rows, states.device)]
             self.pools.add(index, picked.to(self.pools.count.device))
 
     def inputs(self, ids, current: torch.Tensor) -> torch.Tensor:
@@ -245,14 +267,13 @@ class RequestPools:
         device = self.pools.count.device
         slots = [self.slots.get(r, -1) for r in ids]
         if all(slot >= 0 for slot in slots):
-            index = torch.as_tensor(slots, dtype=torch.long, device=device)
+            index = device_index(slots, device)
             total, count = self.pools.sum_h[index], self.pools.count[index]
         else:
             known = [i for i, slot in enumerate(slots) if slot >= 0]
             total, count = torch.zeros(len(ids), self.width, device=device), torch.zeros(len(ids), device=device)
             if known:
-                rows = torch.as_tensor(known, dtype=torch.long, device=device)
-                index = torch.as_tensor([slots[i] for i in known], dtype=torch.long, device=device)
+                rows, index = device_index(known, device), device_index([slots[i] for i in known], device)
                 total[rows], count[rows] = self.pools.sum_h[index], self.pools.count[index]
         return decode_input(self.kind, current.float(), sum_h=total.to(current.device), count=count.to(current.device))
 

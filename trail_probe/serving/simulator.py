@@ -1,5 +1,6 @@
 """An iteration-level simulator of a continuous-batching LLM server, for any scheduling policy.
 
+    from trail_probe.serving.simulator import Engine, simulate, summarize, poisson_arrivals
     result = simulate(workload.with_arrivals(poisson_arrivals(len(workload), 2.0, seed=0)),
                       make_policy("trail"), Engine(max_running=64), load_cost_model("measured_cpu"))
 
@@ -434,9 +435,8 @@ def summarize(result: SimResult) -> dict:
 
 
 def completion_rate(finish) -> float:
-    """Requests/s of a queue served from time 0 (`finish`: completion times): completions per second
-    between the 10th and 90th percentile completion, without the ramp and the drain's few long requests.
-    The load = 1 point of the simulator and of `benchmarks/vllm_serve_client.py` (from a real burst)."""
+    """Requests/s of a queue served from time 0 (`finish`: completion times) between the 10th and 90th percentile
+    completion, without ramp and drain: load 1 of the simulator and of `benchmarks/vllm_serve_client.py`."""
     finish = np.sort(np.asarray(finish, dtype=float))
     lo, hi = int(0.1 * len(finish)), int(0.9 * len(finish)) - 1
     if hi - lo < 5 or finish[hi] <= finish[lo]:

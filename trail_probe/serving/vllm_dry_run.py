@@ -148,16 +148,24 @@ class StandInModel:
         return result
 
     def _payload(self, at: dict, wants):
-        """What the worker would send: the last scheduled token's state, prompt sums per block, and the
-        last prompt token's state (the stand-in model's states are the same at every layer)."""
+        """What the worker would send: the last scheduled token's state (a pooled decode probe's input, by
+        `probe_inputs.decode_input`, as the worker's pools give it), prompt sums per block, and the last
+        prompt token's state (the stand-in model's states are the same at every layer)."""
+        from trail_probe.runtime.probe_inputs import decode_input, pools_needed
         from trail_probe.serving.vllm_worker import Payload
 
         states, last, tokens = [], {}, {}
+        kind = getattr(getattr(self.s, "runtime", None), "decode_input", "current")
         for rid, (position, _) in at.items():
             last[rid] = position  # of the last scheduled token
             tokens[rid] = list(self.s.requests[rid].all_token_ids) if rid in self.s.requests else []
         for rid in wants.states:
-            states.append(fixed_state(tokens[rid][: last[rid] + 1], self.width))
+            state = fixed_state(tokens[rid][: last[rid] + 1], self.width)
+            if pools_needed(kind):
+                generated = range(self.s.requests[rid].num_prompt_tokens, last[rid] + 1)
+                total = sum((fixed_state(tokens[rid][: p + 1], self.width) for p in generated), torch.zeros(self.width))
+                state = decode_input(kind, state, sum_h=total, count=len(generated))
+            states.append(state)
         p_ids, p_blocks, p_sums, p_counts = [], [], [], []
         for rid, (start, prompt_len) in wants.prompt.items():
             end = min(last[rid] + 1, prompt_len)

@@ -36,6 +36,9 @@ REQUEST_ATTRS = ("status", "num_computed_tokens", "num_prompt_tokens", "num_outp
                  "num_tokens", "is_prefill_chunk", "max_tokens", "block_hashes", "arrival_time", "sampling_params",
                  "is_finished")
 RUNNER_METHODS = ("load_model", "execute_model", "sample_tokens")
+SCHEDULER_OUTPUT_FIELDS = {"SchedulerOutput": ("scheduled_new_reqs", "scheduled_cached_reqs", "finished_req_ids"),
+                           "NewRequestData": ("req_id", "prompt_token_ids", "num_computed_tokens"),
+                           "CachedRequestData": ("req_ids", "num_computed_tokens")}  # what `pass_starts` reads
 
 
 class VLLMInternalsChanged(RuntimeError):
@@ -92,6 +95,20 @@ def check_request(request) -> None:
 
 def check_runner(runner) -> None:
     require(runner, RUNNER_METHODS + ("get_model",), type(runner).__name__)
+
+
+def check_scheduler_output() -> None:
+    """The fields of vLLM's scheduler output `pass_starts` reads (a worker pooling a decode probe's input)."""
+    import dataclasses
+
+    from vllm.v1.core.sched import output
+
+    for name, fields in SCHEDULER_OUTPUT_FIELDS.items():
+        cls = getattr(output, name, None)
+        have = {f.name for f in dataclasses.fields(cls)} if cls is not None and dataclasses.is_dataclass(cls) else set()
+        for field_name in fields:
+            if field_name not in have:
+                raise missing(f"{name}.{field_name}")
 
 
 # -- the scheduler side --

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from trail_probe.runtime.probe_inputs import RequestPools, device_index, generated_rows, pools_needed
 from trail_probe.serving import vllm_internals as vi
 
 WANTS_ATTR = "trail_probe_wants"  # on SchedulerOutput
@@ -111,8 +112,6 @@ class WorkerPools:
     recomputation repeats)."""
 
     def __init__(self, kind: str, width: int):
-        from trail_probe.runtime.probe_inputs import RequestPools
-
         self.kind, self.width = kind, width
         self.pools = RequestPools(kind, width)  # moved to the states' device (a GPU's) by the first pass
         self.prompt_len: dict[str, int] = {}
@@ -127,23 +126,14 @@ class WorkerPools:
 
     def add_pass(self, decode: torch.Tensor, req_ids: list[str], bounds) -> None:
         if self.pools.pools.count.device != decode.device and not len(self.pools):
-            from trail_probe.runtime.probe_inputs import RequestPools
-
             self.pools = RequestPools(self.kind, self.width, device=decode.device)
-        ids, gens, rows = [], [], []
-        for i, rid in enumerate(req_ids):
-            start, prompt_len = self.starts.get(rid), self.prompt_len.get(rid)
-            if start is None or prompt_len is None:
-                continue
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            first = max(lo, lo + prompt_len - start)  # the first row at a generated position (>= P)
-            for row in range(first, hi):
-                ids.append(rid)
-                gens.append(start + row - lo - prompt_len + 1)
-                rows.append(row)
-        if rows:
-            picked = decode.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=decode.device))
-            self.pools.add(ids, gens, picked)
+        never = 1 << 62  # a request whose prompt length or position is unknown has no generated row here
+        starts = [self.starts.get(rid, 0) for rid in req_ids]
+        prompts = [self.prompt_len.get(rid, never) if rid in self.starts else never for rid in req_ids]
+        reqs, rows, gens = generated_rows(starts, prompts, np.asarray(bounds[: len(req_ids) + 1]))
+        if len(rows):
+            picked = decode.index_select(0, device_index(rows, decode.device))
+            self.pools.add([req_ids[k] for k in reqs.tolist()], gens.tolist(), picked)
 
     def inputs(self, ids: list[str], current: torch.Tensor) -> torch.Tensor:
         return self.pools.inputs(ids, current)
@@ -198,16 +188,21 @@ def attach(runner, layer: int, prompt_layer: int | None = None, decode_input: st
     """Hook `runner` (once) so each of its outputs carries the states the scheduler asked for (for a
     decode probe reading a pool, `decode_input`, its inputs). Returns the model's shape and how the
     states are read."""
-    from trail_probe.runtime.probe_inputs import pools_needed
-
     vi.check_runner(runner)
     model = runner.get_model()
     config = getattr(model, "config", None) or runner.vllm_config.model_config.hf_config
     capture = getattr(runner, "_trail_probe_capture", None)
     if capture is None:
         capture = runner._trail_probe_capture = StateCapture(runner, [layer] + ([] if prompt_layer is None else [prompt_layer]))
-        pools = WorkerPools(decode_input, int(config.hidden_size)) if pools_needed(decode_input) else None
+        pools = None
+        if pools_needed(decode_input):  # the text model's width (a multimodal config nests it)
+            vi.check_scheduler_output()
+            pools = WorkerPools(decode_input, int(runner.vllm_config.model_config.get_hidden_size()))
+        runner._trail_probe_decode_input = decode_input
         _wrap_steps(runner, capture, layer, prompt_layer, pools)
+    elif runner._trail_probe_decode_input != decode_input:
+        raise RuntimeError(f"this worker already serves a decode probe reading '{runner._trail_probe_decode_input}', "
+                           f"not '{decode_input}'; start a new engine for another predictor")
     return {"num_layers": int(getattr(config, "num_hidden_layers", 0)), "hidden_size": getattr(config, "hidden_size", None),
             "mode": "hooks" if capture.hooks is not None else "aux_hidden_states", "decode_input": decode_input}
 
