@@ -20,7 +20,7 @@ custom --skip-chat-template`: vLLM's client otherwise applies the chat template 
 applies it again) over the recipe's held-out prompts, greedy, at most 512 new tokens; for `priority` one field
 is added to each request body (its priority). Loads are fractions of FCFS's saturation, measured
 first in the same session from a burst of all prompts: completions per second between its 10th and
-90th percentile completion, the simulator's rule (`completion_rate`), so that loads above 1 queue. This machine's
+90th percentile completion, the simulator's rule (`completion_rate`), which leaves out the burst's drain. This machine's
 speed drifts between runs, so policies run in interleaved pairs (fcfs, trail[, priority]) per load,
 and each pair's ratio is reported with their spread (`--order alternate`: every second pair in reverse,
 so a drift within the session favours no policy; each run records its `position` in its pair). Results (vLLM's own fields as it saves them,

@@ -31,7 +31,7 @@ import torch
 from trail_probe.offline.pooled_states import decode_names, decode_pooled
 from trail_probe.runtime.capture import LayerCapture, first_output, residual_parts, residual_sum
 from trail_probe.runtime.estimates import refines_at
-from trail_probe.runtime.probe_inputs import RunningPools, generated_rows, prompt_input, token_entropy
+from trail_probe.runtime.probe_inputs import RunningPools, generated_rows, prompt_input, segments, token_entropy
 from trail_probe.serving import vllm_internals as vi
 
 
@@ -65,13 +65,6 @@ def _rows(output, rows: torch.Tensor) -> torch.Tensor:
     """The residual stream after a vLLM decoder layer at `rows` of the flattened batch: its
     (mlp output, residual) pair added on those rows only (`capture.residual_sum`, row by row)."""
     return residual_sum(tuple(part.index_select(0, rows) for part in residual_parts(output)))
-
-
-def _segments(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The flat indices start_i, ..., start_i + count_i - 1 of every segment, in order."""
-    total = int(counts.sum())
-    offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + offsets
 
 
 def to_wire(t: torch.Tensor) -> tuple[str, list[int], bytes]:
@@ -175,7 +168,7 @@ class _Capture:
             keep = wanted[reqs]
             p.pool_reqs, p.pool_rows = reqs[keep], torch.from_numpy(rows[keep])
         if self.prompt_entropy:
-            p.prompt_rows = torch.from_numpy(_segments(p.prompt_starts, p.prompt_counts))
+            p.prompt_rows = torch.from_numpy(segments(p.prompt_starts, p.prompt_counts))
         return p
 
     def _on_layer(self, layer: int, output) -> None:

@@ -187,6 +187,12 @@ class RunningPools:
         return entropy_pool(self.sum_wh[index], self.sum_w[index], self.sum_h[index], self.count[index])
 
 
+def segments(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The flat indices start_i, ..., start_i + count_i - 1 of every segment, in order."""
+    offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + offsets
+
+
 def generated_rows(starts, prompt_lens, bounds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which rows of a forward pass are generated tokens: request i of the pass covers positions starts[i]
     .. at rows bounds[i] .. bounds[i + 1] - 1, and its rows at positions >= prompt_lens[i] (P) are the
@@ -196,7 +202,7 @@ def generated_rows(starts, prompt_lens, bounds) -> tuple[np.ndarray, np.ndarray,
     first = np.maximum(starts, prompt_lens)  # the first generated position in the pass
     counts = np.clip(starts + np.diff(bounds) - first, 0, None)
     reqs = np.repeat(np.arange(len(starts), dtype=np.int64), counts)
-    positions = np.repeat(first, counts) + np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    positions = segments(first, counts)
     return reqs, bounds[:-1][reqs] + positions - starts[reqs], positions - prompt_lens[reqs] + 1
 
 

@@ -131,7 +131,7 @@ class TrailState:
         self._prompt_sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._bert_number: dict[str, float] = {}  # last_token: BERT's initial length, until the prefill ends
         self._passes = 0  # forward passes with decode rows (the global cadence's counter)
-        if getattr(self, "pools", None) is not None:
+        if self.pools is not None:
             self.pools.clear()
         self.reset_stats()
 

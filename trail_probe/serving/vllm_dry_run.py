@@ -155,7 +155,7 @@ class StandInModel:
         from trail_probe.serving.vllm_worker import Payload
 
         states, last, tokens = [], {}, {}
-        kind = getattr(getattr(self.s, "runtime", None), "decode_input", "current")
+        kind = self.s.runtime.decode_input  # wants come only from TRAIL's scheduler
         for rid, (position, _) in at.items():
             last[rid] = position  # of the last scheduled token
             tokens[rid] = list(self.s.requests[rid].all_token_ids) if rid in self.s.requests else []
